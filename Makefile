@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then run the whole pipeline on the embedded default
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SLIDE := data/cache/cmu_small_region.svs
+
+.PHONY: setup demo test bench browser-deps clean
+
+setup: $(STAMP) $(SLIDE)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+$(SLIDE): | $(STAMP)
+	$(PY) -m mitosis_ldm.sample --out $(SLIDE)
+
+# The report's browser test drives Debian's Chromium; install it once if missing.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { echo "installing chromium + chromium-driver for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	    echo "warning: could not install chromium; the browser test will be skipped"; }
+
+demo: setup
+	$(PY) -m mitosis_ldm.demo
+
+test: setup browser-deps
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf runs

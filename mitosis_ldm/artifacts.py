@@ -1,0 +1,195 @@
+"""The artifacts stages exchange on disk, how to recognise them, and the transitions folder.
+
+Every artifact folder carries a marker so that passing the wrong folder gives
+one clear line ("is an autoencoder folder, expected a classifier folder"):
+
+| kind         | marker                                                        |
+|--------------|---------------------------------------------------------------|
+| patches      | dataset.json {"format": "mitosis-ldm/patches"} + patches.npy  |
+| autoencoder  | config.json {"_class_name": "AutoencoderKL"}                  |
+| classifier   | config.json {"format": "mitosis-ldm/classifier"}              |
+| pipeline     | pipeline.json {"format": "mitosis-ldm/pipeline"}              |
+| latents      | cache.json {"format": "mitosis-ldm/latents"}                  |
+| transitions  | manifest.json {"format": "mitosis-ldm/transitions"}           |
+
+Transitions folder (written by `diffusion`, scored by `classifier`, read by `report`):
+- `frames.npy` uint8 (S seeds, C columns, H, W, 3);
+- `manifest.json`: format, kind ("transition" | "real2gen"), seeds (S ints),
+  conditions (C floats; for real2gen column 0 is the real input and its entry
+  is the input's own label or null), has_input_frame, guidance, sampler, steps,
+  model_hash, plus anything the writer adds;
+- `strip-{seed}.png` one strip per seed, conditions written under the frames;
+- after scoring: `scores.csv` with columns name, seed, frame, condition, mean,
+  std, member_0 … member_{K-1} (one row per frame, seed-major), and later
+  `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io import atomic_dir, save_npy, write_json
+
+PATCHES = "patches"
+AUTOENCODER = "autoencoder"
+CLASSIFIER = "classifier"
+PIPELINE = "pipeline"
+LATENTS = "latents"
+TRANSITIONS = "transitions"
+
+FORMAT = {
+    PATCHES: "mitosis-ldm/patches",
+    CLASSIFIER: "mitosis-ldm/classifier",
+    PIPELINE: "mitosis-ldm/pipeline",
+    LATENTS: "mitosis-ldm/latents",
+    TRANSITIONS: "mitosis-ldm/transitions",
+}
+MARKER_FILE = {
+    PATCHES: "dataset.json",
+    CLASSIFIER: "config.json",
+    PIPELINE: "pipeline.json",
+    LATENTS: "cache.json",
+    TRANSITIONS: "manifest.json",
+}
+DESCRIPTION = {
+    PATCHES: "a patch dataset folder",
+    AUTOENCODER: "an autoencoder folder",
+    CLASSIFIER: "a classifier folder",
+    PIPELINE: "a diffusion pipeline folder",
+    LATENTS: "a latent cache folder",
+    TRANSITIONS: "a transitions folder",
+}
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def artifact_kind(path) -> str | None:
+    """Which artifact a folder holds, or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for kind in (PATCHES, PIPELINE, LATENTS, TRANSITIONS):
+        marker = _read_marker(path / MARKER_FILE[kind])
+        if marker and marker.get("format") == FORMAT[kind]:
+            return kind
+    config = _read_marker(path / "config.json")
+    if config:
+        if config.get("format") == FORMAT[CLASSIFIER]:
+            return CLASSIFIER
+        if config.get("_class_name") == "AutoencoderKL":
+            return AUTOENCODER
+    if (path / "model" / "config.json").exists() or (path / "model" / "pipeline.json").exists():
+        return "run"
+    return None
+
+
+def expect_artifact(path, kind: str, flag: str) -> Path:
+    """Check that `path` holds artifact `kind`; otherwise one line naming what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found ({flag} expects {DESCRIPTION[kind]})")
+    found = artifact_kind(path)
+    if found == kind:
+        return path
+    if found == "run":
+        inner = path / "model"
+        if artifact_kind(inner) == kind:
+            return inner
+        found = artifact_kind(inner)
+    if found is None:
+        raise UserError(f"{path}: is not {DESCRIPTION[kind]} ({flag}); its marker file "
+                        f"{MARKER_FILE.get(kind, 'config.json')} is missing or unreadable")
+    raise UserError(f"{path}: is {DESCRIPTION[found]}, but {flag} expects {DESCRIPTION[kind]}")
+
+
+# -- transitions -----------------------------------------------------------
+
+@dataclass
+class Transitions:
+    path: Path
+    frames: np.ndarray  # (S, C, H, W, 3) uint8, memory-mapped
+    manifest: dict
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.manifest["seeds"])
+
+    @property
+    def conditions(self) -> list:
+        return list(self.manifest["conditions"])
+
+    @property
+    def has_input_frame(self) -> bool:
+        return bool(self.manifest.get("has_input_frame", False))
+
+    def scores(self) -> list[dict] | None:
+        """Rows of scores.csv as dicts (numbers as floats), or None before scoring."""
+        path = self.path / "scores.csv"
+        if not path.exists():
+            return None
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if len(rows) != self.frames.shape[0] * self.frames.shape[1]:
+            raise UserError(f"{path}: has {len(rows)} score rows but the folder holds "
+                            f"{self.frames.shape[0] * self.frames.shape[1]} frames "
+                            f"({self.frames.shape[0]} seeds x {self.frames.shape[1]} columns); score it again")
+        return rows
+
+
+def read_transitions(path) -> Transitions:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: transitions folder not found")
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise UserError(f"{manifest_path}: missing; {path} is not a transitions folder")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{manifest_path}: malformed JSON ({err.msg})") from None
+    for field in ("seeds", "conditions"):
+        if field not in manifest:
+            raise UserError(f"{manifest_path}: field '{field}' is missing")
+    frames_path = path / "frames.npy"
+    if not frames_path.exists():
+        raise UserError(f"{frames_path}: missing")
+    frames = np.load(frames_path, mmap_mode="r", allow_pickle=False)
+    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise UserError(f"{frames_path}: expected uint8 (seeds, conditions, H, W, 3), got {frames.dtype} {frames.shape}")
+    if frames.shape[0] != len(manifest["seeds"]) or frames.shape[1] != len(manifest["conditions"]):
+        raise UserError(f"{manifest_path}: field 'seeds'/'conditions' ({len(manifest['seeds'])} x "
+                        f"{len(manifest['conditions'])}) does not match frames.npy {frames.shape[:2]}")
+    return Transitions(path=path, frames=frames, manifest=manifest)
+
+
+def write_transitions(out, frames: np.ndarray, manifest: dict, overwrite: bool = False,
+                      captions: list[str] | None = None) -> Path:
+    """Write frames.npy, manifest.json and one PNG strip per seed, atomically."""
+    from .images import save_png, strip  # local: matplotlib-free but PIL-heavy
+
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    manifest = {"format": FORMAT[TRANSITIONS], "kind": "transition", "has_input_frame": False, **manifest}
+    if frames.shape[0] != len(manifest["seeds"]) or frames.shape[1] != len(manifest["conditions"]):
+        raise ValueError("frames shape does not match seeds x conditions")
+    if captions is None:
+        captions = [("input" if (i == 0 and manifest["has_input_frame"]) else f"y={c:.2f}")
+                    if c is not None else "input" for i, c in enumerate(manifest["conditions"])]
+    with atomic_dir(out, overwrite) as tmp:
+        save_npy(tmp / "frames.npy", frames)
+        write_json(tmp / "manifest.json", manifest)
+        for s, seed in enumerate(manifest["seeds"]):
+            save_png(tmp / f"strip-{seed}.png", strip(frames[s], captions))
+    return Path(out)

@@ -1,0 +1,59 @@
+"""`mitosis-ldm` command dispatcher.
+
+Maps each subcommand to a module and imports it only when that subcommand runs,
+so `mitosis-ldm --help` is instant and the spine imports no stage. Every target
+module exposes `main(argv=None)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("patches.cli", "make and inspect patch datasets (synth, midog, sliderunner, points, folder, detect, inspect)"),
+    "vae": ("autoencoder.cli", "the autoencoder as a tool: encode, decode, reconstruct, evaluate"),
+    "score": ("classifier.score", "score images, folders, patch datasets or transitions with the classifier ensemble"),
+    "evaluate": ("classifier.evaluate", "evaluate the classifier against hard and soft labels"),
+    "cache": ("diffusion.cache", "encode a patch dataset into a latent cache"),
+    "transitions": ("diffusion.sample", "render the same nucleus at conditions y = 0 ... 1"),
+    "real2gen": ("diffusion.real2gen", "render a real patch at target labels (SDEdit or DDIM inversion)"),
+    "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
+    "demo": ("mitosis_ldm.demo", "run the whole pipeline on the embedded default"),
+}
+
+TRAINING = """training (one stage at a time, multi-process with accelerate):
+  accelerate launch -m autoencoder.train --config configs/demo/autoencoder.yaml
+  accelerate launch -m classifier.train  --config configs/demo/classifier.yaml
+  accelerate launch -m diffusion.train   --config configs/demo/diffusion.yaml"""
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: mitosis-ldm COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", TRAINING, "", "Run `mitosis-ldm COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

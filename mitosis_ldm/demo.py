@@ -1,0 +1,120 @@
+"""The whole pipeline on the embedded default, each stage through its real entry point.
+
+    make demo            # or: python -m mitosis_ldm.demo [--only data,autoencoder] [--root runs/demo]
+
+Stages, in order: data (synthetic benchmark + real CMU nuclei), autoencoder,
+classifier, latent cache, diffusion, transitions, real2gen, score, report.
+Training stages run under `accelerate launch`. Each stage's wall time and peak
+memory are printed, and the report's path at the end. The demo owns its
+output folder and replaces earlier results in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError, user_errors
+from .io import write_json
+
+SLIDE = "data/cache/cmu_small_region.svs"
+
+
+def accelerate(module: str, config: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, "--config", config, *extra]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mitosis_ldm", *args]
+
+
+def stages(root: Path) -> list[tuple[str, list[list[str]]]]:
+    r = str(root)
+    data = f"{r}/data"
+    return [
+        ("data", [
+            cli("data", "synth", "--out", f"{data}/synth", "--n", "6000", "--size", "64", "--experts", "3",
+                "--seed", "0", "--overwrite"),
+            cli("data", "detect", "--slide", SLIDE, "--out", f"{data}/cmu", "--overwrite"),
+            cli("data", "inspect", f"{data}/synth"),
+            cli("data", "inspect", f"{data}/cmu"),
+        ]),
+        ("autoencoder", [accelerate("autoencoder.train", "configs/demo/autoencoder.yaml", "--set", f"out={r}/autoencoder",
+                                    "--set", f"data.datasets=[{data}/synth,{data}/cmu]", "--overwrite")]),
+        ("classifier", [accelerate("classifier.train", "configs/demo/classifier.yaml", "--set", f"out={r}/classifier",
+                                   "--set", f"data.dataset={data}/synth", "--overwrite")]),
+        ("cache", [cli("cache", "--vae", f"{r}/autoencoder/model", "--dataset", f"{data}/synth", "--dataset",
+                       f"{data}/cmu", "--out", f"{r}/latents", "--overwrite")]),
+        ("diffusion", [accelerate("diffusion.train", "configs/demo/diffusion.yaml", "--set", f"out={r}/diffusion",
+                                  "--set", f"data.cache={r}/latents", "--overwrite")]),
+        ("transitions", [cli("transitions", "--pipeline", f"{r}/diffusion/model", "--seeds", "0-15",
+                             "--conditions", "0:1:11", "--steps", "20", "--sampler", "dpm++",
+                             "--out", f"{r}/transitions", "--overwrite")]),
+        ("real2gen", [cli("real2gen", "--pipeline", f"{r}/diffusion/model", "--input", f"{data}/cmu",
+                          "--split", "test", "--limit", "8", "--conditions", "0:1:6", "--mode", "invert",
+                          "--out", f"{r}/real2gen", "--overwrite")]),
+        ("score", [cli("score", "--classifier", f"{r}/classifier/model", f"{r}/transitions", f"{r}/real2gen",
+                       "--out", f"{r}/scores.csv", "--overwrite")]),
+        ("report", [cli("report", "--transitions", f"{r}/transitions", "--real2gen", f"{r}/real2gen",
+                        "--classifier", f"{r}/classifier/model", "--dataset", f"{data}/synth",
+                        "--out", f"{r}/report", "--overwrite")]),
+    ]
+
+
+def peak_child_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux: the largest resident set of any finished child
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+@user_errors
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the whole mitosis-ldm pipeline on the embedded default.")
+    parser.add_argument("--root", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    args = parser.parse_args(argv)
+    plan = stages(args.root)
+    names = [name for name, _ in plan]
+    wanted = names if not args.only else [s.strip() for s in args.only.split(",")]
+    for name in wanted:
+        if name not in names:
+            raise UserError(f"--only: unknown stage '{name}' (stages: {', '.join(names)})")
+    if not Path(SLIDE).exists():
+        raise UserError(f"{SLIDE}: sample slide missing; run `make setup` (or python -m mitosis_ldm.sample)")
+    args.root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+    timings = {}
+    start = time.time()
+    for name, commands in plan:
+        if name not in wanted:
+            continue
+        print(f"\n=== stage {name} ===", flush=True)
+        t0 = time.time()
+        for cmd in commands:
+            print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+            result = subprocess.run(cmd, env=env)
+            if result.returncode != 0:
+                print(f"demo: stage '{name}' failed (exit {result.returncode})", file=sys.stderr)
+                raise SystemExit(result.returncode)
+        timings[name] = round(time.time() - t0, 1)
+        print(f"=== stage {name}: {timings[name]:.1f} s, peak child memory so far {peak_child_rss_mb():.0f} MB ===",
+              flush=True)
+    total = round(time.time() - start, 1)
+    summary = {"stage_seconds": timings, "total_seconds": total, "peak_child_rss_mb": round(peak_child_rss_mb())}
+    write_json(args.root / "demo_timings.json", summary)
+    print("\nstage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"total {total:.1f} s; peak memory of any stage {summary['peak_child_rss_mb']} MB")
+    report = args.root / "report" / "report.html"
+    if report.exists():
+        print(f"report: {report.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""User-facing errors: one clear line, a non-zero exit, no traceback.
+
+Raise `UserError("FILE: FIELD ...")` for anything the user can fix (bad input
+files, bad flags, missing artifacts). Entry points wrap `main` with
+`@user_errors`, which prints the message on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the file and the field."""
+
+
+def fail(where, message: str) -> "UserError":
+    """Build a UserError that names a file (or flag) first: `fail(path, "field 'x' ...")`."""
+    return UserError(f"{where}: {message}")
+
+
+def user_errors(main_fn):
+    """Turn UserError into one line on stderr and exit 2 (the documented contract)."""
+
+    @functools.wraps(main_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return main_fn(*args, **kwargs)
+        except UserError as err:
+            text = " ".join(str(err).split())  # always exactly one line
+            print(f"error: {text}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+    return wrapper

@@ -1,0 +1,107 @@
+"""Atomic output: every file and folder is written to a temporary path, then renamed.
+
+`atomic_dir(path, overwrite)` guards whole output folders (a failure leaves
+nothing behind); `write_json` / `write_text` / `save_npy` guard single files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def check_new_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Refuse to touch an existing output unless the user asked for it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass {flag} to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `path`; rename it into place on success.
+
+    On any exception the temporary folder is removed, so a failed run leaves no
+    partial output. An existing `path` is replaced only with `overwrite`.
+    """
+    path = check_new_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, swapping out an existing `dst` with two renames."""
+    trash = None
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, trash)
+    os.replace(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file beside `path` and rename it over `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path, obj, indent: int = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def read_json(path, what: str = "JSON"):
+    """Read a JSON file; malformed or missing files become one-line UserErrors."""
+    path = Path(path)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed {what} at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    with atomic_file(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

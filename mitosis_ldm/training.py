@@ -1,0 +1,273 @@
+"""Training plumbing shared by every stage (written once, used by all three).
+
+A stage's `train.py` builds its model and data, then:
+
+    run = TrainingRun(cfg.out, cfg.train, cfg, resume=args.resume, overwrite=args.overwrite)
+    model, opt, loader = run.accelerator.prepare(model, opt, loader)
+    run.register(ema)                       # anything else with state_dict()
+    step = run.resume()                      # 0, or the step of the latest checkpoint
+    for batch in run.batches(loader, step):  # endless, epoch-aware
+        with run.accelerator.accumulate(model):
+            ...
+        if run.accelerator.sync_gradients:
+            step += 1
+            run.step_done(step, {"loss": loss.item()})   # logs, progress, checkpoints
+            if step >= cfg.train.max_steps: break
+    run.finish()
+
+Run folder layout: `config.yaml` (resolved config), `run.json` (processes that
+took part), `logs/metrics.jsonl`, `checkpoints/checkpoint-{step}` (accelerate
+state, private to the run) and `model/` (the exported, shareable artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from .config import load_config, save_config
+from .errors import UserError
+from .io import write_json
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section every stage shares."""
+
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 0
+    num_workers: int = 0
+
+
+def train_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every `STAGE.train` entry point takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (defaults in code are used without one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--out", help="run folder (overrides the config's `out`)")
+    parser.add_argument("--resume", choices=["latest"], help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    return parser
+
+
+def load_stage_config(cls, args):
+    """Resolve a stage config from parsed `train_arg_parser` args."""
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    return load_config(cls, args.config, overrides)
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+class TrainingRun:
+    """Accelerator set-up, run-folder safety, logging, checkpoints and resume."""
+
+    def __init__(self, run_dir, train: TrainConfig, full_config=None, resume: str | None = None,
+                 overwrite: bool = False, project_name: str = "mitosis-ldm"):
+        self.run_dir = Path(run_dir)
+        self.train = train
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.accelerator = Accelerator(
+            # Without a GPU, `accelerate launch --multi_gpu` processes must be told to use
+            # the CPU so that accelerate joins them over gloo instead of running each alone.
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.grad_accum,
+            log_with="tensorboard" if tensorboard_available() else None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        self._prepare_run_dir(resume, overwrite)
+        set_seed(train.seed, device_specific=True)
+        self._extra_state = []
+        self._resume_requested = resume
+        self._bar = None
+        self._t0 = time.time()
+        self._last_log: dict = {}
+        if self.is_main:
+            if full_config is not None:
+                save_config(full_config, self.run_dir / "config.yaml")
+            if self.accelerator.log_with:
+                cfg_flat = _flatten(dataclasses.asdict(full_config)) if full_config is not None else {}
+                self.accelerator.init_trackers(project_name, config={k: v for k, v in cfg_flat.items()
+                                                                     if isinstance(v, (int, float, str, bool))})
+        self._write_run_info()
+
+    # -- properties -------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    # -- set-up -----------------------------------------------------------
+    def _prepare_run_dir(self, resume, overwrite):
+        has_content = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if has_content and not resume and not overwrite:
+            raise UserError(f"{self.run_dir}: run folder already exists; pass --resume latest to continue it "
+                            f"or --overwrite to start again")
+        if resume and not self.run_dir.exists():
+            raise UserError(f"{self.run_dir}: --resume latest given but the run folder does not exist")
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
+        if self.is_main:
+            if has_content and overwrite and not resume:
+                shutil.rmtree(self.run_dir)
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _write_run_info(self):
+        rank = torch.tensor([self.accelerator.process_index], device=self.device)
+        ranks = self.accelerator.gather(rank).tolist()
+        if self.is_main:
+            write_json(self.run_dir / "run.json", {
+                "num_processes": self.accelerator.num_processes,
+                "process_ranks": sorted(int(r) for r in ranks),
+                "distributed_type": str(self.accelerator.distributed_type),
+                "mixed_precision": self.accelerator.mixed_precision,
+                "device": str(self.device),
+                "torch": torch.__version__,
+            })
+
+    def register(self, *objects):
+        """Track extra stateful objects (EMA, scalers) in checkpoints."""
+        for obj in objects:
+            if obj is not None:
+                self.accelerator.register_for_checkpointing(obj)
+                self._extra_state.append(obj)
+
+    # -- checkpoints ------------------------------------------------------
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        if self.ckpt_dir.exists():
+            for path in self.ckpt_dir.iterdir():
+                if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX):
+                    suffix = path.name[len(CHECKPOINT_PREFIX):]
+                    if suffix.isdigit():
+                        found.append((int(suffix), path))
+        return sorted(found)
+
+    def resume(self) -> int:
+        """Load the latest checkpoint when `--resume latest` was given; return its step."""
+        if not self._resume_requested:
+            return 0
+        found = self.checkpoints()
+        if not found:
+            self.accelerator.print(f"{self.ckpt_dir}: no checkpoint yet, starting from step 0")
+            return 0
+        step, path = found[-1]
+        self.accelerator.load_state(str(path))
+        self.accelerator.print(f"resumed from {path} (step {step})")
+        return step
+
+    def save_checkpoint(self, step: int) -> Path:
+        """accelerate state to a temporary folder, renamed into place; keep the last K."""
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.ckpt_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for _, old in self.checkpoints()[:-max(1, self.train.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # -- the loop ---------------------------------------------------------
+    def batches(self, loader, start_step: int = 0):
+        """Yield batches forever, advancing the sampler's epoch each pass."""
+        if start_step >= self.train.max_steps:
+            return
+        steps_per_epoch = max(1, len(loader) // max(1, self.train.grad_accum))
+        epoch = start_step // steps_per_epoch
+        self._bar = tqdm(total=self.train.max_steps, initial=start_step, disable=not self.is_main,
+                         desc=self.run_dir.name, dynamic_ncols=True)
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                yield batch
+            epoch += 1
+
+    def step_done(self, step: int, logs: dict | None = None) -> None:
+        """Call once per optimizer step: progress, logging and periodic checkpoints."""
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if self._bar is not None:
+            self._bar.update(1)
+            if logs:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+        if logs and (step % max(1, self.train.log_every) == 0 or step == self.train.max_steps):
+            self.log(step, logs)
+        if self.train.checkpoint_every > 0 and step % self.train.checkpoint_every == 0:
+            self.save_checkpoint(step)
+
+    def log(self, step: int, logs: dict) -> None:
+        """Metrics to logs/metrics.jsonl (always) and TensorBoard (when installed)."""
+        if self.accelerator.log_with:
+            self.accelerator.log(logs, step=step)
+        if self.is_main:
+            record = {"step": step, "time_s": round(time.time() - self._t0, 3), **logs}
+            with open(self.run_dir / "logs" / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def elapsed(self) -> float:
+        return time.time() - self._t0
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.log_with:
+            self.accelerator.end_training()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

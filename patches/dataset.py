@@ -1,0 +1,423 @@
+"""The patch dataset: one folder format for every source, written atomically, read by memory-map.
+
+Folder layout (DESIGN.md, "Artifacts"):
+- `patches.npy`  uint8 (N, S, S, 3); S = patch_size + 2 * margin (the margin is
+  context so that rotation augmentations leave no black corners);
+- `labels.csv`   one row per patch: id, source, slide, x, y, label (soft, in
+  [0, 1], empty when unlabelled), votes (e.g. `1;1;0`), hard_label (0/1, empty
+  when unlabelled), split (train/val/test), true_degree (synthetic only), and
+  any extra columns a source adds;
+- `dataset.json` {"format": "mitosis-ldm/patches", patch_size, margin,
+  stored_size, mpp, label_definition, provenance, count, content_hash}.
+
+Writing: `build_dataset(out, jobs, ...)` runs one job per source slide (in
+worker processes), keeps each finished slide in a hidden `.OUT.partial/`
+folder so a killed run resumes per slide, then assembles, assigns splits and
+renames the finished folder into place.
+
+Reading: `PatchDataset(root, split="train", augment=AugmentConfig())` is a
+torch Dataset over the memory-map; items are dicts with `image` (float32
+(3, P, P) in [-1, 1]), `label`, `hard_label`, `true_degree` (NaN when absent)
+and `index`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mitosis_ldm.artifacts import FORMAT, PATCHES
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, save_npy, write_json
+
+BASE_COLUMNS = ["id", "source", "slide", "x", "y", "label", "votes", "hard_label", "split", "true_degree"]
+SPLITS = ("train", "val", "test")
+
+
+# -- configuration -----------------------------------------------------------
+
+@dataclass
+class SplitConfig:
+    """How patches are assigned to train/val/test.
+
+    `slide`: whole slides go to one split (no slide leaks across splits);
+    `y`: within each slide by y-coordinate percentile, as in the seed paper
+    (top rows train, then val, bottom rows test: a region training never saw);
+    `random`: per patch (synthetic data, where there are no slides).
+    """
+
+    mode: str = "slide"  # slide | y | random
+    val: float = 0.1
+    test: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations; all off means the stored centre crop as is."""
+
+    dihedral: bool = True          # the 8 flips/rotations by 90 degrees
+    rotate: bool = False           # arbitrary rotation, uses the stored margin
+    stain_jitter: float = 0.0      # std of per-channel HED scale/shift (0.05 is mild)
+    blur: float = 0.0              # max Gaussian sigma in pixels, applied with prob 0.3
+    crop: int = 0                  # random crop of this size (0 = full patch)
+
+
+@dataclass
+class Shard:
+    """One source slide's patches: images (n, S, S, 3) uint8 and their label rows."""
+
+    images: np.ndarray
+    rows: list[dict] = field(default_factory=list)
+
+
+# -- writing -----------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _run_job(job):
+    key, fn, kwargs, shard_dir = job
+    shard = fn(**kwargs)
+    images = np.ascontiguousarray(shard.images, dtype=np.uint8)
+    if len(images) != len(shard.rows):
+        raise RuntimeError(f"source job {key}: {len(images)} images but {len(shard.rows)} rows")
+    save_npy(shard_dir / f"{key}.npy", images)
+    with atomic_file(shard_dir / f"{key}.json", "w") as handle:
+        json.dump(shard.rows, handle, default=_fmt)
+    return key, len(images)
+
+
+def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, patch_size: int, margin: int,
+                  meta: dict, split: SplitConfig | None = None, overwrite: bool = False, workers: int = 1,
+                  progress: bool = True) -> Path:
+    """Run one job per source slide (resumable), assemble and write the dataset atomically.
+
+    `jobs` are `(key, function, kwargs)`; the function returns a `Shard` and must
+    be importable (it may run in a worker process). A `UserError` from any job
+    removes the partial state: bad input leaves nothing behind.
+    """
+    out = check_new_output(out, overwrite)
+    split = split or SplitConfig()
+    partial = out.parent / f".{out.name}.partial"
+    fingerprint = hashlib.sha256(json.dumps(
+        [[k, f"{fn.__module__}.{fn.__qualname__}", kw] for k, fn, kw in jobs] + [patch_size, margin],
+        default=str, sort_keys=True).encode()).hexdigest()
+    stamp = partial / "jobs.sha256"
+    if partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    todo = [(k, fn, kw, partial) for k, fn, kw in jobs
+            if not ((partial / f"{k}.npy").exists() and (partial / f"{k}.json").exists())]
+    try:
+        if todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"slides -> {out.name}",
+                       disable=not progress or len(jobs) < 2)
+            if workers > 1 and len(todo) > 1:
+                with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+                    for _ in pool.map(_run_job, todo):
+                        bar.update(1)
+            else:
+                for job in todo:
+                    _run_job(job)
+                    bar.update(1)
+            bar.close()
+        images, rows = [], []
+        for key, _, _ in jobs:
+            images.append(np.load(partial / f"{key}.npy", mmap_mode="r"))
+            rows.extend(json.loads((partial / f"{key}.json").read_text()))
+        total = sum(len(a) for a in images)
+        if total == 0:
+            raise UserError(f"{meta.get('source_file', out)}: the source yielded no patches (empty source)")
+        stored = patch_size + 2 * margin
+        for key_images, (key, _, _) in zip(images, jobs):
+            if len(key_images) and key_images.shape[1:] != (stored, stored, 3):
+                raise RuntimeError(f"source job {key}: patches of shape {key_images.shape[1:]}, expected {(stored, stored, 3)}")
+        validate_rows(rows, where=str(meta.get("source_file", out)))
+        assign_splits(rows, split)
+        with atomic_dir(out, overwrite) as tmp:
+            array = np.lib.format.open_memmap(tmp / "patches.npy", mode="w+", dtype=np.uint8,
+                                              shape=(total, stored, stored, 3))
+            start = 0
+            for block in images:
+                array[start: start + len(block)] = block
+                start += len(block)
+            array.flush()
+            del array
+            write_labels(tmp / "labels.csv", rows)
+            content_hash = _hash_dataset(tmp)
+            info = {
+                "format": FORMAT[PATCHES],
+                "patch_size": patch_size,
+                "margin": margin,
+                "stored_size": stored,
+                "count": total,
+                "content_hash": content_hash,
+                "split": vars(split),
+                **meta,
+            }
+            write_json(tmp / "dataset.json", info)
+    except UserError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def validate_rows(rows: list[dict], where: str) -> None:
+    """Backstop checks every source shares: unique ids, labels in [0, 1]."""
+    seen = set()
+    for row in rows:
+        pid = str(row.get("id", ""))
+        if pid == "":
+            raise UserError(f"{where}: field 'id' is empty")
+        if pid in seen:
+            raise UserError(f"{where}: field 'id' has duplicate value '{pid}'")
+        seen.add(pid)
+        label = row.get("label")
+        if label not in (None, ""):
+            value = float(label)
+            if not (0.0 <= value <= 1.0):  # also rejects NaN
+                raise UserError(f"{where}: field 'label' of id '{pid}' is {label}, expected a number in [0, 1]")
+
+
+def assign_splits(rows: list[dict], split: SplitConfig) -> None:
+    """Fill the `split` column in place (rows that already have one keep it)."""
+    if not 0 <= split.val + split.test < 1:
+        raise UserError(f"split: val + test must be in [0, 1), got {split.val} + {split.test}")
+    rng = np.random.default_rng(split.seed)
+    if split.mode == "random":
+        draws = rng.random(len(rows))
+        for row, u in zip(rows, draws):
+            row.setdefault("split", _bucket(u, split))
+    elif split.mode == "slide":
+        slides = sorted({str(r.get("slide", "")) for r in rows})
+        order = rng.permutation(len(slides))
+        n = len(slides)
+        n_test = int(round(split.test * n)) if n >= 3 else 0
+        n_val = int(round(split.val * n)) if n >= 3 else 0
+        if n >= 3:
+            n_test, n_val = max(1, n_test), max(1, n_val) if split.val > 0 else 0
+        chosen = {}
+        for rank, idx in enumerate(order):
+            chosen[slides[idx]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        for row in rows:
+            row.setdefault("split", chosen[str(row.get("slide", ""))])
+    elif split.mode == "y":
+        by_slide: dict[str, list[dict]] = {}
+        for row in rows:
+            by_slide.setdefault(str(row.get("slide", "")), []).append(row)
+        for slide_rows in by_slide.values():
+            ys = np.array([float(r["y"]) for r in slide_rows])
+            ranks = ys.argsort().argsort() / max(1, len(ys))
+            for row, q in zip(slide_rows, ranks):
+                row.setdefault("split", "train" if q < 1 - split.val - split.test
+                               else "val" if q < 1 - split.test else "test")
+    else:
+        raise UserError(f"split: field 'mode' must be slide, y or random, got '{split.mode}'")
+
+
+def _bucket(u: float, split: SplitConfig) -> str:
+    return "test" if u < split.test else "val" if u < split.test + split.val else "train"
+
+
+def write_labels(path, rows: list[dict]) -> None:
+    extra = []
+    for row in rows:
+        for key in row:
+            if key not in BASE_COLUMNS and key not in extra:
+                extra.append(key)
+    columns = BASE_COLUMNS + extra
+    with atomic_file(path, "w") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_fmt(row.get(c)) for c in columns])
+
+
+def _hash_dataset(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("patches.npy", "labels.csv"):
+        with open(folder / name, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# -- reading -----------------------------------------------------------------
+
+def _float_or_nan(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+class PatchDataset(Dataset):
+    """A patch dataset folder as a torch Dataset (uint8 memory-map underneath)."""
+
+    def __init__(self, root, split: str | list[str] | None = None, augment: AugmentConfig | None = None,
+                 label_mode: str = "soft", labelled_only: bool = False):
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        self.images = np.load(self.root / "patches.npy", mmap_mode="r", allow_pickle=False)
+        self.rows = read_labels(self.root / "labels.csv")
+        if len(self.rows) != len(self.images):
+            raise UserError(f"{self.root / 'labels.csv'}: has {len(self.rows)} rows but patches.npy holds "
+                            f"{len(self.images)} patches")
+        self.patch_size = int(self.meta["patch_size"])
+        self.margin = int(self.meta.get("margin", 0))
+        self.augment = augment
+        if label_mode not in ("soft", "hard", "binned"):
+            raise UserError(f"label_mode: must be soft, hard or binned, got '{label_mode}'")
+        self.label_mode = label_mode
+        splits = [split] if isinstance(split, str) else split
+        if splits is not None:
+            for name in splits:
+                if name not in SPLITS:
+                    raise UserError(f"split: must be one of {', '.join(SPLITS)}, got '{name}'")
+        self.all_soft = np.array([_float_or_nan(r.get("label", "")) for r in self.rows], np.float32)
+        self.all_hard = np.array([_float_or_nan(r.get("hard_label", "")) for r in self.rows], np.float32)
+        self.all_degree = np.array([_float_or_nan(r.get("true_degree", "")) for r in self.rows], np.float32)
+        keep = np.ones(len(self.rows), bool)
+        if splits is not None:
+            keep &= np.array([r.get("split") in splits for r in self.rows])
+        if labelled_only:
+            keep &= ~np.isnan(self.all_soft)
+        self.indices = np.flatnonzero(keep)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    # label views over the selected rows
+    @property
+    def soft_labels(self) -> np.ndarray:
+        return self.all_soft[self.indices]
+
+    @property
+    def hard_labels(self) -> np.ndarray:
+        return self.all_hard[self.indices]
+
+    @property
+    def true_degree(self) -> np.ndarray:
+        return self.all_degree[self.indices]
+
+    def labels(self) -> np.ndarray:
+        """Training targets for the selected rows under `label_mode`."""
+        return condition_labels(self.soft_labels, self.hard_labels, self.label_mode)
+
+    def ids(self) -> list[str]:
+        return [self.rows[i]["id"] for i in self.indices]
+
+    def uint8(self, positions=None) -> np.ndarray:
+        """Centre crops (n, P, P, 3) uint8 of selected rows (all when positions is None)."""
+        idx = self.indices if positions is None else self.indices[np.asarray(positions)]
+        m, p = self.margin, self.patch_size
+        return np.ascontiguousarray(self.images[np.sort(idx)][:, m: m + p, m: m + p] if positions is None
+                                    else self.images[idx][:, m: m + p, m: m + p])
+
+    def __getitem__(self, pos: int) -> dict:
+        index = int(self.indices[pos])
+        patch = np.asarray(self.images[index])  # (S, S, 3) uint8
+        patch = augment_patch(patch, self.patch_size, self.margin, self.augment) if self.augment else \
+            patch[self.margin: self.margin + self.patch_size, self.margin: self.margin + self.patch_size]
+        image = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        label = condition_labels(self.all_soft[index: index + 1], self.all_hard[index: index + 1], self.label_mode)[0]
+        return {
+            "image": image,  # (3, P, P) in [-1, 1]
+            "label": torch.tensor(label, dtype=torch.float32),
+            "hard_label": torch.tensor(self.all_hard[index], dtype=torch.float32),
+            "true_degree": torch.tensor(self.all_degree[index], dtype=torch.float32),
+            "index": index,
+        }
+
+
+def condition_labels(soft: np.ndarray, hard: np.ndarray, mode: str) -> np.ndarray:
+    """soft: the vote fraction; hard: agreed class; binned: soft rounded to {0, 0.5, 1} as in the paper."""
+    if mode == "soft":
+        return soft.astype(np.float32)
+    if mode == "hard":
+        return hard.astype(np.float32)
+    if mode == "binned":
+        return (np.round(soft * 2) / 2).astype(np.float32)
+    raise ValueError(mode)
+
+
+def read_meta(root) -> dict:
+    root = Path(root)
+    meta_path = root / "dataset.json"
+    if not root.is_dir():
+        raise UserError(f"{root}: patch dataset folder not found")
+    if not meta_path.exists():
+        raise UserError(f"{meta_path}: missing; {root} is not a patch dataset")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path}: malformed JSON ({err.msg})") from None
+    if meta.get("format") != FORMAT[PATCHES]:
+        raise UserError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected '{FORMAT[PATCHES]}'")
+    for name in ("patches.npy", "labels.csv"):
+        if not (root / name).exists():
+            raise UserError(f"{root / name}: missing from the patch dataset")
+    return meta
+
+
+def read_labels(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def augment_patch(patch: np.ndarray, size: int, margin: int, cfg: AugmentConfig) -> np.ndarray:
+    """Augment one stored (S, S, 3) patch and return a (size or crop) centre region, uint8."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    if cfg.rotate and margin > 0:
+        from scipy.ndimage import rotate as nd_rotate
+
+        angle = rng.uniform(0, 360)
+        patch = nd_rotate(patch, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
+    patch = patch[margin: margin + size, margin: margin + size]
+    if cfg.dihedral:
+        patch = np.rot90(patch, k=int(rng.integers(4)))
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+    if cfg.crop and cfg.crop < size:
+        y0, x0 = rng.integers(0, size - cfg.crop + 1, size=2)
+        patch = patch[y0: y0 + cfg.crop, x0: x0 + cfg.crop]
+    if cfg.stain_jitter > 0:
+        patch = hed_jitter(patch, cfg.stain_jitter, rng)
+    if cfg.blur > 0 and rng.random() < 0.3:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = rng.uniform(0.1, cfg.blur)
+        patch = gaussian_filter(patch.astype(np.float32), sigma=(sigma, sigma, 0)).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(patch)
+
+
+def hed_jitter(patch: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Stain jitter in HED space (scikit-image colour deconvolution): scale and shift each stain."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(patch)
+    alpha = rng.normal(1.0, strength, size=3)
+    beta = rng.normal(0.0, strength * 0.1, size=3)
+    rgb = hed2rgb(hed * alpha + beta)
+    return (rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8)
