@@ -1,0 +1,34 @@
+"""Shared test helpers: the repository root, the sample slide, and running entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_SLIDE = REPO / "data" / "cache" / "cmu_small_region.svs"
+MIDOG_JSON = REPO.parent / "shared" / "fixtures" / "midogpp" / "MIDOG++.json"
+
+
+def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` from the repository root and capture its output."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def accelerate_cmd(module: str, *args: str, processes: int = 1) -> list[str]:
+    """The `accelerate launch` command line for a training module (multi-process over gloo without GPUs)."""
+    mode = ["--multi_gpu"] if processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
+
+
+@pytest.fixture
+def sample_slide() -> Path:
+    if not SAMPLE_SLIDE.exists():
+        pytest.skip(f"{SAMPLE_SLIDE} missing: run `make setup`")
+    return SAMPLE_SLIDE
