@@ -1,0 +1,217 @@
+"""The spine: typed configs, atomic output, artifact recognition, training plumbing, the dispatcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from mitosis_ldm import artifacts
+from mitosis_ldm.cli import main as cli_main
+from mitosis_ldm.config import ConfigError, load_config, save_config
+from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.io import atomic_dir, read_json, write_json
+from mitosis_ldm.training import TrainConfig, TrainingRun
+
+from conftest import REPO
+
+
+@dataclass
+class DataSection:
+    datasets: list[str] = field(default_factory=list)
+    crop: int = 0
+
+
+@dataclass
+class StageConfig:
+    out: str = "runs/x"
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    note: str | None = None
+
+
+# -- configuration ----------------------------------------------------------
+
+def test_yaml_then_set_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\n  max_steps: 7\ndata:\n  datasets: [a, b]\n")
+    cfg = load_config(StageConfig, path, ["train.lr=3e-4", "data.crop=32"])
+    assert cfg.train.lr == pytest.approx(3e-4)      # --set beats YAML
+    assert cfg.train.max_steps == 7                  # YAML beats defaults
+    assert cfg.train.batch_size == TrainConfig().batch_size
+    assert cfg.data.datasets == ["a", "b"] and cfg.data.crop == 32
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  lrr: 1\n", "train.lrr"),
+    ("bogus: 1\n", "bogus"),
+    ("data:\n  crop: 1.5\n", "data.crop"),
+    ("data:\n  datasets: a\n", "data.datasets"),
+    ("train:\n  max_steps: true\n", "train.max_steps"),
+])
+def test_unknown_keys_and_wrong_types_name_the_key(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(StageConfig, path)
+    assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_set_key_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="'train.nope'"):
+        load_config(StageConfig, None, ["train.nope=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(StageConfig, bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(StageConfig, None, ["note=hello", "train.seed=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(StageConfig, tmp_path / "config.yaml") == cfg
+
+
+# -- atomic output -------------------------------------------------------------
+
+def test_atomic_dir_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "partial.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(UserError, match="--overwrite"):
+        with atomic_dir(out):
+            pass
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_read_json_reports_file_and_position(tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text('{"a": 1,,}')
+    with pytest.raises(UserError, match=r"m.json: malformed JSON at line 1"):
+        read_json(bad)
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys):
+    @user_errors
+    def main():
+        raise UserError("x.csv: field 'label'\nis bad")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.csv: field 'label' is bad" in err
+
+
+# -- artifacts -----------------------------------------------------------------
+
+def test_expect_artifact_names_what_was_given(tmp_path):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    write_json(vae / "config.json", {"_class_name": "AutoencoderKL"})
+    clf = tmp_path / "run" / "model"
+    clf.mkdir(parents=True)
+    write_json(clf / "config.json", {"format": artifacts.FORMAT[artifacts.CLASSIFIER]})
+    with pytest.raises(UserError, match="is an autoencoder folder, but --classifier expects a classifier folder"):
+        artifacts.expect_artifact(vae, artifacts.CLASSIFIER, "--classifier")
+    assert artifacts.expect_artifact(tmp_path / "run", artifacts.CLASSIFIER, "--classifier") == clf
+    with pytest.raises(UserError, match="not found"):
+        artifacts.expect_artifact(tmp_path / "missing", artifacts.AUTOENCODER, "--model")
+
+
+def test_transitions_round_trip_and_strips(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (2, 3, 16, 16, 3), dtype=np.uint8)
+    out = artifacts.write_transitions(tmp_path / "t", frames, {"seeds": [4, 9], "conditions": [0.0, 0.5, 1.0]})
+    t = artifacts.read_transitions(out)
+    assert np.array_equal(np.asarray(t.frames), frames) and t.seeds == [4, 9]
+    assert (out / "strip-4.png").exists() and (out / "strip-9.png").exists()
+    (out / "scores.csv").write_text("name,seed,frame,condition,mean,std\nx,4,0,0,0.1,0\n")
+    with pytest.raises(UserError, match="1 score rows but the folder holds 6 frames"):
+        t.scores()
+    (out / "manifest.json").unlink()
+    with pytest.raises(UserError, match="manifest.json: missing"):
+        artifacts.read_transitions(out)
+
+
+# -- training plumbing -----------------------------------------------------------
+
+def _train(run_dir, max_steps, resume=None, overwrite=False):
+    cfg = TrainConfig(max_steps=max_steps, batch_size=4, checkpoint_every=5, keep_checkpoints=2, log_every=1)
+    run = TrainingRun(run_dir, cfg, StageConfig(train=cfg), resume=resume, overwrite=overwrite)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.randn(32, 3), batch_size=4, shuffle=True)
+    model, opt, loader = run.accelerator.prepare(model, opt, loader)
+    step = start = run.resume()
+    for x in run.batches(loader, step):
+        with run.accelerator.accumulate(model):
+            loss = model(x).pow(2).mean()
+            run.accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+        step += 1
+        run.step_done(step, {"loss": loss.item()})
+        if step >= max_steps:
+            break
+    run.finish()
+    return start, step, run
+
+
+def test_checkpoints_rotate_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    start, end, run = _train(run_dir, 12)
+    assert (start, end) == (0, 12)
+    assert [s for s, _ in run.checkpoints()] == [5, 10]          # keep the last 2
+    assert read_json(run_dir / "run.json")["process_ranks"] == [0]
+    with pytest.raises(UserError, match="--resume latest"):
+        _train(run_dir, 20)
+    start, end, _ = _train(run_dir, 20, resume="latest")
+    assert (start, end) == (10, 20)
+    steps = [json.loads(line)["step"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:12] == list(range(1, 13)) and steps[12:] == list(range(11, 21))
+    start, end, _ = _train(run_dir, 3, overwrite=True)
+    assert (start, end) == (0, 3) and not (run_dir / "checkpoints" / "checkpoint-10").exists()
+
+
+# -- dispatcher --------------------------------------------------------------------
+
+def test_help_lists_every_command(capsys):
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("data", "vae", "score", "transitions", "real2gen", "report"):
+        assert name in out
+
+
+def test_unknown_command_fails(capsys):
+    assert cli_main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+
+
+def test_help_imports_no_stage():
+    code = ("import sys; from mitosis_ldm.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('autoencoder','classifier','diffusion','report','patches','torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_demo_rejects_unknown_stage(capsys):
+    from mitosis_ldm.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(["--only", "nope"])
+    assert exit_info.value.code == 2 and "unknown stage 'nope'" in capsys.readouterr().err
