@@ -1,0 +1,1 @@
+"""Stage 2: the independent mitosis classifier ensemble (train, score, evaluate)."""

@@ -1,0 +1,256 @@
+"""The classifier ensemble: K timm networks that each map a nucleus patch to P(mitotic).
+
+    ens = ClassifierEnsemble.from_pretrained("runs/demo/classifier")   # run folder or its model/
+    probs = ens.predict(images_uint8)      # (N, K) per-member probabilities
+    feats = ens.features(images_uint8)     # (N, D) penultimate features, mean over members
+
+Each member is `timm.create_model(name, num_classes=1)` behind a fixed input
+transform (`Preprocess`): upsample (the paper feeds 64x64 patches to ResNet34
+upsampled x4), then normalise either the paper's way (divide by the image's
+99th percentile) or with a channel mean/std. The transform and a per-member
+Platt calibration (scale, bias on the logit, fitted on validation data) are
+part of the exported folder, so scoring applies exactly what training used.
+
+Exported folder: `config.json` {"format": "mitosis-ldm/classifier", model_name,
+model_kwargs, input_size, upsample, normalisation, member_seeds, calibration,
+feature_dim, ...} and `member-K.safetensors` per member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mitosis_ldm.artifacts import CLASSIFIER, FORMAT, expect_artifact
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.io import atomic_dir, read_json, write_json
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ModelConfig:
+    """What each ensemble member is (the `model:` section)."""
+
+    name: str = "resnet34"                 # any timm model name
+    model_kwargs: dict = field(default_factory=dict)  # extra timm kwargs, e.g. {channels: [32, 64, 128, 256]}
+    pretrained: bool = False               # ImageNet weights from the model hub
+    input_size: int = 64                   # patch side the classifier is trained on
+    upsample: int = 4                      # the network sees input_size * upsample pixels
+    normalisation: str = "percentile"      # percentile (the paper's) | meanstd
+    percentile: float = 99.0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    drop_rate: float = 0.0
+
+
+def _timm_kwargs(cfg: ModelConfig) -> dict:
+    kwargs = dict(cfg.model_kwargs)
+    for key, value in kwargs.items():
+        if isinstance(value, list):  # YAML lists -> the tuples timm's constructors expect
+            kwargs[key] = tuple(value)
+    if cfg.drop_rate:
+        kwargs["drop_rate"] = cfg.drop_rate
+    return kwargs
+
+
+def build_network(cfg: ModelConfig, pretrained: bool | None = None) -> nn.Module:
+    """`timm.create_model(name, num_classes=1)`; hub and name problems become one-line errors."""
+    import timm
+
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    if not timm.is_model(cfg.name):
+        raise UserError(f"model.name: '{cfg.name}' is not a timm model (see timm.list_models())")
+    try:
+        return timm.create_model(cfg.name, num_classes=1, pretrained=pretrained, **_timm_kwargs(cfg))
+    except TypeError as err:
+        raise UserError(f"model.model_kwargs: timm model '{cfg.name}' rejects {cfg.model_kwargs} ({err})") from None
+    except Exception as err:  # hub / network errors come in many types (OSError, HfHubHTTPError, ...)
+        if not pretrained:
+            raise
+        reason = " ".join(str(err).split())[:160]
+        raise UserError(f"model.pretrained: cannot fetch pretrained weights for '{cfg.name}' from the model hub "
+                        f"({type(err).__name__}: {reason}); set model.pretrained=false or pre-fill the hub "
+                        f"cache (HF_HOME)") from None
+
+
+class Preprocess(nn.Module):
+    """uint8-range images (B, 3, H, W) float in [0, 255] -> the network's input."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.normalisation not in ("percentile", "meanstd"):
+            raise UserError(f"model.normalisation: must be percentile or meanstd, got '{cfg.normalisation}'")
+        self.kind = cfg.normalisation
+        self.q = cfg.percentile / 100.0
+        self.upsample = int(cfg.upsample)
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 255]
+        if self.kind == "percentile":
+            # the paper: each image divided by its own 99th percentile (all channels together)
+            scale = torch.quantile(x.flatten(1), self.q, dim=1).clamp_min(1.0)  # (B,)
+            x = x / scale.view(-1, 1, 1, 1)
+        else:
+            x = (x - self.mean) / self.std
+        if self.upsample > 1:
+            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        return x  # (B, 3, H*u, W*u)
+
+
+class MitosisClassifier(nn.Module):
+    """One ensemble member: fixed preprocessing + a timm network with a single logit."""
+
+    def __init__(self, cfg: ModelConfig, pretrained: bool | None = None):
+        super().__init__()
+        self.preprocess = Preprocess(cfg)
+        self.net = build_network(cfg, pretrained)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 255]
+        return self.net(self.preprocess(images)).squeeze(1)  # (B,) logits
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.net.forward_features(self.preprocess(images))
+        return self.net.forward_head(x, pre_logits=True)  # (B, D)
+
+
+def to_network_input(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
+
+
+def fit_size(image: np.ndarray, size: int, name: str = "image") -> np.ndarray:
+    """The documented wrong-size rule: larger images are centre-cropped to `size`, smaller ones refused."""
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise UserError(f"{name}: image is {h}x{w} pixels, smaller than the classifier's input "
+                        f"{size}x{size}; resize or re-cut it (larger images are centre-cropped)")
+    if h == size and w == size:
+        return image
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return image[y0: y0 + size, x0: x0 + size]
+
+
+class ClassifierEnsemble:
+    """K calibrated members sharing one preprocessing recipe; loaded from one folder."""
+
+    def __init__(self, cfg: ModelConfig, members: list[MitosisClassifier], seeds: list[int],
+                 calibration: list[tuple[float, float]] | None = None, extra: dict | None = None):
+        self.cfg = cfg
+        self.member_models = members
+        self.seeds = list(seeds)
+        self.calibration = [tuple(c) for c in (calibration or [(1.0, 0.0)] * len(members))]
+        self.extra = dict(extra or {})
+        for m in self.member_models:
+            m.eval()
+
+    # -- the names other stages use -----------------------------------------
+    @property
+    def members(self) -> int:
+        return len(self.member_models)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.cfg.input_size)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.member_models[0].net.num_features)
+
+    def _batches(self, images_uint8: np.ndarray, batch_size: int):
+        images = np.asarray(images_uint8)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got shape {images.shape}")
+        if images.shape[1:3] != (self.patch_size, self.patch_size):
+            images = np.stack([fit_size(im, self.patch_size) for im in images]) if len(images) else images
+        for start in range(0, len(images), batch_size):
+            yield to_network_input(images[start: start + batch_size])
+
+    @torch.no_grad()
+    def logits(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Calibrated logits (N, K)."""
+        out = []
+        for x in self._batches(images_uint8, batch_size):
+            cols = [a * m(x) + b for m, (a, b) in zip(self.member_models, self.calibration)]  # K x (B,)
+            out.append(torch.stack(cols, 1))
+        return torch.cat(out).numpy() if out else np.zeros((0, self.members), np.float32)
+
+    def predict(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """P(mitotic) per member, (N, K) float32."""
+        return (1.0 / (1.0 + np.exp(-self.logits(images_uint8, batch_size)))).astype(np.float32)
+
+    @torch.no_grad()
+    def features(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Penultimate-layer features averaged over members, (N, D) float32."""
+        out = []
+        for x in self._batches(images_uint8, batch_size):
+            out.append(torch.stack([m.features(x) for m in self.member_models]).mean(0))
+        return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
+
+    # -- persistence --------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "format": FORMAT[CLASSIFIER],
+            "model_name": self.cfg.name,
+            "model_kwargs": self.cfg.model_kwargs,
+            "input_size": self.cfg.input_size,
+            "upsample": self.cfg.upsample,
+            "normalisation": {"kind": self.cfg.normalisation, "percentile": self.cfg.percentile,
+                              "mean": self.cfg.mean, "std": self.cfg.std},
+            "drop_rate": self.cfg.drop_rate,
+            "members": self.members,
+            "member_seeds": self.seeds,
+            "calibration": [{"scale": a, "bias": b} for a, b in self.calibration],
+            "feature_dim": self.feature_dim,
+            **self.extra,
+        }
+
+    def save_pretrained(self, path, overwrite: bool = False) -> Path:
+        with atomic_dir(path, overwrite) as tmp:
+            for k, member in enumerate(self.member_models):
+                save_file({n: t.detach().contiguous().cpu() for n, t in member.net.state_dict().items()},
+                          str(tmp / f"member-{k}.safetensors"))
+            write_json(tmp / "config.json", self.config_dict())
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path, flag: str = "--classifier") -> "ClassifierEnsemble":
+        folder = expect_artifact(path, CLASSIFIER, flag)
+        meta = read_json(folder / "config.json", "classifier config")
+        try:
+            norm = meta["normalisation"]
+            cfg = ModelConfig(name=meta["model_name"], model_kwargs=meta.get("model_kwargs", {}), pretrained=False,
+                              input_size=int(meta["input_size"]), upsample=int(meta["upsample"]),
+                              normalisation=norm["kind"], percentile=float(norm.get("percentile", 99.0)),
+                              mean=list(norm.get("mean", IMAGENET_MEAN)), std=list(norm.get("std", IMAGENET_STD)),
+                              drop_rate=float(meta.get("drop_rate", 0.0)))
+            seeds = [int(s) for s in meta["member_seeds"]]
+            calibration = [(float(c["scale"]), float(c["bias"])) for c in meta.get("calibration", [])] or None
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{folder / 'config.json'}: field {err} is missing or malformed") from None
+        members = []
+        for k in range(len(seeds)):
+            weights = folder / f"member-{k}.safetensors"
+            if not weights.exists():
+                raise UserError(f"{weights}: missing ({len(seeds)} members listed in config.json)")
+            member = MitosisClassifier(cfg, pretrained=False)
+            missing, unexpected = member.net.load_state_dict(load_file(str(weights)), strict=False)
+            if missing or unexpected:
+                raise UserError(f"{weights}: does not fit '{cfg.name}' (missing {list(missing)[:2]}, "
+                                f"unexpected {list(unexpected)[:2]})")
+            members.append(member)
+        known = {"format", "model_name", "model_kwargs", "input_size", "upsample", "normalisation", "drop_rate",
+                 "members", "member_seeds", "calibration", "feature_dim"}
+        extra = {k: v for k, v in meta.items() if k not in known}
+        return cls(cfg, members, seeds, calibration, extra)
+

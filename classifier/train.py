@@ -1,0 +1,369 @@
+"""Train the classifier ensemble: K members, each its own seed, early-stopped on validation loss.
+
+    accelerate launch -m classifier.train --config configs/demo/classifier.yaml \
+        [--set data.dataset=DIR] [--out RUN] [--member k] [--resume latest] [--overwrite]
+
+One launch trains all K members one after another; `--member k` trains only
+member k (one job of a job array) and the launch that finishes the last member
+assembles the exported folder `RUN/model/` (config.json + member-K.safetensors).
+Each member has its own run folder `RUN/members/member-k/` with checkpoints,
+logs and, when done, `member.safetensors` + `member.json`.
+
+The loss is BCE-with-logits against the soft label (the fraction of experts
+who called the patch mitotic) or the hard label; batches are balanced between
+mitotic and non-mitotic patches; after training each member gets a Platt
+calibration (logit scale and bias) fitted on the validation split, which also
+undoes the prior shift that balanced sampling introduces. Only real, labelled
+patches are used: generated data and unlabelled rows are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from mitosis_ldm.config import save_config
+from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.io import write_json
+from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+from patches.dataset import AugmentConfig, PatchDataset
+
+from .model import ClassifierEnsemble, MitosisClassifier, ModelConfig, fit_size, to_network_input
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "runs/demo/data/synth"  # a patch dataset with train and val splits
+    label_mode: str = "soft"               # soft (target = vote fraction) | hard | binned
+    balance: float = 0.5                   # fraction of mitotic patches per batch; 0 = as stored
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class EnsembleConfig:
+    members: int = 3
+    eval_every: int = 100      # optimizer steps between validation passes
+    patience: int = 5          # validation passes without improvement before stopping
+    min_delta: float = 1e-4
+    warmup_steps: int = 50
+    calibrate: bool = True     # Platt scale + bias per member on the validation split
+
+
+@dataclass
+class ClassifierConfig:
+    out: str = "runs/classifier"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, batch_size=64, lr=1e-3,
+                                                                   weight_decay=0.05, ema_decay=0.0,
+                                                                   checkpoint_every=500, log_every=25))
+
+
+# -- data ----------------------------------------------------------------------
+
+def load_training_data(cfg: ClassifierConfig):
+    """Train and val PatchDatasets, refusing generated data, unlabelled rows and size mismatches."""
+    root = Path(cfg.data.dataset)
+    train = PatchDataset(root, split="train", augment=cfg.data.augment, label_mode=cfg.data.label_mode)
+    val = PatchDataset(root, split="val", augment=None, label_mode=cfg.data.label_mode)
+    meta = train.meta
+    if meta.get("generated") or str(meta.get("source", "")).lower() in {"generated", "transitions", "real2gen"}:
+        raise UserError(f"{root / 'dataset.json'}: field 'source' says generated data; the classifier is the "
+                        f"independent judge and never trains on generated patches")
+    for name, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise UserError(f"{root / 'labels.csv'}: field 'split' has no '{name}' rows; the classifier needs "
+                            f"labelled train and val splits")
+        targets = ds.labels()
+        missing = np.flatnonzero(np.isnan(targets))
+        if len(missing):
+            column = "hard_label" if cfg.data.label_mode == "hard" else "label"
+            raise UserError(f"{root / 'labels.csv'}: field '{column}' is empty for {len(missing)} of {len(ds)} "
+                            f"{name} rows (first id '{ds.ids()[missing[0]]}'); the classifier trains on "
+                            f"labelled patches only")
+    size = cfg.data.augment.crop or train.patch_size
+    if size != cfg.model.input_size:
+        raise UserError(f"model.input_size: is {cfg.model.input_size} but {root} gives {size}x{size} training "
+                        f"patches (patch_size {train.patch_size}, augment.crop {cfg.data.augment.crop})")
+    return train, val
+
+
+def balanced_sampler(train: PatchDataset, balance: float, seed: int):
+    """Draw mitotic (hard label 1, or soft >= 0.5) patches with probability `balance`."""
+    if balance <= 0:
+        return None
+    if not 0 < balance < 1:
+        raise UserError(f"data.balance: must be in [0, 1), got {balance}")
+    hard = train.hard_labels
+    mitotic = np.where(np.isnan(hard), train.soft_labels >= 0.5, hard >= 0.5)
+    n_pos = int(mitotic.sum())
+    if n_pos == 0 or n_pos == len(mitotic):
+        raise UserError(f"{train.root / 'labels.csv'}: the train split holds only one class ({n_pos} mitotic of "
+                        f"{len(mitotic)}); balanced sampling needs both")
+    weights = np.where(mitotic, balance / n_pos, (1 - balance) / (len(mitotic) - n_pos))
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(train),
+                                 replacement=True, generator=generator)
+
+
+# -- early stopping ---------------------------------------------------------------
+
+class EarlyStopping(nn.Module):
+    """Best-so-far weights and patience counter, checkpointed with the run so resume is exact."""
+
+    def __init__(self, model: nn.Module, patience: int, min_delta: float):
+        super().__init__()
+        self.best = copy.deepcopy(model).eval()
+        for p in self.best.parameters():
+            p.requires_grad_(False)
+        self.patience, self.min_delta = patience, min_delta
+        self.register_buffer("best_loss", torch.tensor(math.inf))
+        self.register_buffer("best_step", torch.tensor(0))
+        self.register_buffer("bad_evals", torch.tensor(0))
+
+    def update(self, val_loss: float, model: nn.Module, step: int) -> bool:
+        """Record a validation loss; True when training should stop."""
+        if val_loss < float(self.best_loss) - self.min_delta:
+            self.best.load_state_dict(model.state_dict())
+            self.best_loss.fill_(val_loss)
+            self.best_step.fill_(step)
+            self.bad_evals.zero_()
+        else:
+            self.bad_evals += 1
+        return int(self.bad_evals) >= self.patience
+
+
+@torch.no_grad()
+def val_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(to_network_input(images[i: i + batch_size])) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Logit scale and bias minimising BCE on validation data (Platt scaling, two parameters)."""
+    scale = torch.ones((), requires_grad=True)
+    bias = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([scale, bias], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(scale * logits + bias, targets)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(scale.detach()), float(bias.detach())
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# -- one member ---------------------------------------------------------------------
+
+def member_dir(run_root: Path, k: int) -> Path:
+    return run_root / "members" / f"member-{k}"
+
+
+def member_done(run_root: Path, k: int) -> bool:
+    folder = member_dir(run_root, k)
+    return (folder / "member.json").exists() and (folder / "member.safetensors").exists()
+
+
+def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: PatchDataset,
+                 resume: str | None, overwrite: bool) -> None:
+    run_root = Path(cfg.out)
+    folder = member_dir(run_root, k)
+    seed = cfg.train.seed + k
+    tcfg = replace(cfg.train, seed=seed)
+    run = TrainingRun(folder, tcfg, cfg, resume=resume, overwrite=overwrite)
+    acc = run.accelerator
+    acc.print(f"member {k}: seed {seed}, {len(train_ds)} train / {len(val_ds)} val patches, "
+              f"{acc.num_processes} process(es)")
+
+    torch.manual_seed(seed)  # same initial weights on every process
+    model = MitosisClassifier(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_with_warmup(cfg.ensemble.warmup_steps, tcfg.max_steps))
+    if len(train_ds) < tcfg.batch_size:
+        raise UserError(f"train.batch_size: {tcfg.batch_size} is larger than the train split ({len(train_ds)} patches)")
+    sampler = balanced_sampler(train_ds, cfg.data.balance, seed)
+    loader = DataLoader(train_ds, batch_size=tcfg.batch_size, sampler=sampler, shuffle=sampler is None,
+                        drop_last=True, num_workers=tcfg.num_workers,
+                        generator=torch.Generator().manual_seed(seed) if sampler is None else None)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    plain = acc.unwrap_model(model)
+    ema = None
+    if tcfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(plain, decay=tcfg.ema_decay)
+    early = EarlyStopping(plain, cfg.ensemble.patience, cfg.ensemble.min_delta)
+    run.register(scheduler, ema, early)  # the LR schedule is stepped once per optimizer step, by us
+
+    val_images = np.stack([fit_size(im, cfg.model.input_size) for im in val_ds.uint8()])
+    val_targets = torch.from_numpy(val_ds.labels())
+
+    step = run.resume()
+    acc.print(f"member {k}: starting at step {step}")
+    stopped_early = step > 0 and int(early.bad_evals) >= early.patience
+    for batch in ([] if stopped_early else run.batches(loader, step)):
+        images = (batch["image"] + 1.0) * 127.5  # (B, 3, P, P) in [0, 255], as at scoring time
+        with acc.accumulate(model):
+            logits = model(images)  # (B,)
+            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+            acc.backward(loss)
+            if acc.sync_gradients and tcfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            continue
+        step += 1
+        scheduler.step()
+        if ema is not None:
+            ema.update(plain, step=step)
+        logs = {"loss": acc.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
+        if step % cfg.ensemble.eval_every == 0 or step >= tcfg.max_steps:
+            judged = ema.module if ema is not None else plain
+            logits_val = val_logits(judged, val_images)
+            val_loss = F.binary_cross_entropy_with_logits(logits_val, val_targets).item()
+            stopped_early = early.update(val_loss, judged, step)
+            logs.update(val_loss=val_loss, best_val_loss=float(early.best_loss))
+            run.log(step, logs)
+        run.step_done(step, logs)
+        if stopped_early or step >= tcfg.max_steps:
+            break
+    run.finish()
+    if stopped_early:
+        acc.print(f"member {k}: early stop at step {step} (best val loss {float(early.best_loss):.4f} "
+                  f"at step {int(early.best_step)})")
+    if acc.is_main_process:
+        best = early.best if math.isfinite(float(early.best_loss)) else (ema.module if ema is not None else plain)
+        scale, bias = 1.0, 0.0
+        if cfg.ensemble.calibrate:
+            scale, bias = fit_platt(val_logits(best, val_images), val_targets)
+        cal_loss = F.binary_cross_entropy_with_logits(scale * val_logits(best, val_images) + bias, val_targets).item()
+        weights = folder / "member.safetensors"
+        tmp = folder / ".member.safetensors.tmp"
+        save_file({n: t.detach().contiguous().cpu() for n, t in best.net.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
+        write_json(folder / "member.json", {   # written last: marks the member as finished
+            "member": k, "seed": seed, "steps": step, "stopped_early": bool(stopped_early),
+            "best_step": int(early.best_step), "best_val_loss": float(early.best_loss),
+            "calibration": {"scale": scale, "bias": bias}, "calibrated_val_loss": cal_loss,
+        })
+        acc.print(f"member {k}: done; val loss {float(early.best_loss):.4f} -> {cal_loss:.4f} after calibration "
+                  f"(scale {scale:.3f}, bias {bias:+.3f})")
+    acc.wait_for_everyone()
+
+
+def assemble(cfg: ClassifierConfig, train_ds: PatchDataset) -> Path:
+    """Write RUN/model/ from the K finished members (replacing an older one of this run)."""
+    run_root = Path(cfg.out)
+    members, seeds, calibration, info = [], [], [], []
+    for k in range(cfg.ensemble.members):
+        folder = member_dir(run_root, k)
+        record = json.loads((folder / "member.json").read_text())
+        member = MitosisClassifier(cfg.model, pretrained=False)
+        member.net.load_state_dict(load_file(str(folder / "member.safetensors")))
+        members.append(member)
+        seeds.append(int(record["seed"]))
+        calibration.append((record["calibration"]["scale"], record["calibration"]["bias"]))
+        info.append(record)
+    extra = {
+        "label_mode": cfg.data.label_mode,
+        "trained_on": {"dataset": str(cfg.data.dataset), "content_hash": train_ds.meta.get("content_hash")},
+        "val_loss": [r["calibrated_val_loss"] for r in info],
+        "best_step": [r["best_step"] for r in info],
+    }
+    ensemble = ClassifierEnsemble(cfg.model, members, seeds, calibration, extra)
+    return ensemble.save_pretrained(run_root / "model", overwrite=True)
+
+
+# -- entry point ---------------------------------------------------------------------
+
+def prepare_run_root(cfg: ClassifierConfig, args, state) -> None:
+    """Run-folder safety for the whole ensemble (a single member's folder is TrainingRun's business)."""
+    root = Path(cfg.out)
+    if args.member is not None:
+        return  # job arrays: other members may be training into the same RUN right now
+    has_content = root.exists() and any(root.iterdir())
+    if has_content and not args.resume and not args.overwrite:
+        raise UserError(f"{root}: run folder already exists; pass --resume latest to continue it "
+                        f"or --overwrite to start again")
+    if args.resume and not root.exists():
+        raise UserError(f"{root}: --resume latest given but the run folder does not exist")
+    state.wait_for_everyone()
+    if state.is_main_process and has_content and args.overwrite and not args.resume:
+        shutil.rmtree(root)
+    state.wait_for_everyone()
+
+
+@user_errors
+def main(argv=None):
+    parser = train_arg_parser("Train the mitosis classifier ensemble (K members, different seeds).")
+    parser.add_argument("--member", type=int, help="train only member k (0-based), e.g. one job of a job array")
+    args = parser.parse_args(argv)
+    cfg = load_stage_config(ClassifierConfig, args)
+    if cfg.ensemble.members < 1:
+        raise UserError(f"ensemble.members: must be at least 1, got {cfg.ensemble.members}")
+    if args.member is not None and not 0 <= args.member < cfg.ensemble.members:
+        raise UserError(f"--member: {args.member} is outside 0..{cfg.ensemble.members - 1} (ensemble.members)")
+    if cfg.data.label_mode not in ("soft", "hard", "binned"):
+        raise UserError(f"data.label_mode: must be soft, hard or binned, got '{cfg.data.label_mode}'")
+    MitosisClassifier(replace(cfg.model, pretrained=False))  # bad model names/kwargs fail before any output
+    if cfg.model.pretrained:
+        MitosisClassifier(cfg.model)  # an unreachable hub fails here, before any output
+    train_ds, val_ds = load_training_data(cfg)
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    prepare_run_root(cfg, args, state)
+    root = Path(cfg.out)
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root / "config.yaml")
+    todo = [args.member] if args.member is not None else list(range(cfg.ensemble.members))
+    for k in todo:
+        folder = member_dir(root, k)
+        if member_done(root, k) and (args.resume or args.member is None) and not args.overwrite:
+            state.print(f"member {k}: already finished ({folder / 'member.json'})")
+            continue
+        resume = args.resume if (args.resume and folder.exists()) else None
+        train_member(cfg, k, train_ds, val_ds, resume=resume, overwrite=args.overwrite and args.member is not None)
+    done = [k for k in range(cfg.ensemble.members) if member_done(root, k)]
+    if state.is_main_process:
+        if len(done) == cfg.ensemble.members:
+            path = assemble(cfg, train_ds)
+            print(f"classifier ensemble ({len(done)} members) written to {path}")
+        else:
+            print(f"{len(done)} of {cfg.ensemble.members} members finished; {root / 'model'} is written by the "
+                  f"launch that finishes the last one")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
