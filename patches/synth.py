@@ -113,6 +113,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 ANGLE_BINS = 360
+EOSIN_SHIFT = np.array([0.05, 0.0, 0.3])
 
 
 def _outline(angle_bin: np.ndarray, amps: np.ndarray, phases: np.ndarray, orders: np.ndarray) -> np.ndarray:
@@ -209,12 +210,12 @@ def render(degree: np.ndarray, imposter: np.ndarray, stored: int, patch_size: in
                              rng.uniform(0, 2 * np.pi, (b, 2)).astype(f32), np.array([2, 3], f32))
     cell = _sigmoid((cell_boundary - cell_rho) * (4 * cell_r[:, None, None] / widths(np.full(b, 2.5, f32))))
     grain = textured(0.5 * scale)
-    granularity = (0.08 + 0.6 * m)[:, None, None]
-    cyto_e = (0.5 - 0.25 * m)[:, None, None] * np.maximum(1 + granularity * grain, 0.1)
+    granularity = (0.08 + 0.45 * m)[:, None, None]
+    cyto_e = (0.5 - 0.22 * m)[:, None, None] * np.maximum(1 + granularity * grain, 0.3)
 
     # stroma: fibrous eosin with pale gaps; the cell membrane is a faint darker line
     fibre = band_noise(rng, b, stored, np.sqrt((1.4 * scale) ** 2 + blur ** 2),
-                       anisotropy=rng.uniform(1.3, 3.0, b).astype(f32), angle=rng.uniform(0, np.pi, b).astype(f32))
+                       anisotropy=rng.uniform(1.2, 2.2, b).astype(f32), angle=rng.uniform(0, np.pi, b).astype(f32))
     stroma_e = rng.uniform(0.18, 0.35, b).astype(f32)[:, None, None] * np.maximum(1.0 + 0.3 * fibre, 0.05)
     membrane = np.exp(-((cell_boundary - cell_rho) * 5) ** 2) * 0.1
     od_e = cell * cyto_e + (1 - cell) * stroma_e + membrane
@@ -240,8 +241,9 @@ def render(degree: np.ndarray, imposter: np.ndarray, stored: int, patch_size: in
     # stain colour: per-patch perturbed H and E absorption vectors (skimage's Ruifrok-Johnston values)
     from skimage.color import rgb_from_hed
 
+    # eosin leans pink (more blue absorption than skimage's vector) as in typical slide scans
     h_vec = np.abs(rgb_from_hed[0][None] + rng.normal(0, 0.05, (b, 3)))
-    e_vec = np.abs(rgb_from_hed[1][None] + rng.normal(0, 0.05, (b, 3)))
+    e_vec = np.abs(rgb_from_hed[1][None] + EOSIN_SHIFT + rng.normal(0, 0.05, (b, 3)))
     h_vec = (h_vec / np.linalg.norm(h_vec, axis=1, keepdims=True)).astype(f32)
     e_vec = (e_vec / np.linalg.norm(e_vec, axis=1, keepdims=True)).astype(f32)
     od_e *= rng.uniform(0.75, 1.25, b).astype(f32)[:, None, None]
