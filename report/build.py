@@ -1,0 +1,541 @@
+"""Compute everything the report shows and write the output folder (metrics.json, CSVs, PNGs, report.html).
+
+`build_report(cfg, transitions, real2gen, classifier, dataset, out, overwrite)`
+takes a loaded classifier ensemble (anything with `predict`, `features` and
+`patch_size`), so `cli.py` stays a thin argument parser.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mitosis_ldm.artifacts import read_transitions
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.io import atomic_dir, write_json, write_text
+
+from . import benchmark, consistency, fidelity, morphology, plots
+from .html import Markup, esc, file_data_uri, img, png_data_uri, render, table
+from .stats import bootstrap_ci, curve_ci, spearman
+
+TARGETS = {  # the issue's acceptance targets on the synthetic benchmark: (metric, direction, bound)
+    "median_spearman": (">=", 0.9),
+    "flip_rate": (">=", 0.9),
+    "mean_abs_error": ("<=", 0.15),
+    "h_mean_spearman": (">=", 0.8),
+    "irregularity_spearman": (">=", 0.8),
+    "frechet_ratio": ("<=", 3.0),
+    "memorisation_share": ("<=", 0.05),
+}
+
+
+@dataclass
+class ReportConfig:
+    label_bins: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    bootstrap: int = 1000            # resamples for every confidence interval
+    max_real: int = 2000             # held-out real patches measured (random subset)
+    max_train: int = 5000            # training patches searched for nearest neighbours
+    memorisation_quantile: float = 0.01
+    frechet_repeats: int = 5
+    frechet_min_count: int = 8
+    noise_top: int = 50              # label-noise finder: how many top disagreements are checked
+    batch_size: int = 256            # classifier batch
+    seed: int = 0
+
+
+@dataclass
+class Folder:
+    """One transitions or real2gen folder with everything measured on its frames."""
+
+    key: str
+    role: str                        # "transitions" | "real2gen"
+    path: Path
+    frames: np.ndarray               # (S, C, H, W, 3) uint8
+    manifest: dict
+    conditions: np.ndarray           # (C,) float, NaN at a real input column
+    generated: np.ndarray            # column indices of generated frames
+    scores: np.ndarray = None        # (S, C) ensemble mean
+    stds: np.ndarray = None          # (S, C) std over members
+    score_source: str = ""
+    features: np.ndarray = None      # (S, C, D) classifier penultimate features
+    morph: dict = None               # {feature: (S, C)}
+    per_seed: list = None
+    summary: dict = None
+
+
+# -- scoring ---------------------------------------------------------------
+
+def batched(fn, images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(np.array(images[i: i + batch])))  # a writable copy
+                           for i in range(0, len(images), batch)], axis=0)
+
+
+def ensemble_scores(classifier, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) over ensemble members of P(mitotic) for uint8 (N, H, W, 3)."""
+    probs = batched(classifier.predict, images, batch).astype(float)
+    probs = probs.reshape(len(images), -1)           # (N, K members)
+    return probs.mean(1), probs.std(1)
+
+
+def scores_from_csv(folder: Folder) -> tuple[np.ndarray, np.ndarray] | None:
+    """scores.csv of a scored folder as (S, C) mean and std; a count mismatch is one clear line."""
+    rows = read_transitions(folder.path).scores()
+    if rows is None:
+        return None
+    s, c = folder.frames.shape[:2]
+    path = folder.path / "scores.csv"
+    values = {}
+    for name in ("mean", "std"):
+        try:
+            values[name] = np.array([float(r[name]) for r in rows], float).reshape(s, c)
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: field '{name}' is missing") from None
+        except ValueError as err:
+            raise UserError(f"{path}: field '{name}' has a non-numeric value ({err})") from None
+    return values["mean"], values["std"]
+
+
+def check_patch_size(classifier, classifier_path, frames_path: Path, frames: np.ndarray) -> None:
+    h, w = frames.shape[-3:-1]
+    size = int(classifier.patch_size)
+    if (h, w) != (size, size):
+        raise UserError(f"{classifier_path}: field 'patch_size' is {size}, but {frames_path} holds {h}x{w} frames; "
+                        f"the classifier does not fit this patch size (train one at {h}x{w})")
+
+
+# -- reading ---------------------------------------------------------------
+
+def load_folders(transitions: list, real2gen: list) -> list[Folder]:
+    folders, used = [], set()
+    for role, paths in (("transitions", transitions), ("real2gen", real2gen)):
+        for path in paths:
+            t = read_transitions(path)
+            key, n = role, 2
+            while key in used:
+                key, n = f"{role}-{n}", n + 1
+            used.add(key)
+            conditions = np.array([np.nan if c is None else float(c) for c in t.conditions])
+            start = 1 if t.has_input_frame else 0
+            if t.has_input_frame:
+                conditions[0] = np.nan
+            folders.append(Folder(key, role, t.path, t.frames, t.manifest, conditions,
+                                  np.arange(start, len(conditions))))
+    return folders
+
+
+def held_out_split(dataset_root) -> tuple[object, str]:
+    from patches.dataset import PatchDataset
+
+    for split in ("test", "val"):
+        ds = PatchDataset(dataset_root, split=split)
+        if len(ds):
+            return ds, split
+    return PatchDataset(dataset_root, split=None), "all"
+
+
+def subset(n: int, limit: int, rng) -> np.ndarray:
+    return np.sort(rng.permutation(n)[:limit]) if n > limit else np.arange(n)
+
+
+# -- the report ------------------------------------------------------------
+
+def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
+                 dataset_root, out, overwrite: bool = False, log=print) -> dict:
+    from patches.dataset import PatchDataset, read_meta
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    folders = load_folders(transitions, real2gen)
+    meta = read_meta(dataset_root)
+    for f in folders:
+        check_patch_size(classifier, classifier_path, f.path / "frames.npy", f.frames)
+        if int(meta["patch_size"]) != f.frames.shape[2]:
+            raise UserError(f"{Path(dataset_root) / 'dataset.json'}: field 'patch_size' is {meta['patch_size']}, "
+                            f"but {f.path / 'frames.npy'} holds {f.frames.shape[2]}x{f.frames.shape[3]} frames")
+    rng = np.random.default_rng(cfg.seed)
+
+    # generated frames: scores, features, morphology, consistency
+    for f in folders:
+        s, c = f.frames.shape[:2]
+        flat = np.asarray(f.frames).reshape(s * c, *f.frames.shape[2:])
+        from_csv = scores_from_csv(f)
+        if from_csv is None:
+            mean, std = ensemble_scores(classifier, flat, cfg.batch_size)
+            f.scores, f.stds, f.score_source = mean.reshape(s, c), std.reshape(s, c), "classifier (no scores.csv)"
+        else:
+            f.scores, f.stds = from_csv
+            f.score_source = str(f.path / "scores.csv")
+        f.features = batched(classifier.features, flat, cfg.batch_size).reshape(s, c, -1)
+        f.morph = {k: v.reshape(s, c) for k, v in morphology.measure_batch(flat).items()}
+        f.per_seed = consistency.per_seed(f.conditions[f.generated], f.scores[:, f.generated], f.manifest["seeds"])
+        f.summary = consistency.aggregate(f.per_seed, cfg.bootstrap, cfg.seed)
+        log(f"{f.key}: {s} seeds x {len(f.generated)} conditions; median Spearman "
+            f"{f.summary['spearman']['value']:.3f}, flip rate {f.summary['flip']['value']:.2f}")
+
+    # real patches: held-out for comparison, training for nearest neighbours
+    real_ds, real_split = held_out_split(dataset_root)
+    pick = subset(len(real_ds), cfg.max_real, rng)
+    real_images = real_ds.uint8(pick)
+    real_soft = real_ds.soft_labels[pick]
+    real_hard = real_ds.hard_labels[pick]
+    real_degree = real_ds.true_degree[pick]
+    real_ids = [real_ds.ids()[i] for i in pick]
+    real_scores, real_stds = ensemble_scores(classifier, real_images, cfg.batch_size)
+    real_features = batched(classifier.features, real_images, cfg.batch_size)
+    real_morph = morphology.measure_batch(real_images)
+    train_ds = PatchDataset(dataset_root, split="train")
+    train_images = train_ds.uint8(subset(len(train_ds), cfg.max_train, rng)) if len(train_ds) else None
+    log(f"real patches: {len(real_images)} held-out ({real_split} split), "
+        f"{0 if train_images is None else len(train_images)} training")
+
+    edges = np.asarray(cfg.label_bins, float)
+    n_bins = len(edges) - 1
+    bin_names = [f"[{edges[i]:.2f}, {edges[i + 1]:.2f}{']' if i == n_bins - 1 else ')'}" for i in range(n_bins)]
+    real_bins = morphology.label_bins(real_soft, edges)
+
+    metrics = {
+        "inputs": {"transitions": [str(p) for p in transitions], "real2gen": [str(p) for p in real2gen],
+                   "classifier": str(classifier_path), "dataset": str(dataset_root),
+                   "held_out_split": real_split, "n_held_out": int(len(real_images)),
+                   "n_train_searched": 0 if train_images is None else int(len(train_images))},
+        "config": vars(cfg),
+        "consistency": {f.key: {**f.summary, "score_source": f.score_source, "path": str(f.path)} for f in folders},
+    }
+
+    # morphology: generated curves (mean ± CI over seeds) and real per soft-label bin
+    morph_generated, morph_metrics = {}, {}
+    for f in folders:
+        cond = f.conditions[f.generated]
+        entry = {"conditions": cond}
+        morph_metrics[f.key] = {}
+        for name in morphology.FEATURES:
+            matrix = f.morph[name][:, f.generated]
+            mean, lo, hi = curve_ci(matrix, min(cfg.bootstrap, 500), seed=cfg.seed)
+            seed_rho = [spearman(cond, row) for row in matrix]
+            entry[name] = {"mean": mean, "lo": lo, "hi": hi, "spearman": spearman(cond, mean)}
+            morph_metrics[f.key][name] = {
+                "spearman_mean_curve": entry[name]["spearman"],
+                "median_seed_spearman": float(np.nanmedian(seed_rho)) if np.isfinite(seed_rho).any() else None,
+                "mean_by_condition": mean, "ci_low": lo, "ci_high": hi, "conditions": cond,
+                "segmented_fraction": float(np.isfinite(matrix).mean()),
+            }
+        morph_generated[f.key] = entry
+    morph_real = None
+    present = [b for b in range(n_bins) if (real_bins == b).any()]
+    if present:
+        morph_real = {"x": np.array([real_soft[real_bins == b].mean() for b in present])}
+        morph_metrics["real"] = {}
+        for name in morphology.FEATURES:
+            cells = [bootstrap_ci(real_morph[name][real_bins == b], np.mean, min(cfg.bootstrap, 500), seed=cfg.seed)
+                     for b in present]
+            mean = np.array([c["value"] if c["value"] is not None else np.nan for c in cells])
+            lo = np.array([c["ci"][0] if c["value"] is not None else np.nan for c in cells])
+            hi = np.array([c["ci"][1] if c["value"] is not None else np.nan for c in cells])
+            rho = spearman(real_soft, real_morph[name])
+            morph_real[name] = {"mean": mean, "lo": lo, "hi": hi, "spearman": rho}
+            morph_metrics["real"][name] = {"spearman_soft_label": rho, "bins": [bin_names[b] for b in present],
+                                           "bin_mean_label": morph_real["x"], "mean": mean, "ci_low": lo,
+                                           "ci_high": hi}
+    metrics["morphology"] = morph_metrics
+
+    # fidelity and memorisation use the transitions (not real2gen, which starts from real inputs)
+    gen_folders = [f for f in folders if f.role == "transitions"]
+    gen_feat = np.concatenate([f.features[:, f.generated].reshape(-1, f.features.shape[-1]) for f in gen_folders])
+    gen_cond = np.concatenate([np.broadcast_to(f.conditions[f.generated], f.scores[:, f.generated].shape).ravel()
+                               for f in gen_folders])
+    gen_images = np.concatenate([np.asarray(f.frames)[:, f.generated].reshape(-1, *f.frames.shape[2:])
+                                 for f in gen_folders])
+    fd_rows = fidelity.frechet_per_bin(gen_feat, morphology.label_bins(gen_cond, edges), real_features, real_bins,
+                                       n_bins, cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
+    for row in fd_rows:
+        row["label_bin"] = bin_names[row["bin"]]
+    valid = [r for r in fd_rows if r["frechet"] is not None]
+    metrics["fidelity"] = {
+        "space": "classifier penultimate features",
+        "bins": fd_rows,
+        "frechet_mean": float(np.mean([r["frechet"] for r in valid])) if valid else None,
+        "yardstick_mean": float(np.mean([r["yardstick"] for r in valid])) if valid else None,
+    }
+    fid = metrics["fidelity"]
+    fid["ratio"] = fid["frechet_mean"] / fid["yardstick_mean"] if valid and fid["yardstick_mean"] > 0 else None
+
+    memo = {}
+    if train_images is not None:
+        def pixels(x):
+            return np.asarray(x, np.float32).reshape(len(x), -1) / 255.0
+
+        memo["pixels"] = fidelity.memorisation(pixels(gen_images), pixels(real_images), pixels(train_images),
+                                               cfg.memorisation_quantile)
+        train_features = batched(classifier.features, train_images, cfg.batch_size)
+        memo["features"] = fidelity.memorisation(gen_feat, real_features, train_features, cfg.memorisation_quantile)
+    metrics["memorisation"] = {space: {k: v for k, v in r.items() if not k.startswith("distances")}
+                               for space, r in memo.items()}
+
+    # synthetic benchmark
+    bench = None
+    if np.isfinite(real_degree).sum() >= 10:
+        threshold = float(meta.get("true_threshold", 0.5))
+        calibration = benchmark.DegreeCalibration(real_scores, real_degree)
+        bench_generated = {}
+        metrics["benchmark"] = {"true_threshold": threshold, "generated": {}}
+        for f in folders:
+            cond = f.conditions[f.generated]
+            est = calibration(f.scores[:, f.generated])
+            mean, lo, hi = curve_ci(est, min(cfg.bootstrap, 500), seed=cfg.seed)
+            bench_generated[f.key] = {"conditions": cond, "mean": mean, "lo": lo, "hi": hi}
+            metrics["benchmark"]["generated"][f.key] = {
+                "conditions": cond, "estimated_degree": mean, "ci_low": lo, "ci_high": hi,
+                "spearman": spearman(cond, mean)}
+        true_cells = [bootstrap_ci(real_degree[real_bins == b], np.mean, min(cfg.bootstrap, 500), seed=cfg.seed)
+                      for b in present]
+        est_real = calibration(real_scores)
+        bench_real = {
+            "x": morph_real["x"], "threshold": threshold,
+            "true": {"mean": np.array([c["value"] for c in true_cells]),
+                     "lo": np.array([c["ci"][0] for c in true_cells]),
+                     "hi": np.array([c["ci"][1] for c in true_cells])},
+            "estimated": {"mean": np.array([est_real[real_bins == b].mean() for b in present])},
+        }
+        metrics["benchmark"]["real_by_soft_label"] = {
+            "bins": [bin_names[b] for b in present], "bin_mean_label": morph_real["x"],
+            "true_degree": bench_real["true"]["mean"], "estimated_degree": bench_real["estimated"]["mean"]}
+        noise = benchmark.label_noise(real_ids, real_soft, real_hard, real_scores, real_degree, threshold,
+                                      cfg.noise_top)
+        metrics["benchmark"]["label_noise"] = {k: v for k, v in noise.items() if k != "ranked"}
+        metrics["benchmark"]["label_noise"]["top"] = noise["ranked"][: noise["top"]]
+        bench = (bench_generated, bench_real, noise)
+
+    main = next(f for f in folders if f.role == "transitions")
+    values = {
+        "median_spearman": main.summary["spearman"]["value"],
+        "flip_rate": main.summary["flip"]["value"],
+        "mean_abs_error": main.summary["abs_error"]["value"],
+        "h_mean_spearman": morph_metrics[main.key]["h_mean"]["spearman_mean_curve"],
+        "irregularity_spearman": morph_metrics[main.key]["irregularity"]["spearman_mean_curve"],
+        "frechet_ratio": fid["ratio"],
+        "memorisation_share": memo["pixels"]["share"] if memo else None,
+    }
+    metrics["targets"] = {}
+    for name, (op, bound) in TARGETS.items():
+        v = values[name]
+        met = None if v is None or not np.isfinite(v) else bool(v >= bound if op == ">=" else v <= bound)
+        metrics["targets"][name] = {"value": v, "target": f"{op} {bound}", "met": met, "folder": main.key}
+
+    with atomic_dir(out, overwrite) as tmp:
+        write_outputs(tmp, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
+                      real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph)
+    for f in folders:
+        write_folder_metrics(f, out, overwrite)
+    return metrics
+
+
+def write_folder_metrics(f: Folder, out: Path, overwrite: bool) -> None:
+    """The folder's own label-consistency summary beside its scores (DESIGN: after scoring, metrics.json)."""
+    path = f.path / "metrics.json"
+    if path.exists() and not overwrite:
+        return  # never replace what the user has without --overwrite; the report folder holds it anyway
+    write_json(path, {"consistency": f.summary, "per_seed": f.per_seed, "score_source": f.score_source,
+                      "report": str(out)})
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None or (isinstance(v, float) and not np.isfinite(v)) else
+                         (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for v in row])
+    return buffer.getvalue()
+
+
+def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
+                  real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph) -> None:
+    from mitosis_ldm.config import save_config
+
+    names = list(morphology.FEATURES)
+    write_json(tmp / "metrics.json", metrics)
+    save_config(cfg, tmp / "config.yaml")
+
+    # CSVs
+    frame_rows = []
+    for f in folders:
+        for s, seed in enumerate(f.manifest["seeds"]):
+            for c in range(f.frames.shape[1]):
+                frame_rows.append([f.key, seed, c, f.conditions[c], int(c not in f.generated), f.scores[s, c],
+                                   f.stds[s, c]] + [f.morph[n][s, c] for n in names])
+        write_text(tmp / f"consistency-{f.key}.csv", csv_text(
+            ["seed", *consistency.METRICS], [[r["seed"], *(r[m] for m in consistency.METRICS)] for r in f.per_seed]))
+    write_text(tmp / "frames.csv", csv_text(["folder", "seed", "frame", "condition", "is_input", "score", "score_std",
+                                             *names], frame_rows))
+    write_text(tmp / "real_patches.csv", csv_text(
+        ["id", "soft_label", "hard_label", "true_degree", "score", *names],
+        [[real_ids[i], real_soft[i], real_hard[i], real_degree[i], real_scores[i], *(real_morph[n][i] for n in names)]
+         for i in range(len(real_ids))]))
+    write_text(tmp / "fidelity.csv", csv_text(["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick",
+                                               "ratio"],
+                                              [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"],
+                                                r["yardstick"], r["ratio"]] for r in fd_rows]))
+    if bench is not None:
+        noise = bench[2]
+        write_text(tmp / "label_noise.csv", csv_text(
+            ["rank", "id", "soft_label", "score", "disagreement", "true_degree", "truly_mislabelled"],
+            [[r["rank"], r["id"], r["soft_label"], r["score"], r["disagreement"], r["true_degree"],
+              int(r["truly_mislabelled"])] for r in noise["ranked"]]))
+
+    # plots
+    for f in folders:
+        cond = f.conditions[f.generated]
+        curve = curve_ci(f.scores[:, f.generated], min(cfg.bootstrap, 500), seed=cfg.seed)
+        plots.consistency(tmp / f"consistency-{f.key}.png", f.key, cond, f.scores[:, f.generated], curve, f.summary)
+    plots.morphology(tmp / "morphology.png", morph_generated, morph_real)
+    plots.fidelity(tmp / "fidelity.png", fd_rows, bin_names)
+    for space, result in memo.items():
+        plots.memorisation(tmp / f"memorisation-{space}.png", result,
+                           "pixels, [0, 1] RGB" if space == "pixels" else "classifier features")
+    if bench is not None:
+        plots.degree(tmp / "degree.png", bench[0], bench[1])
+
+    write_text(tmp / "report.html", render(page(tmp, folders, metrics, fd_rows, memo, bench, real_images)))
+
+
+# -- the HTML page ---------------------------------------------------------
+
+FEATURE_DIGITS = {"area": 0, "perimeter": 1}
+
+
+def frame_caption(f: Folder, c: int) -> str:
+    if c in f.generated:
+        return f"condition y = {f.conditions[c]:.2f}"
+    label = f.manifest["conditions"][c]
+    return "real input" + (f" (label {float(label):.2f})" if label is not None else " (unlabelled)")
+
+
+def seed_title(f: Folder, s: int, seed) -> str:
+    names = f.manifest.get("inputs") or f.manifest.get("names")
+    if isinstance(names, list) and len(names) == f.frames.shape[0]:
+        return f"{'real input' if f.role == 'real2gen' else 'seed'} {names[s]}"
+    return f"{'input' if f.role == 'real2gen' else 'seed'} {seed}"
+
+
+def folder_data(f: Folder) -> dict:
+    names = list(morphology.FEATURES)
+    seeds = []
+    for s, seed in enumerate(f.manifest["seeds"]):
+        seeds.append({
+            "title": seed_title(f, s, seed),
+            "frames": [png_data_uri(f.frames[s, c]) for c in range(f.frames.shape[1])],
+            "captions": [frame_caption(f, c) for c in range(f.frames.shape[1])],
+            "is_input": [bool(c not in f.generated) for c in range(f.frames.shape[1])],
+            "scores": [float(v) for v in f.scores[s]],
+            "stds": [float(v) for v in f.stds[s]],
+            "features": [[None if not np.isfinite(f.morph[n][s, c]) else float(f.morph[n][s, c]) for n in names]
+                         for c in range(f.frames.shape[1])],
+        })
+    return {"seeds": seeds, "feature_names": [{"label": morphology.FEATURES[n], "digits": FEATURE_DIGITS.get(n, 3)}
+                                              for n in names]}
+
+
+def ci_cell(entry: dict) -> str:
+    lo, hi = entry["ci"]
+    return "–" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict:
+    """Sections of report.html, each an (escaped) HTML string."""
+    from .html import seed_rows
+
+    data = {f.key: folder_data(f) for f in folders}  # PNG-encode every frame once
+    sections = []
+    # summary: the targets
+    rows = []
+    for name, t in metrics["targets"].items():
+        verdict = "–" if t["met"] is None else ("met" if t["met"] else "missed")
+        rows.append([name.replace("_", " "), t["value"], t["target"],
+                     Markup(f'<span class="{"met" if t["met"] else "miss"}">{esc(verdict)}</span>')])
+    inputs = metrics["inputs"]
+    listing = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in inputs.items())
+    sections.append(("Summary", table(["metric", "value", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
+                     + "<p class='note'>Scores are the mean P(mitotic) of an independent classifier ensemble; "
+                       "the condition y is the fraction of experts the generator was asked to imitate. "
+                       "Morphology is measured on the nucleus segmented on the haematoxylin channel.</p>"))
+    # one section per folder: the consistency table, its plot, and the sliders
+    for f in folders:
+        s = f.summary
+        rows = [["Spearman(condition, score)", "median", s["spearman"]["value"], ci_cell(s["spearman"])],
+                ["monotone steps", "mean fraction", s["monotone"]["value"], ci_cell(s["monotone"])],
+                ["flip (score < 0.5 at y=0, > 0.5 at y=1)", "rate", s["flip"]["value"], ci_cell(s["flip"])],
+                ["|score − condition|", "mean", s["abs_error"]["value"], ci_cell(s["abs_error"])]]
+        note = ("Each row is one real nucleus: the first frame is the real input, the others are the model's "
+                "rendering of it at each target label. " if f.role == "real2gen" else
+                "Each row is one seed: the same noise rendered at each condition. ")
+        body = (f"<p class='note'>{esc(str(f.path))} — {s['n_seeds']} rows; scores from {esc(f.score_source)}. "
+                f"{esc(note)}Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
+                + table(["metric", "statistic", "value", "95% bootstrap CI"], rows)
+                + img(file_data_uri(tmp / f"consistency-{f.key}.png"), f"score vs condition for {f.key}", "plot")
+                + seed_rows(f.key, data[f.key]))
+        sections.append((f"{'Real to generated' if f.role == 'real2gen' else 'Transitions'}: {f.key}", body))
+    # morphology
+    rows = []
+    for name, label in morphology.FEATURES.items():
+        row = [label]
+        for f in folders:
+            m = metrics["morphology"][f.key][name]
+            row += [m["spearman_mean_curve"], m["median_seed_spearman"]]
+        row.append(metrics["morphology"].get("real", {}).get(name, {}).get("spearman_soft_label"))
+        rows.append(row)
+    header = ["feature"] + [h for f in folders for h in (f"{f.key}: ρ mean curve", f"{f.key}: median ρ per seed")]
+    sections.append(("Morphology along the transitions",
+                     "<p class='note'>Spearman ρ of each feature against the condition (generated) and against the "
+                     "soft label (held-out real patches). The plot shows generated means ± 95% CI over seeds and "
+                     "real patches binned by soft label on the same axes.</p>"
+                     + table(header + ["real: ρ vs soft label"], rows)
+                     + img(file_data_uri(tmp / "morphology.png"), "morphology features vs condition", "plot")))
+    # fidelity and memorisation
+    fid = metrics["fidelity"]
+    rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"]]
+            for r in fd_rows]
+    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"]])
+    body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
+            "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
+            "the real patches (equal sample sizes, averaged over repeats).</p>"
+            + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio"], rows)
+            + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
+    if memo:
+        rows = [[space, r["share"], r["quantile"], r["threshold"], r["generated_median"], r["held_out_median"],
+                 r["n_generated"], r["n_train"]] for space, r in metrics["memorisation"].items()]
+        body += ("<h3>Memorisation</h3><p class='note'>Share of generated patches nearer to a training patch than "
+                 "the given quantile of held-out real patches are (about that quantile if nothing is copied).</p>"
+                 + table(["space", "share", "quantile", "threshold", "median NN (gen)", "median NN (held-out)",
+                          "generated", "training searched"], rows)
+                 + "".join(img(file_data_uri(tmp / f"memorisation-{space}.png"), f"nearest neighbours ({space})",
+                               "plot") for space in memo))
+    sections.append(("Fidelity and memorisation", body))
+    # synthetic benchmark
+    if bench is not None:
+        noise = bench[2]
+        lm = metrics["benchmark"]["label_noise"]
+        rows = []
+        for r in noise["ranked"][:20]:
+            rows.append([r["rank"], img(png_data_uri(real_images[r["index"]]), r["id"]), r["id"], r["soft_label"],
+                         r["score"], r["true_degree"], r["truly_mislabelled"]])
+        body = (img(file_data_uri(tmp / "degree.png"), "estimated vs true degree", "plot")
+                + "<p class='note'>Left: the classifier's score mapped to a degree (isotonic fit on held-out real "
+                  "patches) for generated frames, against the true degree of real patches with that soft label.</p>"
+                + f"<h3>Label-noise finder</h3><p class='note'>Held-out real patches ranked by |soft label − score|. "
+                  f"Of the top {lm['top']}, {lm['truly_mislabelled_in_top']} are truly mislabelled (majority vote "
+                  f"disagrees with the known degree); base rate {lm['base_rate']:.1%} "
+                  f"({lm['n_mislabelled']} of {lm['n_labelled']}).</p>"
+                + table(["rank", "patch", "id", "soft label", "score", "true degree", "truly mislabelled"], rows,
+                        "noise"))
+        sections.append(("Synthetic benchmark (known degree)", body))
+    return {
+        "title": "mitosis-ldm report",
+        "subtitle": "What changes as a nucleus turns mitotic: label consistency, morphology, fidelity.",
+        "sections": sections,
+        "folders": data,
+    }

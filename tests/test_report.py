@@ -1,0 +1,306 @@
+"""The report: label-consistency numbers, morphology, fidelity, memorisation, the HTML page and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mitosis_ldm.artifacts import write_transitions
+from patches.dataset import SplitConfig, build_dataset
+from report import benchmark, consistency, fidelity, morphology
+from report.build import ReportConfig, build_report
+from report.cli import main as report_main
+
+from report_helpers import FakeEnsemble, draw_nucleus, synth_shard
+
+SIZE = 32
+CONDITIONS = np.linspace(0, 1, 6)
+
+
+def make_inputs(root, size: int = SIZE, n_seeds: int = 5, seeds_names=None):
+    """A patch dataset, a transitions folder and a real2gen folder of drawn nuclei."""
+    build_dataset(root / "ds", [("a", synth_shard, {"n": 400, "size": size, "seed": 1})], patch_size=size, margin=0,
+                  meta={"source": "fake", "true_threshold": 0.5},
+                  split=SplitConfig(mode="random", val=0.1, test=0.3), progress=False)
+    frames = np.stack([np.stack([draw_nucleus(c, 7000 + s, size) for c in CONDITIONS]) for s in range(n_seeds)])
+    write_transitions(root / "tr", frames, {"seeds": list(range(n_seeds)), "conditions": CONDITIONS.tolist()})
+    real = np.stack([np.stack([draw_nucleus(0.2, 9000 + s, size)] + [draw_nucleus(c, 9100 + s, size)
+                                                                      for c in (0, 0.5, 1)]) for s in range(3)])
+    manifest = {"seeds": [0, 1, 2], "conditions": [0.33, 0, 0.5, 1], "has_input_frame": True, "kind": "real2gen"}
+    if seeds_names:
+        manifest["inputs"] = seeds_names
+    write_transitions(root / "r2g", real, manifest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("report-inputs"),
+                       seeds_names=["<script>alert('x')</script>", "cmu:7", "cmu:9 & co"])
+
+
+@pytest.fixture(scope="module")
+def built(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report-out") / "report"
+    metrics = build_report(ReportConfig(bootstrap=200), [inputs / "tr"], [inputs / "r2g"], FakeEnsemble(SIZE),
+                           "fake-classifier", inputs / "ds", out, log=lambda *_: None)
+    return out, metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """A one-member classifier trained for a few steps through classifier.train's real entry point."""
+    from classifier.train import main as train_main
+
+    root = tmp_path_factory.mktemp("report-classifier")
+    build_dataset(root / "ds", [("a", synth_shard, {"n": 160, "size": SIZE, "seed": 3})], patch_size=SIZE, margin=0,
+                  meta={"source": "fake"}, split=SplitConfig(mode="random", val=0.2, test=0.2), progress=False)
+    train_main(["--out", str(root / "run"), "--set", f"data.dataset={root / 'ds'}", "--set", "model.name=resnet10t",
+                "--set", "model.model_kwargs={channels: [8, 16, 32, 64]}", "--set", f"model.input_size={SIZE}",
+                "--set", "model.upsample=1", "--set", "model.normalisation=meanstd", "--set", "ensemble.members=1",
+                "--set", "ensemble.eval_every=4", "--set", "train.max_steps=8", "--set", "train.batch_size=32",
+                "--set", "train.checkpoint_every=1000"])
+    return root / "run" / "model"
+
+
+# -- the numbers -------------------------------------------------------------
+
+def test_transition_metrics_on_known_sequences():
+    c = np.linspace(0, 1, 11)
+    ideal = consistency.transition_metrics(c, c)
+    assert ideal == {"spearman": pytest.approx(1.0), "monotone": 1.0, "flip": 1.0, "abs_error": pytest.approx(0.0)}
+    backwards = consistency.transition_metrics(c, 1 - c)
+    assert backwards["spearman"] == pytest.approx(-1.0) and backwards["monotone"] == 0.0 and backwards["flip"] == 0.0
+    # one dip: 9 of 10 steps rise; a sigmoid-like curve flips but is off the diagonal
+    dip = c.copy()
+    dip[5] = 0.3
+    assert consistency.transition_metrics(c, dip)["monotone"] == pytest.approx(0.9)
+    step = np.where(c > 0.5, 0.9, 0.1)
+    m = consistency.transition_metrics(c, step)
+    assert m["flip"] == 1.0 and m["abs_error"] == pytest.approx(np.mean(np.abs(step - c)))
+    # never crosses 0.5 at the top: no flip; a flat score has no monotone association
+    assert consistency.transition_metrics(c, c * 0.4)["flip"] == 0.0
+    assert consistency.transition_metrics(c, np.full(11, 0.5))["spearman"] == 0.0
+    # order of the columns does not matter
+    perm = np.random.default_rng(0).permutation(11)
+    assert consistency.transition_metrics(c[perm], dip[perm]) == consistency.transition_metrics(c, dip)
+
+
+def test_aggregate_has_bootstrap_intervals_around_the_statistic():
+    rng = np.random.default_rng(0)
+    rows = [{"seed": i, "spearman": r, "monotone": 0.8, "flip": float(i % 4 != 0), "abs_error": 0.1 + 0.01 * i}
+            for i, r in enumerate(rng.uniform(0.6, 1.0, 16))]
+    agg = consistency.aggregate(rows, n_resamples=300)
+    assert agg["n_seeds"] == 16
+    assert agg["spearman"]["value"] == pytest.approx(np.median([r["spearman"] for r in rows]))
+    lo, hi = agg["spearman"]["ci"]
+    assert lo < agg["spearman"]["value"] < hi
+    assert agg["flip"]["value"] == pytest.approx(0.75) and agg["flip"]["ci"][0] < 0.75 < agg["flip"]["ci"][1]
+    assert agg["monotone"]["ci"] == [0.8, 0.8]  # constant: the interval collapses
+
+
+def test_morphology_follows_darkness_and_irregularity():
+    calm, mitotic = draw_nucleus(0.0, 5), draw_nucleus(1.0, 5)
+    a, b = morphology.measure(calm), morphology.measure(mitotic)
+    assert b["h_mean"] > a["h_mean"] + 0.02
+    assert b["irregularity"] > a["irregularity"] + 0.1
+    assert b["solidity"] < a["solidity"]
+    assert b["contrast"] > a["contrast"] and b["granularity"] > a["granularity"]
+    mask, _ = morphology.segment_nucleus(calm)
+    assert mask[SIZE // 2, SIZE // 2] and 0.05 < mask.mean() < 0.4  # the central nucleus, not the background
+    blank = np.full((SIZE, SIZE, 3), 230, np.uint8)
+    assert all(np.isnan(v) for v in morphology.measure(blank).values())
+
+
+def test_label_bins_close_the_last_bin_and_skip_unlabelled():
+    bins = morphology.label_bins(np.array([0.0, 0.24, 0.25, 0.74, 1.0, np.nan]), [0, 0.25, 0.5, 0.75, 1])
+    assert bins.tolist() == [0, 0, 1, 2, 3, -1]
+
+
+def test_frechet_is_zero_for_equal_sets_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    assert fidelity.frechet(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert fidelity.frechet(x, x + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)  # ||mu shift||² = 5 dims x 2²
+    assert fidelity.frechet(x, x * 3) > fidelity.frechet(x, x * 1.5) > 0.5
+
+
+def test_frechet_per_bin_compares_equal_sample_sizes():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(200, 4))
+    real_bins = np.repeat([0, 1], 100)
+    good = rng.normal(size=(60, 4))
+    bad = rng.normal(size=(60, 4)) + 3.0
+    gen, gen_bins = np.concatenate([good, bad]), np.repeat([0, 1], 60)
+    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=3, min_count=8)
+    assert [r["n"] for r in rows] == [50, 50, 0]
+    assert rows[0]["ratio"] < 3 and rows[1]["ratio"] > 10
+    assert rows[2]["frechet"] is None  # an empty bin is reported, not invented
+
+
+def test_memorisation_flags_copies_not_fresh_samples():
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(300, 16))
+    held_out = rng.normal(size=(200, 16))
+    fresh = rng.normal(size=(100, 16))
+    copies = train[:100] + rng.normal(scale=1e-3, size=(100, 16))
+    assert fidelity.memorisation(copies, held_out, train)["share"] == 1.0
+    assert fidelity.memorisation(fresh, held_out, train)["share"] <= 0.05
+    d = fidelity.nearest_distances(train[:5], train)
+    assert np.allclose(d, 0, atol=1e-3)
+
+
+def test_label_noise_finder_ranks_true_mislabels_first():
+    rng = np.random.default_rng(3)
+    degree = rng.uniform(0, 1, 200)
+    soft = (degree >= 0.5).astype(float)
+    wrong = rng.choice(200, 20, replace=False)
+    soft[wrong] = 1 - soft[wrong]             # 20 flipped labels
+    scores = np.clip(degree + rng.normal(0, 0.05, 200), 0, 1)  # a classifier that sees the truth
+    result = benchmark.label_noise([f"p{i}" for i in range(200)], soft, soft, scores, degree, 0.5, top=20)
+    assert result["n_mislabelled"] == 20 and result["base_rate"] == pytest.approx(0.1)
+    assert result["truly_mislabelled_in_top"] >= 16
+    assert result["ranked"][0]["disagreement"] >= result["ranked"][-1]["disagreement"]
+
+
+def test_degree_calibration_is_monotone():
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    degrees = np.array([0.2, 0.1, 0.4, 0.7, 0.9])
+    cal = benchmark.DegreeCalibration(scores, degrees)
+    mapped = cal(np.linspace(0, 1, 21))
+    assert np.all(np.diff(mapped) >= 0) and cal(0.9) == pytest.approx(0.9)
+
+
+# -- the whole report ------------------------------------------------------------
+
+def test_report_on_clean_transitions_meets_the_targets(built):
+    out, metrics = built
+    for name in ("metrics.json", "report.html", "frames.csv", "real_patches.csv", "fidelity.csv", "label_noise.csv",
+                 "consistency-transitions.csv", "consistency-real2gen.csv", "consistency-transitions.png",
+                 "morphology.png", "fidelity.png", "memorisation-pixels.png", "degree.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["targets"].keys() == metrics["targets"].keys()
+    # drawn transitions are clean and the fake classifier reads darkness: consistency and morphology hold
+    for name in ("median_spearman", "flip_rate", "mean_abs_error", "h_mean_spearman", "irregularity_spearman"):
+        assert on_disk["targets"][name]["met"] is True, (name, on_disk["targets"][name])
+    assert on_disk["consistency"]["transitions"]["n_seeds"] == 5
+    assert on_disk["consistency"]["real2gen"]["n_seeds"] == 3  # the real input column is not a condition
+    assert on_disk["memorisation"]["pixels"]["n_generated"] == 5 * 6  # transitions only, not real2gen
+    assert on_disk["benchmark"]["label_noise"]["n_labelled"] > 0
+    with open(out / "frames.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 5 * 6 + 3 * 4
+    assert sum(r["is_input"] == "1" for r in rows) == 3
+
+
+def test_report_html_is_self_contained_and_escaped(built):
+    out, _ = built
+    text = (out / "report.html").read_text()
+    assert "<script>alert(" not in text                          # a hostile input name stays text
+    assert "&lt;script&gt;alert(" in text or "\\u003cscript>alert(" in text
+    assert "cmu:9 &amp; co" in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)  # nothing fetched from the network
+    assert text.count('class="seed-row"') == 5 + 3
+    assert text.count('type="range"') == 5 + 3
+    assert text.count("data:image/png;base64,") >= 5 + 3 + 5   # first frames, plots, label-noise thumbnails
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)[1])
+    r2g = data["real2gen"]["seeds"][0]
+    assert r2g["is_input"][0] is True and r2g["captions"][0].startswith("real input")
+    assert len(data["transitions"]["seeds"][0]["frames"]) == 6
+
+
+def test_folder_metrics_written_beside_the_frames(built, inputs):
+    saved = json.loads((inputs / "tr" / "metrics.json").read_text())
+    assert saved["consistency"]["spearman"]["value"] == pytest.approx(1.0)
+    assert len(saved["per_seed"]) == 5
+
+
+def test_existing_scores_csv_is_used(tmp_path):
+    root = make_inputs(tmp_path, n_seeds=3)
+    # scores that fall with the condition: the report must read them, not rescore
+    with open(root / "tr" / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "seed", "frame", "condition", "mean", "std", "member_0"])
+        for s in range(3):
+            for f, c in enumerate(CONDITIONS):
+                writer.writerow([f"tr:{s}:{f}", s, f, c, 1 - c, 0.0, 1 - c])
+    metrics = build_report(ReportConfig(bootstrap=50), [root / "tr"], [], FakeEnsemble(SIZE), "fake", root / "ds",
+                           tmp_path / "out", log=lambda *_: None)
+    assert metrics["consistency"]["transitions"]["spearman"]["value"] == pytest.approx(-1.0)
+    assert metrics["consistency"]["transitions"]["score_source"].endswith("scores.csv")
+    assert metrics["targets"]["flip_rate"]["met"] is False
+
+
+# -- the command and its bad input ---------------------------------------------------
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def test_cli_end_to_end_with_a_trained_classifier(inputs, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert report_main(["--transitions", str(inputs / "tr"), "--real2gen", str(inputs / "r2g"), "--classifier",
+                        str(tiny_classifier), "--dataset", str(inputs / "ds"), "--out", str(out), "--overwrite",
+                        "--set", "bootstrap=100"]) == 0
+    printed = capsys.readouterr().out
+    assert "median_spearman" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inputs"]["classifier"] == str(tiny_classifier)
+    assert metrics["config"]["bootstrap"] == 100
+    assert metrics["consistency"]["transitions"]["score_source"].startswith("classifier")  # no scores.csv: scored here
+    assert all(0.0 <= v["value"] <= 1.0 for k, v in metrics["consistency"]["transitions"].items()
+               if k in ("flip", "monotone"))
+
+
+def test_missing_manifest_is_one_line(inputs, tiny_classifier, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "frames.npy", np.zeros((1, 2, SIZE, SIZE, 3), np.uint8))
+    code, err = run_cli(capsys, "--transitions", bad, "--classifier", tiny_classifier, "--dataset", inputs / "ds",
+                        "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 0
+    assert "manifest.json" in err and "not a transitions folder" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_count_mismatch_is_one_line(tiny_classifier, tmp_path, capsys):
+    root = make_inputs(tmp_path, n_seeds=2)
+    (root / "tr" / "scores.csv").write_text("name,seed,frame,condition,mean,std,member_0\nx,0,0,0,0.1,0,0.1\n")
+    code, err = run_cli(capsys, "--transitions", root / "tr", "--classifier", tiny_classifier, "--dataset",
+                        root / "ds", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 0
+    assert "scores.csv" in err and "1 score rows" in err and "12 frames" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_classifier_that_does_not_fit_the_patch_size_is_one_line(tiny_classifier, tmp_path, capsys):
+    root = make_inputs(tmp_path, size=48, n_seeds=2)
+    code, err = run_cli(capsys, "--transitions", root / "tr", "--classifier", tiny_classifier, "--dataset",
+                        root / "ds", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 0
+    assert "patch_size" in err and "32" in err and "48x48" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_without_overwrite_is_one_line(inputs, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "--transitions", inputs / "tr", "--classifier", tiny_classifier, "--dataset",
+                        inputs / "ds", "--out", out)
+    assert code == 2 and err.count("\n") == 0 and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_wrong_artifact_for_classifier_is_one_line(inputs, tmp_path, capsys):
+    code, err = run_cli(capsys, "--transitions", inputs / "tr", "--classifier", inputs / "ds", "--dataset",
+                        inputs / "ds", "--out", tmp_path / "out")
+    assert code == 2 and "is a patch dataset folder, but --classifier expects a classifier folder" in err
