@@ -33,6 +33,7 @@ from .model import ClassifierEnsemble
 # -- metrics -------------------------------------------------------------------------
 
 def hard_metrics(prob: np.ndarray, hard: np.ndarray, n_bins: int) -> dict:
+    import warnings
     from torchmetrics.functional.classification import (binary_auroc, binary_average_precision,
                                                         binary_calibration_error, binary_recall,
                                                         binary_specificity)
@@ -40,6 +41,7 @@ def hard_metrics(prob: np.ndarray, hard: np.ndarray, n_bins: int) -> dict:
     p = torch.as_tensor(prob, dtype=torch.float32)
     t = torch.as_tensor(hard, dtype=torch.long)
     both = bool((t == 1).any() and (t == 0).any())
+    warnings.filterwarnings("ignore", message=".*non-contiguous.*")  # torchmetrics' own bucketize call
     return {
         "auroc": float(binary_auroc(p, t)) if both else math.nan,
         "average_precision": float(binary_average_precision(p, t)) if both else math.nan,
@@ -138,7 +140,9 @@ def reliability_png(path: Path, prob: np.ndarray, soft: np.ndarray, hard: np.nda
         ax.bar(centres, [b["observed"] for b in bins], width=1 / n_bins * 0.9, color="#4c72b0", alpha=0.8,
                label="observed (fraction mitotic)" if col == 0 else "observed (mean soft label)")
         ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-", c="#dd8452", ms=4,
-                label="bin mean probability")
+                label="observed at the bin's mean probability")
+        for c, b in zip(centres, bins):
+            ax.annotate(str(b["count"]), (c, min(b["observed"], 0.93) + 0.02), ha="center", fontsize=7)
         key = "hard" if col == 0 else "soft"
         ax.set_title(f"vs {name}: ECE {metrics[key]['ece']:.3f}, Brier {metrics[key]['brier']:.3f}")
         ax.set_ylabel("observed")
