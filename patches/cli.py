@@ -1,7 +1,16 @@
 """`mitosis-ldm data ...`: make and inspect patch datasets.
 
-    mitosis-ldm data synth   --out DIR --n 6000 --size 64 --experts 3 --seed 0
-    mitosis-ldm data inspect DIR [--out sheet.png]
+    mitosis-ldm data synth       --out DIR --n 6000 --size 64 --experts 3 --seed 0
+    mitosis-ldm data midog       --json MIDOG++.json --images DIR --out DIR [--tumor-type T]
+    mitosis-ldm data sliderunner --db CCMCT.sqlite --slides DIR --out DIR [--mitotic-class 2 --lookalike-class 7]
+    mitosis-ldm data points      --csv cells.csv --slides DIR --out DIR
+    mitosis-ldm data folder      --images DIR --labels labels.csv --out DIR
+    mitosis-ldm data detect      --slide slide.svs --out DIR [--level 0] [--max N]
+    mitosis-ldm data inspect     DIR [--out sheet.png]
+
+Slide sources share an `ExtractConfig` (patch size, margin, level, workers,
+split, detection thresholds): defaults in code < `--config YAML` < `--set
+key=value` < explicit flags. The resolved config is stored in dataset.json.
 
 Every source writes the same folder format (patches/dataset.py) through
 `build_dataset`: atomically, resumable per slide, nothing left behind on bad input.
@@ -89,6 +98,130 @@ def cmd_inspect(args, argv) -> None:
         print(json.dumps(summary))
 
 
+def extract_config(args, split_mode: str):
+    """Resolve the ExtractConfig: defaults < --config < --set < explicit flags."""
+    from mitosis_ldm.config import load_config
+
+    from .extract import ExtractConfig
+
+    overrides = [f"split.mode={split_mode}"] + list(args.set or [])
+    for flag, key in (("size", "patch_size"), ("margin", "margin"), ("level", "level"), ("workers", "workers"),
+                      ("split", "split.mode"), ("seed", "split.seed")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(ExtractConfig, args.config, overrides)
+    if cfg.patch_size < 8:
+        raise UserError(f"patch_size: must be at least 8 pixels, got {cfg.patch_size}")
+    if cfg.margin < 0 or cfg.level < 0 or cfg.workers < 1:
+        raise UserError("margin and level must be >= 0 and workers >= 1")
+    return cfg
+
+
+def _build(args, argv, jobs, cfg, meta) -> None:
+    from mitosis_ldm.config import to_dict
+
+    from .dataset import build_dataset
+
+    meta = {**meta, "config": to_dict(cfg), "provenance": _provenance(argv)}
+    out = build_dataset(args.out, jobs, patch_size=cfg.patch_size, margin=cfg.margin, meta=meta, split=cfg.split,
+                        overwrite=args.overwrite, workers=cfg.workers)
+    from .dataset import read_meta
+
+    print(f"wrote {read_meta(out)['count']} patches from {len(jobs)} slide(s) to {out}")
+
+
+def cmd_midog(args, argv) -> None:
+    from .extract import point_jobs
+    from .midog import read_midog
+
+    cfg = extract_config(args, "slide")
+    _refuse_existing(args)
+    by_slide, sizes = read_midog(args.json, args.images, args.tumor_type, skip_missing=args.skip_missing)
+    jobs = point_jobs(by_slide, cfg, sizes)
+    _build(args, argv, jobs, cfg, {
+        "source": "midog", "source_file": str(args.json), "mpp": None, "tumor_type": args.tumor_type,
+        "label_definition": "label = fraction of expert votes 'mitotic figure' (labels == 1); "
+                            "hard_label = category_id == 1 (the majority)"})
+
+
+def cmd_sliderunner(args, argv) -> None:
+    from .extract import point_jobs
+    from .sliderunner import read_sliderunner
+
+    cfg = extract_config(args, "slide")
+    _refuse_existing(args)
+    by_slide, classes = read_sliderunner(args.db, args.slides, args.mitotic_class, args.lookalike_class,
+                                         tuple(args.include_class or ()), skip_missing=args.skip_missing)
+    jobs = point_jobs(by_slide, cfg)
+    _build(args, argv, jobs, cfg, {
+        "source": "sliderunner", "source_file": str(args.db), "mpp": None,
+        "classes": {str(k): v for k, v in classes.items()},
+        "mitotic_class": args.mitotic_class, "lookalike_class": args.lookalike_class,
+        "label_definition": "label = fraction of Annotations_label votes of the mitotic class (last vote per person); "
+                            "hard_label = agreedClass == mitotic class"})
+
+
+def cmd_points(args, argv) -> None:
+    from .extract import point_jobs
+    from .points import read_points
+
+    cfg = extract_config(args, "slide")
+    _refuse_existing(args)
+    by_slide = read_points(args.csv, args.slides, skip_missing=args.skip_missing)
+    jobs = point_jobs(by_slide, cfg)
+    _build(args, argv, jobs, cfg, {
+        "source": "points", "source_file": str(args.csv), "mpp": None,
+        "label_definition": "label = the CSV's label, or the mean of its 0/1 votes; hard_label = given or majority"})
+
+
+def cmd_folder(args, argv) -> None:
+    from .extract import safe_key
+    from .folder import cut_files, read_folder
+
+    cfg = extract_config(args, "slide")
+    if cfg.split.mode == "y":
+        raise UserError("--split: pre-cut patches have no slide coordinates; use slide or random")
+    _refuse_existing(args)
+    groups = read_folder(args.images, args.labels)
+    jobs = [(safe_key(key), cut_files, {"rows": rows, "files": files, "patch_size": cfg.patch_size,
+                                        "margin": cfg.margin}) for key, (rows, files) in sorted(groups.items())]
+    _build(args, argv, jobs, cfg, {
+        "source": "folder", "source_file": str(args.labels), "mpp": None,
+        "label_definition": "label = the CSV's label, or the mean of its 0/1 votes; hard_label = given or majority"})
+
+
+def cmd_detect(args, argv) -> None:
+    from dataclasses import asdict
+
+    from .detect import detect_slide
+    from .extract import safe_key
+    from .slides import open_slide
+
+    cfg = extract_config(args, "y")
+    _refuse_existing(args)
+    jobs, mpps = [], {}
+    names = [str(p) for p in args.slide]
+    if len(set(names)) != len(names):
+        raise UserError("--slide: the same slide is given twice")
+    for path in args.slide:
+        with open_slide(path) as slide:  # fail early on missing or corrupt slides
+            slide.level_size(cfg.level)
+            mpps[str(path)] = slide.mpp
+        jobs.append((safe_key(str(path)), detect_slide, {
+            "slide_path": str(path), "patch_size": cfg.patch_size, "margin": cfg.margin, "level": cfg.level,
+            "max_patches": args.max, "seed": cfg.split.seed, "cfg": asdict(cfg.detect), "source_name": Path(path).stem}))
+    _build(args, argv, jobs, cfg, {
+        "source": "detect", "source_file": ",".join(names), "mpp": next(iter(mpps.values())),
+        "label_definition": "unlabelled: nuclei found by haematoxylin thresholding and region properties"})
+
+
+def _refuse_existing(args) -> None:
+    from mitosis_ldm.io import check_new_output
+
+    check_new_output(args.out, args.overwrite)  # before any slow parsing
+
+
 # -- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +239,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive("--workers"), default=_default_workers())
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_synth)
+
+    def slide_source(name, help_):
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--out", required=True, type=Path, help="output dataset folder")
+        q.add_argument("--config", type=Path, help="YAML with ExtractConfig keys (patch_size, margin, level, workers, "
+                                                   "split.*, detect.*)")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        q.add_argument("--size", type=_positive("--size"), help="patch size in pixels at the read level (default 64)")
+        q.add_argument("--margin", type=_nonnegative, help="context pixels stored around each patch (default 8)")
+        q.add_argument("--level", type=_nonnegative, help="pyramid level to read (default 0)")
+        q.add_argument("--workers", type=_positive("--workers"), help="slides extracted in parallel (default 2)")
+        q.add_argument("--split", choices=["slide", "y", "random"], help="split mode (default per source)")
+        q.add_argument("--seed", type=int, help="split (and sampling) seed")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        return q
+
+    p = slide_source("midog", "MIDOG++ / MIDOG 2021 COCO-like JSON + TIFF images")
+    p.add_argument("--json", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path, help="folder holding the images' file_name")
+    p.add_argument("--tumor-type", help="keep only this images[].tumor_type")
+    p.add_argument("--skip-missing", action="store_true", help="leave out images whose files are absent")
+    p.set_defaults(func=cmd_midog)
+
+    p = slide_source("sliderunner", "CCMCT SlideRunner SQLite + slides")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--slides", required=True, type=Path, help="folder holding Slides.filename")
+    p.add_argument("--mitotic-class", type=int, default=2, help="class id of mitotic figures (default 2)")
+    p.add_argument("--lookalike-class", type=int, default=7, help="class id of look-alikes (default 7)")
+    p.add_argument("--include-class", type=int, action="append", help="also keep this class, as a hard negative")
+    p.add_argument("--skip-missing", action="store_true", help="leave out slides whose files are absent")
+    p.set_defaults(func=cmd_sliderunner)
+
+    p = slide_source("points", "CSV of slide, x, y plus label or votes")
+    p.add_argument("--csv", required=True, type=Path)
+    p.add_argument("--slides", required=True, type=Path, help="folder the slide column is relative to")
+    p.add_argument("--skip-missing", action="store_true", help="leave out slides whose files are absent")
+    p.set_defaults(func=cmd_points)
+
+    p = slide_source("folder", "a folder of pre-cut patches + a labels CSV")
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path, help="CSV: file, label and/or votes [, id, slide, split]")
+    p.set_defaults(func=cmd_folder)
+
+    p = slide_source("detect", "nuclei detection on unlabelled slides (label left empty)")
+    p.add_argument("--slide", required=True, type=Path, action="append", help="slide or image (repeatable)")
+    p.add_argument("--max", type=_positive("--max"), help="keep at most this many nuclei per slide (random)")
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("inspect", help="counts, label histogram, vote agreement and a contact sheet")
     p.add_argument("dataset", type=Path, help="patch dataset folder")

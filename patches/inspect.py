@@ -108,7 +108,7 @@ def sheet(root, out, per_group: int = 12, seed: int = 0) -> Path:
             continue
         images[k] = crops[j]
         j += 1
-        text = "-" if math.isnan(soft[i]) else f"{soft[i]:.2f}"
+        text = ds.rows[i].get("split", "") if math.isnan(soft[i]) else f"{soft[i]:.2f}"
         if not math.isnan(degree[i]):
             text += f" m{degree[i]:.2f}"
         kind = ds.rows[i].get("kind")
