@@ -56,7 +56,7 @@ def summarise(root) -> dict:
             agree += ones * (ones - 1) // 2 + (n - ones) * (n - ones - 1) // 2
         summary["votes"] = {
             "patches_with_votes": len(voted),
-            "experts_per_patch": dict(Counter(len(v) for v in voted)),
+            "experts_per_patch": {str(k): v for k, v in sorted(Counter(len(v) for v in voted).items())},
             "unanimous": round(unanimous / len(voted), 4),
             "disagree": round(1 - unanimous / len(voted), 4),
             "pairwise_agreement": round(agree / max(1, pairs), 4),

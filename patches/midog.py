@@ -3,7 +3,8 @@
     mitosis-ldm data midog --json MIDOG++.json --images DIR --out DIR [--tumor-type "human breast cancer"]
 
 `bbox` is [x1, y1, x2, y2] (not COCO's [x, y, w, h]); the patch centre is the
-bbox centre. `labels` are the experts' votes (1 mitotic figure, 2 not):
+bbox centre (clamped onto the image for the few cells whose box
+straddles the edge; a box wholly outside is an error). `labels` are the experts' votes (1 mitotic figure, 2 not):
 label = fraction of votes == 1; hard_label = (category_id == 1), the majority.
 """
 
@@ -82,10 +83,12 @@ def read_midog(json_path, images_dir, tumor_type: str | None = None, skip_missin
         if not (x2 > x1 and y2 > y1):
             raise UserError(f"{json_path}: field '{field}.bbox' {bbox} needs x2 > x1 and y2 > y1 ([x1, y1, x2, y2])")
         width, height = image["width"], image["height"]
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        if not (0 <= cx < width and 0 <= cy < height):
-            raise UserError(f"{json_path}: field '{field}.bbox' {bbox} has its centre outside image "
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise UserError(f"{json_path}: field '{field}.bbox' {bbox} lies outside image "
                             f"{image['file_name']} ({width}x{height})")
+        # a few real cells sit on the image edge (bbox centre a pixel or two outside): clamp onto the image
+        cx = min(max((x1 + x2) / 2, 0), width - 1)
+        cy = min(max((y1 + y2) / 2, 0), height - 1)
         votes = ann["labels"]
         if not isinstance(votes, list) or not votes or any(v not in (MITOTIC, NOT_MITOTIC) for v in votes):
             raise UserError(f"{json_path}: field '{field}.labels' must be a non-empty list of 1 (mitotic) / "

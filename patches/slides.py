@@ -64,15 +64,13 @@ class Slide:
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """(h, w, 3) uint8 at `level`, top-left (x, y) in that level's pixels; reflection-padded at borders."""
         width, height = self.level_size(level)
-        x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
-        if x0 >= x1 or y0 >= y1:
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
             raise UserError(f"{self.path}: region at ({x}, {y}) size {w}x{h} lies outside the image {width}x{height}")
-        inner = self._read(x0, y0, x1 - x0, y1 - y0, level)
-        pad = ((y0 - y, y + h - y1), (x0 - x, x + w - x1), (0, 0))
-        if any(p for pair in pad for p in pair):
-            mode = "reflect" if min(inner.shape[:2]) > 1 else "edge"  # numpy repeats reflections for wide pads
-            inner = np.pad(inner, pad, mode=mode)
-        return inner
+        if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+            return self._read(x, y, w, h, level)
+        cols, rows = _reflect(np.arange(x, x + w), width), _reflect(np.arange(y, y + h), height)
+        block = self._read(cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1, level)
+        return np.ascontiguousarray(block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]])
 
     def read_patches(self, centres, patch_size: int, margin: int, level: int = 0) -> np.ndarray:
         """Patches (n, S, S, 3) around level-0 centres [(x, y), ...], read at `level`."""
@@ -86,6 +84,15 @@ class Slide:
             lx, ly = int(round(x / scale)), int(round(y / scale))
             out[i] = self.read_region(lx - stored // 2, ly - stored // 2, stored, stored, level)
         return out
+
+
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    """Mirror indices about the first and last pixel (numpy's 'reflect'), any number of bounces."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded >= size, period - folded, folded)
 
 
 class OpenSlideSlide(Slide):
