@@ -133,17 +133,17 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
         if todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"slides -> {out.name}",
-                       disable=not progress or len(jobs) < 2)
-            if workers > 1 and len(todo) > 1:
-                with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-                    for _ in pool.map(_run_job, todo):
+            # `with`: the bar ends its line even when a job fails, so an error message starts a line of its own
+            with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"slides -> {out.name}",
+                      disable=not progress or len(jobs) < 2) as bar:
+                if workers > 1 and len(todo) > 1:
+                    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+                        for _ in pool.map(_run_job, todo):
+                            bar.update(1)
+                else:
+                    for job in todo:
+                        _run_job(job)
                         bar.update(1)
-            else:
-                for job in todo:
-                    _run_job(job)
-                    bar.update(1)
-            bar.close()
         images, rows = [], []
         for key, _, _ in jobs:
             images.append(np.load(partial / f"{key}.npy", mmap_mode="r"))

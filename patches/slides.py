@@ -140,11 +140,26 @@ class ArraySlide(Slide):
         from mitosis_ldm.images import read_image
 
         self.path = path
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            _check_tiff(path)
         self.array = read_image(path)
         self.size = (self.array.shape[1], self.array.shape[0])
 
     def _read(self, x, y, w, h, level):
         return np.ascontiguousarray(self.array[y: y + h, x: x + w])
+
+
+def _check_tiff(path: Path) -> None:
+    """A damaged TIFF can parse into zero pages or an empty array; say so plainly."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.pages[0].shape if len(tif.pages) else ()
+    except Exception as err:
+        raise UserError(f"{path}: cannot read image (corrupt TIFF: {_short(err)})") from None
+    if not shape or 0 in shape:
+        raise UserError(f"{path}: cannot read image (corrupt TIFF: no image data)")
 
 
 def open_slide(path) -> Slide:
