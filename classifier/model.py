@@ -68,6 +68,8 @@ def build_network(cfg: ModelConfig, pretrained: bool | None = None) -> nn.Module
     pretrained = cfg.pretrained if pretrained is None else pretrained
     if not timm.is_model(cfg.name):
         raise UserError(f"model.name: '{cfg.name}' is not a timm model (see timm.list_models())")
+    if pretrained:
+        _check_hub_reachable(cfg.name)
     try:
         return timm.create_model(cfg.name, num_classes=1, pretrained=pretrained, **_timm_kwargs(cfg))
     except TypeError as err:
@@ -79,6 +81,23 @@ def build_network(cfg: ModelConfig, pretrained: bool | None = None) -> nn.Module
         raise UserError(f"model.pretrained: cannot fetch pretrained weights for '{cfg.name}' from the model hub "
                         f"({type(err).__name__}: {reason}); set model.pretrained=false or pre-fill the hub "
                         f"cache (HF_HOME)") from None
+
+
+def _check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after a minute of download retries, when the model hub cannot be reached."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        return  # weights must come from the local cache; timm's own error says if they are not there
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"model.pretrained: cannot reach the model hub ({host}: {err.strerror or err}) to fetch "
+                        f"pretrained weights for '{name}'; set model.pretrained=false, or pre-fill the hub cache "
+                        f"and set HF_HUB_OFFLINE=1") from None
 
 
 class Preprocess(nn.Module):
@@ -126,7 +145,7 @@ class MitosisClassifier(nn.Module):
 
 def to_network_input(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 255]."""
-    return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
+    return torch.from_numpy(np.require(images_uint8, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float()
 
 
 def fit_size(image: np.ndarray, size: int, name: str = "image") -> np.ndarray:

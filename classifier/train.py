@@ -248,7 +248,8 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
         if step % cfg.ensemble.eval_every == 0 or step >= tcfg.max_steps:
             judged = ema.module if ema is not None else plain
             logits_val = val_logits(judged, val_images)
-            val_loss = F.binary_cross_entropy_with_logits(logits_val, val_targets).item()
+            # every process judges the same weights; averaging makes their stop decisions identical
+            val_loss = acc.reduce(F.binary_cross_entropy_with_logits(logits_val, val_targets), "mean").item()
             stopped_early = early.update(val_loss, judged, step)
             logs.update(val_loss=val_loss, best_val_loss=float(early.best_loss))
             run.log(step, logs)

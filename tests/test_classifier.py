@@ -1,0 +1,105 @@
+"""Classifier model, ensemble folder round trip, normalisation, wrong sizes and the evaluation metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from classifier.evaluate import soft_ece, weighted_auroc, weighted_average_precision
+from classifier.model import ClassifierEnsemble, MitosisClassifier, ModelConfig, Preprocess, fit_size
+from mitosis_ldm.errors import UserError
+
+TINY = dict(name="resnet10t", model_kwargs={"channels": [8, 16, 16, 32], "stem_width": 8}, input_size=32, upsample=1)
+
+
+def tiny_ensemble(k: int = 2, **overrides) -> ClassifierEnsemble:
+    cfg = ModelConfig(**{**TINY, **overrides})
+    members = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        members.append(MitosisClassifier(cfg))
+    return ClassifierEnsemble(cfg, members, list(range(k)), [(1.5, -0.2), (0.8, 0.3)][:k])
+
+
+def images(n: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_round_trip_predicts_identically_and_members_differ(tmp_path):
+    ens = tiny_ensemble()
+    x = images()
+    before, feats = ens.predict(x), ens.features(x)
+    assert before.shape == (6, 2) and before.dtype == np.float32
+    assert ((before >= 0) & (before <= 1)).all()
+    assert feats.shape == (6, ens.feature_dim) and np.isfinite(feats).all()
+    assert not np.allclose(before[:, 0], before[:, 1])  # different seeds, different members
+    ens.save_pretrained(tmp_path / "run" / "model")
+    meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert meta["format"] == "mitosis-ldm/classifier" and meta["member_seeds"] == [0, 1]
+    assert meta["normalisation"]["kind"] == "percentile" and meta["model_name"] == "resnet10t"
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
+        "config.json", "member-0.safetensors", "member-1.safetensors"]
+    for path in (tmp_path / "run" / "model", tmp_path / "run"):  # the folder itself or its run folder
+        loaded = ClassifierEnsemble.from_pretrained(path)
+        np.testing.assert_allclose(loaded.predict(x), before, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(loaded.features(x), feats, rtol=1e-5, atol=1e-5)
+        assert loaded.members == 2 and loaded.patch_size == 32 and loaded.calibration == ens.calibration
+
+
+def test_calibration_is_applied_to_logits():
+    ens = tiny_ensemble(k=1)
+    x = images(3)
+    raw = torch.sigmoid(ens.member_models[0](torch.from_numpy(x).permute(0, 3, 1, 2).float())).detach().numpy()
+    a, b = ens.calibration[0]
+    expected = 1 / (1 + np.exp(-(a * np.log(raw / (1 - raw)) + b)))
+    np.testing.assert_allclose(ens.predict(x)[:, 0], expected, rtol=1e-4)
+
+
+def test_normalisations_and_upsampling():
+    x = torch.from_numpy(images(4)).permute(0, 3, 1, 2).float()  # (4, 3, 32, 32) in [0, 255]
+    pct = Preprocess(ModelConfig(**{**TINY, "upsample": 4}))(x)
+    assert pct.shape == (4, 3, 128, 128)
+    plain = Preprocess(ModelConfig(**TINY))(x)
+    np.testing.assert_allclose(torch.quantile(plain.flatten(1), 0.99, dim=1).numpy(), 1.0, rtol=1e-5)
+    ms = Preprocess(ModelConfig(**{**TINY, "normalisation": "meanstd"}))(x)
+    np.testing.assert_allclose(ms[:, 0].numpy(), (x[:, 0].numpy() / 255 - 0.485) / 0.229, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="model.normalisation"):
+        Preprocess(ModelConfig(**{**TINY, "normalisation": "zscore"}))
+
+
+def test_wrong_size_rule_crops_larger_and_refuses_smaller():
+    big = images(1, 40)[0]
+    np.testing.assert_array_equal(fit_size(big, 32), big[4:36, 4:36])
+    ens = tiny_ensemble()
+    np.testing.assert_allclose(ens.predict(big[None]), ens.predict(big[None, 4:36, 4:36]), rtol=1e-6)
+    with pytest.raises(UserError, match="smaller than the classifier's input 32x32"):
+        fit_size(images(1, 24)[0], 32, "x.png")
+
+
+def test_unknown_model_and_unreachable_hub_are_one_line_errors(monkeypatch):
+    with pytest.raises(UserError, match="model.name: 'resnet_nope'"):
+        MitosisClassifier(ModelConfig(name="resnet_nope"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    with pytest.raises(UserError, match="model.pretrained: cannot reach the model hub"):
+        MitosisClassifier(ModelConfig(**{**TINY, "pretrained": True}))
+
+
+def test_soft_metrics_reduce_to_the_hard_ones_on_binary_labels():
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.4).astype(np.float64)
+    score = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    assert weighted_auroc(score, y) == pytest.approx(float(binary_auroc(torch.tensor(score), torch.tensor(y).long())))
+    assert weighted_average_precision(score, y) == pytest.approx(
+        float(binary_average_precision(torch.tensor(score), torch.tensor(y).long())), abs=1e-6)
+    # a soft label of 0.5 on every patch: no ranking information -> AUROC 1/2
+    assert weighted_auroc(score, np.full(200, 0.5)) == pytest.approx(0.5)
+    # probabilities equal to the soft labels are perfectly calibrated; shifted ones are not
+    soft = rng.random(500)
+    assert soft_ece(soft, soft, 10)[0] == pytest.approx(0.0, abs=1e-12)
+    assert soft_ece(np.clip(soft + 0.2, 0, 1), soft, 10)[0] > 0.1
