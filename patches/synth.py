@@ -221,9 +221,10 @@ def render(degree: np.ndarray, imposter: np.ndarray, stored: int, patch_size: in
     od_e = cell * cyto_e + (1 - cell) * stroma_e + membrane
     od_h = od_h + 0.03 + 0.03 * cell * (1 - nucleus)
 
-    # neighbours: up to three interphase cells whose nuclei are partly in view
+    # neighbours: up to three interphase cells whose nuclei are partly in view, merged by the nearest
+    depth = np.full((b, stored, stored), -1e3, f32)  # pixels inside the nearest neighbour's nuclear boundary
     for _ in range(3):
-        present = (rng.random(b) < 0.6).astype(f32)[:, None, None]
+        absent = np.where(rng.random(b) < 0.6, 0.0, 1e3).astype(f32)[:, None, None]
         angle = rng.uniform(0, 2 * np.pi, b).astype(f32)
         dist = rng.uniform(0.42, 0.62, b).astype(f32) * stored
         nr = rng.uniform(6.0, 10.0, b).astype(f32) * scale
@@ -231,12 +232,14 @@ def render(degree: np.ndarray, imposter: np.ndarray, stored: int, patch_size: in
         ndx = dx - (dist * np.cos(angle))[:, None, None]
         ndy = dy - (dist * np.sin(angle))[:, None, None]
         nrho = _ellipse(ndx, ndy, rng.uniform(0, np.pi, b).astype(f32), nr * np.sqrt(ne), nr / np.sqrt(ne))
-        nmask = _sigmoid((1 - nrho) * (4 * nr[:, None, None] / widths(np.full(b, 2.2, f32)))) * present
-        nmask *= 1 - nucleus
-        ntex = 0.55 + 0.2 * fine[:, ::-1] + 0.3 * _sigmoid((nrho - 0.72) * 14)
-        nstrength = rng.uniform(0.6, 1.0, b).astype(f32)[:, None, None]
-        od_h += nmask * ntex * nstrength * stain_h[:, None, None]
-        od_e += _sigmoid((1.8 - nrho) * 4) * present * (1 - cell) * 0.12
+        nrho -= 1
+        nrho *= -nr[:, None, None]
+        nrho -= absent
+        np.maximum(depth, nrho, out=depth)
+    nmask = _sigmoid(depth * (4 / widths(np.full(b, 2.2, f32)))) * (1 - nucleus)
+    ntex = 0.55 + 0.2 * fine[:, ::-1] + 0.3 * _sigmoid((3.0 * scale - depth) * 1.5)  # chromatin along the rim
+    od_h += nmask * ntex * (rng.uniform(0.6, 1.0, b) * stain_h).astype(f32)[:, None, None]
+    od_e += _sigmoid((depth + 6.0 * scale) * 0.5) * (1 - cell) * 0.12
 
     # stain colour: per-patch perturbed H and E absorption vectors (skimage's Ruifrok-Johnston values)
     from skimage.color import rgb_from_hed
