@@ -104,13 +104,18 @@ def extract_config(args, split_mode: str):
 
     from .extract import ExtractConfig
 
-    overrides = [f"split.mode={split_mode}"] + list(args.set or [])
+    overrides = list(args.set or [])
     for flag, key in (("size", "patch_size"), ("margin", "margin"), ("level", "level"), ("workers", "workers"),
                       ("split", "split.mode"), ("seed", "split.seed")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(ExtractConfig, args.config, overrides)
+    if cfg.split.mode == "auto":
+        cfg.split.mode = split_mode
+    if cfg.split.mode not in ("slide", "y", "random"):
+        raise UserError(f"{args.config or '--set'}: key 'split.mode' must be auto, slide, y or random, "
+                        f"got '{cfg.split.mode}'")
     if cfg.patch_size < 8:
         raise UserError(f"patch_size: must be at least 8 pixels, got {cfg.patch_size}")
     if cfg.margin < 0 or cfg.level < 0 or cfg.workers < 1:

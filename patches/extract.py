@@ -22,7 +22,8 @@ class ExtractConfig:
     margin: int = 8           # context pixels stored on each side (rotation leaves no black corners)
     level: int = 0            # pyramid level to read (0 = full resolution)
     workers: int = 2          # slides extracted in parallel
-    split: SplitConfig = field(default_factory=SplitConfig)
+    # mode auto: each source's natural split (slide for annotated slides, y for detect, random for synth)
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(mode="auto"))
     detect: DetectConfig = field(default_factory=DetectConfig)  # used by `data detect` only
 
 

@@ -130,9 +130,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"mean soft label {s['label_mean']}, hard positives {s['hard_positive']}")
     if "votes" in s:
         v = s["votes"]
-        lines.append(f"votes: {v['patches_with_votes']} patches, experts per patch {v['experts_per_patch']}, "
-                     f"unanimous {v['unanimous']:.1%}, disagree {v['disagree']:.1%}, "
-                     f"pairwise agreement {v['pairwise_agreement']:.1%}")
+        panels = ", ".join(f"{n} with {k} votes" for k, n in v["experts_per_patch"].items())
+        lines.append(f"votes: {v['patches_with_votes']} patches ({panels}); unanimous {v['unanimous']:.1%}, "
+                     f"disagree {v['disagree']:.1%}, pairwise agreement {v['pairwise_agreement']:.1%}")
     if "true_degree" in s:
         t = s["true_degree"]
         lines.append(f"true degree: Spearman(soft label, m) {t['spearman_label_vs_degree']:.3f}, "

@@ -301,3 +301,30 @@ def test_detect_on_the_sample_slide(sample_slide, tmp_path):
     ys = {s: [int(r["y"]) for r in rows if r["split"] == s] for s in ("train", "test")}
     assert max(ys["train"]) <= min(ys["test"])
     assert min(ys["test"]) >= np.percentile([int(r["y"]) for r in rows], 79)  # the bottom 20% by y
+
+
+# -- configuration ---------------------------------------------------------------
+
+def test_config_precedence_and_saved_config(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    (tmp_path / "cells.csv").write_text("slide,x,y,label\nimg.png,60,45,1\nimg.png,30,30,0\n")
+    config = tmp_path / "extract.yaml"
+    config.write_text("patch_size: 16\nmargin: 2\nsplit:\n  mode: random\n  seed: 3\n")
+    out = tmp_path / "ds"
+    main(["points", "--csv", str(tmp_path / "cells.csv"), "--slides", str(tmp_path), "--out", str(out),
+          "--config", str(config), "--set", "margin=3", "--set", "patch_size=20", "--size", "24"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert (meta["patch_size"], meta["margin"]) == (24, 3)  # flag > --set > YAML
+    assert meta["config"]["split"] == {"mode": "random", "val": 0.1, "test": 0.2, "seed": 3}  # YAML kept
+    assert np.load(out / "patches.npy").shape == (2, 30, 30, 3)
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_shipped_configs_load(profile):
+    from conftest import REPO
+    from mitosis_ldm.config import load_config
+    from patches.extract import ExtractConfig
+
+    cfg = load_config(ExtractConfig, REPO / "configs" / profile / "data.yaml")
+    assert cfg.patch_size == 64
