@@ -1,0 +1,1 @@
+"""Stage 3: conditional latent diffusion - latent cache, training, transitions, real-to-generated."""

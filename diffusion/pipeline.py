@@ -1,0 +1,308 @@
+"""The diffusion pipeline folder and the sampling it does: transitions, SDEdit and DDIM inversion.
+
+    pipe = MitosisPipeline.from_pretrained("runs/demo/diffusion/model")
+    frames = pipe.transitions(seeds=[0, 1], conditions=[0, 0.5, 1], guidance=3, steps=20, sampler="dpm++")
+
+Folder layout (`RUN/model/`): `pipeline.json` {"format": "mitosis-ldm/pipeline",
+latent shape, prediction type, default guidance/steps/sampler, the training
+data's label statistics, hashes}, and the diffusers folders `vae/`, `unet/`,
+`label_embedder/`, `scheduler/` (safetensors + JSON).
+
+Classifier-free guidance: every UNet call carries the conditional and the
+unconditional (null label) halves in one batch; the prediction is
+`uncond + guidance * (cond - uncond)`. Every condition of a seed starts from
+the same initial noise and, for stochastic samplers, draws the same step noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                       DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
+
+from mitosis_ldm.artifacts import FORMAT, PIPELINE, expect_artifact
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.hashing import hash_folder
+from mitosis_ldm.io import read_json, write_json
+
+from .cache import decode_latents, encode_images
+from .model import LabelEmbedder, time_embed_dim
+
+SAMPLERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+PARTS = {  # part folder -> file that must be there
+    "vae": "config.json",
+    "unet": "config.json",
+    "label_embedder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+def sampler_scheduler(base_config, name: str):
+    """A diffusers scheduler of kind `name` sharing the training noise schedule."""
+    if name not in SAMPLERS:
+        raise UserError(f"--sampler: must be one of {', '.join(SAMPLERS)}, got '{name}'")
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+    # trailing spacing starts at t = T-1, which few-step sampling needs to begin from pure noise
+    return SAMPLERS[name].from_config(base_config, timestep_spacing="trailing", **extra)
+
+
+def check_conditions(conditions, flag: str = "--conditions") -> list[float]:
+    values = [float(c) for c in conditions]
+    for c in values:
+        if not (0.0 <= c <= 1.0):  # also rejects NaN
+            raise UserError(f"{flag}: condition {c:g} is outside [0, 1]")
+    if not values:
+        raise UserError(f"{flag}: no conditions given")
+    return values
+
+
+def check_sampling_args(guidance: float, steps: int) -> None:
+    if not (guidance >= 0):
+        raise UserError(f"--guidance: must be >= 0, got {guidance:g}")
+    if steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {steps}")
+
+
+class MitosisPipeline:
+    """VAE + label-conditioned UNet + label embedder + noise schedule, loaded in one call."""
+
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, label_embedder: LabelEmbedder, scheduler, info: dict,
+                 path: Path | None = None):
+        self.vae = vae.eval()
+        self.unet = unet.eval()
+        self.label_embedder = label_embedder.eval()
+        self.scheduler = scheduler
+        self.info = info
+        self.path = path
+        self._hash = None
+
+    # -- folder in / out ---------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, flag: str = "--pipeline") -> "MitosisPipeline":
+        path = expect_artifact(path, PIPELINE, flag)
+        for part, marker in PARTS.items():
+            if not (path / part / marker).exists():
+                raise UserError(f"{path}: pipeline part '{part}/' is missing ({part}/{marker} not found); "
+                                f"export the pipeline again")
+        info = read_json(path / "pipeline.json", "pipeline.json")
+        vae = AutoencoderKL.from_pretrained(path / "vae")
+        unet = UNet2DModel.from_pretrained(path / "unet")
+        embedder = LabelEmbedder.from_pretrained(path / "label_embedder")
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        check_compatible(vae, unet, embedder, info, path)
+        return cls(vae, unet, embedder, scheduler, info, path)
+
+    def save_pretrained(self, path) -> None:
+        """Write the folder's parts into `path` (callers wrap this in atomic_dir)."""
+        path = Path(path)
+        self.vae.save_pretrained(path / "vae")
+        self.unet.save_pretrained(path / "unet")
+        self.label_embedder.save_pretrained(path / "label_embedder")
+        self.scheduler.save_pretrained(path / "scheduler")
+        write_json(path / "pipeline.json", {"format": FORMAT[PIPELINE], **self.info})
+
+    @property
+    def model_hash(self) -> str:
+        if self._hash is None:
+            self._hash = hash_folder(self.path) if self.path else "unsaved"
+        return self._hash
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def default_guidance(self) -> float:
+        return float(self.info.get("default_guidance", 3.0))
+
+    # -- pieces ---------------------------------------------------------------
+    def encode(self, images_uint8: np.ndarray) -> torch.Tensor:
+        return encode_images(self.vae, images_uint8, "mean")
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return decode_latents(self.vae, latents)
+
+    @torch.no_grad()
+    def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+        """One batched UNet call: conditional and null halves -> guided prediction (B, C, h, w)."""
+        b = latents.shape[0]
+        all_labels = torch.cat([labels.float(), torch.full((b,), float("nan"))])  # (2B,)
+        emb = self.label_embedder(all_labels)  # (2B, D)
+        timesteps = torch.full((2 * b,), int(t), dtype=torch.long)
+        out = self.unet(torch.cat([latents, latents]), timesteps, class_labels=emb).sample  # (2B, C, h, w)
+        cond, uncond = out.chunk(2)
+        # a null label guides nothing: its conditional half *is* the unconditional prediction
+        guided = uncond + guidance * (cond - uncond)
+        return torch.where(torch.isnan(labels)[:, None, None, None], uncond, guided)
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
+                generators=None) -> torch.Tensor:
+        for t in timesteps:
+            model_in = scheduler.scale_model_input(latents, t)
+            pred = self.guided(model_in, t, labels, guidance)
+            extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            latents = scheduler.step(pred, t, latents, **extra).prev_sample
+        return latents
+
+    # -- what users ask for ------------------------------------------------
+    @torch.no_grad()
+    def transitions(self, seeds, conditions, guidance: float | None = None, steps: int = 20,
+                    sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False):
+        """The same nucleus at every condition: uint8 (S, C, H, W, 3)."""
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        conditions = check_conditions(conditions)
+        check_sampling_args(guidance, steps)
+        k = len(conditions)
+        shape = self.latent_shape
+        frames = []
+        for start in range(0, len(seeds), max(1, seeds_per_batch)):
+            chunk = list(seeds)[start: start + seeds_per_batch]
+            scheduler = sampler_scheduler(self.scheduler.config, sampler)
+            scheduler.set_timesteps(steps)
+            noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))).expand(k, *shape)
+                               for s in chunk])  # (n*K, C, h, w): one noise per seed, shared by its conditions
+            # stochastic samplers: one step-noise stream per seed, identical for each of its conditions
+            generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in chunk for _ in range(k)]
+            labels = torch.tensor(conditions * len(chunk), dtype=torch.float32)
+            latents = self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler,
+                                   scheduler.timesteps, generators)
+            frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
+        if latents_only:
+            return torch.cat(frames)
+        return np.concatenate(frames)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = int(self.info.get("image_size", self.unet.config.sample_size * vae_factor(self.vae)))
+        return (size, size, 3)
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
+               fixed_point_iters: int = 3) -> torch.Tensor:
+        """DDIM inversion: clean latents -> the noise that DDIM (`from_inverted`) maps back to them.
+
+        Each DDIM step is solved backwards by fixed-point iteration, so the round trip is exact up to
+        convergence. diffusers' `DDIMInverseScheduler` takes a single step that, under v-prediction,
+        misreads the model at the clean end; the few lines of algebra below avoid that.
+        """
+        scheduler = self._inversion_grid(steps)
+        alphas = scheduler.alphas_cumprod
+        gap = scheduler.config.num_train_timesteps // steps
+        x = latents.float()
+        for t in scheduler.timesteps.flip(0):  # ascending noise levels
+            t_low = int(t) - gap
+            a_low = alphas[t_low] if t_low >= 0 else scheduler.final_alpha_cumprod
+            a_high = alphas[int(t)]
+            x_high = x
+            for _ in range(1 + fixed_point_iters):
+                eps = self._to_epsilon(self.guided(x_high, t, labels, guidance), x_high, a_high)
+                # the forward DDIM step from x_high lands on x exactly when this holds
+                x_high = (a_high / a_low).sqrt() * (x - (1 - a_low).sqrt() * eps) + (1 - a_high).sqrt() * eps
+            x = x_high
+        return x
+
+    def _inversion_grid(self, steps: int) -> DDIMScheduler:
+        # "leading" spacing tops out at T - T/steps: at t = T-1 the cosine schedule has zero SNR, where the
+        # sample carries no information about the image and the inverse step is ill-posed
+        scheduler = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="leading", steps_offset=0)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def _to_epsilon(self, pred: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor) -> torch.Tensor:
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return pred
+        if kind == "v_prediction":
+            return alpha_prod.sqrt() * pred + (1 - alpha_prod).sqrt() * sample
+        if kind == "sample":
+            return (sample - alpha_prod.sqrt() * pred) / (1 - alpha_prod).sqrt()
+        raise ValueError(kind)
+
+    @torch.no_grad()
+    def from_inverted(self, noise: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
+        scheduler = self._inversion_grid(steps)
+        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps)
+
+    @torch.no_grad()
+    def sdedit(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int, strength: float,
+               sampler: str = "ddim", seed: int = 0) -> torch.Tensor:
+        """Noise clean latents to `strength` (0..1 of the schedule), then denoise under `labels`."""
+        scheduler = sampler_scheduler(self.scheduler.config, sampler)
+        scheduler.set_timesteps(steps)
+        n_run = max(1, min(steps, int(round(steps * strength))))
+        begin = steps - n_run
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        timesteps = scheduler.timesteps[begin:]
+        noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).expand_as(latents)
+        noisy = scheduler.add_noise(latents, noise.contiguous(), timesteps[:1].repeat(len(latents)))
+        generators = [torch.Generator().manual_seed(seed + 1_000_003) for _ in range(len(latents))]
+        return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_compatible(vae, unet, embedder, info: dict, path: Path) -> None:
+    """The VAE's latents must be what the UNet denoises, and the embedder must fit the UNet."""
+    image_size = int(info.get("image_size", vae.config.sample_size))
+    vae_shape = (vae.config.latent_channels, image_size // vae_factor(vae), image_size // vae_factor(vae))
+    unet_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if vae_shape != unet_shape:
+        raise UserError(f"{path / 'vae'}: VAE latents are {'x'.join(map(str, vae_shape))} for {image_size}px "
+                        f"patches but {path / 'unet'} denoises {'x'.join(map(str, unet_shape))}; the VAE and "
+                        f"UNet do not belong together")
+    if embedder.config.embed_dim != time_embed_dim(unet):
+        raise UserError(f"{path / 'label_embedder'}: field 'embed_dim' is {embedder.config.embed_dim} but the UNet's "
+                        f"timestep embedding has {time_embed_dim(unet)} dimensions")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-15' or '0,3,7' or '0-3,9' -> [ints]."""
+    seeds = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                seeds += list(range(lo, hi + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise UserError(f"--seeds: expected e.g. 0-15 or 0,3,7, got '{text}'") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds: expected non-negative seeds such as 0-15, got '{text}'")
+    return seeds
+
+
+def parse_conditions(text: str) -> list[float]:
+    """'0:1:11' (start:stop:count, inclusive) or '0,0.5,1' -> floats in [0, 1]."""
+    try:
+        if ":" in text:
+            a, b, n = text.split(":")
+            count = int(n)
+            if count < 1:
+                raise ValueError
+            values = np.linspace(float(a), float(b), count).round(6).tolist()
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--conditions: expected START:STOP:COUNT such as 0:1:11, or a list such as 0,0.5,1; "
+                        f"got '{text}'") from None
+    return check_conditions(values)

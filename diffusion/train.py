@@ -1,0 +1,327 @@
+"""Train the label-conditioned latent UNet on a latent cache.
+
+    accelerate launch -m diffusion.train --config configs/demo/diffusion.yaml \
+        [--set out=runs/demo/diffusion] [--set data.cache=runs/demo/latents] [--resume latest] [--overwrite]
+
+The config names a latent cache (`data.cache`), or a VAE plus patch datasets
+(`data.vae`, `data.datasets`), in which case the cache is built on the first
+run (at `data.cache`, or `RUN/latents`). Training never runs the VAE's
+encoder. Rows without a label (NaN, e.g. real CMU nuclei) always train under
+the null label, so they are learned unconditionally; labelled rows drop to the
+null label with probability `diffusion.cond_dropout` (classifier-free guidance).
+The EMA weights are exported to `RUN/model/` as a pipeline folder; a preview
+transition strip is written to `RUN/previews/` every `preview.every` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.images import contact_sheet, save_png
+from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+
+from .cache import SPLIT_CODES, LatentCache, build_cache, check_cache
+from .model import Denoiser, ModelConfig, build_models, count_parameters
+
+
+@dataclass
+class DataConfig:
+    cache: str | None = None           # latent cache folder (built here when missing and vae+datasets are given)
+    vae: str | None = None             # autoencoder folder; with datasets, builds the cache; with cache, checks it
+    datasets: list[str] = field(default_factory=list)
+    cache_mode: str = "mean"           # mean | sample (when the cache is built here)
+    cache_dihedral: bool = False
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    label_mode: str = "soft"           # soft | binned | hard
+    balanced: bool = True              # equal weight per label bin (and for unlabelled rows)
+    balance_bins: int = 5
+    unlabelled_weight: float = 1.0     # weight of the unlabelled group relative to one label bin
+    label_jitter: float = 0.0          # std of Gaussian noise on labels (clipped to [0, 1]): smoother y -> image
+
+
+@dataclass
+class DiffusionConfig:
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float = 5.0             # 0 disables min-SNR weighting
+    cond_dropout: float = 0.5
+
+
+@dataclass
+class SampleConfig:
+    """Defaults stored in pipeline.json (what `mitosis-ldm transitions` uses when flags are omitted)."""
+
+    guidance: float = 3.0
+    steps: int = 20
+    sampler: str = "dpm++"
+
+
+@dataclass
+class PreviewConfig:
+    every: int = 500  # 0 disables
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    conditions: int = 6
+
+
+@dataclass
+class DiffusionTrainConfig:
+    out: str = "runs/diffusion"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    lr_warmup: int = 100
+    lr_schedule: str = "cosine"  # constant | cosine | linear (diffusers get_scheduler)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class LatentRows(Dataset):
+    """Cached latents (one random dihedral variant per draw when the cache holds 8) and labels."""
+
+    def __init__(self, latents: np.ndarray, labels: np.ndarray):
+        self.latents = latents  # (n, V, C, h, w) float16
+        self.labels = labels    # (n,) float32, NaN = unlabelled
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int):
+        v = int(torch.randint(self.latents.shape[1], (1,))) if self.latents.shape[1] > 1 else 0
+        return torch.from_numpy(self.latents[i, v].astype(np.float32)), torch.tensor(self.labels[i])
+
+
+def balance_weights(labels: np.ndarray, bins: int, unlabelled_weight: float) -> np.ndarray:
+    """Per-row sampling weights: every non-empty label bin draws equally often; NaN rows form their own group."""
+    weights = np.zeros(len(labels), np.float64)
+    nan = np.isnan(labels)
+    which = np.clip((np.nan_to_num(labels) * bins).astype(int), 0, bins - 1)
+    for b in range(bins):
+        rows = (~nan) & (which == b)
+        if rows.any():
+            weights[rows] = 1.0 / rows.sum()
+    if nan.any():
+        weights[nan] = unlabelled_weight / nan.sum()
+    return weights
+
+
+def label_statistics(labels: np.ndarray) -> dict:
+    labelled = labels[~np.isnan(labels)]
+    hist, edges = np.histogram(labelled, bins=10, range=(0, 1))
+    stats = {"count": int(len(labels)), "labelled": int(len(labelled)), "unlabelled": int(np.isnan(labels).sum()),
+             "histogram": hist.tolist(), "bin_edges": edges.round(3).tolist()}
+    if len(labelled):
+        values = np.unique(labelled.round(4))
+        stats.update(mean=float(labelled.mean()), std=float(labelled.std()), min=float(labelled.min()),
+                     max=float(labelled.max()), distinct_values=values.tolist() if len(values) <= 20 else len(values))
+    return stats
+
+
+def resolve_cache(cfg: DiffusionTrainConfig, run: TrainingRun) -> Path:
+    """Find, check or build the latent cache (built once, by the main process)."""
+    data = cfg.data
+    path = Path(data.cache) if data.cache else run.run_dir / "latents"
+    if not (path / "cache.json").exists():
+        if not (data.vae and data.datasets):
+            raise UserError(f"{path}: latent cache not found; set data.cache to an existing cache, or data.vae and "
+                            f"data.datasets to build one")
+        if run.is_main:
+            build_cache(data.vae, data.datasets, path, data.cache_mode, data.cache_dihedral, overwrite=False,
+                        seed=cfg.train.seed)
+        run.accelerator.wait_for_everyone()
+    check_cache(path, data.vae, data.datasets or None)
+    return path
+
+
+def make_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"diffusion.prediction_type: must be epsilon or v_prediction, got '{cfg.prediction_type}'")
+    # latents are not confined to [-1, 1], so no x0 clipping
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weights (Hang et al. 2023), in the form for the prediction type."""
+    if gamma <= 0:
+        return torch.ones(len(timesteps))
+    alpha = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alpha / (1 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def build_pipeline(unet, embedder, noise_scheduler, vae_dir: Path, info: dict):
+    from diffusers import AutoencoderKL
+
+    from .pipeline import MitosisPipeline
+
+    return MitosisPipeline(AutoencoderKL.from_pretrained(vae_dir), unet, embedder, noise_scheduler, info)
+
+
+def check_config(cfg: DiffusionTrainConfig) -> None:
+    if cfg.data.label_mode not in ("soft", "binned", "hard"):
+        raise UserError(f"data.label_mode: must be soft, binned or hard, got '{cfg.data.label_mode}'")
+    for name in cfg.data.splits:
+        if name not in SPLIT_CODES:
+            raise UserError(f"data.splits: unknown split '{name}' (train, val, test)")
+    if not 0 <= cfg.diffusion.cond_dropout <= 1:
+        raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
+    from .model import PRESETS
+    from .pipeline import SAMPLERS
+
+    if cfg.model.preset not in PRESETS:
+        raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
+    if cfg.sample.sampler not in SAMPLERS:
+        raise UserError(f"sample.sampler: must be one of {', '.join(SAMPLERS)}, got '{cfg.sample.sampler}'")
+    if cfg.sample.guidance < 0 or cfg.sample.steps < 1:
+        raise UserError("sample: field 'guidance' must be >= 0 and 'steps' >= 1")
+
+
+def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    from patches.dataset import condition_labels
+
+    check_config(cfg)
+    run = TrainingRun(cfg.out, cfg.train, cfg, resume=resume, overwrite=overwrite)
+    acc = run.accelerator
+    cache_dir = resolve_cache(cfg, run)
+    cache = LatentCache(cache_dir)
+    keep = np.isin(cache.splits, [SPLIT_CODES[s] for s in cfg.data.splits])
+    if not keep.any():
+        raise UserError(f"{cache_dir}: no rows in splits {cfg.data.splits} (field 'data.splits')")
+    labels = condition_labels(cache.labels[keep], cache.hard_labels[keep], cfg.data.label_mode)
+    rows = LatentRows(cache.latents[keep], labels)
+    weights = balance_weights(labels, cfg.data.balance_bins, cfg.data.unlabelled_weight) if cfg.data.balanced \
+        else np.ones(len(labels))
+    sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(rows), replacement=True)
+    loader = DataLoader(rows, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(rows) >= cfg.train.batch_size,
+                        num_workers=cfg.train.num_workers)
+
+    channels, size, _ = cache.latent_shape
+    unet, embedder = build_models(cfg.model, channels, size)
+    model = Denoiser(unet, embedder)
+    acc.print(f"UNet preset {cfg.model.preset}: {count_parameters(unet) / 1e6:.2f}M parameters, label embedder "
+              f"{count_parameters(embedder) / 1e3:.1f}k; {len(rows)} training latents {cache.latent_shape}")
+    noise_scheduler = make_noise_scheduler(cfg.diffusion)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup * acc.num_processes,
+                                 num_training_steps=cfg.train.max_steps * acc.num_processes)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3) \
+        if cfg.train.ema_decay > 0 else None
+    model, optimizer, loader, lr_scheduler = acc.prepare(model, optimizer, loader, lr_scheduler)
+    run.register(ema)
+    step = run.resume()
+    acc.print(f"training from step {step} to {cfg.train.max_steps}")
+
+    info = {
+        "image_size": int(cache.info["datasets"][0]["patch_size"]),
+        "latent_shape": list(cache.latent_shape),
+        "latent_scale": cache.info["latent_scale"],
+        "prediction_type": cfg.diffusion.prediction_type,
+        "label_mode": cfg.data.label_mode,
+        "cond_dropout": cfg.diffusion.cond_dropout,
+        "default_guidance": cfg.sample.guidance,
+        "default_steps": cfg.sample.steps,
+        "default_sampler": cfg.sample.sampler,
+        "label_stats": label_statistics(labels),
+        "preset": cfg.model.preset,
+        "hashes": {"vae": cache.info["vae_hash"],
+                   "datasets": {d["path"]: d["content_hash"] for d in cache.info["datasets"]}},
+    }
+    alphas_device = noise_scheduler.alphas_cumprod.to(acc.device)
+    noise_scheduler.alphas_cumprod = alphas_device
+    model.train()
+    for latents, y in run.batches(loader, step):
+        with acc.accumulate(model):
+            b = latents.shape[0]
+            drop = torch.rand(b, device=latents.device) < cfg.diffusion.cond_dropout
+            if cfg.data.label_jitter > 0:
+                y = (y + cfg.data.label_jitter * torch.randn_like(y)).clamp(0, 1)  # NaN stays NaN
+            y = torch.where(drop, torch.full_like(y, float("nan")), y)  # (B,), NaN = null
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = noise if cfg.diffusion.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, t)
+            pred = model(noisy, t, y)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            loss = (per_sample * loss_weights(noise_scheduler, t, cfg.diffusion.min_snr_gamma)).mean()
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            if ema is not None:
+                ema.step(model.parameters())
+            step += 1
+            logs = {"loss": acc.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            run.step_done(step, logs)
+            if cfg.preview.every > 0 and step % cfg.preview.every == 0 and run.is_main:
+                write_preview(run, acc.unwrap_model(model), ema, noise_scheduler, cache.vae_dir, info, cfg, step)
+            if step >= cfg.train.max_steps:
+                break
+
+    acc.wait_for_everyone()
+    if run.is_main:
+        export(run, acc.unwrap_model(model), ema, noise_scheduler, cache.vae_dir, info, cfg, step)
+    run.finish()
+    return run.model_dir
+
+
+def ema_copy(model: Denoiser, ema: EMAModel | None) -> Denoiser:
+    """A CPU copy of the model carrying the EMA weights (the training weights stay untouched)."""
+    copy_ = copy.deepcopy(model).cpu().float().eval()
+    if ema is not None:
+        ema.copy_to(copy_.parameters())
+    return copy_
+
+
+def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
+    net = ema_copy(model, ema)
+    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info)
+    conditions = np.linspace(0, 1, cfg.preview.conditions).round(3).tolist()
+    frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler)
+    sheet = contact_sheet(frames.reshape(-1, *frames.shape[2:]), [f"y={c:.2f}" for c in conditions] * len(frames),
+                          ncols=len(conditions), scale=2)
+    save_png(run.run_dir / "previews" / f"step-{step:06d}.png", sheet)
+    net.train()
+
+
+def _cpu_scheduler(noise_scheduler: DDPMScheduler) -> DDPMScheduler:
+    return DDPMScheduler.from_config(noise_scheduler.config)
+
+
+def export(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
+    from mitosis_ldm.io import atomic_dir
+
+    net = ema_copy(model, ema)
+    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir,
+                          {**info, "trained_steps": step, "ema": ema is not None})
+    with atomic_dir(run.model_dir, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp)
+    run.accelerator.print(f"exported the pipeline (EMA weights) to {run.model_dir}")
+
+
+@user_errors
+def main(argv=None):
+    args = train_arg_parser("Train the label-conditioned latent diffusion UNet.").parse_args(argv)
+    cfg = load_stage_config(DiffusionTrainConfig, args)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
