@@ -3,7 +3,7 @@
     python bench/synth_speed.py [--n 5000] [--workers 2]
 
 Measured side by side in one run:
-- `vectorised`: the renderer over batches of 64 patches (one process, CPU time and wall time);
+- `vectorised`: the renderer over batches of 32 patches, as `data synth` runs it (one process; CPU and wall time);
 - `per_patch` (the peer): the same renderer called one patch at a time, i.e. without
   vectorisation (measured on a subset, the rate is what matters);
 - `end_to_end`: `mitosis-ldm data synth` itself (worker processes, votes, writing the dataset).
@@ -45,8 +45,8 @@ def main(argv=None):
     render(degree[:8], imposter[:8], stored, size, rng)  # warm-up (imports, FFT plans)
 
     def vectorised():
-        for lo in range(0, args.n, 64):
-            render(degree[lo: lo + 64], imposter[lo: lo + 64], stored, size, rng)
+        for lo in range(0, args.n, 32):
+            render(degree[lo: lo + 32], imposter[lo: lo + 32], stored, size, rng)
 
     def per_patch():
         for i in range(args.per_patch_n):

@@ -78,7 +78,7 @@ def draw_degree(n: int, rng: np.random.Generator, imposter_rate: float = 0.15) -
 
 def band_noise(rng: np.random.Generator, batch: int, size: int, sigma, anisotropy: np.ndarray | None = None,
                angle: np.ndarray | None = None) -> np.ndarray:
-    """Gaussian-smoothed white noise with unit std, (B, S, S) float32, made in one inverse FFT.
+    """Gaussian-smoothed white noise of (nearly) unit std, (B, S, S) float32, made in one inverse FFT.
 
     `sigma` may be per patch (B,) (that is how the optical blur reaches textures). With
     `anisotropy` > 1 (per patch) the blur is stretched along `angle`: fibrous stroma.
@@ -99,9 +99,12 @@ def band_noise(rng: np.random.Generator, batch: int, size: int, sigma, anisotrop
     spectrum = np.empty(shape, np.complex64)
     spectrum.real = rng.random(shape, dtype=np.float32) - 0.5
     spectrum.imag = rng.random(shape, dtype=np.float32) - 0.5
-    spectrum *= gain
+    # unit std from Parseval (no pass over the field): interior columns count twice, uniform(-.5, .5) has var 1/12
+    weight = np.full(size // 2 + 1, 2.0, np.float32)
+    weight[0] = weight[-1] = 1.0
+    std = np.sqrt((gain ** 2 * weight).sum(axis=(1, 2), keepdims=True) / 6) / size ** 2
+    spectrum *= gain / std
     field = scipy.fft.irfft2(spectrum, s=(size, size), workers=1)
-    field /= field.std(axis=(1, 2), keepdims=True) + 1e-8
     return field.astype(np.float32, copy=False)
 
 
@@ -131,9 +134,12 @@ def _outline(angle_bin: np.ndarray, amps: np.ndarray, phases: np.ndarray, orders
 def _ellipse(dx, dy, theta, a, b, angle: bool = False):
     """Normalised elliptic radius rho (and the angle bin of each pixel); dx/dy (B, S, S), the rest (B,)."""
     c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-    u = (dx * c + dy * s) / a[:, None, None]
-    v = (-dx * s + dy * c) / b[:, None, None]
-    rho = np.sqrt(u * u + v * v)
+    a, b = a[:, None, None], b[:, None, None]
+    u = dx * (c / a) + dy * (s / a)  # dx (B, 1, S) and dy (B, S, 1) broadcast to (B, S, S)
+    v = dy * (c / b) - dx * (s / b)
+    rho = u * u
+    rho += v * v
+    np.sqrt(rho, out=rho)
     if not angle:
         return rho
     angle_bin = ((np.arctan2(v, u) + np.pi) * (ANGLE_BINS / (2 * np.pi))).astype(np.int32) % ANGLE_BINS
@@ -249,20 +255,26 @@ def render(degree: np.ndarray, imposter: np.ndarray, stored: int, patch_size: in
     e_vec = np.abs(rgb_from_hed[1][None] + EOSIN_SHIFT + rng.normal(0, 0.05, (b, 3)))
     h_vec = (h_vec / np.linalg.norm(h_vec, axis=1, keepdims=True)).astype(f32)
     e_vec = (e_vec / np.linalg.norm(e_vec, axis=1, keepdims=True)).astype(f32)
-    od_e *= rng.uniform(0.75, 1.25, b).astype(f32)[:, None, None]
-    od = od_h[..., None] * h_vec[:, None, None, :] + od_e[..., None] * e_vec[:, None, None, :]  # (B, S, S, 3)
-    od *= -np.log(10)
-    rgb = np.exp(od) * rng.uniform(0.92, 1.0, (b, 1, 1, 3)).astype(f32)  # illumination tint
+    e_vec *= rng.uniform(0.75, 1.25, (b, 1)).astype(f32)  # eosin strength
+    h_vec *= -np.log(10)  # transmission = 10 ** -OD
+    e_vec *= -np.log(10)
+    rgb = od_h[..., None] * h_vec[:, None, None, :]  # (B, S, S, 3)
+    rgb += od_e[..., None] * e_vec[:, None, None, :]
+    np.exp(rgb, out=rgb)
+    rgb *= rng.uniform(0.92, 1.0, (b, 1, 1, 3)).astype(f32) * 255  # illumination tint, 8-bit scale
 
-    # sensor noise (uniform; its std is amplitude / sqrt(12))
-    noise = rng.random(rgb.shape, dtype=f32) - 0.5
-    noise *= rng.uniform(0.015, 0.07, b).astype(f32)[:, None, None, None]
+    # sensor noise, uniform (std = amplitude / sqrt(12)); the + 0.5 rounds on the cast to uint8
+    amplitude = rng.uniform(0.015, 0.07, b).astype(f32)[:, None, None, None] * 255
+    noise = rng.random(rgb.shape, dtype=f32)
+    noise *= amplitude
+    noise += 0.5 - 0.5 * amplitude
     rgb += noise
-    return (rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8)
+    np.clip(rgb, 0, 255, out=rgb)
+    return rgb.astype(np.uint8)
 
 
 def synth_shard(start: int, count: int, seed: int, patch_size: int, margin: int, experts: dict,
-                imposter_rate: float = 0.15, batch: int = 64) -> Shard:
+                imposter_rate: float = 0.15, batch: int = 32) -> Shard:
     """Make patches start..start+count-1 (one build_dataset job); deterministic in (seed, start)."""
     rng = np.random.default_rng([seed, start])
     panel = Experts(**experts)
