@@ -116,10 +116,11 @@ def extract_config(args, split_mode: str):
     if cfg.split.mode not in ("slide", "y", "random"):
         raise UserError(f"{args.config or '--set'}: key 'split.mode' must be auto, slide, y or random, "
                         f"got '{cfg.split.mode}'")
-    if cfg.patch_size < 8:
-        raise UserError(f"patch_size: must be at least 8 pixels, got {cfg.patch_size}")
-    if cfg.margin < 0 or cfg.level < 0 or cfg.workers < 1:
-        raise UserError("margin and level must be >= 0 and workers >= 1")
+    where = args.config or "--set"
+    for key, value, low in (("patch_size", cfg.patch_size, 8), ("margin", cfg.margin, 0), ("level", cfg.level, 0),
+                            ("workers", cfg.workers, 1)):
+        if value < low:
+            raise UserError(f"{where}: key '{key}' must be >= {low}, got {value}")
     return cfg
 
 
