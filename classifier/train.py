@@ -252,7 +252,8 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
             val_loss = acc.reduce(F.binary_cross_entropy_with_logits(logits_val, val_targets), "mean").item()
             stopped_early = early.update(val_loss, judged, step)
             logs.update(val_loss=val_loss, best_val_loss=float(early.best_loss))
-            run.log(step, logs)
+            if step % max(1, tcfg.log_every) and step != tcfg.max_steps:
+                run.log(step, logs)  # step_done logs this step itself otherwise
         run.step_done(step, logs)
         if stopped_early or step >= tcfg.max_steps:
             break

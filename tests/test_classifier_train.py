@@ -149,3 +149,13 @@ def test_shipped_configs_load():
     full = load_config(train.ClassifierConfig, REPO / "configs" / "full" / "classifier.yaml")
     assert demo.model.input_size == 64 and demo.ensemble.members >= 2
     assert full.model.name == "resnet34" and full.model.upsample == 4 and full.model.normalisation == "percentile"
+
+
+def test_two_processes_train_over_gloo(toy, tmp_path):
+    out = tmp_path / "ddp"
+    done = subprocess.run(accelerate_cmd("classifier.train", *tiny_args(toy, out, 10, 1, 5), processes=2),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((out / "members" / "member-0" / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["process_ranks"] == [0, 1]
+    assert ClassifierEnsemble.from_pretrained(out).members == 1
