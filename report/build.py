@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,12 @@ def subset(n: int, limit: int, rng) -> np.ndarray:
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
                  dataset_root, out, overwrite: bool = False, log=print) -> dict:
     from patches.dataset import PatchDataset, read_meta
+
+    start = time.time()
+    _log = log
+
+    def log(message):  # every progress line says how long the report has run
+        _log(f"[{time.time() - start:5.1f} s] {message}")
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -329,6 +336,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         met = None if v is None or not np.isfinite(v) else bool(v >= bound if op == ">=" else v <= bound)
         metrics["targets"][name] = {"value": v, "target": f"{op} {bound}", "met": met, "folder": main.key}
 
+    log("metrics done; writing plots, CSVs and report.html")
     with atomic_dir(out, overwrite) as tmp:
         write_outputs(tmp, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
                       real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph)
@@ -461,7 +469,8 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
         rows.append([name.replace("_", " "), t["value"], t["target"],
                      Markup(f'<span class="{"met" if t["met"] else "miss"}">{esc(verdict)}</span>')])
     inputs = metrics["inputs"]
-    listing = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in inputs.items())
+    listing = "".join(f"<li><b>{esc(k)}</b>: {esc(', '.join(map(str, v)) if isinstance(v, list) else v)}</li>"
+                      for k, v in inputs.items())
     sections.append(("Summary", table(["metric", "value", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
                      + "<p class='note'>Scores are the mean P(mitotic) of an independent classifier ensemble; "
                        "the condition y is the fraction of experts the generator was asked to imitate. "
