@@ -419,18 +419,24 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
 FEATURE_DIGITS = {"area": 0, "perimeter": 1}
 
 
-def frame_caption(f: Folder, c: int) -> str:
+def frame_caption(f: Folder, s: int, c: int) -> str:
     if c in f.generated:
         return f"condition y = {f.conditions[c]:.2f}"
-    label = f.manifest["conditions"][c]
+    own = f.manifest.get("input_labels")
+    label = own[s] if isinstance(own, list) and len(own) == f.frames.shape[0] else f.manifest["conditions"][c]
     return "real input" + (f" (label {float(label):.2f})" if label is not None else " (unlabelled)")
 
 
 def seed_title(f: Folder, s: int, seed) -> str:
     names = f.manifest.get("inputs") or f.manifest.get("names")
     if isinstance(names, list) and len(names) == f.frames.shape[0]:
-        return f"{'real input' if f.role == 'real2gen' else 'seed'} {names[s]}"
-    return f"{'input' if f.role == 'real2gen' else 'seed'} {seed}"
+        title = f"{'real input' if f.role == 'real2gen' else 'seed'} {names[s]}"
+    else:
+        title = f"{'input' if f.role == 'real2gen' else 'seed'} {seed}"
+    psnr = f.manifest.get("psnr_inversion_db")
+    if isinstance(psnr, list) and len(psnr) == f.frames.shape[0] and psnr[s] is not None:
+        title += f" (inversion reconstructs it at {float(psnr[s]):.1f} dB)"
+    return title
 
 
 def folder_data(f: Folder) -> dict:
@@ -440,7 +446,7 @@ def folder_data(f: Folder) -> dict:
         seeds.append({
             "title": seed_title(f, s, seed),
             "frames": [png_data_uri(f.frames[s, c]) for c in range(f.frames.shape[1])],
-            "captions": [frame_caption(f, c) for c in range(f.frames.shape[1])],
+            "captions": [frame_caption(f, s, c) for c in range(f.frames.shape[1])],
             "is_input": [bool(c not in f.generated) for c in range(f.frames.shape[1])],
             "scores": [float(v) for v in f.scores[s]],
             "stds": [float(v) for v in f.stds[s]],

@@ -30,7 +30,8 @@ def make_inputs(root, size: int = SIZE, n_seeds: int = 5, seeds_names=None):
     write_transitions(root / "tr", frames, {"seeds": list(range(n_seeds)), "conditions": CONDITIONS.tolist()})
     real = np.stack([np.stack([draw_nucleus(0.2, 9000 + s, size)] + [draw_nucleus(c, 9100 + s, size)
                                                                       for c in (0, 0.5, 1)]) for s in range(3)])
-    manifest = {"seeds": [0, 1, 2], "conditions": [0.33, 0, 0.5, 1], "has_input_frame": True, "kind": "real2gen"}
+    manifest = {"seeds": [0, 1, 2], "conditions": [None, 0, 0.5, 1], "has_input_frame": True, "kind": "real2gen",
+                "input_labels": [0.33, None, 1.0], "psnr_inversion_db": [24.5, 22.25, 30.0]}
     if seeds_names:
         manifest["inputs"] = seeds_names
     write_transitions(root / "r2g", real, manifest)
@@ -210,7 +211,9 @@ def test_report_html_is_self_contained_and_escaped(built):
     assert text.count("data:image/png;base64,") >= 5 + 3 + 5   # first frames, plots, label-noise thumbnails
     data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)[1])
     r2g = data["real2gen"]["seeds"][0]
-    assert r2g["is_input"][0] is True and r2g["captions"][0].startswith("real input")
+    assert r2g["is_input"][0] is True and r2g["captions"][0] == "real input (label 0.33)"
+    assert data["real2gen"]["seeds"][1]["captions"][0] == "real input (unlabelled)"
+    assert "(inversion reconstructs it at 24.5 dB)" in text
     assert len(data["transitions"]["seeds"][0]["frames"]) == 6
 
 
