@@ -317,7 +317,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         noise = benchmark.label_noise(real_ids, real_soft, real_hard, real_scores, real_degree, threshold,
                                       cfg.noise_top)
         metrics["benchmark"]["label_noise"] = {k: v for k, v in noise.items() if k != "ranked"}
-        metrics["benchmark"]["label_noise"]["top"] = noise["ranked"][: noise["top"]]
+        metrics["benchmark"]["label_noise"]["top_ranked"] = noise["ranked"][: noise["top"]]
         bench = (bench_generated, bench_real, noise)
 
     main = next(f for f in folders if f.role == "transitions")
@@ -542,7 +542,7 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
             rows.append([r["rank"], img(png_data_uri(real_images[r["index"]]), r["id"]), r["id"], r["soft_label"],
                          r["score"], r["true_degree"], r["truly_mislabelled"]])
         body = (img(file_data_uri(tmp / "degree.png"), "estimated vs true degree", "plot")
-                + "<p class='note'>Left: the classifier's score mapped to a degree (isotonic fit on held-out real "
+                + "<p class='note'>Above: the classifier's score mapped to a degree (isotonic fit on held-out real "
                   "patches) for generated frames, against the true degree of real patches with that soft label.</p>"
                 + f"<h3>Label-noise finder</h3><p class='note'>Held-out real patches ranked by |soft label − score|. "
                   f"Of the top {lm['top']}, {lm['truly_mislabelled_in_top']} are truly mislabelled (majority vote "

@@ -192,7 +192,9 @@ def test_report_on_clean_transitions_meets_the_targets(built):
     assert on_disk["consistency"]["transitions"]["n_seeds"] == 5
     assert on_disk["consistency"]["real2gen"]["n_seeds"] == 3  # the real input column is not a condition
     assert on_disk["memorisation"]["pixels"]["n_generated"] == 5 * 6  # transitions only, not real2gen
-    assert on_disk["benchmark"]["label_noise"]["n_labelled"] > 0
+    noise = on_disk["benchmark"]["label_noise"]
+    assert noise["n_labelled"] > 0 and noise["top"] == len(noise["top_ranked"]) <= 50
+    assert 0 <= noise["truly_mislabelled_in_top"] <= noise["top"]
     with open(out / "frames.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 5 * 6 + 3 * 4
