@@ -1,0 +1,88 @@
+"""Diffusion training through its real entry point: SIGKILL then --resume latest, two processes, auto cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, accelerate_cmd
+from test_diffusion import make_dataset, make_vae, tiny_train_args
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dtrain")
+    synth = make_dataset(root / "synth", n=40, seed=0)
+    real = make_dataset(root / "real", n=12, seed=1, labelled=False)
+    vae = make_vae(root / "vae")
+    return {"root": root, "synth": synth, "real": real, "vae": vae}
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_latest_continues(small):
+    root = small["root"]
+    run, cache = root / "killed", root / "latents-kill"
+    # no cache yet: the first run builds it from data.vae + data.datasets
+    source = ["--set", f"data.vae={small['vae']}", "--set", f"data.datasets=[{small['synth']},{small['real']}]"]
+    args = [*tiny_train_args(run, cache, steps=400), *source, "--set", "train.checkpoint_every=3",
+            "--set", "preview.every=0"]
+    proc = subprocess.Popen(accelerate_cmd("diffusion.train", *args), cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "checkpoint-6"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model").exists()
+    assert (cache / "cache.json").exists()
+    done = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    last = done[-1]
+    assert last >= 6
+    # the same config with a nearer end, so the test does not wait for 400 steps
+    again = subprocess.run(accelerate_cmd("diffusion.train", *args, "--set", f"train.max_steps={last + 2}",
+                                          "--resume", "latest"),
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"(step {last})" in again.stdout and f"training from step {last} " in again.stdout
+    steps = [json.loads(line)["step"] for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == last + 2
+    assert (run / "model" / "pipeline.json").exists()
+    assert json.loads((run / "model" / "pipeline.json").read_text())["trained_steps"] == last + 2
+
+
+@pytest.mark.slow
+def test_two_process_training(small):
+    from diffusion.cache import build_cache
+
+    root = small["root"]
+    cache = build_cache(small["vae"], [small["synth"], small["real"]], root / "latents-ddp", progress=False)
+    run = root / "ddp"
+    result = subprocess.run(accelerate_cmd("diffusion.train", *tiny_train_args(run, cache, steps=3),
+                                           "--set", "preview.every=0", processes=2),
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["process_ranks"] == [0, 1]
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((run / "model" / "pipeline.json").read_text())["trained_steps"] == 3
+
+
+def test_existing_run_folder_needs_overwrite_or_resume(small, tmp_path):
+    from conftest import run_module
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "something").write_text("x")
+    result = run_module("diffusion.train", *tiny_train_args(run, tmp_path / "nocache"))
+    assert result.returncode == 2 and "already exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
