@@ -200,7 +200,8 @@ class ClassifierEnsemble:
         """Calibrated logits (N, K)."""
         out = []
         for x in self._batches(images_uint8, batch_size):
-            cols = [a * m(x) + b for m, (a, b) in zip(self.member_models, self.calibration)]  # K x (B,)
+            x = self.member_models[0].preprocess(x)  # members share the recipe: normalise once
+            cols = [a * m.net(x).squeeze(1) + b for m, (a, b) in zip(self.member_models, self.calibration)]  # K x (B,)
             out.append(torch.stack(cols, 1))
         return torch.cat(out).numpy() if out else np.zeros((0, self.members), np.float32)
 
@@ -213,7 +214,9 @@ class ClassifierEnsemble:
         """Penultimate-layer features averaged over members, (N, D) float32."""
         out = []
         for x in self._batches(images_uint8, batch_size):
-            out.append(torch.stack([m.features(x) for m in self.member_models]).mean(0))
+            x = self.member_models[0].preprocess(x)
+            out.append(torch.stack([m.net.forward_head(m.net.forward_features(x), pre_logits=True)
+                                    for m in self.member_models]).mean(0))  # (B, D)
         return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
 
     # -- persistence --------------------------------------------------------
