@@ -1,0 +1,1 @@
+"""Stage 1: the histology autoencoder (diffusers AutoencoderKL), its training and its command-line tool."""

@@ -1,0 +1,298 @@
+"""Train the histology autoencoder with accelerate.
+
+    accelerate launch -m autoencoder.train --config configs/demo/autoencoder.yaml \
+        [--set out=runs/demo/autoencoder] [--set data.datasets=[A,B]] [--resume latest] [--overwrite]
+
+Trains on the train split of one or more patch datasets (labelled or not), on
+random crops (the model is fully convolutional), with L1 + (1 - SSIM) + KL and
+optionally a patch-GAN and LPIPS. At the end it measures the latent scale
+(1 / std of the training latents), stores it in the model config and writes
+RUN/model/ with `save_pretrained` (the EMA weights when EMA is on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, WeightedRandomSampler
+
+from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.io import atomic_dir, write_json
+from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+from patches.dataset import AugmentConfig, PatchDataset
+
+from .losses import LossConfig, PatchDiscriminator, adaptive_gan_weight, build_lpips, hinge_d_loss, ssim
+from .model import build_autoencoder, count_parameters
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=list)  # patch dataset folders; the train split of each
+    crop: int = 32               # random crop size for training (0 = whole patch)
+    balance: bool = True         # draw each dataset equally often (a small real set next to a large synthetic one)
+    dihedral: bool = True        # random flips / 90-degree rotations
+    stain_jitter: float = 0.0
+    eval_split: str = "val"      # held-out split measured every `eval_every` steps
+    eval_limit: int = 256        # patches per dataset in that measurement
+    eval_every: int = 0          # 0 = only at the end
+    scale_patches: int = 1024    # training patches encoded to measure the latent scale
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"         # tiny (CPU demo) | base (GPU)
+    latent_channels: int = 4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"         # any diffusers.optimization scheduler name
+    warmup_steps: int = 50
+    betas: tuple[float, float] = (0.9, 0.99)
+
+
+@dataclass
+class AutoencoderConfig:
+    out: str = "runs/autoencoder"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, batch_size=32, lr=2e-3))
+
+
+def training_set(cfg: DataConfig) -> ConcatDataset:
+    if not cfg.datasets:
+        raise UserError("data.datasets: empty; give one or more patch dataset folders, e.g. --set data.datasets=[runs/demo/data/synth]")
+    augment = AugmentConfig(dihedral=cfg.dihedral, crop=cfg.crop, stain_jitter=cfg.stain_jitter)
+    parts = [PatchDataset(root, split="train", augment=augment) for root in cfg.datasets]
+    sizes = {min(p.patch_size, cfg.crop) if cfg.crop else p.patch_size for p in parts}
+    if len(sizes) > 1:
+        raise UserError(f"data.datasets: patch sizes differ ({sorted(sizes)}); set data.crop to a common size")
+    for root, part in zip(cfg.datasets, parts):
+        if len(part) == 0:
+            raise UserError(f"{root}: has no patches in the train split")
+    return ConcatDataset(parts)
+
+
+def sampler(dataset: ConcatDataset, cfg: DataConfig):
+    """Uniform shuffling, or (balance) each dataset drawn with equal probability, one epoch = len(dataset) draws."""
+    if not cfg.balance or len(dataset.datasets) == 1:
+        return RandomSampler(dataset)
+    weights = torch.cat([torch.full((len(part),), 1.0 / len(part)) for part in dataset.datasets])
+    return WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
+
+
+def held_out_images(cfg: DataConfig, split: str, limit: int) -> dict[str, torch.Tensor]:
+    """Whole held-out patches per dataset, (N, 3, P, P) in [-1, 1]; datasets without the split are skipped."""
+    out = {}
+    for root in cfg.datasets:
+        ds = PatchDataset(root, split=split)
+        if len(ds):
+            images = ds.uint8(np.arange(min(limit, len(ds))))
+            out[str(root).rstrip("/").split("/")[-1]] = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return out
+
+
+class SampledAutoencoder(torch.nn.Module):
+    """One forward for training (so DDP sees it): encode, sample the posterior, decode; return its KL too."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        return recon, posterior.kl()  # kl: (B,) summed over latent elements
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Deterministic reconstruction (posterior mode) of images in [-1, 1]."""
+    outs = []
+    for chunk in images.split(batch):
+        z = vae.encode(chunk).latent_dist.mode()
+        outs.append(vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(outs)
+
+
+def psnr_ssim(vae: AutoencoderKL, images: torch.Tensor) -> tuple[float, float]:
+    """Mean per-image PSNR (dB, 8-bit quantised output) and SSIM over images in [-1, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    recon = reconstruct(vae, images)
+    quant = ((recon + 1) * 127.5).round() / 255.0
+    target = (images + 1) / 2
+    psnr = peak_signal_noise_ratio(quant, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim_value = structural_similarity_index_measure(quant, target, data_range=1.0)
+    return float(psnr.mean()), float(ssim_value)
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> float:
+    """1 / std of the training latents (posterior means), so scaled latents have unit variance."""
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(batch)])
+    return float(1.0 / latents.float().std().clamp_min(1e-8))
+
+
+def training_patches(cfg: DataConfig, limit: int) -> torch.Tensor:
+    per = max(1, limit // len(cfg.datasets))
+    chunks = []
+    for root in cfg.datasets:
+        ds = PatchDataset(root, split="train")
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(len(ds), size=min(per, len(ds)), replace=False))
+        chunks.append(torch.from_numpy(ds.uint8(pick)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    return torch.cat(chunks)
+
+
+@contextlib.contextmanager
+def ema_weights(model, ema: EMAModel | None):
+    """Temporarily swap the EMA weights into `model` (what gets evaluated and exported)."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
+def evaluate(run: TrainingRun, vae, ema, held_out: dict[str, torch.Tensor]) -> dict[str, float]:
+    logs = {}
+    vae.eval()
+    with ema_weights(vae, ema):
+        for name, images in held_out.items():
+            psnr, ssim_value = psnr_ssim(vae, images.to(run.device))
+            logs[f"psnr/{name}"], logs[f"ssim/{name}"] = psnr, ssim_value
+    vae.train()
+    return logs
+
+
+def export(run: TrainingRun, cfg: AutoencoderConfig, vae: AutoencoderKL, ema: EMAModel | None, extra: dict) -> None:
+    """Write RUN/model: the (EMA) weights with the measured latent scale in config.json."""
+    final = copy.deepcopy(vae).to("cpu").eval()
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    scale = latent_scale(final, training_patches(cfg.data, cfg.data.scale_patches))
+    final.register_to_config(scaling_factor=scale)
+    with atomic_dir(run.model_dir, overwrite=True) as tmp:
+        final.save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / "training.json", {"latent_scale": scale, "preset": cfg.model.preset,
+                                           "datasets": cfg.data.datasets, **extra})
+    run.accelerator.print(f"latent scale 1/std = {scale:.4f}; model written to {run.model_dir}")
+
+
+@user_errors
+def main(argv=None):
+    args = train_arg_parser("Train the histology autoencoder (AutoencoderKL) with accelerate.").parse_args(argv)
+    cfg = load_stage_config(AutoencoderConfig, args)
+    if cfg.data.crop and cfg.data.crop % 4:
+        raise UserError(f"data.crop: must be divisible by 4 (the autoencoder downsamples by 4), got {cfg.data.crop}")
+    dataset = training_set(cfg.data)  # validate inputs before creating the run folder
+    run = TrainingRun(cfg.out, cfg.train, cfg, resume=args.resume, overwrite=args.overwrite)
+    acc = run.accelerator
+
+    raw = build_autoencoder(cfg.model.preset, cfg.model.latent_channels)
+    vae = SampledAutoencoder(raw)
+    acc.print(f"autoencoder preset {cfg.model.preset}: {count_parameters(raw) / 1e6:.2f}M parameters, "
+              f"{cfg.model.latent_channels} latent channels; {len(dataset)} training patches")
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.train.lr, betas=tuple(cfg.schedule.betas),
+                            weight_decay=cfg.train.weight_decay)
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    sched = get_scheduler(cfg.schedule.name, opt, num_warmup_steps=cfg.schedule.warmup_steps,
+                          num_training_steps=cfg.train.max_steps)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler(dataset, cfg.data), drop_last=True,
+                        num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")
+    disc = disc_opt = None
+    if cfg.loss.gan > 0:
+        disc = PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+        vae, opt, loader, disc, disc_opt = acc.prepare(vae, opt, loader, disc, disc_opt)
+    else:
+        vae, opt, loader = acc.prepare(vae, opt, loader)
+    lpips = build_lpips(cfg.loss.lpips_net).to(run.device) if cfg.loss.lpips > 0 else None
+    ema = EMAModel(raw.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(run.device)
+    run.register(sched, ema)
+    step = run.resume()
+    acc.print(f"start at step {step} of {cfg.train.max_steps}")
+    held_out = held_out_images(cfg.data, cfg.data.eval_split, cfg.data.eval_limit) if run.is_main else {}
+    eval_seconds = 0.0
+
+    vae.train()
+    for batch in run.batches(loader, step):
+        images = batch["image"]  # (B, 3, c, c) in [-1, 1]
+        with acc.accumulate(vae):
+            recon, kl = vae(images)  # (B, 3, c, c), (B,)
+            l1 = (recon - images).abs().mean()
+            rec_loss = cfg.loss.l1 * l1
+            ssim_value = ssim(recon, images)
+            rec_loss = rec_loss + cfg.loss.ssim * (1 - ssim_value)
+            if lpips is not None:
+                rec_loss = rec_loss + cfg.loss.lpips * lpips.net(recon.clamp(-1, 1), images).mean()
+            kl_loss = kl.mean() / images[0].numel()
+            loss = rec_loss + cfg.loss.kl * kl_loss
+            logs = {"l1": l1.item(), "ssim": ssim_value.item(), "kl": kl_loss.item()}
+            gan_on = disc is not None and step >= cfg.loss.gan_start
+            if gan_on:
+                g_loss = -disc(recon).mean()
+                weight = adaptive_gan_weight(rec_loss, g_loss, raw.decoder.conv_out.weight) * cfg.loss.gan
+                loss = loss + weight * g_loss
+                logs.update(g_loss=g_loss.item(), gan_weight=weight.item())
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(vae.parameters(), cfg.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if gan_on:
+                d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                acc.backward(d_loss)
+                disc_opt.step()
+                disc_opt.zero_grad(set_to_none=True)
+                logs["d_loss"] = d_loss.item()
+        if acc.sync_gradients:
+            sched.step()
+            if ema is not None:
+                ema.step(raw.parameters())
+            step += 1
+            logs["loss"] = loss.item()
+            logs["lr"] = sched.get_last_lr()[0]
+            if run.is_main and cfg.data.eval_every and step % cfg.data.eval_every == 0:
+                t0 = time.time()
+                logs.update(evaluate(run, raw, ema, held_out))
+                eval_seconds += time.time() - t0
+                logs["train_time_s"] = run.elapsed() - eval_seconds
+                run.log(step, logs)
+                logs = {}  # already logged with the evaluation
+            run.step_done(step, logs)
+            if step >= cfg.train.max_steps:
+                break
+
+    acc.wait_for_everyone()
+    if run.is_main:
+        final_logs = evaluate(run, raw, ema, held_out)
+        final_logs["train_time_s"] = run.elapsed() - eval_seconds
+        run.log(step, final_logs)
+        acc.print("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in final_logs.items()))
+        export(run, cfg, raw, ema, {"steps": step, "held_out": final_logs,
+                                    "parameters": count_parameters(raw)})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Autoencoder stage: model presets, losses, round trips, training end to end, the CLI and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from autoencoder.cli import encode as cli_encode
+from autoencoder.losses import PatchDiscriminator, adaptive_gan_weight, build_lpips, hinge_d_loss, ssim
+from autoencoder.model import PRESETS, build_autoencoder, count_parameters
+from mitosis_ldm.errors import UserError
+from patches.dataset import PatchDataset
+
+from conftest import REPO, accelerate_cmd, run_module
+
+TINY_TRAIN = ["--set", "train.batch_size=8", "--set", "data.crop=16", "--set", "train.log_every=1",
+              "--set", "data.scale_patches=32", "--set", "data.eval_limit=8", "--set", "schedule.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Two small synthetic patch datasets (32x32) made by the real `data synth` command."""
+    root = tmp_path_factory.mktemp("ae-data")
+    paths = []
+    for seed in (0, 1):
+        out = root / f"synth{seed}"
+        result = run_module("mitosis_ldm", "data", "synth", "--out", out, "--n", "64", "--size", "32",
+                            "--experts", "3", "--seed", str(seed))
+        assert result.returncode == 0, result.stderr
+        paths.append(out)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    """One short real training run through `accelerate launch` on both datasets, EMA on."""
+    run_dir = tmp_path_factory.mktemp("ae-run") / "run"
+    cmd = accelerate_cmd("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", run_dir,
+                         "--set", f"data.datasets=[{tiny_data[0]},{tiny_data[1]}]", "--set", "train.max_steps=12",
+                         "--set", "train.ema_decay=0.9", "--set", "data.eval_every=6", "--set",
+                         "train.checkpoint_every=6", *TINY_TRAIN)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_presets_downsample_by_four_with_configurable_latents():
+    for preset in PRESETS:
+        vae = build_autoencoder(preset, latent_channels=6)
+        with torch.no_grad():
+            z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+        assert z.shape == (1, 6, 16, 16)
+    assert count_parameters(build_autoencoder("tiny")) < 1.5e6
+    with pytest.raises(ValueError):
+        build_autoencoder("huge")
+
+
+def test_save_pretrained_round_trip_reproduces_encodings(tmp_path):
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny").eval()
+    vae.register_to_config(scaling_factor=0.123)
+    vae.save_pretrained(tmp_path / "m", safe_serialization=True)
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "m").eval()
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x).latent_dist.mode(), loaded.encode(x).latent_dist.mode())
+        z = torch.randn(2, 4, 16, 16)
+        assert torch.equal(vae.decode(z).sample, loaded.decode(z).sample)
+    assert loaded.config.scaling_factor == pytest.approx(0.123)
+
+
+def test_losses():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    assert ssim(x, -x).item() < 0.5
+    disc = PatchDiscriminator(16, 2)
+    logits = disc(x)
+    assert logits.ndim == 4 and logits.shape[1] == 1
+    # hinge: confident correct logits give zero loss, wrong ones a positive loss
+    assert hinge_d_loss(torch.full((2, 1), 2.0), torch.full((2, 1), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.full((2, 1), -1.0), torch.full((2, 1), 1.0)).item() == pytest.approx(2.0)
+    layer = torch.nn.Parameter(torch.randn(4, 4))
+    rec = (layer ** 2).sum()
+    gan = (10 * layer).sum()
+    weight = adaptive_gan_weight(rec, gan, layer)
+    expected = (2 * layer).norm() / ((10 * torch.ones(4, 4)).norm() + 1e-4)
+    assert weight.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_lpips_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights are absent
+    with pytest.raises(UserError, match="never downloaded"):
+        build_lpips("alex")
+
+
+def test_training_exports_model_with_measured_latent_scale(trained, tiny_data):
+    model = trained / "model"
+    assert (model / "config.json").exists() and (model / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(model.glob("*.bin")) and not list(model.glob("*.pkl"))
+    vae = AutoencoderKL.from_pretrained(model).eval()
+    # the stored scale is 1/std of the training latents, measured on the exported weights
+    images = np.concatenate([PatchDataset(p, split="train").uint8() for p in tiny_data])[:32]
+    subset = np.concatenate([PatchDataset(p, split="train").uint8(
+        np.sort(np.random.default_rng(0).choice(len(PatchDataset(p, split="train")), 16, replace=False)))
+        for p in tiny_data])
+    z = cli_encode(vae, subset)
+    assert vae.config.scaling_factor == pytest.approx(1.0 / z.std().item(), rel=1e-4)
+    assert cli_encode(vae, images).shape[1:] == (4, 8, 8)
+    records = [json.loads(line) for line in (trained / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("psnr/synth0" in r for r in records) and all(np.isfinite(r.get("loss", 0)) for r in records)
+    assert [int(p.name.split("-")[1]) for p in (trained / "checkpoints").iterdir()] == [12]  # keep 1, last at 12
+    run = json.loads((trained / "run.json").read_text())
+    assert run["process_ranks"] == [0]
+    info = json.loads((model / "training.json").read_text())
+    assert info["steps"] == 12 and info["latent_scale"] == pytest.approx(vae.config.scaling_factor)
+
+
+def test_ema_weights_are_exported(tmp_path, tiny_data):
+    """With ema_decay 0.5 after 3 steps the exported weights differ from the raw ones in the last checkpoint."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "train.max_steps=3",
+                        "--set", "train.ema_decay=0.5", "--set", "train.checkpoint_every=3", *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = load_file(out / "model" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(out / "checkpoints" / "checkpoint-3" / "model.safetensors")
+    key = "decoder.conv_out.weight"
+    raw_key = next(k for k in raw if k.endswith(key))
+    assert not torch.equal(exported[key], raw[raw_key])
+
+
+def test_gan_loss_joins_after_start_step(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "train.max_steps=4",
+                        "--set", "loss.gan=0.5", "--set", "loss.gan_start=2", "--set", "train.checkpoint_every=0",
+                        *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    by_step = {r["step"]: r for r in records}
+    assert "d_loss" not in by_step[1] and "d_loss" not in by_step[2]
+    assert "d_loss" in by_step[3] and by_step[4]["gan_weight"] > 0
+
+
+def test_refuses_existing_run_and_bad_config(tmp_path, tiny_data, trained):
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", trained,
+                        "--set", f"data.datasets=[{tiny_data[0]}]")
+    assert result.returncode == 2 and "already exists" in result.stderr
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "x",
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "data.crop=30")
+    assert result.returncode == 2 and "data.crop" in result.stderr and not (tmp_path / "x").exists()
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "y",
+                        "--set", f"data.datasets=[{tmp_path / 'missing'}]")
+    assert result.returncode == 2 and "missing" in result.stderr and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("name", ["demo", "full"])
+def test_shipped_configs_load(name):
+    from autoencoder.train import AutoencoderConfig
+    from mitosis_ldm.config import load_config
+
+    cfg = load_config(AutoencoderConfig, REPO / "configs" / name / "autoencoder.yaml")
+    assert cfg.data.crop % 4 == 0 and cfg.model.preset in PRESETS
