@@ -15,7 +15,7 @@ from test_classifier import tiny_ensemble
 from classifier import evaluate, score
 from classifier.model import ClassifierEnsemble
 from mitosis_ldm.artifacts import read_transitions, write_transitions
-from mitosis_ldm.images import save_png
+from mitosis_ldm.images import read_image, save_png
 from patches.dataset import PatchDataset
 
 
@@ -60,7 +60,7 @@ def test_scores_files_folders_datasets_and_transitions(world, tmp_path, capsys):
     assert len(rows) == 1 + 4 + 1 + n_test + 6
     assert list(rows[0]) == ["name", "member_0", "member_1", "mean", "std"]
     ens = ClassifierEnsemble.from_pretrained(world / "classifier")
-    png = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(world / "pngs" / "p0.png"))
+    png = read_image(world / "pngs" / "p0.png")
     expected = ens.predict(png[None])[0]
     got = [float(rows[0]["member_0"]), float(rows[0]["member_1"])]
     np.testing.assert_allclose(got, expected, rtol=1e-4)
