@@ -206,8 +206,6 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_with_warmup(cfg.ensemble.warmup_steps, tcfg.max_steps))
-    if len(train_ds) < tcfg.batch_size:
-        raise UserError(f"train.batch_size: {tcfg.batch_size} is larger than the train split ({len(train_ds)} patches)")
     sampler = balanced_sampler(train_ds, cfg.data.balance, seed)
     loader = DataLoader(train_ds, batch_size=tcfg.batch_size, sampler=sampler, shuffle=sampler is None,
                         drop_last=True, num_workers=tcfg.num_workers,
@@ -339,6 +337,10 @@ def main(argv=None):
     if cfg.model.pretrained:
         MitosisClassifier(cfg.model)  # an unreachable hub fails here, before any output
     train_ds, val_ds = load_training_data(cfg)
+    if len(train_ds) < cfg.train.batch_size:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the train split "
+                        f"({len(train_ds)} patches)")
+    balanced_sampler(train_ds, cfg.data.balance, cfg.train.seed)  # a one-class split fails before any output
 
     from accelerate import PartialState
 
