@@ -309,3 +309,13 @@ def test_wrong_artifact_for_classifier_is_one_line(inputs, tmp_path, capsys):
     code, err = run_cli(capsys, "--transitions", inputs / "tr", "--classifier", inputs / "ds", "--dataset",
                         inputs / "ds", "--out", tmp_path / "out")
     assert code == 2 and "is a patch dataset folder, but --classifier expects a classifier folder" in err
+
+
+def test_demo_config_spells_out_the_defaults_and_full_config_loads():
+    from mitosis_ldm.config import load_config
+
+    from conftest import REPO
+
+    assert load_config(ReportConfig, REPO / "configs" / "demo" / "report.yaml") == ReportConfig()
+    full = load_config(ReportConfig, REPO / "configs" / "full" / "report.yaml")
+    assert full.max_real > ReportConfig().max_real and full.bootstrap >= ReportConfig().bootstrap
