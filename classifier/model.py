@@ -188,8 +188,8 @@ class ClassifierEnsemble:
 
     def _batches(self, images_uint8: np.ndarray, batch_size: int):
         images = np.asarray(images_uint8)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images (N, H, W, 3), got shape {images.shape}")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
         if images.shape[1:3] != (self.patch_size, self.patch_size):
             images = np.stack([fit_size(im, self.patch_size) for im in images]) if len(images) else images
         for start in range(0, len(images), batch_size):
