@@ -34,9 +34,14 @@ class LossConfig:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of images in [-1, 1] (B, 3, H, W); Gaussian window shrunk for small crops."""
+    """Mean SSIM of images in [-1, 1] (B, 3, H, W); Gaussian window shrunk for small crops.
+
+    Computed on [0, 1]: SSIM's luminance term assumes non-negative intensities (on [-1, 1]
+    an image and its negative score about +0.7).
+    """
     kernel = min(11, min(pred.shape[-2:]) // 2 * 2 - 1)
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=2.0, kernel_size=kernel)
+    return structural_similarity_index_measure((pred.float() + 1) / 2, (target.float() + 1) / 2, data_range=1.0,
+                                               kernel_size=kernel)
 
 
 class PatchDiscriminator(nn.Module):
