@@ -332,15 +332,14 @@ class PatchDataset(Dataset):
         """Centre crops (n, P, P, 3) uint8 of selected rows (all when positions is None)."""
         idx = self.indices if positions is None else self.indices[np.asarray(positions)]
         m, p = self.margin, self.patch_size
-        return np.ascontiguousarray(self.images[np.sort(idx)][:, m: m + p, m: m + p] if positions is None
-                                    else self.images[idx][:, m: m + p, m: m + p])
+        return np.ascontiguousarray(self.images[idx][:, m: m + p, m: m + p])
 
     def __getitem__(self, pos: int) -> dict:
         index = int(self.indices[pos])
         patch = np.asarray(self.images[index])  # (S, S, 3) uint8
         patch = augment_patch(patch, self.patch_size, self.margin, self.augment) if self.augment else \
             patch[self.margin: self.margin + self.patch_size, self.margin: self.margin + self.patch_size]
-        image = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        image = torch.from_numpy(np.array(patch)).permute(2, 0, 1).float().div(127.5).sub(1.0)
         label = condition_labels(self.all_soft[index: index + 1], self.all_hard[index: index + 1], self.label_mode)[0]
         return {
             "image": image,  # (3, P, P) in [-1, 1]
