@@ -18,20 +18,28 @@ from scipy import linalg
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||² + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^½) for features (N, D).
 
-    Tr((S_a S_b)^½) is the sum of the square roots of the eigenvalues of S_a S_b
-    (non-negative for covariance matrices): the same number as
-    `scipy.linalg.sqrtm` gives, several times faster and stable when the covariances are singular
-    (fewer samples than feature dimensions).
+    Tr((S_a S_b)^½) is the sum of the square roots of the (non-negative)
+    eigenvalues of S_a S_b: the number `scipy.linalg.sqrtm` would give, computed
+    without it. With fewer samples than dimensions (the usual case per label
+    bin) those are the singular values of the small (N_a, N_b) matrix
+    A B^T / sqrt((N_a - 1)(N_b - 1)) of centred features, since S_a S_b = A^T A B^T B / c
+    shares its non-zero eigenvalues with (A B^T)(A B^T)^T / c.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    # S_a S_b has the eigenvalues of the symmetric S_a^½ S_b S_a^½, so two symmetric eigensolves suffice
-    w, v = linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eigenvalues = linalg.eigvalsh(root_a @ cov_b @ root_a)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+    centred_a, centred_b = a - mu_a, b - mu_b                             # (N_a, D), (N_b, D)
+    scale = np.sqrt((len(a) - 1) * (len(b) - 1))
+    traces = (centred_a ** 2).sum() / (len(a) - 1) + (centred_b ** 2).sum() / (len(b) - 1)
+    if min(len(a), len(b)) < a.shape[1]:
+        trace_sqrt = linalg.svdvals(centred_a @ centred_b.T).sum() / scale
+    else:
+        # few dimensions: S_a S_b has the eigenvalues of the symmetric S_a^½ S_b S_a^½
+        cov_a = centred_a.T @ centred_a / (len(a) - 1)
+        cov_b = centred_b.T @ centred_b / (len(b) - 1)
+        w, v = linalg.eigh(cov_a)
+        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        trace_sqrt = np.sqrt(np.clip(linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    return float(np.sum((mu_a - mu_b) ** 2) + traces - 2 * trace_sqrt)
 
 
 def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.ndarray, real_bins: np.ndarray,
