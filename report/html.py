@@ -68,7 +68,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0ec
 .seed-row{display:flex;gap:18px;align-items:center;background:#fff;border:1px solid #e3dde6;border-radius:6px;
  padding:8px 12px;margin:8px 0}
 .frame{width:192px;height:192px;image-rendering:pixelated;border:1px solid #999;background:#eee}
-.panel{min-width:260px;font-size:0.9em}.panel .cond{font-size:1.2em;font-weight:600}
+.panel{width:380px;flex:none;font-size:0.9em;overflow-wrap:anywhere}.panel .cond{font-size:1.2em;font-weight:600}
 .panel .score{font-size:1.4em;font-weight:700;color:#b03a8c}.panel table{margin:4px 0}
 .panel td{padding:1px 6px}.slider{width:250px}
 .thumbs{display:flex;flex-wrap:wrap;gap:2px;max-width:600px}
