@@ -34,7 +34,9 @@ KEY_FEATURES = ("h_mean", "irregularity")
 
 def segment_nucleus(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask (H, W) bool of the central nucleus, haematoxylin density (H, W)) for one uint8 RGB patch."""
-    hed = rgb2hed(image)                               # (H, W, 3) optical densities
+    # floor the transmission at 4/255 (optical density ~1.8, where scanners saturate): a channel at 0
+    # would send a near-black chromatin pixel's whole density to eosin instead of haematoxylin
+    hed = rgb2hed(np.maximum(image, 4))                # (H, W, 3) stain densities
     density = gaussian(hed[..., 0], sigma=1.0)         # smoothing keeps chromatin clumps in one region
     h, w = density.shape
     if np.ptp(density) <= 1e-6:

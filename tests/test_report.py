@@ -319,3 +319,16 @@ def test_demo_config_spells_out_the_defaults_and_full_config_loads():
     assert load_config(ReportConfig, REPO / "configs" / "demo" / "report.yaml") == ReportConfig()
     full = load_config(ReportConfig, REPO / "configs" / "full" / "report.yaml")
     assert full.max_real > ReportConfig().max_real and full.bootstrap >= ReportConfig().bootstrap
+
+
+def test_saturated_chromatin_is_still_nucleus():
+    # a near-black nucleus with its green channel at 0 (as generated mitotic figures often are):
+    # colour deconvolution without a transmission floor would call it eosin and segment a speck
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    disc = np.hypot(yy, xx) < 7
+    image = np.empty((SIZE, SIZE, 3), np.uint8)
+    image[:] = (232, 186, 212)
+    image[disc] = (20, 0, 40)
+    mask, _ = morphology.segment_nucleus(image)
+    assert abs(int(mask.sum()) - int(disc.sum())) <= 0.15 * disc.sum()
+    assert morphology.measure(image)["h_mean"] > morphology.measure(draw_nucleus(0.0, 1))["h_mean"]
