@@ -71,8 +71,8 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0ec
 .panel{width:380px;flex:none;font-size:0.9em;overflow-wrap:anywhere}.panel .cond{font-size:1.2em;font-weight:600}
 .panel .score{font-size:1.4em;font-weight:700;color:#b03a8c}.panel table{margin:4px 0}
 .panel td{padding:1px 6px}.slider{width:250px}
-.thumbs{display:flex;flex-wrap:wrap;gap:2px;max-width:600px}
-.thumbs img{width:44px;height:44px;image-rendering:pixelated;border:2px solid transparent;cursor:pointer}
+.thumbs{display:flex;flex-wrap:wrap;gap:2px;flex:1}
+.thumbs img{width:40px;height:40px;image-rendering:pixelated;border:2px solid transparent;cursor:pointer}
 .thumbs img.on{border-color:#b03a8c}.thumbs img.input{outline:2px dashed #2e8b57}
 .plot{max-width:100%;border:1px solid #eee;background:#fff}.noise img{width:48px;height:48px;image-rendering:pixelated}
 .note{color:#555;font-size:0.9em;max-width:900px}
