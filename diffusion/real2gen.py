@@ -76,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--conditions", default="0:1:6", help="target labels, START:STOP:COUNT or a list")
     parser.add_argument("--mode", choices=["invert", "sdedit"], default="invert")
     parser.add_argument("--strength", type=float, default=0.5, help="SDEdit noise level in (0, 1]")
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's real2gen guidance)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="SDEdit sampler (default ddim)")
     parser.add_argument("--out", required=True, help="transitions folder to write")
@@ -98,7 +98,8 @@ def main(argv=None):
                             f"renders {size[1]}x{size[0]} patches")
     images = np.stack([item.image for item in items])
     own_labels = np.array([item.label for item in items], np.float32)  # NaN = unlabelled -> null label
-    guidance = pipe.default_guidance if args.guidance is None else args.guidance
+    guidance = float(pipe.info.get("default_real2gen_guidance", pipe.default_guidance)) if args.guidance is None \
+        else args.guidance
     result = render(pipe, images, own_labels, conditions, args.mode, guidance, args.steps, args.strength, args.sampler)
     frames = np.concatenate([images[:, None], result["frames"]], axis=1)  # (N, 1 + K, H, W, 3)
     seeds = list(range(len(items)))

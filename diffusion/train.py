@@ -66,6 +66,8 @@ class SampleConfig:
     guidance: float = 3.0
     steps: int = 20
     sampler: str = "dpm++"
+    # real2gen starts from a real (often unlabelled, other-domain) patch: milder guidance keeps its identity
+    real2gen_guidance: float = 2.0
 
 
 @dataclass
@@ -186,7 +188,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
     if cfg.sample.sampler not in SAMPLERS:
         raise UserError(f"sample.sampler: must be one of {', '.join(SAMPLERS)}, got '{cfg.sample.sampler}'")
-    if cfg.sample.guidance < 0 or cfg.sample.steps < 1:
+    if min(cfg.sample.guidance, cfg.sample.real2gen_guidance) < 0 or cfg.sample.steps < 1:
         raise UserError("sample: field 'guidance' must be >= 0 and 'steps' >= 1")
 
 
@@ -235,6 +237,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_guidance": cfg.sample.guidance,
         "default_steps": cfg.sample.steps,
         "default_sampler": cfg.sample.sampler,
+        "default_real2gen_guidance": cfg.sample.real2gen_guidance,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],

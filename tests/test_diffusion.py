@@ -225,6 +225,8 @@ def test_real2gen_invert_and_sdedit(world, tmp_path):
     assert frames.shape == (3, 4, 64, 64, 3)
     assert manifest["kind"] == "real2gen" and manifest["has_input_frame"] is True
     assert manifest["conditions"] == [None, 0.0, 0.5, 1.0] and manifest["input_labels"] == [None] * 3
+    info = json.loads((world["pipeline"] / "pipeline.json").read_text())
+    assert manifest["guidance"] == info["default_real2gen_guidance"]
     from patches.dataset import PatchDataset
 
     assert np.array_equal(frames[:, 0], PatchDataset(world["real"]).uint8()[:3])  # column 0 = the real input
