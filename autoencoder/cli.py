@@ -327,7 +327,7 @@ def main(argv=None):
     model = expect_artifact(args.model, AUTOENCODER, "--model")
     vae = load_autoencoder(model, tile=args.tile)
     commands = {"encode": cmd_encode, "decode": cmd_decode, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate}
-    return commands[args.command](args, vae, model)
+    commands[args.command](args, vae, model)  # returns nothing: the dispatcher exits with main's value
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ def main(argv=None):
             step += 1
             logs["loss"] = loss.item()
             logs["lr"] = sched.get_last_lr()[0]
-            if run.is_main and cfg.data.eval_every and step % cfg.data.eval_every == 0:
+            if run.is_main and cfg.data.eval_every and step % cfg.data.eval_every == 0 and step < cfg.train.max_steps:
                 t0 = time.time()
                 logs.update(evaluate(run, raw, ema, held_out))
                 eval_seconds += time.time() - t0
