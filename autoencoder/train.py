@@ -201,6 +201,9 @@ def main(argv=None):
     if cfg.data.crop and cfg.data.crop % 4:
         raise UserError(f"data.crop: must be divisible by 4 (the autoencoder downsamples by 4), got {cfg.data.crop}")
     dataset = training_set(cfg.data)  # validate inputs before creating the run folder
+    if len(dataset) < cfg.train.batch_size:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")
+    lpips = build_lpips(cfg.loss.lpips_net) if cfg.loss.lpips > 0 else None
     run = TrainingRun(cfg.out, cfg.train, cfg, resume=args.resume, overwrite=args.overwrite)
     acc = run.accelerator
 
@@ -215,8 +218,6 @@ def main(argv=None):
                           num_training_steps=cfg.train.max_steps)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler(dataset, cfg.data), drop_last=True,
                         num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
-    if len(loader) == 0:
-        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")
     disc = disc_opt = None
     if cfg.loss.gan > 0:
         disc = PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers)
@@ -224,7 +225,8 @@ def main(argv=None):
         vae, opt, loader, disc, disc_opt = acc.prepare(vae, opt, loader, disc, disc_opt)
     else:
         vae, opt, loader = acc.prepare(vae, opt, loader)
-    lpips = build_lpips(cfg.loss.lpips_net).to(run.device) if cfg.loss.lpips > 0 else None
+    if lpips is not None:
+        lpips.to(run.device)
     ema = EMAModel(raw.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if ema is not None:
         ema.to(run.device)

@@ -163,6 +163,10 @@ def test_refuses_existing_run_and_bad_config(tmp_path, tiny_data, trained):
     result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "y",
                         "--set", f"data.datasets=[{tmp_path / 'missing'}]")
     assert result.returncode == 2 and "missing" in result.stderr and not (tmp_path / "y").exists()
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "z",
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "loss.lpips=0.1",
+                        env={"TORCH_HOME": str(tmp_path / "empty-hub")})
+    assert result.returncode == 2 and "loss.lpips" in result.stderr and not (tmp_path / "z").exists()
 
 
 @pytest.mark.parametrize("name", ["demo", "full"])
