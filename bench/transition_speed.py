@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -175,7 +176,7 @@ def main(argv=None):
                       f"multiplied by 1000 steps; not run end to end",
         },
         "speedup_demo_vs_seed": round(seed_transition_s / demo_s, 1),
-        "note": "timed on a CPU shared with other jobs: absolute times are inflated, ratios less so",
+        "load_average_1min": round(os.getloadavg()[0], 2),  # > threads: other jobs shared the CPU, times inflated
         "speedup_base_vs_seed": round(seed_transition_s / base_s, 1),
         "training": {
             "batch": args.batch,
