@@ -249,11 +249,16 @@ def cmd_decode(args, vae, model: Path):
     print(f"decoded {len(images)} latent(s) -> {args.out}")
 
 
-def cmd_reconstruct(args, vae, model: Path):
-    check_new_output(args.out, args.overwrite)
+def reconstruct_inputs(args, vae):
+    """The gathered inputs, their images and their encode-decode reconstructions (shared by reconstruct and evaluate)."""
     items = gather(args)
     images = [im for _, im in items]
-    recons = run_decode(vae, run_encode(vae, images, args.batch), args.batch)
+    return items, images, run_decode(vae, run_encode(vae, images, args.batch), args.batch)
+
+
+def cmd_reconstruct(args, vae, model: Path):
+    check_new_output(args.out, args.overwrite)
+    items, images, recons = reconstruct_inputs(args, vae)
     with atomic_dir(args.out, args.overwrite) as tmp:
         for fname, image, recon in zip(file_names([n for n, _ in items]), images, recons):
             save_png(tmp / fname, np.concatenate([image, recon], axis=1))  # input | reconstruction
@@ -268,9 +273,7 @@ def cmd_reconstruct(args, vae, model: Path):
 
 def cmd_evaluate(args, vae, model: Path):
     check_new_output(args.out, args.overwrite)
-    items = gather(args)
-    images = [im for _, im in items]
-    recons = run_decode(vae, run_encode(vae, images, args.batch), args.batch)
+    items, images, recons = reconstruct_inputs(args, vae)
     rows = [(name, *metrics(im, rc)) for (name, im), rc in zip(items, recons)]
     psnr = np.array([r[1] for r in rows])
     ssim = np.array([r[2] for r in rows])
