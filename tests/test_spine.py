@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -215,3 +216,16 @@ def test_demo_rejects_unknown_stage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo_main(["--only", "nope"])
     assert exit_info.value.code == 2 and "unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_demo_training_uses_every_core(tmp_path):
+    # `accelerate launch` without --cpu gives each process one thread; the demo asks for all cores.
+    from mitosis_ldm.demo import accelerate, cpu_threads
+
+    cmd = accelerate("autoencoder.train", "configs/demo/autoencoder.yaml")
+    probe = tmp_path / "threads.py"
+    probe.write_text("import torch; print('threads', torch.get_num_threads())\n")
+    launcher = cmd[:cmd.index("-m", 3)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([*launcher, str(probe)], cwd=REPO, capture_output=True, text=True, env=env, check=True).stdout
+    assert f"threads {cpu_threads()}" in out
