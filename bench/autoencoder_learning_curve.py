@@ -1,7 +1,7 @@
 """Learning curve of the autoencoder: held-out PSNR/SSIM against training time, through the real entry point.
 
     python bench/autoencoder_learning_curve.py [--config configs/demo/autoencoder.yaml] \
-        [--datasets runs/demo/data/synth,runs/demo/data/cmu] [--steps 2000] [--every 250] [--split test]
+        [--datasets runs/demo/data/synth,runs/demo/data/cmu] [--steps 2000] [--every 250] [--split test] [--threads N]
 
 Runs `accelerate launch -m autoencoder.train` with the held-out measurement
 every `--every` steps (its time is excluded from `train_time_s`), then prints
@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mitosis_ldm.demo import cpu_threads  # noqa: E402
 
 
 def main(argv=None):
@@ -30,6 +33,7 @@ def main(argv=None):
     parser.add_argument("--split", default="test", help="held-out split measured (test: never seen in training)")
     parser.add_argument("--limit", type=int, default=256, help="held-out patches per dataset")
     parser.add_argument("--out", help="run folder to keep (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=cpu_threads(), help="CPU threads for training (default: every core)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +43,7 @@ def main(argv=None):
         if args.steps:
             sets.append(f"train.max_steps={args.steps}")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autoencoder.train",
+               "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autoencoder.train",
                "--config", args.config, "--out", str(out), "--overwrite"]
         for item in sets:
             cmd += ["--set", item]
@@ -49,7 +53,7 @@ def main(argv=None):
                    **{k: round(v, 4) for k, v in r.items() if k.startswith(("psnr/", "ssim/"))}}
                   for r in records if "train_time_s" in r]
         config = (out / "config.yaml").read_text()
-    result = {"config": args.config, "overrides": sets, "split": args.split, "points": points,
+    result = {"config": args.config, "threads": args.threads, "overrides": sets, "split": args.split, "points": points,
               "final": points[-1] if points else None, "resolved_config": config}
     print(json.dumps(result, indent=2))
     return result
