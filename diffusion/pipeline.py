@@ -190,18 +190,20 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
-               fixed_point_iters: int = 3) -> torch.Tensor:
+               fixed_point_iters: int = 3, strength: float = 1.0) -> torch.Tensor:
         """DDIM inversion: clean latents -> the noise that DDIM (`from_inverted`) maps back to them.
 
         Each DDIM step is solved backwards by fixed-point iteration, so the round trip is exact up to
         convergence. diffusers' `DDIMInverseScheduler` takes a single step that, under v-prediction,
         misreads the model at the clean end; the few lines of algebra below avoid that.
+        `strength` < 1 stops at that fraction of the schedule (partial inversion): the target label
+        then only redraws what the remaining noise level leaves open, so more of the input survives.
         """
         scheduler = self._inversion_grid(steps)
         alphas = scheduler.alphas_cumprod
         gap = scheduler.config.num_train_timesteps // steps
         x = latents.float()
-        for t in scheduler.timesteps.flip(0):  # ascending noise levels
+        for t in scheduler.timesteps[steps - run_steps(steps, strength):].flip(0):  # ascending noise levels
             t_low = int(t) - gap
             a_low = alphas[t_low] if t_low >= 0 else scheduler.final_alpha_cumprod
             a_high = alphas[int(t)]
@@ -231,9 +233,11 @@ class MitosisPipeline:
         raise ValueError(kind)
 
     @torch.no_grad()
-    def from_inverted(self, noise: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
+    def from_inverted(self, noise: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
+                      strength: float = 1.0) -> torch.Tensor:
+        """DDIM from `invert`'s output (made with the same `steps` and `strength`) under `labels`."""
         scheduler = self._inversion_grid(steps)
-        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps)
+        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):])
 
     @torch.no_grad()
     def sdedit(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int, strength: float,
@@ -241,8 +245,7 @@ class MitosisPipeline:
         """Noise clean latents to `strength` (0..1 of the schedule), then denoise under `labels`."""
         scheduler = sampler_scheduler(self.scheduler.config, sampler)
         scheduler.set_timesteps(steps)
-        n_run = max(1, min(steps, int(round(steps * strength))))
-        begin = steps - n_run
+        begin = steps - run_steps(steps, strength)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
         timesteps = scheduler.timesteps[begin:]
@@ -250,6 +253,11 @@ class MitosisPipeline:
         noisy = scheduler.add_noise(latents, noise.contiguous(), timesteps[:1].repeat(len(latents)))
         generators = [torch.Generator().manual_seed(seed + 1_000_003) for _ in range(len(latents))]
         return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)
+
+
+def run_steps(steps: int, strength: float) -> int:
+    """How many of `steps` a partial trajectory of `strength` (0..1 of the schedule) takes; at least one."""
+    return max(1, min(steps, int(round(steps * strength))))
 
 
 def vae_factor(vae: AutoencoderKL) -> int:

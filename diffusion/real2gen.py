@@ -1,7 +1,7 @@
 """Real-to-generated: render a real patch at target labels.
 
     mitosis-ldm real2gen --pipeline runs/demo/diffusion/model --input runs/demo/data/cmu --split test --limit 8 \
-        --conditions 0:1:6 --mode invert|sdedit [--strength 0.5] [--guidance G] [--steps 20] --out DIR [--overwrite]
+        --conditions 0:1:6 --mode invert|sdedit [--strength S] [--guidance G] [--steps 20] --out DIR [--overwrite]
 
 `--input` takes image files, folders, patch datasets or `DATASET:ID`.
 - `sdedit`: noise the patch's latent to `--strength` of the schedule, then
@@ -10,7 +10,11 @@
 - `invert`: DDIM-invert the latent under the patch's own label (the null label
   when unlabelled), then run DDIM forward under each target label. Forward
   under the own label reproduces the input (recorded as `psnr_inversion_db`,
-  beside the VAE's own reconstruction `psnr_vae_db`).
+  beside the VAE's own reconstruction `psnr_vae_db`). `--strength` below 1
+  inverts only that fraction of the schedule: deterministic like full
+  inversion, but the label redraws less, so the nucleus keeps its identity.
+
+`--strength` defaults to 0.5 for `sdedit` and 1 (full inversion) for `invert`.
 
 Output: a transitions folder with `kind: real2gen` and `has_input_frame: true`
 (column 0 is the real input; its condition is the input's own label or null),
@@ -42,6 +46,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, conditions: list[float], mode: str,
            guidance: float, steps: int, strength: float = 0.5, sampler: str = "ddim") -> dict:
+    """`strength`: the noise level reached (sdedit) or the fraction of the schedule inverted (invert)."""
     """images uint8 (N, H, W, 3) -> frames (N, K, H, W, 3), reconstructions and PSNRs."""
     n, k = len(images), len(conditions)
     z0 = pipe.encode(images)  # (N, C, h, w)
@@ -50,9 +55,9 @@ def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, co
     own = torch.tensor(own_labels, dtype=torch.float32)
     out = {"vae_recon": vae_recon, "psnr_vae": psnr(images, vae_recon)}
     if mode == "invert":
-        noise = pipe.invert(z0, own, guidance, steps)  # (N, C, h, w)
-        latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps)
-        own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps))
+        noise = pipe.invert(z0, own, guidance, steps, strength=strength)  # (N, C, h, w)
+        latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps, strength=strength)
+        own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps, strength=strength))
         out.update(own_recon=own_recon, psnr_inversion=psnr(images, own_recon))
     else:
         latents = torch.cat([pipe.sdedit(z0[i: i + 1].expand(k, *z0.shape[1:]), targets[i * k: (i + 1) * k], guidance,
@@ -75,7 +80,9 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="at most this many patches per dataset input")
     parser.add_argument("--conditions", default="0:1:6", help="target labels, START:STOP:COUNT or a list")
     parser.add_argument("--mode", choices=["invert", "sdedit"], default="invert")
-    parser.add_argument("--strength", type=float, default=0.5, help="SDEdit noise level in (0, 1]")
+    parser.add_argument("--strength", type=float,
+                        help="in (0, 1]: SDEdit noise level (default 0.5), or the fraction of the schedule "
+                             "inverted (default 1, full inversion)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's real2gen guidance)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="SDEdit sampler (default ddim)")
@@ -84,6 +91,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     conditions = parse_conditions(args.conditions)
     check_sampling_args(0.0 if args.guidance is None else args.guidance, args.steps)
+    if args.strength is None:
+        args.strength = 1.0 if args.mode == "invert" else 0.5
     if not (0 < args.strength <= 1):
         raise UserError(f"--strength: must be in (0, 1], got {args.strength:g}")
     if args.limit is not None and args.limit < 1:
@@ -109,7 +118,7 @@ def main(argv=None):
         "conditions": [None] + conditions,
         "input_labels": [None if math.isnan(v) else float(v) for v in own_labels],
         "guidance": guidance, "sampler": "ddim" if args.mode == "invert" else args.sampler, "steps": args.steps,
-        "strength": args.strength if args.mode == "sdedit" else None,
+        "strength": args.strength,
         "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
         "psnr_vae_db": result["psnr_vae"].round(3).tolist(),
         "psnr_frames_db": result["psnr_frames"].round(3).tolist(),
@@ -126,8 +135,7 @@ def main(argv=None):
            f"VAE reconstruction {result['psnr_vae'].mean():.2f} dB"
     if args.mode == "invert":
         line += f", inversion at own label {result['psnr_inversion'].mean():.2f} dB"
-    else:
-        line += f", frames vs input {result['psnr_frames'].mean():.2f} dB at strength {args.strength:g}"
+    line += f", frames vs input {result['psnr_frames'].mean():.2f} dB at strength {args.strength:g}"
     print(line)
 
 

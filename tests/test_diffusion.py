@@ -214,6 +214,23 @@ def test_ddim_inversion_round_trip(world):
     assert (noise - z0).abs().mean() > 0.3  # it did move to a noise level
 
 
+def test_partial_inversion_round_trip_and_keeps_more_of_the_input(world):
+    """Inverting half the schedule: exact round trip, a lower noise level, and other labels redraw less."""
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    z0 = torch.randn(3, 4, 16, 16) * 0.8
+    own = torch.full((3,), float("nan"))
+    half = pipe.invert(z0, own, 2.0, 10, strength=0.5)
+    full = pipe.invert(z0, own, 2.0, 10)
+    assert (pipe.from_inverted(half, own, 2.0, 10, strength=0.5) - z0).abs().mean() < 0.02 * z0.abs().mean()
+    assert 0.05 < (half - z0).abs().mean() < (full - z0).abs().mean()
+    other = torch.tensor([0.0, 1.0, 1.0])
+    drift_half = (pipe.from_inverted(half, other, 2.0, 10, strength=0.5) - z0).abs().mean()
+    drift_full = (pipe.from_inverted(full, other, 2.0, 10) - z0).abs().mean()
+    assert drift_half < drift_full
+
+
 def test_real2gen_invert_and_sdedit(world, tmp_path):
     from diffusion.real2gen import main as r2g_main
 
@@ -234,6 +251,10 @@ def test_real2gen_invert_and_sdedit(world, tmp_path):
     assert recon.shape == (3, 2, 64, 64, 3)
     # the inversion reproduces the VAE's reconstruction closely (random VAE: compare in latent-free terms)
     assert np.mean(manifest["psnr_inversion_db"]) > np.mean(manifest["psnr_vae_db"]) - 1.0
+    assert manifest["strength"] == 1.0  # invert's default: the whole schedule
+    r2g_main([*common, "--mode", "invert", "--strength", "0.5", "--out", str(tmp_path / "inv-half")])
+    half = json.loads((tmp_path / "inv-half" / "manifest.json").read_text())
+    assert half["strength"] == 0.5 and np.mean(half["psnr_inversion_db"]) > np.mean(half["psnr_vae_db"]) - 1.0
     r2g_main([*common, "--mode", "sdedit", "--strength", "0.3", "--out", str(tmp_path / "sd")])
     assert json.loads((tmp_path / "sd" / "manifest.json").read_text())["strength"] == 0.3
 
