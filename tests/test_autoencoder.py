@@ -169,7 +169,7 @@ def test_refuses_existing_run_and_bad_config(tmp_path, tiny_data, trained):
     assert result.returncode == 2 and "loss.lpips" in result.stderr and not (tmp_path / "z").exists()
 
 
-@pytest.mark.parametrize("name", ["demo", "full"])
+@pytest.mark.parametrize("name", ["demo", "full", "long"])
 def test_shipped_configs_load(name):
     from autoencoder.train import AutoencoderConfig
     from mitosis_ldm.config import load_config
