@@ -14,7 +14,9 @@
   inverts only that fraction of the schedule: deterministic like full
   inversion, but the label redraws less, so the nucleus keeps its identity.
 
-`--strength` defaults to 0.5 for `sdedit` and 1 (full inversion) for `invert`.
+`--strength` defaults to 0.5 for `sdedit` and, for `invert`, to the pipeline's
+`default_real2gen_strength` (1, full inversion, when the pipeline has none);
+`--guidance` defaults to the pipeline's `default_real2gen_guidance`.
 
 Output: a transitions folder with `kind: real2gen` and `has_input_frame: true`
 (column 0 is the real input; its condition is the input's own label or null),
@@ -46,8 +48,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, conditions: list[float], mode: str,
            guidance: float, steps: int, strength: float = 0.5, sampler: str = "ddim") -> dict:
-    """`strength`: the noise level reached (sdedit) or the fraction of the schedule inverted (invert)."""
-    """images uint8 (N, H, W, 3) -> frames (N, K, H, W, 3), reconstructions and PSNRs."""
+    """images uint8 (N, H, W, 3) -> frames (N, K, H, W, 3), reconstructions and PSNRs.
+
+    `strength`: the noise level reached (sdedit) or the fraction of the schedule inverted (invert).
+    """
     n, k = len(images), len(conditions)
     z0 = pipe.encode(images)  # (N, C, h, w)
     vae_recon = pipe.decode(z0)
@@ -82,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["invert", "sdedit"], default="invert")
     parser.add_argument("--strength", type=float,
                         help="in (0, 1]: SDEdit noise level (default 0.5), or the fraction of the schedule "
-                             "inverted (default 1, full inversion)")
+                             "inverted (default: the pipeline's real2gen strength, else 1)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's real2gen guidance)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="SDEdit sampler (default ddim)")
@@ -91,9 +95,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     conditions = parse_conditions(args.conditions)
     check_sampling_args(0.0 if args.guidance is None else args.guidance, args.steps)
-    if args.strength is None:
-        args.strength = 1.0 if args.mode == "invert" else 0.5
-    if not (0 < args.strength <= 1):
+    if args.strength is not None and not (0 < args.strength <= 1):
         raise UserError(f"--strength: must be in (0, 1], got {args.strength:g}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: must be >= 1, got {args.limit}")
@@ -109,6 +111,8 @@ def main(argv=None):
     own_labels = np.array([item.label for item in items], np.float32)  # NaN = unlabelled -> null label
     guidance = float(pipe.info.get("default_real2gen_guidance", pipe.default_guidance)) if args.guidance is None \
         else args.guidance
+    if args.strength is None:
+        args.strength = float(pipe.info.get("default_real2gen_strength", 1.0)) if args.mode == "invert" else 0.5
     result = render(pipe, images, own_labels, conditions, args.mode, guidance, args.steps, args.strength, args.sampler)
     frames = np.concatenate([images[:, None], result["frames"]], axis=1)  # (N, 1 + K, H, W, 3)
     seeds = list(range(len(items)))

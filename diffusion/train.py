@@ -68,6 +68,7 @@ class SampleConfig:
     sampler: str = "dpm++"
     # real2gen starts from a real (often unlabelled, other-domain) patch: milder guidance keeps its identity
     real2gen_guidance: float = 2.0
+    real2gen_strength: float = 1.0   # fraction of the schedule `real2gen --mode invert` inverts (1 = all of it)
 
 
 @dataclass
@@ -190,6 +191,8 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"sample.sampler: must be one of {', '.join(SAMPLERS)}, got '{cfg.sample.sampler}'")
     if min(cfg.sample.guidance, cfg.sample.real2gen_guidance) < 0 or cfg.sample.steps < 1:
         raise UserError("sample: field 'guidance' must be >= 0 and 'steps' >= 1")
+    if not 0 < cfg.sample.real2gen_strength <= 1:
+        raise UserError(f"sample.real2gen_strength: must be in (0, 1], got {cfg.sample.real2gen_strength:g}")
 
 
 def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -238,6 +241,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_steps": cfg.sample.steps,
         "default_sampler": cfg.sample.sampler,
         "default_real2gen_guidance": cfg.sample.real2gen_guidance,
+        "default_real2gen_strength": cfg.sample.real2gen_strength,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],

@@ -66,7 +66,7 @@ def stages(root: Path) -> list[tuple[str, list[list[str]]]]:
                              "--out", f"{r}/transitions", "--overwrite")]),
         ("real2gen", [cli("real2gen", "--pipeline", f"{r}/diffusion/model", "--input", f"{data}/cmu",
                           "--split", "test", "--limit", "8", "--conditions", "0:1:6", "--mode", "invert",
-                          "--strength", "0.8", "--guidance", "4", "--out", f"{r}/real2gen", "--overwrite")]),
+                          "--out", f"{r}/real2gen", "--overwrite")]),
         ("score", [cli("score", "--classifier", f"{r}/classifier/model", f"{r}/transitions", f"{r}/real2gen",
                        "--out", f"{r}/scores.csv", "--overwrite")]),
         ("report", [cli("report", "--transitions", f"{r}/transitions", "--real2gen", f"{r}/real2gen",

@@ -251,7 +251,7 @@ def test_real2gen_invert_and_sdedit(world, tmp_path):
     assert recon.shape == (3, 2, 64, 64, 3)
     # the inversion reproduces the VAE's reconstruction closely (random VAE: compare in latent-free terms)
     assert np.mean(manifest["psnr_inversion_db"]) > np.mean(manifest["psnr_vae_db"]) - 1.0
-    assert manifest["strength"] == 1.0  # invert's default: the whole schedule
+    assert manifest["strength"] == info["default_real2gen_strength"] == 1.0  # the pipeline's default: all of it
     r2g_main([*common, "--mode", "invert", "--strength", "0.5", "--out", str(tmp_path / "inv-half")])
     half = json.loads((tmp_path / "inv-half" / "manifest.json").read_text())
     assert half["strength"] == 0.5 and np.mean(half["psnr_inversion_db"]) > np.mean(half["psnr_vae_db"]) - 1.0
