@@ -43,7 +43,8 @@ def main(argv=None):
         if args.steps:
             sets.append(f"train.max_steps={args.steps}")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autoencoder.train",
+               "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "autoencoder.train",
                "--config", args.config, "--out", str(out), "--overwrite"]
         for item in sets:
             cmd += ["--set", item]
