@@ -7,8 +7,6 @@ takes a loaded classifier ensemble (anything with `predict`, `features` and
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +15,11 @@ import numpy as np
 
 from mitosis_ldm.artifacts import read_transitions
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import atomic_dir, write_json, write_text
+from mitosis_ldm.io import atomic_dir
 
-from . import benchmark, consistency, fidelity, morphology, plots
-from .html import Markup, esc, file_data_uri, img, png_data_uri, render, table
+from . import benchmark, consistency, fidelity, morphology
+from .extras import Extra, HeldOut
+from .outputs import write_folder_metrics, write_outputs
 from .stats import bootstrap_ci, curve_ci, spearman
 
 TARGETS = {  # the issue's acceptance targets on the synthetic benchmark: (metric, direction, bound)
@@ -146,7 +145,8 @@ def subset(n: int, limit: int, rng) -> np.ndarray:
 # -- the report ------------------------------------------------------------
 
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
-                 dataset_root, out, overwrite: bool = False, log=print) -> dict:
+                 dataset_root, out, overwrite: bool = False, log=print, extras: tuple = ()) -> dict:
+    """`extras`: callables `make(held_out: HeldOut) -> Extra`, one per extra judge's folder (see extras.py)."""
     from patches.dataset import PatchDataset, read_meta
 
     start = time.time()
@@ -336,224 +336,17 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         met = None if v is None or not np.isfinite(v) else bool(v >= bound if op == ">=" else v <= bound)
         metrics["targets"][name] = {"value": v, "target": f"{op} {bound}", "met": met, "folder": main.key}
 
+    held_out = HeldOut(classifier, Path(dataset_root), real_split, real_ids, real_images, real_soft, real_hard,
+                       real_degree, real_scores, real_stds, cfg, log)
+    extra_sections: list[Extra] = [make(held_out) for make in extras]
+    for extra in extra_sections:
+        metrics[extra.key] = extra.metrics
+
     log("metrics done; writing plots, CSVs and report.html")
     with atomic_dir(out, overwrite) as tmp:
         write_outputs(tmp, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
-                      real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph)
+                      real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph,
+                      extra_sections)
     for f in folders:
         write_folder_metrics(f, out, overwrite)
     return metrics
-
-
-def write_folder_metrics(f: Folder, out: Path, overwrite: bool) -> None:
-    """The folder's own label-consistency summary beside its scores (DESIGN: after scoring, metrics.json)."""
-    path = f.path / "metrics.json"
-    if path.exists() and not overwrite:
-        return  # never replace what the user has without --overwrite; the report folder holds it anyway
-    write_json(path, {"consistency": f.summary, "per_seed": f.per_seed, "score_source": f.score_source,
-                      "report": str(out)})
-
-
-def csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow(["" if v is None or (isinstance(v, float) and not np.isfinite(v)) else
-                         (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for v in row])
-    return buffer.getvalue()
-
-
-def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
-                  real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph) -> None:
-    from mitosis_ldm.config import save_config
-
-    names = list(morphology.FEATURES)
-    write_json(tmp / "metrics.json", metrics)
-    save_config(cfg, tmp / "config.yaml")
-
-    # CSVs
-    frame_rows = []
-    for f in folders:
-        for s, seed in enumerate(f.manifest["seeds"]):
-            for c in range(f.frames.shape[1]):
-                frame_rows.append([f.key, seed, c, f.conditions[c], int(c not in f.generated), f.scores[s, c],
-                                   f.stds[s, c]] + [f.morph[n][s, c] for n in names])
-        write_text(tmp / f"consistency-{f.key}.csv", csv_text(
-            ["seed", *consistency.METRICS], [[r["seed"], *(r[m] for m in consistency.METRICS)] for r in f.per_seed]))
-    write_text(tmp / "frames.csv", csv_text(["folder", "seed", "frame", "condition", "is_input", "score", "score_std",
-                                             *names], frame_rows))
-    write_text(tmp / "real_patches.csv", csv_text(
-        ["id", "soft_label", "hard_label", "true_degree", "score", *names],
-        [[real_ids[i], real_soft[i], real_hard[i], real_degree[i], real_scores[i], *(real_morph[n][i] for n in names)]
-         for i in range(len(real_ids))]))
-    write_text(tmp / "fidelity.csv", csv_text(["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick",
-                                               "ratio"],
-                                              [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"],
-                                                r["yardstick"], r["ratio"]] for r in fd_rows]))
-    if bench is not None:
-        noise = bench[2]
-        write_text(tmp / "label_noise.csv", csv_text(
-            ["rank", "id", "soft_label", "score", "disagreement", "true_degree", "truly_mislabelled"],
-            [[r["rank"], r["id"], r["soft_label"], r["score"], r["disagreement"], r["true_degree"],
-              int(r["truly_mislabelled"])] for r in noise["ranked"]]))
-
-    # plots
-    for f in folders:
-        cond = f.conditions[f.generated]
-        curve = curve_ci(f.scores[:, f.generated], min(cfg.bootstrap, 500), seed=cfg.seed)
-        plots.consistency(tmp / f"consistency-{f.key}.png", f.key, cond, f.scores[:, f.generated], curve, f.summary)
-    plots.morphology(tmp / "morphology.png", morph_generated, morph_real)
-    plots.fidelity(tmp / "fidelity.png", fd_rows, bin_names)
-    for space, result in memo.items():
-        plots.memorisation(tmp / f"memorisation-{space}.png", result,
-                           "pixels, [0, 1] RGB" if space == "pixels" else "classifier features")
-    if bench is not None:
-        plots.degree(tmp / "degree.png", bench[0], bench[1])
-
-    write_text(tmp / "report.html", render(page(tmp, folders, metrics, fd_rows, memo, bench, real_images)))
-
-
-# -- the HTML page ---------------------------------------------------------
-
-FEATURE_DIGITS = {"area": 0, "perimeter": 1}
-
-
-def frame_caption(f: Folder, s: int, c: int) -> str:
-    if c in f.generated:
-        return f"condition y = {f.conditions[c]:.2f}"
-    own = f.manifest.get("input_labels")
-    label = own[s] if isinstance(own, list) and len(own) == f.frames.shape[0] else f.manifest["conditions"][c]
-    return "real input" + (f" (label {float(label):.2f})" if label is not None else " (unlabelled)")
-
-
-def seed_title(f: Folder, s: int, seed) -> str:
-    names = f.manifest.get("inputs") or f.manifest.get("names")
-    if isinstance(names, list) and len(names) == f.frames.shape[0]:
-        title = f"{'real input' if f.role == 'real2gen' else 'seed'} {names[s]}"
-    else:
-        title = f"{'input' if f.role == 'real2gen' else 'seed'} {seed}"
-    psnr = f.manifest.get("psnr_inversion_db")
-    if isinstance(psnr, list) and len(psnr) == f.frames.shape[0] and psnr[s] is not None:
-        title += f" (inversion reconstructs it at {float(psnr[s]):.1f} dB)"
-    return title
-
-
-def folder_data(f: Folder) -> dict:
-    names = list(morphology.FEATURES)
-    seeds = []
-    for s, seed in enumerate(f.manifest["seeds"]):
-        seeds.append({
-            "title": seed_title(f, s, seed),
-            "frames": [png_data_uri(f.frames[s, c]) for c in range(f.frames.shape[1])],
-            "captions": [frame_caption(f, s, c) for c in range(f.frames.shape[1])],
-            "is_input": [bool(c not in f.generated) for c in range(f.frames.shape[1])],
-            "scores": [float(v) for v in f.scores[s]],
-            "stds": [float(v) for v in f.stds[s]],
-            "features": [[None if not np.isfinite(f.morph[n][s, c]) else float(f.morph[n][s, c]) for n in names]
-                         for c in range(f.frames.shape[1])],
-        })
-    return {"seeds": seeds, "feature_names": [{"label": morphology.FEATURES[n], "digits": FEATURE_DIGITS.get(n, 3)}
-                                              for n in names]}
-
-
-def ci_cell(entry: dict) -> str:
-    lo, hi = entry["ci"]
-    return "–" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
-
-
-def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict:
-    """Sections of report.html, each an (escaped) HTML string."""
-    from .html import seed_rows
-
-    data = {f.key: folder_data(f) for f in folders}  # PNG-encode every frame once
-    sections = []
-    # summary: the targets
-    rows = []
-    for name, t in metrics["targets"].items():
-        verdict = "–" if t["met"] is None else ("met" if t["met"] else "missed")
-        rows.append([name.replace("_", " "), t["value"], t["target"],
-                     Markup(f'<span class="{"met" if t["met"] else "miss"}">{esc(verdict)}</span>')])
-    inputs = metrics["inputs"]
-    listing = "".join(f"<li><b>{esc(k)}</b>: {esc(', '.join(map(str, v)) if isinstance(v, list) else v)}</li>"
-                      for k, v in inputs.items())
-    sections.append(("Summary", table(["metric", "value", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
-                     + "<p class='note'>Scores are the mean P(mitotic) of an independent classifier ensemble; "
-                       "the condition y is the fraction of experts the generator was asked to imitate. "
-                       "Morphology is measured on the nucleus segmented on the haematoxylin channel.</p>"))
-    # one section per folder: the consistency table, its plot, and the sliders
-    for f in folders:
-        s = f.summary
-        rows = [["Spearman(condition, score)", "median", s["spearman"]["value"], ci_cell(s["spearman"])],
-                ["monotone steps", "mean fraction", s["monotone"]["value"], ci_cell(s["monotone"])],
-                ["flip (score < 0.5 at y=0, > 0.5 at y=1)", "rate", s["flip"]["value"], ci_cell(s["flip"])],
-                ["|score − condition|", "mean", s["abs_error"]["value"], ci_cell(s["abs_error"])]]
-        note = ("Each row is one real nucleus: the first frame is the real input, the others are the model's "
-                "rendering of it at each target label. " if f.role == "real2gen" else
-                "Each row is one seed: the same noise rendered at each condition. ")
-        body = (f"<p class='note'>{esc(str(f.path))} — {s['n_seeds']} rows; scores from {esc(f.score_source)}. "
-                f"{esc(note)}Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
-                + table(["metric", "statistic", "value", "95% bootstrap CI"], rows)
-                + img(file_data_uri(tmp / f"consistency-{f.key}.png"), f"score vs condition for {f.key}", "plot")
-                + seed_rows(f.key, data[f.key]))
-        sections.append((f"{'Real to generated' if f.role == 'real2gen' else 'Transitions'}: {f.key}", body))
-    # morphology
-    rows = []
-    for name, label in morphology.FEATURES.items():
-        row = [label]
-        for f in folders:
-            m = metrics["morphology"][f.key][name]
-            row += [m["spearman_mean_curve"], m["median_seed_spearman"]]
-        row.append(metrics["morphology"].get("real", {}).get(name, {}).get("spearman_soft_label"))
-        rows.append(row)
-    header = ["feature"] + [h for f in folders for h in (f"{f.key}: ρ mean curve", f"{f.key}: median ρ per seed")]
-    sections.append(("Morphology along the transitions",
-                     "<p class='note'>Spearman ρ of each feature against the condition (generated) and against the "
-                     "soft label (held-out real patches). The plot shows generated means ± 95% CI over seeds and "
-                     "real patches binned by soft label on the same axes.</p>"
-                     + table(header + ["real: ρ vs soft label"], rows)
-                     + img(file_data_uri(tmp / "morphology.png"), "morphology features vs condition", "plot")))
-    # fidelity and memorisation
-    fid = metrics["fidelity"]
-    rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"]]
-            for r in fd_rows]
-    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"]])
-    body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
-            "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
-            "the real patches (equal sample sizes, averaged over repeats).</p>"
-            + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio"], rows)
-            + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
-    if memo:
-        rows = [[space, r["share"], r["quantile"], r["threshold"], r["generated_median"], r["held_out_median"],
-                 r["n_generated"], r["n_train"]] for space, r in metrics["memorisation"].items()]
-        body += ("<h3>Memorisation</h3><p class='note'>Share of generated patches nearer to a training patch than "
-                 "the given quantile of held-out real patches are (about that quantile if nothing is copied).</p>"
-                 + table(["space", "share", "quantile", "threshold", "median NN (gen)", "median NN (held-out)",
-                          "generated", "training searched"], rows)
-                 + "".join(img(file_data_uri(tmp / f"memorisation-{space}.png"), f"nearest neighbours ({space})",
-                               "plot") for space in memo))
-    sections.append(("Fidelity and memorisation", body))
-    # synthetic benchmark
-    if bench is not None:
-        noise = bench[2]
-        lm = metrics["benchmark"]["label_noise"]
-        rows = []
-        for r in noise["ranked"][:20]:
-            rows.append([r["rank"], img(png_data_uri(real_images[r["index"]]), r["id"]), r["id"], r["soft_label"],
-                         r["score"], r["true_degree"], r["truly_mislabelled"]])
-        body = (img(file_data_uri(tmp / "degree.png"), "estimated vs true degree", "plot")
-                + "<p class='note'>Above: the classifier's score mapped to a degree (isotonic fit on held-out real "
-                  "patches) for generated frames, against the true degree of real patches with that soft label.</p>"
-                + f"<h3>Label-noise finder</h3><p class='note'>Held-out real patches ranked by |soft label − score|. "
-                  f"Of the top {lm['top']}, {lm['truly_mislabelled_in_top']} are truly mislabelled (majority vote "
-                  f"disagrees with the known degree); base rate {lm['base_rate']:.1%} "
-                  f"({lm['n_mislabelled']} of {lm['n_labelled']}).</p>"
-                + table(["rank", "patch", "id", "soft label", "score", "true degree", "truly mislabelled"], rows,
-                        "noise"))
-        sections.append(("Synthetic benchmark (known degree)", body))
-    return {
-        "title": "mitosis-ldm report",
-        "subtitle": "What changes as a nucleus turns mitotic: label consistency, morphology, fidelity.",
-        "sections": sections,
-        "folders": data,
-    }

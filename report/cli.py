@@ -11,6 +11,7 @@ Writes OUT/metrics.json, CSVs, PNG plots and a self-contained OUT/report.html
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 from mitosis_ldm.artifacts import CLASSIFIER, PATCHES, expect_artifact
@@ -19,6 +20,10 @@ from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output
 
 from .build import ReportConfig, build_report
+
+
+# extra judges: --FLAG DIR -> module whose `extra(path)` returns `make(held_out) -> Extra` (see extras.py)
+EXTRAS: dict[str, tuple[str, str]] = {}
 
 
 def load_classifier(path):
@@ -38,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--real2gen", action="append", default=[], metavar="DIR", help="a real2gen folder (repeatable)")
     p.add_argument("--classifier", required=True, metavar="DIR", help="classifier folder (or its run folder)")
     p.add_argument("--dataset", required=True, metavar="DIR", help="patch dataset: real patches to compare with")
+    for flag, (_, help_) in EXTRAS.items():
+        p.add_argument(f"--{flag}", action="append", default=[], metavar="DIR", help=help_)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder to write")
     p.add_argument("--config", help="YAML overriding the ReportConfig defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
@@ -54,8 +61,11 @@ def main(argv=None):
     dataset = expect_artifact(args.dataset, PATCHES, "--dataset")
     classifier_path, classifier = load_classifier(args.classifier)
     log = (lambda *_: None) if args.quiet else print
+    # every extra folder is read (and checked) before the report's own work starts
+    extras = [importlib.import_module(module).extra(path)
+              for flag, (module, _) in EXTRAS.items() for path in getattr(args, flag.replace("-", "_"))]
     metrics = build_report(cfg, args.transitions, args.real2gen, classifier, classifier_path, dataset, args.out,
-                           args.overwrite, log=log)
+                           args.overwrite, log=log, extras=extras)
     for name, t in metrics["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
