@@ -95,7 +95,34 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _run_job(job):
+def partial_folder(out) -> Path:
+    """The hidden folder beside `out` that keeps finished jobs until the dataset is assembled."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def prepare_partial(out, jobs, patch_size: int, margin: int) -> Path:
+    """Create `partial_folder(out)`, emptied first when it holds the results of other jobs (a changed source)."""
+    partial = partial_folder(out)
+    fingerprint = hashlib.sha256(json.dumps(
+        [[k, f"{fn.__module__}.{fn.__qualname__}", kw] for k, fn, kw in jobs] + [patch_size, margin],
+        default=str, sort_keys=True).encode()).hexdigest()
+    stamp = partial / "jobs.sha256"
+    if partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return partial
+
+
+def pending_jobs(partial: Path, jobs) -> list[tuple]:
+    """The jobs whose shard is not in `partial` yet, as `run_job` arguments."""
+    return [(k, fn, kw, partial) for k, fn, kw in jobs
+            if not ((partial / f"{k}.npy").exists() and (partial / f"{k}.json").exists())]
+
+
+def run_job(job):
+    """Run one `(key, function, kwargs, partial)` job and keep its shard in `partial` (resumable unit)."""
     key, fn, kwargs, shard_dir = job
     shard = fn(**kwargs)
     images = np.ascontiguousarray(shard.images, dtype=np.uint8)
@@ -118,17 +145,8 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
     """
     out = check_new_output(out, overwrite)
     split = split or SplitConfig()
-    partial = out.parent / f".{out.name}.partial"
-    fingerprint = hashlib.sha256(json.dumps(
-        [[k, f"{fn.__module__}.{fn.__qualname__}", kw] for k, fn, kw in jobs] + [patch_size, margin],
-        default=str, sort_keys=True).encode()).hexdigest()
-    stamp = partial / "jobs.sha256"
-    if partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
-    todo = [(k, fn, kw, partial) for k, fn, kw in jobs
-            if not ((partial / f"{k}.npy").exists() and (partial / f"{k}.json").exists())]
+    partial = prepare_partial(out, jobs, patch_size, margin)
+    todo = pending_jobs(partial, jobs)
     try:
         if todo:
             from tqdm.auto import tqdm
@@ -138,11 +156,11 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
                       disable=not progress or len(jobs) < 2) as bar:
                 if workers > 1 and len(todo) > 1:
                     with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-                        for _ in pool.map(_run_job, todo):
+                        for _ in pool.map(run_job, todo):
                             bar.update(1)
                 else:
                     for job in todo:
-                        _run_job(job)
+                        run_job(job)
                         bar.update(1)
         images, rows = [], []
         for key, _, _ in jobs:
