@@ -1,7 +1,8 @@
 """Atomic output: every file and folder is written to a temporary path, then renamed.
 
 `atomic_dir(path, overwrite)` guards whole output folders (a failure leaves
-nothing behind); `write_json` / `write_text` / `save_npy` guard single files.
+nothing behind) and records their files' hashes (mitosis_ldm/integrity.py);
+`write_json` / `write_text` / `save_npy` guard single files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import integrity
 from .errors import UserError
 
 
@@ -38,6 +40,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        integrity.record(tmp)  # every exported folder carries its files' sha256 (integrity.json)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,6 +68,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
         with os.fdopen(fd, mode) as handle:
             yield handle
         os.replace(tmp, path)
+        integrity.note_write(path)  # a recorded folder keeps its record current
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -69,7 +69,7 @@ def test_two_processes_train_and_export_the_same_layout(tmp_path, synth):
     run = json.loads((out / "run.json").read_text())
     assert run["num_processes"] == 2 and run["process_ranks"] == [0, 1]
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
-                                                                 "training.json"]
+                                                                 "integrity.json", "training.json"]
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
     vae = AutoencoderKL.from_pretrained(out / "model")
     assert vae.config.latent_channels == 4 and vae.config.scaling_factor > 0

@@ -41,7 +41,7 @@ def test_round_trip_predicts_identically_and_members_differ(tmp_path):
     assert meta["format"] == "mitosis-ldm/classifier" and meta["member_seeds"] == [0, 1]
     assert meta["normalisation"]["kind"] == "percentile" and meta["model_name"] == "resnet10t"
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
-        "config.json", "member-0.safetensors", "member-1.safetensors"]
+        "config.json", "integrity.json", "member-0.safetensors", "member-1.safetensors"]
     for path in (tmp_path / "run" / "model", tmp_path / "run"):  # the folder itself or its run folder
         loaded = ClassifierEnsemble.from_pretrained(path)
         np.testing.assert_allclose(loaded.predict(x), before, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ def test_atomic_dir_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "integrity.json"]
 
 
 def test_read_json_reports_file_and_position(tmp_path):
