@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transitions": ("diffusion.sample", "render the same nucleus at conditions y = 0 ... 1"),
     "real2gen": ("diffusion.real2gen", "render a real patch at target labels (SDEdit or DDIM inversion)"),
     "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
+    "study": ("study.cli", "a blinded reader study: make the page, simulate readers, analyse the answers"),
     "demo": ("mitosis_ldm.demo", "run the whole pipeline on the embedded default"),
 }
 
