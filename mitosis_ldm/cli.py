@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "real2gen": ("diffusion.real2gen", "render a real patch at target labels (SDEdit or DDIM inversion)"),
     "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
     "study": ("study.cli", "a blinded reader study: make the page, simulate readers, analyse the answers"),
+    "serve": ("serve.cli", "local slide explorer: click a nucleus, watch it turn mitotic (FastAPI + OpenSeadragon)"),
     "demo": ("mitosis_ldm.demo", "run the whole pipeline on the embedded default"),
 }
 
