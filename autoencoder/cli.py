@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact
+from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact, load_part
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.images import contact_sheet, save_png
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_json, write_json
@@ -41,10 +41,7 @@ def load_autoencoder(path, flag: str = "--model", tile: int = 256):
     from diffusers import AutoencoderKL
 
     folder = expect_artifact(path, AUTOENCODER, flag)
-    try:
-        vae = AutoencoderKL.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{folder}: cannot load the autoencoder ({' '.join(str(err).split())[:160]})") from None
+    vae = load_part(folder, "the autoencoder", AutoencoderKL.from_pretrained)
     vae.eval().requires_grad_(False)
     if tile % DOWNSAMPLE:
         raise UserError(f"--tile: must be divisible by {DOWNSAMPLE}, got {tile}")

@@ -249,30 +249,87 @@ class ClassifierEnsemble:
     def from_pretrained(cls, path, flag: str = "--classifier") -> "ClassifierEnsemble":
         folder = expect_artifact(path, CLASSIFIER, flag)
         meta = read_json(folder / "config.json", "classifier config")
-        try:
-            norm = meta["normalisation"]
-            cfg = ModelConfig(name=meta["model_name"], model_kwargs=meta.get("model_kwargs", {}), pretrained=False,
-                              input_size=int(meta["input_size"]), upsample=int(meta["upsample"]),
-                              normalisation=norm["kind"], percentile=float(norm.get("percentile", 99.0)),
-                              mean=list(norm.get("mean", IMAGENET_MEAN)), std=list(norm.get("std", IMAGENET_STD)),
-                              drop_rate=float(meta.get("drop_rate", 0.0)))
-            seeds = [int(s) for s in meta["member_seeds"]]
-            calibration = [(float(c["scale"]), float(c["bias"])) for c in meta.get("calibration", [])] or None
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{folder / 'config.json'}: field {err} is missing or malformed") from None
+        cfg, seeds, calibration = _parse_config(meta, folder / "config.json")
         members = []
         for k in range(len(seeds)):
             weights = folder / f"member-{k}.safetensors"
             if not weights.exists():
                 raise UserError(f"{weights}: missing ({len(seeds)} members listed in config.json)")
-            member = MitosisClassifier(cfg, pretrained=False)
-            missing, unexpected = member.net.load_state_dict(load_file(str(weights)), strict=False)
+            try:
+                member = MitosisClassifier(cfg, pretrained=False)
+            except UserError as err:
+                raise UserError(f"{folder / 'config.json'}: {err}") from None
+            except Exception as err:  # timm constructors reject odd kwargs with many exception types
+                raise UserError(f"{folder / 'config.json'}: fields 'model_name'/'model_kwargs' do not build a "
+                                f"network ({type(err).__name__}: {_short(err)})") from None
+            try:
+                state = load_file(str(weights))
+            except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+                raise UserError(f"{weights}: not a readable safetensors file ({_short(err)})") from None
+            try:
+                missing, unexpected = member.net.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise UserError(f"{weights}: does not fit '{cfg.name}' as config.json describes it "
+                                f"({_short(err)})") from None
             if missing or unexpected:
                 raise UserError(f"{weights}: does not fit '{cfg.name}' (missing {list(missing)[:2]}, "
                                 f"unexpected {list(unexpected)[:2]})")
             members.append(member)
+        if "feature_dim" in meta and meta["feature_dim"] != members[0].net.num_features:
+            raise UserError(f"{folder / 'config.json'}: field 'feature_dim' is {meta['feature_dim']!r} but "
+                            f"'{cfg.name}' has {members[0].net.num_features} features")
         known = {"format", "model_name", "model_kwargs", "input_size", "upsample", "normalisation", "drop_rate",
                  "members", "member_seeds", "calibration", "feature_dim"}
         extra = {k: v for k, v in meta.items() if k not in known}
         return cls(cfg, members, seeds, calibration, extra)
 
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:160]
+
+
+def _parse_config(meta, where: Path) -> tuple[ModelConfig, list[int], list[tuple[float, float]] | None]:
+    """The exported config.json -> (ModelConfig, member seeds, calibration); wrong types and contradictions
+    become one line naming the field."""
+    def need(ok: bool, field: str, expected: str):
+        if not ok:
+            raise UserError(f"{where}: field '{field}' must be {expected}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    need(isinstance(meta, dict), "<root>", "a JSON object")
+    for key in ("model_name", "input_size", "upsample", "normalisation", "member_seeds"):
+        need(key in meta, key, "present")
+    norm = meta["normalisation"]
+    need(isinstance(meta["model_name"], str), "model_name", "a timm model name (a string)")
+    need(isinstance(meta.get("model_kwargs", {}), dict), "model_kwargs", "an object")
+    need(is_int(meta["input_size"]) and 8 <= meta["input_size"] <= 4096, "input_size", "an integer in [8, 4096]")
+    need(is_int(meta["upsample"]) and 1 <= meta["upsample"] <= 16, "upsample", "an integer in [1, 16]")
+    need(isinstance(norm, dict) and norm.get("kind") in ("percentile", "meanstd"), "normalisation.kind",
+         "percentile or meanstd")
+    need(is_num(norm.get("percentile", 99.0)) and 0 < norm.get("percentile", 99.0) <= 100, "normalisation.percentile",
+         "a number in (0, 100]")
+    for key in ("mean", "std"):
+        value = norm.get(key, IMAGENET_MEAN)
+        need(isinstance(value, list) and len(value) == 3 and all(is_num(v) for v in value), f"normalisation.{key}",
+             "a list of 3 numbers")
+    need(all(v > 0 for v in norm.get("std", IMAGENET_STD)), "normalisation.std", "positive")
+    need(is_num(meta.get("drop_rate", 0.0)) and 0 <= meta.get("drop_rate", 0.0) < 1, "drop_rate", "a number in [0, 1)")
+    seeds = meta["member_seeds"]
+    need(isinstance(seeds, list) and 0 < len(seeds) <= 64 and all(is_int(s) for s in seeds), "member_seeds",
+         "a non-empty list of integers")
+    need(meta.get("members", len(seeds)) == len(seeds), "members",
+         f"the number of member_seeds ({len(seeds)})")
+    calibration = meta.get("calibration", [])
+    need(isinstance(calibration, list) and all(isinstance(c, dict) and is_num(c.get("scale")) and is_num(c.get("bias"))
+                                               for c in calibration), "calibration", "a list of {scale, bias} numbers")
+    need(len(calibration) in (0, len(seeds)), "calibration", f"one entry per member ({len(seeds)})")
+    cfg = ModelConfig(name=meta["model_name"], model_kwargs=meta.get("model_kwargs", {}), pretrained=False,
+                      input_size=meta["input_size"], upsample=meta["upsample"], normalisation=norm["kind"],
+                      percentile=float(norm.get("percentile", 99.0)), mean=list(norm.get("mean", IMAGENET_MEAN)),
+                      std=list(norm.get("std", IMAGENET_STD)), drop_rate=float(meta.get("drop_rate", 0.0)))
+    return cfg, list(seeds), [(float(c["scale"]), float(c["bias"])) for c in calibration] or None

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact
+from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact, load_part
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.hashing import hash_folder
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json
@@ -45,7 +45,7 @@ def load_vae(vae_dir, flag: str = "--vae"):
     from diffusers import AutoencoderKL
 
     path = expect_artifact(vae_dir, AUTOENCODER, flag)
-    return path, AutoencoderKL.from_pretrained(path).eval()
+    return path, load_part(path, "the autoencoder", AutoencoderKL.from_pretrained).eval()
 
 
 def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:

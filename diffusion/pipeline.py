@@ -27,7 +27,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
 from mitosis_ldm.artifacts import FORMAT, PIPELINE, expect_artifact
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.hashing import hash_folder
-from mitosis_ldm.io import read_json, write_json
+from mitosis_ldm.io import write_json
 
 from .cache import decode_latents, encode_images
 from .model import LabelEmbedder, time_embed_dim
@@ -38,12 +38,6 @@ SAMPLERS = {
     "dpm++": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
     "euler": EulerDiscreteScheduler,
-}
-PARTS = {  # part folder -> file that must be there
-    "vae": "config.json",
-    "unet": "config.json",
-    "label_embedder": "config.json",
-    "scheduler": "scheduler_config.json",
 }
 
 
@@ -89,16 +83,10 @@ class MitosisPipeline:
     # -- folder in / out ---------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, flag: str = "--pipeline") -> "MitosisPipeline":
-        path = expect_artifact(path, PIPELINE, flag)
-        for part, marker in PARTS.items():
-            if not (path / part / marker).exists():
-                raise UserError(f"{path}: pipeline part '{part}/' is missing ({part}/{marker} not found); "
-                                f"export the pipeline again")
-        info = read_json(path / "pipeline.json", "pipeline.json")
-        vae = AutoencoderKL.from_pretrained(path / "vae")
-        unet = UNet2DModel.from_pretrained(path / "unet")
-        embedder = LabelEmbedder.from_pretrained(path / "label_embedder")
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        from .pipeline_folder import load_parts  # imports this module
+
+        path = expect_artifact(path, PIPELINE, flag)  # marker + recorded hashes
+        vae, unet, embedder, scheduler, info = load_parts(path)  # each part loads, pipeline.json agrees with them
         check_compatible(vae, unet, embedder, info, path)
         return cls(vae, unet, embedder, scheduler, info, path)
 

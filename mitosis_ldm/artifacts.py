@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import integrity
 from .errors import UserError
 from .io import atomic_dir, save_npy, write_json
 
@@ -97,22 +98,39 @@ def artifact_kind(path) -> str | None:
 
 
 def expect_artifact(path, kind: str, flag: str) -> Path:
-    """Check that `path` holds artifact `kind`; otherwise one line naming what it is instead."""
+    """Check that `path` holds artifact `kind` and its recorded hashes hold; otherwise one line naming the problem."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found ({flag} expects {DESCRIPTION[kind]})")
     found = artifact_kind(path)
     if found == kind:
+        integrity.verify(path)  # sizes and small files' hashes; everything under --verify
         return path
     if found == "run":
         inner = path / "model"
         if artifact_kind(inner) == kind:
+            integrity.verify(inner)
             return inner
         found = artifact_kind(inner)
     if found is None:
         raise UserError(f"{path}: is not {DESCRIPTION[kind]} ({flag}); its marker file "
                         f"{MARKER_FILE.get(kind, 'config.json')} is missing or unreadable")
     raise UserError(f"{path}: is {DESCRIPTION[found]}, but {flag} expects {DESCRIPTION[kind]}")
+
+
+def load_part(folder, what: str, load):
+    """Run `load(folder)` (a `from_pretrained`); any failure is one line naming the folder and the part.
+
+    Truncated safetensors, config files that are not JSON, and config fields of the wrong type or that
+    contradict each other surface from diffusers/safetensors/torch as many exception types.
+    """
+    try:
+        return load(folder)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"{folder}: {what} cannot be loaded ({type(err).__name__}: {reason})") from None
 
 
 # -- transitions -----------------------------------------------------------
@@ -156,17 +174,29 @@ def read_transitions(path) -> Transitions:
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: missing; {path} is not a transitions folder")
+    integrity.verify(path)
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{manifest_path}: malformed JSON ({err.msg})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{manifest_path}: malformed JSON ({type(err).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{manifest_path}: top level must be a JSON object, got {type(manifest).__name__}")
     for field in ("seeds", "conditions"):
         if field not in manifest:
             raise UserError(f"{manifest_path}: field '{field}' is missing")
+    seeds, conditions = manifest["seeds"], manifest["conditions"]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"{manifest_path}: field 'seeds' must be a list of integers")
+    if not isinstance(conditions, list) or not all(
+            c is None or (isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1) for c in conditions):
+        raise UserError(f"{manifest_path}: field 'conditions' must be a list of numbers in [0, 1] (or null)")
     frames_path = path / "frames.npy"
     if not frames_path.exists():
         raise UserError(f"{frames_path}: missing")
-    frames = np.load(frames_path, mmap_mode="r", allow_pickle=False)
+    try:
+        frames = np.load(frames_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # truncated file, bad header
+        raise UserError(f"{frames_path}: not a readable .npy array ({' '.join(str(err).split())[:120]})") from None
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise UserError(f"{frames_path}: expected uint8 (seeds, conditions, H, W, 3), got {frames.dtype} {frames.shape}")
     if frames.shape[0] != len(manifest["seeds"]) or frames.shape[1] != len(manifest["conditions"]):

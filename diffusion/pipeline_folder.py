@@ -1,0 +1,83 @@
+"""Reading a pipeline folder's parts so that any damage is one line naming the folder and the part.
+
+`load_parts(path)` is what `MitosisPipeline.from_pretrained` runs after the
+marker and the recorded hashes are checked: every part must be present, load
+(truncated safetensors, a `scheduler_config.json` that is not JSON, config
+fields of the wrong type all become `PART: cannot be loaded (...)`), and
+`pipeline.json` must hold fields of the right types that agree with the parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+from mitosis_ldm.artifacts import load_part
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.io import read_json
+
+from .model import LabelEmbedder
+
+PARTS = {  # part folder -> (file that must be there, loader)
+    "vae": ("config.json", AutoencoderKL.from_pretrained),
+    "unet": ("config.json", UNet2DModel.from_pretrained),
+    "label_embedder": ("config.json", LabelEmbedder.from_pretrained),
+    "scheduler": ("scheduler_config.json", DDPMScheduler.from_pretrained),
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def load_parts(path: Path):
+    """(vae, unet, label_embedder, scheduler, info) of a pipeline folder, each checked."""
+    for part, (marker, _) in PARTS.items():
+        if not (path / part / marker).exists():
+            raise UserError(f"{path}: pipeline part '{part}/' is missing ({part}/{marker} not found); "
+                            f"export the pipeline again")
+    info = read_json(path / "pipeline.json", "pipeline.json")
+    loaded = {part: load_part(path / part, f"pipeline part '{part}/'", loader) for part, (_, loader) in PARTS.items()}
+    check_info(info, loaded["unet"], loaded["scheduler"], path / "pipeline.json")
+    return loaded["vae"], loaded["unet"], loaded["label_embedder"], loaded["scheduler"], info
+
+
+def check_info(info, unet, scheduler, where: Path) -> None:
+    """pipeline.json: types, ranges, and agreement with the UNet and the noise schedule."""
+    from .pipeline import SAMPLERS
+
+    def need(ok: bool, field: str, expected: str):
+        if not ok:
+            raise UserError(f"{where}: field '{field}' must be {expected}")
+
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(isinstance(info, dict), "<root>", "a JSON object")
+    get = info.get
+    need(whole(get("image_size", 8)) and 8 <= get("image_size", 8) <= 4096, "image_size", "an integer in [8, 4096]")
+    need(num(get("default_guidance", 0)) and get("default_guidance", 0) >= 0, "default_guidance", "a number >= 0")
+    need(whole(get("default_steps", 1)) and get("default_steps", 1) >= 1, "default_steps", "an integer >= 1")
+    need(get("default_sampler", "ddim") in SAMPLERS, "default_sampler", "one of " + ", ".join(SAMPLERS))
+    need(num(get("default_real2gen_guidance", 0)) and get("default_real2gen_guidance", 0) >= 0,
+         "default_real2gen_guidance", "a number >= 0")
+    need(num(get("default_real2gen_strength", 1)) and 0 <= get("default_real2gen_strength", 1) <= 1,
+         "default_real2gen_strength", "a number in [0, 1]")
+    interval = get("default_guidance_interval", [0.0, 1.0])
+    need(isinstance(interval, list) and len(interval) == 2 and all(num(v) for v in interval)
+         and 0 <= interval[0] < interval[1] <= 1, "default_guidance_interval", "[LOW, HIGH] with 0 <= LOW < HIGH <= 1")
+    need(num(get("default_guidance_rescale", 0)) and 0 <= get("default_guidance_rescale", 0) <= 1,
+         "default_guidance_rescale", "a number in [0, 1]")
+    need(num(get("latent_scale", 1)) and get("latent_scale", 1) > 0, "latent_scale", "a positive number")
+    unet_shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
+    need(get("latent_shape", unet_shape) == unet_shape, "latent_shape",
+         f"the UNet's {unet_shape} (pipeline.json and unet/config.json disagree)")
+    kind = scheduler.config.prediction_type
+    steps = scheduler.config.num_train_timesteps
+    if kind not in PREDICTION_TYPES or not whole(steps) or steps < 2:
+        raise UserError(f"{where.parent / 'scheduler' / 'scheduler_config.json'}: fields 'prediction_type' "
+                        f"({kind!r}) / 'num_train_timesteps' ({steps!r}) must be one of "
+                        f"{', '.join(PREDICTION_TYPES)} / an integer >= 2")
+    need(get("prediction_type", kind) == kind, "prediction_type",
+         f"the scheduler's '{kind}' (pipeline.json and scheduler/scheduler_config.json disagree)")
