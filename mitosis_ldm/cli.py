@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
     "study": ("study.cli", "a blinded reader study: make the page, simulate readers, analyse the answers"),
     "serve": ("serve.cli", "local slide explorer: click a nucleus, watch it turn mitotic (FastAPI + OpenSeadragon)"),
+    "check": ("mitosis_ldm.check", "verify artifact folders: recorded hashes, shapes, labels, every part loads"),
     "demo": ("mitosis_ldm.demo", "run the whole pipeline on the embedded default"),
 }
 
