@@ -3,8 +3,10 @@
     mitosis-ldm data synth       --out DIR --n 6000 --size 64 --experts 3 --seed 0
     mitosis-ldm data midog       --json MIDOG++.json --images DIR --out DIR [--tumor-type T]
     mitosis-ldm data sliderunner --db CCMCT.sqlite --slides DIR --out DIR [--mitotic-class 2 --lookalike-class 7]
-    mitosis-ldm data points      --csv cells.csv --slides DIR --out DIR
-    mitosis-ldm data folder      --images DIR --labels labels.csv --out DIR
+    mitosis-ldm data points      --csv cells.csv --slides DIR --out DIR [--label-map NOT=0,INDET=0.5,MITE=1]
+    mitosis-ldm data points      --geojson qupath.geojson --slide NAME --slides DIR --out DIR [--label-map ...]
+    mitosis-ldm data folder      --images DIR --labels labels.csv --out DIR [--label-map ...]
+    mitosis-ldm data annotators  --slides DIR --annotator NAME=FILE ... --radius-um 4 --out DIR [--absent unknown]
     mitosis-ldm data detect      --slide slide.svs --out DIR [--level 0] [--max N]
     mitosis-ldm data inspect     DIR [--out sheet.png]
 
@@ -44,6 +46,9 @@ def _nonnegative(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+ABSENT_CHOICES = ("not-mitotic", "unknown")  # patches/annotators.py ABSENT, kept here so --help imports nothing
 
 
 def _default_workers() -> int:
@@ -117,6 +122,10 @@ def extract_config(args, split_mode: str):
         raise UserError(f"{args.config or '--set'}: key 'split.mode' must be auto, slide, y or random, "
                         f"got '{cfg.split.mode}'")
     where = args.config or "--set"
+    from .labelmap import check_label_map, parse_label_map
+
+    label_map = getattr(args, "label_map", None)
+    cfg.label_map = parse_label_map(label_map) if label_map else check_label_map(cfg.label_map, where)
     for key, value, low in (("patch_size", cfg.patch_size, 8), ("margin", cfg.margin, 0), ("level", cfg.level, 0),
                             ("workers", cfg.workers, 1)):
         if value < low:
@@ -173,12 +182,20 @@ def cmd_points(args, argv) -> None:
     from .points import read_points
 
     cfg = extract_config(args, "slide")
+    if (args.geojson is None) != (args.slide is None):
+        raise UserError("--geojson: give it together with --slide NAME (the slide the GeoJSON annotates)")
     _refuse_existing(args)
-    by_slide = read_points(args.csv, args.slides, skip_missing=args.skip_missing)
+    if args.geojson is not None:
+        from .geojson import geojson_points
+
+        by_slide = geojson_points(args.geojson, args.slides, args.slide, cfg.label_map)
+    else:
+        by_slide = read_points(args.csv, args.slides, skip_missing=args.skip_missing, label_map=cfg.label_map)
     jobs = point_jobs(by_slide, cfg)
     _build(args, argv, jobs, cfg, {
-        "source": "points", "source_file": str(args.csv), "mpp": None,
-        "label_definition": "label = the CSV's label, or the mean of its 0/1 votes; hard_label = given or majority"})
+        "source": "points", "source_file": str(args.geojson or args.csv), "mpp": None,
+        "label_definition": "label = the CSV's label (or class through label_map), or the mean of its 0/1 votes; "
+                            "hard_label = given or majority"})
 
 
 def cmd_folder(args, argv) -> None:
@@ -189,12 +206,28 @@ def cmd_folder(args, argv) -> None:
     if cfg.split.mode == "y":
         raise UserError("--split: pre-cut patches have no slide coordinates; use slide or random")
     _refuse_existing(args)
-    groups = read_folder(args.images, args.labels)
+    groups = read_folder(args.images, args.labels, label_map=cfg.label_map)
     jobs = [(safe_key(key), cut_files, {"rows": rows, "files": files, "patch_size": cfg.patch_size,
                                         "margin": cfg.margin}) for key, (rows, files) in sorted(groups.items())]
     _build(args, argv, jobs, cfg, {
         "source": "folder", "source_file": str(args.labels), "mpp": None,
         "label_definition": "label = the CSV's label, or the mean of its 0/1 votes; hard_label = given or majority"})
+
+
+def cmd_annotators(args, argv) -> None:
+    from .annotators import collect, parse_annotators
+    from .extract import point_jobs
+
+    cfg = extract_config(args, "slide")
+    annotators = parse_annotators(args.annotator)
+    _refuse_existing(args)
+    by_slide, meta = collect(annotators, args.slides, args.radius_um, args.radius_px, args.absent, cfg.label_map)
+    _build(args, argv, point_jobs(by_slide, cfg), cfg, {
+        "source": "annotators", "source_file": ",".join(str(p) for _, p in annotators), **meta,
+        "label_definition": "label = mean of the annotators' votes (class through label_map, a plain mark = 1, "
+                            f"absent = {'0' if args.absent == 'not-mitotic' else 'no vote'}); hard_label = majority "
+                            "(ties mitotic); cells matched across annotators within the radius"})
+    print(f"cells marked by 1..{len(annotators)} annotators: {meta['matching']['cells_marked_by']}")
 
 
 def cmd_detect(args, argv) -> None:
@@ -277,16 +310,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true", help="leave out slides whose files are absent")
     p.set_defaults(func=cmd_sliderunner)
 
-    p = slide_source("points", "CSV of slide, x, y plus label or votes")
-    p.add_argument("--csv", required=True, type=Path)
+    p = slide_source("points", "CSV/TSV of slide, x, y plus label or votes, or a QuPath GeoJSON of one slide")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--csv", type=Path, help="points table (comma- or tab-separated)")
+    which.add_argument("--geojson", type=Path, help="QuPath GeoJSON export (with --slide)")
+    p.add_argument("--slide", help="with --geojson: the slide's file name under --slides")
     p.add_argument("--slides", required=True, type=Path, help="folder the slide column is relative to")
     p.add_argument("--skip-missing", action="store_true", help="leave out slides whose files are absent")
+    p.add_argument("--label-map", help="class names -> labels, e.g. NOT=0,INDET=0.5,MITE=1 (label or class column)")
     p.set_defaults(func=cmd_points)
 
     p = slide_source("folder", "a folder of pre-cut patches + a labels CSV")
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--labels", required=True, type=Path, help="CSV: file, label and/or votes [, id, slide, split]")
+    p.add_argument("--label-map", help="class names -> labels, e.g. NOT=0,INDET=0.5,MITE=1 (label or class column)")
     p.set_defaults(func=cmd_folder)
+
+    p = slide_source("annotators", "merge annotators' point files (QuPath GeoJSON, CSV, folders) into per-cell votes")
+    p.add_argument("--slides", required=True, type=Path, help="folder of slides (or one slide)")
+    p.add_argument("--annotator", required=True, action="append", metavar="NAME=FILE",
+                   help="an annotator and their GeoJSON, points CSV/TSV, or folder of per-slide files (repeatable)")
+    radius = p.add_mutually_exclusive_group(required=True)
+    radius.add_argument("--radius-um", type=float, help="marks closer than this (microns) are one cell; needs mpp")
+    radius.add_argument("--radius-px", type=float, help="the same radius in level-0 pixels")
+    p.add_argument("--absent", choices=ABSENT_CHOICES, default="not-mitotic",
+                   help="an annotator who marked nothing at a cell: a 0 vote (not-mitotic, default) or no vote")
+    p.add_argument("--label-map", help="class names -> votes, e.g. Mitosis=1,Imposter=0 (a plain mark votes 1)")
+    p.set_defaults(func=cmd_annotators)
 
     p = slide_source("detect", "nuclei detection on unlabelled slides (label left empty)")
     p.add_argument("--slide", required=True, type=Path, action="append", help="slide or image (repeatable)")

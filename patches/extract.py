@@ -25,6 +25,8 @@ class ExtractConfig:
     # mode auto: each source's natural split (slide for annotated slides, y for detect, random for synth)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(mode="auto"))
     detect: DetectConfig = field(default_factory=DetectConfig)  # used by `data detect` only
+    # class name -> label in [0, 1] (points, folder, annotators; `--label-map NOT=0,INDET=0.5,MITE=1`)
+    label_map: dict[str, float] = field(default_factory=dict)
 
 
 def cut_points(slide_path: str, rows: list[dict], patch_size: int, margin: int, level: int = 0,

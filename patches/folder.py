@@ -57,12 +57,15 @@ def cut_files(rows: list[dict], files: list[str], patch_size: int, margin: int) 
     return Shard(images, rows)
 
 
-def read_folder(images_dir, labels_csv):
-    """Parse and check the CSV. Returns {group key: (rows, files)}."""
+def read_folder(images_dir, labels_csv, label_map: dict[str, float] | None = None):
+    """Parse and check the CSV (or TSV). Returns {group key: (rows, files)}.
+
+    With a label map, the `label` (or `class`) column holds class names (patches/labelmap.py).
+    """
     images_dir, labels_csv = Path(images_dir), Path(labels_csv)
     if not images_dir.is_dir():
         raise UserError(f"{images_dir}: --images folder not found")
-    raw = read_csv(labels_csv, ["file"], one_of=["label", "votes"])
+    raw = read_csv(labels_csv, ["file"], one_of=["label", "votes"] + (["class"] if label_map else []))
     numbered = [(i + 2, r) for i, r in enumerate(raw)]
     for line, row in numbered:
         row.setdefault("id", "")
@@ -81,7 +84,8 @@ def read_folder(images_dir, labels_csv):
             raise UserError(f"{labels_csv}: line {line} field 'split' is '{split}', expected train, val or test")
         parent = str(Path(row["file"]).parent)
         slide = row.get("slide") or (parent if parent != "." else f"group-{n // GROUP:04d}")
-        out = {"id": row["id"], "source": "folder", "slide": slide, "x": "", "y": "", **label_cells(labels_csv, line, row),
+        out = {"id": row["id"], "source": "folder", "slide": slide, "x": "", "y": "",
+               **label_cells(labels_csv, line, row, label_map),
                "file": row["file"]}
         if split:
             out["split"] = split

@@ -19,8 +19,9 @@ HIST_EDGES = np.array([0.0, 1e-9, 0.2, 0.4, 0.6, 0.8, 1.0 - 1e-9, 1.0])
 HIST_NAMES = ["0", "(0,.2)", "[.2,.4)", "[.4,.6)", "[.6,.8)", "[.8,1)", "1"]
 
 
-def parse_votes(text: str) -> list[int]:
-    return [int(v) for v in text.split(";") if v.strip() != ""] if text else []
+def parse_votes(text: str) -> list[float]:
+    """`1;0;1` -> [1, 0, 1]; categorical votes (0.5) are kept; empty entries (no vote) are skipped."""
+    return [float(v) for v in text.split(";") if v.strip() != ""] if text else []
 
 
 def summarise(root) -> dict:
@@ -51,9 +52,9 @@ def summarise(root) -> dict:
         unanimous = sum(len(set(v)) == 1 for v in voted)
         pairs = agree = 0
         for v in voted:
-            ones, n = sum(v), len(v)
+            n = len(v)
             pairs += n * (n - 1) // 2
-            agree += ones * (ones - 1) // 2 + (n - ones) * (n - ones - 1) // 2
+            agree += sum(c * (c - 1) // 2 for c in Counter(v).values())  # pairs of equal votes
         summary["votes"] = {
             "patches_with_votes": len(voted),
             "experts_per_patch": {str(k): v for k, v in sorted(Counter(len(v) for v in voted).items())},

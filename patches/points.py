@@ -19,10 +19,13 @@ from .slides import find_slide
 from .tables import check_unique, label_cells, number, read_csv
 
 
-def read_points(csv_path, slides_dir, skip_missing: bool = False):
-    """Parse and check the CSV. Returns {slide key: (path, rows)}."""
+def read_points(csv_path, slides_dir, skip_missing: bool = False, label_map: dict[str, float] | None = None):
+    """Parse and check the CSV (or TSV). Returns {slide key: (path, rows)}.
+
+    With a label map, the `label` (or `class`) column holds class names (patches/labelmap.py).
+    """
     csv_path = Path(csv_path)
-    raw = read_csv(csv_path, ["slide", "x", "y"], one_of=["label", "votes"])
+    raw = read_csv(csv_path, ["slide", "x", "y"], one_of=["label", "votes"] + (["class"] if label_map else []))
     numbered = [(i + 2, r) for i, r in enumerate(raw)]  # line 1 is the header
     if any("id" in r for _, r in numbered):
         check_unique(csv_path, numbered)
@@ -39,7 +42,7 @@ def read_points(csv_path, slides_dir, skip_missing: bool = False):
             if skip_missing and not (Path(slides_dir) / name).exists():
                 continue
             by_slide[name] = (find_slide(slides_dir, name), [])
-        labels = label_cells(csv_path, line, row)
+        labels = label_cells(csv_path, line, row, label_map)
         by_slide[name][1].append({
             "id": row.get("id") or f"{name}:{line}",
             "source": "points",

@@ -1,4 +1,8 @@
-"""CSV inputs (points and pre-cut patch labels): reading and checking cells with errors that name file, row and field."""
+"""CSV inputs (points and pre-cut patch labels): reading and checking cells with errors that name file, row and field.
+
+Comma- and tab-separated files are both read: `.tsv`/`.tab` files, or a header
+line with tabs and no commas, are tab-separated.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ def read_csv(path, required: list[str], one_of: list[str] | None = None) -> list
         raise UserError(f"{path}: file not found")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, strict=True)
+            reader = csv.DictReader(handle, strict=True, delimiter=_delimiter(path, handle))
             header = reader.fieldnames
             if not header:
                 raise UserError(f"{path}: empty CSV (no header row)")
@@ -45,6 +49,15 @@ def read_csv(path, required: list[str], one_of: list[str] | None = None) -> list
     return rows
 
 
+def _delimiter(path: Path, handle) -> str:
+    """Tab for .tsv/.tab files or a tab-separated header; else comma. Leaves `handle` at the start."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    header = handle.readline()
+    handle.seek(0)
+    return "\t" if "\t" in header and "," not in header else ","
+
+
 def number(path, line: int, field: str, text: str) -> float:
     try:
         value = float(text)
@@ -55,9 +68,15 @@ def number(path, line: int, field: str, text: str) -> float:
     return value
 
 
-def label_cells(path, line: int, row: dict) -> dict:
-    """label / votes / hard_label of one CSV row: votes `1;0;1` give the label; empty cells mean unlabelled."""
+def label_cells(path, line: int, row: dict, label_map: dict[str, float] | None = None) -> dict:
+    """label / votes / hard_label of one CSV row: votes `1;0;1` give the label; empty cells mean unlabelled.
+
+    With a label map, the `label` (or else `class`) column holds class names, each mapped to its value;
+    the name is kept in a `class` column.
+    """
     out = {"label": None, "votes": "", "hard_label": None}
+    if label_map:
+        row = _mapped(path, line, row, label_map, out)
     votes_text = row.get("votes", "")
     if votes_text:
         try:
@@ -73,7 +92,8 @@ def label_cells(path, line: int, row: dict) -> dict:
         try:
             label = float(label_text)
         except ValueError:
-            raise UserError(f"{path}: line {line} field 'label' is '{label_text}', not a number") from None
+            raise UserError(f"{path}: line {line} field 'label' is '{label_text}', not a number "
+                            f"(class names need --label-map NAME=VALUE,...)") from None
         if not 0.0 <= label <= 1.0:  # also rejects NaN
             raise UserError(f"{path}: line {line} field 'label' is {label_text}, expected a number in [0, 1]")
         if out["label"] is not None and abs(out["label"] - label) > 1e-6:
@@ -88,6 +108,19 @@ def label_cells(path, line: int, row: dict) -> dict:
     elif out["label"] is not None:
         out["hard_label"] = int(out["label"] >= 0.5)  # majority; ties round half up
     return out
+
+
+def _mapped(path, line: int, row: dict, label_map: dict[str, float], out: dict) -> dict:
+    """The row with its class-name column replaced by the mapped number (as text) in `label`."""
+    from .labelmap import map_class
+
+    column = "label" if "label" in row else "class"
+    name = row.get(column, "")
+    if not name:
+        return {**row, "label": ""}
+    value = map_class(label_map, name, f"{path}: line {line} field '{column}'")
+    out["class"] = name
+    return {**row, "label": repr(value)}
 
 
 def check_unique(path, rows: list[dict], column: str = "id") -> None:
