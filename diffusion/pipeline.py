@@ -12,6 +12,14 @@ Classifier-free guidance: every UNet call carries the conditional and the
 unconditional (null label) halves in one batch; the prediction is
 `uncond + guidance * (cond - uncond)`. Every condition of a seed starts from
 the same initial noise and, for stochastic samplers, draws the same step noise.
+
+The guidance schedule (pipeline.json `default_guidance_interval`,
+`default_guidance_rescale`; keyword arguments of `transitions`):
+- `guidance_interval` (low, high): guide only at noise levels t / (T - 1) in
+  [low, high]; elsewhere the plain conditional prediction (guidance 1) is used
+  (Kynkäänniemi et al. 2024). (0, 1) guides every step.
+- `guidance_rescale` phi in [0, 1]: rescale the guided prediction toward the
+  conditional prediction's std, mixing by phi (Lin et al. 2024, sec. 3.4).
 """
 
 from __future__ import annotations
@@ -67,6 +75,34 @@ def check_sampling_args(guidance: float, steps: int) -> None:
         raise UserError(f"--steps: must be >= 1, got {steps}")
 
 
+def check_guidance_schedule(interval, rescale, interval_flag: str = "--guidance-interval",
+                            rescale_flag: str = "--guidance-rescale") -> tuple[tuple[float, float], float]:
+    """A noise-level interval (low, high) with 0 <= low < high <= 1 and a rescale factor in [0, 1]."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UserError(f"{interval_flag}: expected two noise levels LOW,HIGH such as 0.2,0.8; got {interval!r}") \
+            from None
+    if not (0.0 <= low < high <= 1.0):  # also rejects NaN
+        raise UserError(f"{interval_flag}: must satisfy 0 <= LOW < HIGH <= 1 (noise levels), got {low:g},{high:g}")
+    rescale = float(rescale)
+    if not (0.0 <= rescale <= 1.0):
+        raise UserError(f"{rescale_flag}: must be in [0, 1], got {rescale:g}")
+    return (low, high), rescale
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """'0.2,0.8' -> (0.2, 0.8), checked."""
+    parts = str(text).split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = None
+    if values is None or len(values) != 2:
+        raise UserError(f"--guidance-interval: expected two noise levels LOW,HIGH such as 0.2,0.8; got '{text}'")
+    return check_guidance_schedule(values, 0.0)[0]
+
+
 class MitosisPipeline:
     """VAE + label-conditioned UNet + label embedder + noise schedule, loaded in one call."""
 
@@ -114,6 +150,15 @@ class MitosisPipeline:
     def default_guidance(self) -> float:
         return float(self.info.get("default_guidance", 3.0))
 
+    @property
+    def default_guidance_interval(self) -> tuple[float, float]:
+        low, high = self.info.get("default_guidance_interval", (0.0, 1.0))
+        return float(low), float(high)
+
+    @property
+    def default_guidance_rescale(self) -> float:
+        return float(self.info.get("default_guidance_rescale", 0.0))
+
     # -- pieces ---------------------------------------------------------------
     def encode(self, images_uint8: np.ndarray) -> torch.Tensor:
         return encode_images(self.vae, images_uint8, "mean")
@@ -122,7 +167,8 @@ class MitosisPipeline:
         return decode_latents(self.vae, latents)
 
     @torch.no_grad()
-    def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+    def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float,
+               guidance_rescale: float = 0.0) -> torch.Tensor:
         """One batched UNet call: conditional and null halves -> guided prediction (B, C, h, w)."""
         b = latents.shape[0]
         all_labels = torch.cat([labels.float(), torch.full((b,), float("nan"))])  # (2B,)
@@ -132,14 +178,24 @@ class MitosisPipeline:
         cond, uncond = out.chunk(2)
         # a null label guides nothing: its conditional half *is* the unconditional prediction
         guided = uncond + guidance * (cond - uncond)
+        if guidance_rescale > 0:
+            from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, cond, guidance_rescale)  # per-sample std back toward cond's
         return torch.where(torch.isnan(labels)[:, None, None, None], uncond, guided)
+
+    def guidance_at(self, t, guidance: float, interval: tuple[float, float]) -> float:
+        """The guidance scale at timestep t: `guidance` inside the noise-level interval, 1 (conditional) outside."""
+        level = int(t) / max(1, self.scheduler.config.num_train_timesteps - 1)
+        return guidance if interval[0] <= level <= interval[1] else 1.0
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
-                generators=None) -> torch.Tensor:
+                generators=None, guidance_interval: tuple[float, float] = (0.0, 1.0),
+                guidance_rescale: float = 0.0) -> torch.Tensor:
         for t in timesteps:
             model_in = scheduler.scale_model_input(latents, t)
-            pred = self.guided(model_in, t, labels, guidance)
+            pred = self.guided(model_in, t, labels, self.guidance_at(t, guidance, guidance_interval), guidance_rescale)
             extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return latents
@@ -147,11 +203,18 @@ class MitosisPipeline:
     # -- what users ask for ------------------------------------------------
     @torch.no_grad()
     def transitions(self, seeds, conditions, guidance: float | None = None, steps: int = 20,
-                    sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False):
-        """The same nucleus at every condition: uint8 (S, C, H, W, 3)."""
+                    sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False, *,
+                    guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None):
+        """The same nucleus at every condition: uint8 (S, C, H, W, 3).
+
+        `guidance`, `guidance_interval` and `guidance_rescale` default to the pipeline's (pipeline.json).
+        """
         guidance = self.default_guidance if guidance is None else float(guidance)
         conditions = check_conditions(conditions)
         check_sampling_args(guidance, steps)
+        interval, rescale = check_guidance_schedule(
+            self.default_guidance_interval if guidance_interval is None else guidance_interval,
+            self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
         k = len(conditions)
         shape = self.latent_shape
         frames = []
@@ -165,7 +228,7 @@ class MitosisPipeline:
             generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in chunk for _ in range(k)]
             labels = torch.tensor(conditions * len(chunk), dtype=torch.float32)
             latents = self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler,
-                                   scheduler.timesteps, generators)
+                                   scheduler.timesteps, generators, interval, rescale)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)

@@ -1,12 +1,14 @@
 """Transitions: render the same nucleus at conditions y = 0 ... 1.
 
     mitosis-ldm transitions --pipeline runs/demo/diffusion/model --seeds 0-15 --conditions 0:1:11 \
-        [--guidance 3] [--steps 20] [--sampler dpm++] --out runs/demo/transitions [--overwrite]
+        [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--steps 20] [--sampler dpm++] \
+        --out runs/demo/transitions [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
 
 Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
-and flags give bit-identical frames on CPU. `--guidance`, `--steps` and
+and flags give bit-identical frames on CPU. `--guidance`, the guidance
+schedule (`--guidance-interval`, `--guidance-rescale`), `--steps` and
 `--sampler` default to the values stored in the pipeline's pipeline.json.
 Writes a transitions folder: frames.npy (seeds, conditions, H, W, 3),
 manifest.json and one PNG strip per seed.
@@ -24,21 +26,26 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
-from .pipeline import SAMPLERS, MitosisPipeline, check_sampling_args, parse_conditions, parse_seeds
+from .pipeline import (SAMPLERS, MitosisPipeline, check_guidance_schedule, check_sampling_args, parse_conditions,
+                       parse_interval, parse_seeds)
 
 
 def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, steps, sampler,
-                 seeds_per_batch: int) -> np.ndarray:
-    """Split seeds across accelerate processes, render, gather on every process in seed order."""
+                 seeds_per_batch: int, **schedule) -> np.ndarray:
+    """Split seeds across accelerate processes, render, gather on every process in seed order.
+
+    `schedule`: `guidance_interval` / `guidance_rescale` for `MitosisPipeline.transitions`.
+    """
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes == 1:
-        return pipe.transitions(seeds, conditions, guidance, steps, sampler, seeds_per_batch)
+        return pipe.transitions(seeds, conditions, guidance, steps, sampler, seeds_per_batch, **schedule)
     from accelerate.utils import gather_object
 
     with state.split_between_processes(seeds) as mine:
-        frames = pipe.transitions(mine, conditions, guidance, steps, sampler, seeds_per_batch) if mine else None
+        frames = pipe.transitions(mine, conditions, guidance, steps, sampler, seeds_per_batch, **schedule) \
+            if mine else None
     parts = gather_object([(state.process_index, frames)])
     ordered = [f for _, f in sorted(parts, key=lambda p: p[0]) if f is not None]
     return np.concatenate(ordered)
@@ -58,6 +65,12 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 0,3,7 (default 0-15)")
     parser.add_argument("--conditions", default="0:1:11", help="START:STOP:COUNT or a list (default 0:1:11)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    parser.add_argument("--guidance-interval", metavar="LOW,HIGH",
+                        help="guide only at noise levels t/T in [LOW, HIGH], conditional elsewhere "
+                             "(default: the pipeline's; 0,1 guides every step)")
+    parser.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                        help="in [0, 1]: rescale the guided prediction toward the conditional one's std "
+                             "(default: the pipeline's; 0 = off)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the pipeline's")
     parser.add_argument("--seeds-per-batch", type=int, default=4, help="seeds rendered in one UNet batch")
@@ -69,22 +82,29 @@ def main(argv=None):
     conditions = parse_conditions(args.conditions)
     if args.guidance is not None or args.steps is not None:
         check_sampling_args(0.0 if args.guidance is None else args.guidance, 1 if args.steps is None else args.steps)
+    interval = None if args.guidance_interval is None else parse_interval(args.guidance_interval)
+    if args.guidance_rescale is not None:
+        check_guidance_schedule((0.0, 1.0), args.guidance_rescale)
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     guidance = pipe.default_guidance if args.guidance is None else args.guidance
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
+    interval = pipe.default_guidance_interval if interval is None else interval
+    rescale = pipe.default_guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
     t0 = time.time()
-    frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch)
+    frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
+                          guidance_interval=interval, guidance_rescale=rescale)
     seconds = time.time() - t0
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
-                "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
+                "guidance_interval": list(interval), "guidance_rescale": rescale, "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
-          f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g}, {sampler}, {steps} steps)")
+          f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} on noise levels "
+          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, {sampler}, {steps} steps)")
 
 
 if __name__ == "__main__":

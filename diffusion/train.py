@@ -69,6 +69,10 @@ class SampleConfig:
     # real2gen starts from a real (often unlabelled, other-domain) patch: milder guidance keeps its identity
     real2gen_guidance: float = 2.0
     real2gen_strength: float = 1.0   # fraction of the schedule `real2gen --mode invert` inverts (1 = all of it)
+    # the transitions' guidance schedule: guide only on this noise-level interval (t / T), and rescale the
+    # guided prediction toward the conditional one's std by this factor (0 = plain classifier-free guidance)
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    guidance_rescale: float = 0.0
 
 
 @dataclass
@@ -183,7 +187,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
     if not 0 <= cfg.diffusion.cond_dropout <= 1:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
-    from .pipeline import SAMPLERS
+    from .pipeline import SAMPLERS, check_guidance_schedule
 
     if cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
@@ -193,6 +197,8 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError("sample: field 'guidance' must be >= 0 and 'steps' >= 1")
     if not 0 < cfg.sample.real2gen_strength <= 1:
         raise UserError(f"sample.real2gen_strength: must be in (0, 1], got {cfg.sample.real2gen_strength:g}")
+    check_guidance_schedule(cfg.sample.guidance_interval, cfg.sample.guidance_rescale,
+                            "sample.guidance_interval", "sample.guidance_rescale")
 
 
 def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -242,6 +248,8 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_sampler": cfg.sample.sampler,
         "default_real2gen_guidance": cfg.sample.real2gen_guidance,
         "default_real2gen_strength": cfg.sample.real2gen_strength,
+        "default_guidance_interval": [float(v) for v in cfg.sample.guidance_interval],
+        "default_guidance_rescale": cfg.sample.guidance_rescale,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],
@@ -301,7 +309,9 @@ def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) ->
     net = ema_copy(model, ema)
     pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info)
     conditions = np.linspace(0, 1, cfg.preview.conditions).round(3).tolist()
-    frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler)
+    frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler,
+                              guidance_interval=cfg.sample.guidance_interval,
+                              guidance_rescale=cfg.sample.guidance_rescale)
     sheet = contact_sheet(frames.reshape(-1, *frames.shape[2:]), [f"y={c:.2f}" for c in conditions] * len(frames),
                           ncols=len(conditions), scale=2)
     save_png(run.run_dir / "previews" / f"step-{step:06d}.png", sheet)
