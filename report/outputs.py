@@ -41,7 +41,7 @@ def csv_text(header: list[str], rows: list[list]) -> str:
 
 def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
                   real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph,
-                  extras=()) -> None:
+                  extras=(), response_curves=None) -> None:
     from mitosis_ldm.config import save_config
 
     names = list(morphology.FEATURES)
@@ -67,6 +67,15 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
                                                "ratio"],
                                               [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"],
                                                 r["yardstick"], r["ratio"]] for r in fd_rows]))
+    if response_curves and "real" in response_curves:
+        real = response_curves["real"]
+        rows = [["real", x, m, lo, hi, n] for x, m, lo, hi, n in zip(real["x"], real["mean"], real["lo"], real["hi"],
+                                                                    real["n"])]
+        for key, g in response_curves["generated"].items():
+            rows += [[key, c, m, lo, hi, g["error"]["n_seeds"]]
+                     for c, m, lo, hi in zip(g["conditions"], g["mean"], g["lo"], g["hi"])]
+        write_text(tmp / "label_response.csv", csv_text(["curve", "label", "mean_score", "ci_low", "ci_high", "n"],
+                                                       rows))
     if bench is not None:
         noise = bench[2]
         write_text(tmp / "label_noise.csv", csv_text(
@@ -79,6 +88,8 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
         cond = f.conditions[f.generated]
         curve = curve_ci(f.scores[:, f.generated], min(cfg.bootstrap, 500), seed=cfg.seed)
         plots.consistency(tmp / f"consistency-{f.key}.png", f.key, cond, f.scores[:, f.generated], curve, f.summary)
+    if response_curves and "real" in response_curves:
+        plots.label_response(tmp / "label_response.png", response_curves["generated"], response_curves["real"])
     plots.morphology(tmp / "morphology.png", morph_generated, morph_real)
     plots.fidelity(tmp / "fidelity.png", fd_rows, bin_names)
     for space, result in memo.items():

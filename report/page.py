@@ -61,6 +61,36 @@ def ci_cell(entry: dict) -> str:
     return "–" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
 
 
+def label_response_section(tmp: Path, metrics: dict) -> str:
+    """The real label-response curve against each transitions folder's, with the one-story reading guide."""
+    response = metrics["label_response"]
+    rows = []
+    for key, entry in response.items():
+        if key == "real":
+            continue
+        for r in entry["error"]["per_label"]:
+            rows.append([key, f"{r['soft_label']:.3f}", r["n_real"], r["real"], r["generated"], r["difference"]])
+        err = entry["error"]
+        if err["value"] is not None:
+            rows.append([key, "largest |difference|", "", "", "", Markup(f"<b>{err['value']:.3f}</b> "
+                                                                           f"{esc(ci_cell(err))}")])
+    return ("<p class='note'>The yardstick is not score = y: a calibrated classifier regresses toward the mean. "
+            "It is the <b>real label-response curve</b>, the mean score of held-out real patches at each soft label "
+            "(grey squares, 95% CI). The generated curve (mean over seeds at each condition, 95% CI band) is read at "
+            "those labels by linear interpolation (crosses); the label-response error is the largest gap, with a "
+            "bootstrap CI over seeds and real patches.</p>"
+            + img(file_data_uri(tmp / "label_response.png"), "label response: generated vs real", "plot")
+            + table(["folder", "soft label", "real patches", "real mean score", "generated (interpolated)",
+                     "generated − real"], rows)
+            + "<p class='note'><b>What to look for:</b> the three views should tell one story. A generator that "
+              "renders the uncertain middle faithfully follows the grey curve here (no jump between neighbouring "
+              "conditions that real patches do not show), keeps the Fréchet ratio near 1 in <i>every</i> label bin "
+              "(a high ratio in one bin says which labels it renders unlike real patches), and moves each "
+              "morphology feature across the conditions the way real patches move across soft labels. A curve that "
+              "switches abruptly, a bin far above its yardstick, or a feature that jumps where real patches change "
+              "gradually all point to the same fault: the condition is being sharpened toward one mode.</p>")
+
+
 def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict:
     """Sections of report.html, each an (escaped) HTML string."""
     from .html import seed_rows
@@ -71,15 +101,17 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
     rows = []
     for name, t in metrics["targets"].items():
         verdict = "–" if t["met"] is None else ("met" if t["met"] else "missed")
-        rows.append([name.replace("_", " "), t["value"], t["target"],
+        rows.append([name.replace("_", " "), t["value"], ci_cell(t) if t.get("ci") else "–", t["target"],
                      Markup(f'<span class="{"met" if t["met"] else "miss"}">{esc(verdict)}</span>')])
     inputs = metrics["inputs"]
     listing = "".join(f"<li><b>{esc(k)}</b>: {esc(', '.join(map(str, v)) if isinstance(v, list) else v)}</li>"
                       for k, v in inputs.items())
-    sections.append(("Summary", table(["metric", "value", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
+    sections.append(("Summary", table(["metric", "value", "95% bootstrap CI", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
                      + "<p class='note'>Scores are the mean P(mitotic) of an independent classifier ensemble; "
                        "the condition y is the fraction of experts the generator was asked to imitate. "
                        "Morphology is measured on the nucleus segmented on the haematoxylin channel.</p>"))
+    if (tmp / "label_response.png").exists():
+        sections.append(("Label response: generated vs real", label_response_section(tmp, metrics)))
     # one section per folder: the consistency table, its plot, and the sliders
     for f in folders:
         s = f.summary

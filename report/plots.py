@@ -47,6 +47,33 @@ def consistency(path: Path, name: str, conditions, scores: np.ndarray, curve, su
     _save(fig, path)
 
 
+def label_response(path: Path, generated: dict, real: dict) -> None:
+    """Generated mean score vs condition (± 95% CI over seeds) beside the real label-response curve.
+
+    generated: {folder: {"conditions", "mean", "lo", "hi", "error"}}; real: {"x", "mean", "lo", "hi", "n"}.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for k, (folder, data) in enumerate(generated.items()):
+        colour = GENERATED[k % len(GENERATED)]
+        ax.fill_between(data["conditions"], data["lo"], data["hi"], color=colour, alpha=0.25, lw=0)
+        error = data["error"]
+        label = f"generated ({folder}), mean over {error['n_seeds']} seeds"
+        if error["value"] is not None:
+            label += f"; error {error['value']:.3f}"
+            ax.plot([r["soft_label"] for r in error["per_label"]], [r["generated"] for r in error["per_label"]],
+                    "x", color=colour, ms=7)
+        ax.plot(data["conditions"], data["mean"], "o-", color=colour, ms=3, label=label)
+    if len(real["x"]):
+        ax.errorbar(real["x"], real["mean"], yerr=[real["mean"] - real["lo"], real["hi"] - real["mean"]], fmt="s--",
+                    color=REAL, ms=5, capsize=3, label="real held-out patches, mean per soft label")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8, label="score = label")
+    ax.set(xlabel="condition y / soft label (fraction of experts)", ylabel="classifier score (mean, 95% CI)",
+           ylim=(-0.02, 1.02), title="Label response: generated vs real")
+    ax.legend(loc="upper left", fontsize=7)
+    _save(fig, path)
+
+
 def morphology(path: Path, generated: dict, real: dict | None) -> None:
     """One panel per feature: generated mean ± CI vs condition, real patches per soft-label bin on the same axes.
 
