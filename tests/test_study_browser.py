@@ -1,0 +1,183 @@
+"""The reader-study page in a real browser: a scripted reader answers, reloads, resumes, exports; the analysis agrees.
+
+Needs Debian's `chromium` + `chromium-driver` (`make browser-deps` installs them) and selenium (test extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from study.cli import main as study_main
+from study.make import make_study
+
+from study_helpers import make_inputs
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+N_REAL = N_GENERATED = 8
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -e '.[test]'")
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("chromium / chromedriver not installed: run `make browser-deps` "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,820", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+def strategy(item: str, entry: dict) -> tuple[str, int, int]:
+    """The scripted reader: right unless the item id is divisible by 3; rating = round(4 x label); confidence 1-3."""
+    number = int(item, 16)
+    truth = entry["kind"]
+    called = truth if number % 3 else ("real" if truth == "generated" else "generated")
+    label = entry["condition"] if truth == "generated" else entry["soft_label"]
+    return called, int(round(4 * label)), 1 + number % 3
+
+
+def keys(driver, text: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(text).perform()
+
+
+def text(driver, element_id: str) -> str:
+    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
+
+
+def current_item(driver) -> str:
+    return text(driver, "item-label").split()[-1]
+
+
+def start(driver, reader: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "reader")
+    box.clear()
+    box.send_keys(reader + Keys.ENTER)
+
+
+def trial_markup(driver) -> str:
+    """The trial area as HTML without the image payload: it must not depend on the item."""
+    return driver.execute_script("const t = document.getElementById('trial').cloneNode(true);"
+                                 "t.querySelector('#patch').removeAttribute('src'); return t.outerHTML;")
+
+
+def answer(driver, key: dict, seen: list[str], markups: set) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    item = current_item(driver)
+    seen.append(item)
+    markups.add(trial_markup(driver))
+    called, rating, confidence = strategy(item, key[item])
+    keys(driver, ("r" if called == "real" else "g") + str(rating) + str(confidence) + Keys.ENTER)
+
+
+def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    root = make_inputs(tmp_path / "inputs")
+    make_study([root / "tr"], [root / "r2g"], root / "ds", N_REAL, N_GENERATED, seed=3, out=tmp_path / "study")
+    key = json.loads((tmp_path / "study" / "key.json").read_text())["items"]
+    page = (tmp_path / "study" / "study.html").as_uri()
+    n = N_REAL + N_GENERATED
+
+    browser.get(page)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] if hasattr(browser, "get_log") else []
+    assert not errors, errors
+    start(browser, "alice")
+    seen, markups = [], set()
+    for _ in range(n // 2):
+        answer(browser, key, seen, markups)
+    assert text(browser, "answered") == f"{n // 2} of {n} answered"
+    assert browser.find_element(By.ID, "bar").get_attribute("style").replace(" ", "") == "width:50%;"
+    # back: the previous patch comes back with its answer shown
+    keys(browser, Keys.ARROW_LEFT)
+    assert current_item(browser) == seen[-1]
+    called, rating, _ = strategy(seen[-1], key[seen[-1]])
+    assert "on" in browser.find_element(By.ID, f"kind-{called}").get_attribute("class")
+    assert text(browser, "rating-text") == str(rating)
+    keys(browser, Keys.ENTER)  # re-save unchanged and go on
+    next_item = current_item(browser)
+    browser.save_screenshot(str(tmp_path / "mid-study.png"))
+
+    # reload mid-way: the same reader id resumes at the same patch with the answers kept
+    browser.refresh()
+    start(browser, "alice")
+    assert current_item(browser) == next_item
+    assert text(browser, "answered") == f"{n // 2} of {n} answered"
+    assert text(browser, "position") == f"patch {n // 2 + 1} of {n}"
+    for _ in range(n - n // 2):
+        answer(browser, key, seen, markups)
+    assert browser.find_element(By.ID, "done").is_displayed()
+    assert len(set(seen)) == n and set(seen) == set(key)
+    assert len(markups) == 1  # the trial markup is the same for every item: nothing in it tells real from generated
+
+    keys(browser, "e")
+    exported = browser.downloads / "answers-alice.csv"
+    deadline = time.time() + 20
+    while not exported.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert exported.exists(), list(browser.downloads.iterdir())
+    with open(exported, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["study_id", "reader", "item", "real_or_generated", "mitotic_rating", "confidence",
+                             "seconds", "answered_at"]
+    assert [r["item"] for r in rows] == seen and all(float(r["seconds"]) > 0 for r in rows)
+
+    # the analysis gives back exactly what the strategy implies
+    study_main(["analyse", "--study", str(tmp_path / "study"), "--answers", str(exported), "--bootstrap", "200",
+                "--out", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "results.json").read_text())["readers"]["alice"]
+    answers = {item: strategy(item, key[item]) for item in key}
+    right = sum(answers[i][0] == key[i]["kind"] for i in key)
+    assert results["detection"]["correct"] == right and results["detection"]["accuracy"] == right / n
+    assert 0 < right < n  # the strategy makes mistakes, so this is not trivially 0 or 1
+    generated = [i for i in key if key[i]["kind"] == "generated"]
+    expected = stats.spearmanr([answers[i][1] for i in generated], [key[i]["condition"] for i in generated])
+    assert results["rating"]["generated_vs_condition"]["value"] == pytest.approx(expected.statistic, abs=1e-12)
+    real = [i for i in key if key[i]["kind"] == "real"]
+    expected = stats.spearmanr([answers[i][1] for i in real], [key[i]["soft_label"] for i in real])
+    assert results["rating"]["real_vs_soft_label"]["value"] == pytest.approx(expected.statistic, abs=1e-12)
+
+    # the order is a function of (reader id, study seed), not of what was stored
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    start(browser, "alice")
+    alice_again = []
+    for _ in range(4):
+        answer(browser, key, alice_again, markups)
+    assert alice_again == seen[:4]
+    browser.refresh()
+    start(browser, "bob")
+    bob = []
+    for _ in range(4):
+        answer(browser, key, bob, markups)
+    assert bob != seen[:4]
+    assert np.isfinite([float(r["seconds"]) for r in rows]).all()
