@@ -1,0 +1,94 @@
+"""`mitosis-ldm serve`: the local slide explorer.
+
+    mitosis-ldm serve --pipeline runs/demo/diffusion/model --classifier runs/demo/classifier/model \
+        --slides data/cache/cmu_small_region.svs [--dataset runs/demo/data/cmu] [--host 127.0.0.1 --port 8765]
+
+Open the printed address, click a nucleus on the slide, and watch it rendered at
+y = 0 ... 1 beside its classifier score and morphology. Only the slides and
+datasets named here are served; it binds to localhost unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mitosis_ldm.errors import UserError, user_errors
+
+
+def load_datasets(paths: list[str]) -> dict:
+    from patches.dataset import PatchDataset
+
+    datasets = {}
+    for raw in paths:
+        path = Path(raw)
+        ds = PatchDataset(path)  # read_meta gives the one-line error for a non-dataset
+        if path.name in datasets:
+            raise UserError(f"--dataset: two datasets are named {path.name}; datasets are addressed by folder name")
+        datasets[path.name] = (path, ds)
+    return datasets
+
+
+def build(args):
+    """Load everything named on the command line; any problem is a UserError before the server starts."""
+    import torch
+
+    from classifier.model import ClassifierEnsemble
+    from diffusion.pipeline import MitosisPipeline
+
+    from .app import create_app
+    from .explorer import Explorer
+    from .tiles import SlideRegistry
+    from .worker import ModelWorker
+
+    if not args.slides and not args.dataset:
+        raise UserError("--slides: give at least one slide (or folder of slides) or a --dataset")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port: must be in 1..65535, got {args.port}")
+    if args.queue < 1:
+        raise UserError(f"--queue: must be >= 1, got {args.queue}")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    slides = SlideRegistry(args.slides or [])
+    datasets = load_datasets(args.dataset or [])
+    pipeline = MitosisPipeline.from_pretrained(args.pipeline)
+    classifier = ClassifierEnsemble.from_pretrained(args.classifier)
+    explorer = Explorer(slides, datasets, pipeline, classifier, args.exports, pipeline_path=args.pipeline,
+                        classifier_path=args.classifier)
+    return create_app(explorer, ModelWorker(args.queue), max_body=args.max_body)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mitosis-ldm serve", description="Local slide explorer: click a nucleus, "
+                                "watch it turn mitotic.")
+    p.add_argument("--pipeline", required=True, help="diffusion pipeline folder")
+    p.add_argument("--classifier", required=True, help="classifier ensemble folder")
+    p.add_argument("--slides", nargs="+", action="extend", help="slide files or folders of slides")
+    p.add_argument("--dataset", action="append", help="patch dataset folder to browse (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--exports", default="runs/serve/exports", help="folder the export button writes into")
+    p.add_argument("--queue", type=int, default=16, help="model requests running or waiting before 503 (default 16)")
+    p.add_argument("--max-body", type=int, default=16_384, help="largest request body in bytes (default 16384)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    return p
+
+
+@user_errors
+def main(argv=None):
+    import uvicorn
+
+    args = parser().parse_args(argv)
+    app = build(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: anyone who can reach this machine can browse the slides",
+              file=sys.stderr)
+    explorer = app.state.explorer
+    print(f"explorer: http://{args.host}:{args.port}/  ({len(explorer.slides.names())} slides, "
+          f"{len(explorer.datasets)} datasets; exports to {args.exports})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

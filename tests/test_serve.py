@@ -1,0 +1,224 @@
+"""The slide explorer's routes through FastAPI's test client: tiles, nucleus, transition, cache, export, safety."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shlex
+import threading
+
+import numpy as np
+import pytest
+
+from serve_helpers import NUCLEI, SLIDE_SIZE, make_explorer, make_world
+
+SLIDE = "slide.png"
+FAST = {"steps": 2, "conditions": "0:1:3"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def client(world, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    app = make_explorer(world, tmp_path_factory.mktemp("exports"))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def decode(uri: str) -> np.ndarray:
+    from PIL import Image
+
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def one_line_error(res, status: int | None = None) -> str:
+    assert 400 <= res.status_code < 500, (res.status_code, res.text)
+    if status is not None:
+        assert res.status_code == status, (res.status_code, res.text)
+    assert "\n" not in res.text and "Traceback" not in res.text
+    body = res.json()
+    assert set(body) == {"error"} and body["error"]
+    return body["error"]
+
+
+def test_slide_list_dzi_and_tiles(client):
+    slides = client.get("/slides").json()
+    assert slides == [{"name": SLIDE, "width": SLIDE_SIZE[0], "height": SLIDE_SIZE[1], "mpp": None,
+                       "dzi": f"/slides/{SLIDE}.dzi"}]
+    dzi = client.get(f"/slides/{SLIDE}.dzi")
+    assert dzi.status_code == 200 and 'Width="560" Height="420"' in dzi.text and 'Format="jpeg"' in dzi.text
+    top = 10  # ceil(log2(560)) : the full-resolution level
+    tile = client.get(f"/slides/{SLIDE}_files/{top}/1_1.jpeg")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+    assert tile.content[:2] == b"\xff\xd8"
+    assert client.get(f"/slides/{SLIDE}_files/{top}/1_1.jpeg").content == tile.content  # cached, identical
+    one_line_error(client.get(f"/slides/{SLIDE}_files/{top}/9_0.jpeg"), 404)    # no such column
+    one_line_error(client.get(f"/slides/{SLIDE}_files/{top + 1}/0_0.jpeg"), 404)  # no such level
+    one_line_error(client.get("/slides/other.svs.dzi"), 404)
+
+
+@pytest.mark.parametrize("url", [
+    "/slides/..%2F..%2Fetc%2Fpasswd.dzi", "/slides/../../etc/passwd.dzi", "/static/../../../etc/passwd",
+    "/static/%2e%2e/%2e%2e/serve/app.py", "/exports/..%2Fpipeline%2Fpipeline.json", "/exports/.hidden.json",
+    "/datasets/..%2Fpatches/grid", "/datasets/patches/patch/99999.png", "/nope",
+])
+def test_paths_outside_the_given_folders_are_404(client, url):
+    res = client.get(url)
+    assert res.status_code == 404, (url, res.status_code, res.text[:100])
+    assert "root:" not in res.text
+
+
+def test_click_is_recentred_on_the_nearest_nucleus(client):
+    for x, y in NUCLEI[:3]:
+        res = client.post("/nucleus", json={"slide": SLIDE, "x": x + 6, "y": y - 5}).json()
+        assert res["detected"] and abs(res["centre"][0] - x) <= 1 and abs(res["centre"][1] - y) <= 1
+        patch = decode(res["patch"])
+        assert patch.shape == (64, 64, 3) and patch[32, 32].mean() < 170  # the nucleus sits in the middle
+        assert 0 <= res["score"] <= 1 and res["score_std"] >= 0
+    empty = client.post("/nucleus", json={"slide": SLIDE, "x": 300, "y": 400}).json()  # tissue, no nucleus near
+    assert not empty["detected"] and empty["centre"] == [300, 400]
+
+
+def test_transition_is_cached_and_export_reproduces_with_real2gen(client, world, tmp_path):
+    body = {"slide": SLIDE, "x": 303, "y": 137, "mode": "invert", "strength": 0.5, "guidance": 2.0, **FAST}
+    first = client.post("/transition", json=body).json()
+    assert first["cached"] is False and first["settings"]["conditions"] == [0.0, 0.5, 1.0]
+    assert first["source"]["centre"] == [300, 140]
+    assert len(first["frames"]) == 3 and len(first["scores"]) == 3 and len(first["scores_std"]) == 3
+    assert all(0 <= s <= 1 for s in first["scores"])
+    assert {"h_mean", "irregularity", "area"} <= set(first["features"])
+    again = client.post("/transition", json=body).json()
+    assert again["cached"] is True and again["frames"] == first["frames"]
+    other = client.post("/transition", json={**body, "guidance": 3.0}).json()
+    assert other["cached"] is False and other["key"] != first["key"]
+
+    export = client.post("/export", json=body).json()
+    assert client.get(export["png"]).content[:4] == b"\x89PNG"
+    saved = client.get(export["json"]).json()
+    assert saved["settings"]["steps"] == 2 and saved["source"]["centre"] == [300, 140]
+    # the written command renders the same frames offline
+    args = shlex.split(saved["command"])
+    assert args[:2] == ["mitosis-ldm", "real2gen"]
+    out = tmp_path / "again"
+    args[args.index("--out") + 1] = str(out)
+    from diffusion.real2gen import main as real2gen_main
+
+    real2gen_main(args[2:])
+    frames = np.load(out / "frames.npy")  # (1, 1 + K, H, W, 3): column 0 is the input
+    np.testing.assert_array_equal(frames[0, 0], decode(first["input"]))
+    for k, uri in enumerate(first["frames"]):
+        np.testing.assert_array_equal(frames[0, 1 + k], decode(uri))
+
+
+def test_dataset_grid_and_its_transition(client, world):
+    grid = client.get("/datasets/patches/grid?per_bin=3").json()
+    assert grid["patches"] == 24 and grid["bins"]
+    titles = [b["title"] for b in grid["bins"]]
+    assert titles == sorted(titles) and all(len(b["items"]) <= 3 for b in grid["bins"])
+    item = grid["bins"][-1]["items"][0]
+    assert client.get(item["thumb"]).content[:4] == b"\x89PNG"
+    res = client.post("/transition", json={"dataset": "patches", "index": item["index"], **FAST}).json()
+    assert res["source"]["id"] == item["id"] and len(res["frames"]) == 3
+    export = client.post("/export", json={"dataset": "patches", "index": item["index"], **FAST}).json()
+    assert f"--input {world['dataset']}:{item['id']}" in export["command"]
+
+
+BAD_BODIES = [
+    ("/nucleus", b"{not json"),
+    ("/nucleus", b'{"slide": "slide.png", "x": NaN, "y": 3}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": Infinity, "y": 3}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": -1, "y": 3}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": 10, "y": 420}'),
+    ("/nucleus", b'{"slide": "../../etc/passwd", "x": 1, "y": 1}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": "left", "y": 1}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": 1}'),
+    ("/nucleus", b'{"slide": "slide.png", "x": 1, "y": 1, "extra": 1}'),
+    ("/nucleus", b"[1, 2, 3]"),
+    ("/nucleus", b""),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "mode": "magic"}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "strength": 0}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "guidance": -1}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "steps": 100000}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [0, 2]}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:x"}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [' + b"0.5," * 40 + b"1]}"),
+    ("/transition", b'{"dataset": "patches", "index": 10000}'),
+    ("/transition", b'{"dataset": "patches"}'),
+    ("/transition", b'{"dataset": "../patches", "index": 0}'),
+    ("/transition", b'{"x": 5, "y": 5}'),
+    ("/export", b'{"slide": "slide.png", "x": 1e308, "y": 5}'),
+    ("/nucleus", b'{"slide": "' + b"a" * 40_000 + b'", "x": 1, "y": 1}'),  # over the body limit
+]
+
+
+@pytest.mark.parametrize("route,body", BAD_BODIES)
+def test_bad_requests_get_a_one_line_4xx(client, route, body):
+    res = client.post(route, content=body, headers={"content-type": "application/json"})
+    one_line_error(res)
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_full_model_queue_answers_503(world, tmp_path):
+    from fastapi.testclient import TestClient
+
+    app = make_explorer(world, tmp_path / "exports", fake=True, queue=1)
+    release = threading.Event()
+    blocker = app.state.worker.submit(release.wait, 30)  # the one slot is taken
+    try:
+        with TestClient(app, raise_server_exceptions=False) as test_client:
+            res = test_client.post("/nucleus", json={"slide": SLIDE, "x": 10, "y": 10})
+            assert res.status_code == 503 and "queue full" in res.json()["error"]
+            assert res.headers["retry-after"] == "1"
+            release.set()
+            blocker.result(timeout=30)
+            assert test_client.post("/nucleus", json={"slide": SLIDE, "x": 10, "y": 10}).status_code == 200
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--slides", "missing.svs"], "--slides: missing.svs not found"),
+    (["--dataset", "{pipeline}"], "not a patch dataset"),
+    (["--slides", "{slide}", "--port", "0"], "--port"),
+    ([], "--slides: give at least one"),
+])
+def test_cli_bad_input_is_one_line(world, capsys, extra, needle):
+    from serve.cli import main
+
+    extra = [e.format(pipeline=world["pipeline"], slide=world["slide"]) for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pipeline", str(world["pipeline"]), "--classifier", str(world["classifier"]), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
+def test_cli_refuses_a_classifier_folder_as_pipeline(world, capsys):
+    from serve.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--pipeline", str(world["classifier"]), "--classifier", str(world["classifier"]),
+              "--slides", str(world["slide"])])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_healthz_and_info(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["slides"] == 1 and health["queue"] == 0
+    info = client.get("/api/info").json()
+    assert info["patch_size"] == 64 and info["defaults"]["mode"] == "invert"
+    assert info["defaults"]["strength"] == 0.5 and info["defaults"]["guidance"] == 2.0  # from pipeline.json
+    assert len(info["defaults"]["conditions"]) == 11
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/openseadragon/openseadragon.min.js" in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing loads from the network
+    assert client.get("/static/openseadragon/openseadragon.min.js").status_code == 200
+    json.dumps(info)
