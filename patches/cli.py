@@ -166,15 +166,17 @@ def cmd_sliderunner(args, argv) -> None:
 
     cfg = extract_config(args, "slide")
     _refuse_existing(args)
-    by_slide, classes = read_sliderunner(args.db, args.slides, args.mitotic_class, args.lookalike_class,
-                                         tuple(args.include_class or ()), skip_missing=args.skip_missing)
+    by_slide, classes, summary, left_out = read_sliderunner(
+        args.db, args.slides, args.mitotic_class, args.lookalike_class, tuple(args.include_class or ()),
+        skip_missing=args.skip_missing)
     jobs = point_jobs(by_slide, cfg)
     _build(args, argv, jobs, cfg, {
         "source": "sliderunner", "source_file": str(args.db), "mpp": None,
         "classes": {str(k): v for k, v in classes.items()},
-        "mitotic_class": args.mitotic_class, "lookalike_class": args.lookalike_class,
+        "mitotic_class": args.mitotic_class, "lookalike_class": args.lookalike_class, "left_out": left_out,
         "label_definition": "label = fraction of Annotations_label votes of the mitotic class (last vote per person); "
                             "hard_label = agreedClass == mitotic class"})
+    print(("warning: " if left_out else "") + summary, file=sys.stderr)  # what was left out, counted, on one line
 
 
 def cmd_points(args, argv) -> None:

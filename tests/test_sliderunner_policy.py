@@ -1,0 +1,94 @@
+"""SlideRunner reader policies: what each annotation type and class means, and the counted one-line summary."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patches.cli import main
+from test_patches_sources import make_sliderunner_db
+
+
+def real_world_db(tmp_path):
+    """The real schema; spots and polygons; classes 1, 2, 3, 7; malformed rows of every kind the issue lists."""
+    Image.fromarray(np.full((200, 300, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    annotations = [
+        {"uid": 1, "slide": 1, "x": 50, "y": 60, "agreed": 2, "labels": [(1, 2), (2, 2), (3, 7)]},
+        {"uid": 2, "slide": 1, "x": 120, "y": 60, "agreed": 7, "labels": [(1, 7), (2, 2)]},
+        {"uid": 3, "slide": 1, "x": 150, "y": 100, "agreed": 1, "labels": [(1, 1)]},   # granulocyte
+        {"uid": 4, "slide": 1, "x": 200, "y": 100, "agreed": 3, "labels": [(1, 3)]},   # tumour cell
+        {"uid": 5, "slide": 1, "x": 80, "y": 150, "agreed": 2, "labels": [(1, 2)]},    # becomes a polygon
+        {"uid": 6, "slide": 1, "x": 250, "y": 150, "agreed": 2, "labels": []},         # agreedClass NULL below
+        {"uid": 7, "slide": 1, "x": 30, "y": 30, "agreed": 2, "labels": [(1, 2)]},     # gets odd votes below
+    ]
+    db = tmp_path / "ccmct.sqlite"
+    make_sliderunner_db(db, {1: "a.png"}, annotations)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE Annotations SET type = 3 WHERE uid = 5")  # a polygon around a region
+    con.executemany("INSERT INTO Annotations_coordinates (coordinateX, coordinateY, slide, annoId, orderIdx) "
+                    "VALUES (?, ?, 1, 5, ?)", [(120, 150, 2), (100, 190, 3)])
+    con.execute("UPDATE Annotations SET agreedClass = NULL WHERE uid = 6")
+    con.executemany("INSERT INTO Annotations_label (person, class, annoId) VALUES (?, ?, ?)", [
+        (2, 2, 99),            # dangling: annotation 99 does not exist
+        (2, None, 7),          # class NULL
+        (3, "mitosis", 7),     # class as text
+        (3, 42, 7),            # class id not in Classes
+        (None, 2, 7),          # person NULL
+        ("bob", 7, 7),         # person as text
+        (1, 2, None),          # annoId NULL
+        (1, 2, "seven"),       # annoId as text
+    ])
+    con.execute("INSERT INTO Annotations_coordinates (coordinateX, coordinateY, slide, annoId, orderIdx) "
+                "VALUES (1, 1, 1, 'x', 1)")  # coordinate row with a text annoId
+    con.commit()
+    con.close()
+    return db
+
+
+def rows_of(out):
+    import csv
+
+    with open(out / "labels.csv", newline="") as handle:
+        return {r["id"]: r for r in csv.DictReader(handle)}
+
+
+def test_real_world_database_kept_rows_and_one_line_summary(tmp_path, capsys):
+    db = real_world_db(tmp_path)
+    out = tmp_path / "ds"
+    main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(out), "--size", "32"])
+    rows = rows_of(out)
+    assert set(rows) == {"sliderunner-1", "sliderunner-2", "sliderunner-7"}
+    assert (rows["sliderunner-1"]["votes"], rows["sliderunner-1"]["hard_label"]) == ("1;1;0", "1")
+    assert (rows["sliderunner-2"]["votes"], rows["sliderunner-2"]["hard_label"]) == ("0;1", "0")
+    assert rows["sliderunner-7"]["votes"] == "1"  # only person 1's valid vote: bad votes are not "not mitotic"
+    err = capsys.readouterr().err.strip().splitlines()
+    summary = err[-1]
+    assert summary.startswith("warning: ") and str(db) in summary
+    for part in ("kept 3 annotations", "class 2 'Mitotic figure' 2", "class 7 'Mitotic figure lookalike' 1",
+                 "class 1 'Granulocyte' 1", "class 3 'Tumor cell' 1", "polygon annotations (not cells) 1",
+                 "annotations whose agreedClass is NULL or not in Classes 1", "votes pointing to no annotation 1",
+                 "votes whose class is not in Classes 3", "votes without an integer person 2",
+                 "votes without an integer annoId 2", "coordinate rows without an integer annoId 1"):
+        assert part in summary, part
+    import json
+
+    left_out = json.loads((out / "dataset.json").read_text())["left_out"]
+    assert left_out["votes pointing to no annotation"] == 1 and left_out["class 1 'Granulocyte'"] == 1
+
+
+def test_text_coordinates_are_an_error_not_zero(tmp_path, capsys):
+    db = real_world_db(tmp_path)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE Annotations_coordinates SET coordinateX = 'left' WHERE annoId = 2")
+    con.commit()
+    con.close()
+    out = tmp_path / "ds"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "coordinateX/Y" in err[0] and "annotation 2" in err[0] and "'left'" in err[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
