@@ -1,0 +1,223 @@
+"""`mitosis-ldm study make` and `analyse`: the balanced draw, the blinding of the page, and every documented bad input."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from mitosis_ldm.artifacts import read_transitions
+from patches.dataset import PatchDataset
+from study import ANSWER_COLUMNS
+from study.cli import main
+from study.simulate import simulate, write_answers
+from study.answers import read_study
+
+from study_helpers import make_inputs
+
+DATA_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("study-inputs"))
+
+
+def make(inputs, out, seed=0, n_real=12, n_generated=12, extra=()):
+    main(["make", "--transitions", str(inputs / "tr"), "--real2gen", str(inputs / "r2g"), "--dataset",
+          str(inputs / "ds"), "--n-real", str(n_real), "--n-generated", str(n_generated), "--seed", str(seed),
+          "--out", str(out), *extra])
+    return json.loads((out / "key.json").read_text())["items"], (out / "study.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def study(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "study"
+    key, page = make(inputs, out)
+    return out, key, page
+
+
+def png_chunks(data: bytes) -> list[tuple[str, bytes]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos: pos + 4])
+        chunks.append((data[pos + 4: pos + 8].decode("ascii"), data[pos + 8: pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def page_items(page: str) -> list[dict]:
+    block = re.search(r'<script type="application/json" id="study-data">(.*?)</script>', page, re.S).group(1)
+    return json.loads(block)["items"]
+
+
+# -- the draw ----------------------------------------------------------------
+
+def test_draw_is_balanced_seeded_and_matches_the_sources(inputs, study, tmp_path):
+    out, key, page = study
+    kinds = collections.Counter(e["kind"] for e in key.values())
+    assert kinds == {"real": 12, "generated": 12}
+    soft = collections.Counter(round(e["soft_label"], 3) for e in key.values() if e["kind"] == "real")
+    conditions = collections.Counter(e["condition"] for e in key.values() if e["kind"] == "generated")
+    assert len(soft) == 4 and max(soft.values()) - min(soft.values()) <= 1        # 0, 1/3, 2/3, 1: 3 each
+    assert len(conditions) == 5 and max(conditions.values()) - min(conditions.values()) <= 1
+    nuclei = collections.Counter((e["folder"], e["seed"]) for e in key.values() if e["kind"] == "generated")
+    assert len(nuclei) == 6 and max(nuclei.values()) <= 3  # 12 frames use all 6 nuclei, none at many conditions
+    ds = PatchDataset(inputs / "ds", split="test")
+    test_ids = {f"ds:{pid}" for pid in ds.ids()}
+    assert {e["source"] for e in key.values() if e["kind"] == "real"} <= test_ids  # held-out patches only
+    # pixels in the page are exactly the source pixels
+    from PIL import Image
+    import io
+
+    tr, r2g = read_transitions(inputs / "tr"), read_transitions(inputs / "r2g")
+    for entry in page_items(page):
+        source = key[entry["id"]]
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["src"].split(",", 1)[1]))))
+        if source["kind"] == "real":
+            expected = ds.uint8([ds.ids().index(source["source"].split(":", 1)[1])])[0]
+        else:
+            t = tr if source["folder"] == "tr" else r2g
+            expected = t.frames[t.seeds.index(source["seed"]), t.conditions.index(source["condition"])]
+            assert not (source["folder"] == "r2g" and source["condition"] is None)
+        assert np.array_equal(pixels, expected)
+    # the same seed gives the same study, another seed another draw
+    again, _ = make(inputs, tmp_path / "again")
+    assert again == key
+    other, _ = make(inputs, tmp_path / "other", seed=1)
+    assert other != key
+    study_json = json.loads((out / "study.json").read_text())
+    assert study_json["items"] == sorted(key) and study_json["n_items"] == 24
+
+
+def test_make_refuses_what_it_cannot_draw(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        make(inputs, tmp_path / "s", n_generated=500)
+    message = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and message.count("\n") == 0
+    assert "--n-generated" in message and "500" in message and not (tmp_path / "s").exists()
+    with pytest.raises(SystemExit):
+        main(["make", "--transitions", str(inputs / "ds"), "--dataset", str(inputs / "ds"), "--out",
+              str(tmp_path / "s")])
+    assert "--transitions" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+# -- blinding ----------------------------------------------------------------
+
+def template(page: str) -> str:
+    """The page without its data block and item count: what must not depend on the study's items."""
+    page = re.sub(r'(<script type="application/json" id="study-data">).*?(</script>)', r"\1\2", page, flags=re.S)
+    return re.sub(r"You will see \d+ nucleus", "You will see N nucleus", page)
+
+
+def test_page_holds_nothing_that_tells_real_from_generated(inputs, study, tmp_path):
+    out, key, page = study
+    study_id = json.loads((out / "study.json").read_text())["study_id"]
+    text = DATA_URI.sub("DATA", page)
+    # no key value reaches the page: sources, folder names, field names of the key
+    for entry in key.values():
+        assert entry["source"] not in text
+        assert not re.search(r"\b" + re.escape(entry["source"].split(":", 1)[1]) + r"\b", text)
+    for word in ("soft_label", "condition", "true_degree", "source", "seed=", "key.json", '"kind"', "r2g"):
+        assert word not in text, word
+    # the template is the same whatever the items: another draw (other kinds per id) differs only in its data
+    other_key, other_page = make(inputs, tmp_path / "other", seed=7, n_real=5, n_generated=19)
+    assert template(page) == template(other_page)
+    data = json.loads(re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1))
+    assert set(data) == {"study_id", "order_seed", "items"}
+    # so "real" and "generated" occur only in the fixed UI text
+    for word in ("real", "generated"):
+        assert len(re.findall(word, text, re.I)) == len(re.findall(word, template(page), re.I)) > 0
+    # items: only {id, src}, listed in id order (the order carries nothing)
+    items = page_items(page)
+    assert [it["id"] for it in items] == sorted(key) and all(set(it) == {"id", "src"} for it in items)
+    assert all(re.fullmatch(r"[0-9a-f]{8}", it["id"]) for it in items)
+
+
+def test_png_payloads_are_encoded_identically_with_no_metadata(study):
+    out, key, page = study
+    structure = collections.defaultdict(set)
+    for entry in page_items(page):
+        chunks = png_chunks(base64.b64decode(entry["src"].split(",", 1)[1]))
+        names = [name for name, _ in chunks]
+        assert names[0] == "IHDR" and names[-1] == "IEND" and set(names) == {"IHDR", "IDAT", "IEND"}, names
+        kind = key[entry["id"]]["kind"]
+        structure[kind].add((tuple(dict.fromkeys(names)), chunks[0][1]))  # chunk order + IHDR (size, depth, mode)
+    assert structure["real"] == structure["generated"] and len(structure["real"]) == 1
+
+
+# -- bad answers: one line naming the file and the field, no output --------
+
+@pytest.fixture
+def answers(study, tmp_path):
+    out, _, _ = study
+    rows = simulate(read_study(out), "reader-1", "noisy", seed=4)
+    return out, rows, tmp_path / "answers-reader-1.csv"
+
+
+def analyse_fails(study_dir, paths, tmp_path, capsys) -> str:
+    with pytest.raises(SystemExit) as err:
+        main(["analyse", "--study", str(study_dir), "--answers", *map(str, paths), "--bootstrap", "100",
+              "--out", str(tmp_path / "results")])
+    message = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and message.startswith("error: ") and "\n" not in message
+    assert not (tmp_path / "results").exists()
+    return message
+
+
+def test_answers_from_another_study(answers, tmp_path, capsys):
+    out, rows, path = answers
+    rows[3][0] = "0123456789ab"
+    write_answers(path, rows)
+    message = analyse_fails(out, [path], tmp_path, capsys)
+    assert str(path) in message and "row 5" in message and "'study_id'" in message and "0123456789ab" in message
+
+
+def test_item_not_in_the_key(answers, tmp_path, capsys):
+    out, rows, path = answers
+    rows[0][2] = "deadbeef"
+    write_answers(path, rows)
+    message = analyse_fails(out, [path], tmp_path, capsys)
+    assert str(path) in message and "'item'" in message and "deadbeef" in message and "key.json" in message
+
+
+def test_duplicate_answer_by_one_reader(answers, tmp_path, capsys):
+    out, rows, path = answers
+    write_answers(path, rows[:5])
+    second = tmp_path / "answers-again.csv"
+    write_answers(second, rows[4:])  # row 4 again, in another file
+    message = analyse_fails(out, [path, second], tmp_path, capsys)
+    assert str(second) in message and "'item'" in message and "twice" in message and str(path) in message
+    write_answers(second, rows[:3] + rows[2:3])  # and within one file
+    message = analyse_fails(out, [second], tmp_path, capsys)
+    assert "row 5" in message and "row 4" in message
+
+
+@pytest.mark.parametrize("field, column, value", [("mitotic_rating", 4, "5"), ("mitotic_rating", 4, "-1"),
+                                                  ("mitotic_rating", 4, "2.5"), ("confidence", 5, "0"),
+                                                  ("real_or_generated", 3, "synthetic")])
+def test_answer_out_of_range(answers, tmp_path, capsys, field, column, value):
+    out, rows, path = answers
+    rows[6][column] = value
+    write_answers(path, rows)
+    message = analyse_fails(out, [path], tmp_path, capsys)
+    assert str(path) in message and "row 8" in message and f"'{field}'" in message and repr(value) in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "empty"),
+    ("study_id,reader,item\nx,y,z\n", "'real_or_generated'"),
+    (",".join(ANSWER_COLUMNS) + "\na,b,c\n", "row 2 has 3 fields"),
+    (",".join(ANSWER_COLUMNS) + '\n"unterminated,b,c,d,e,f,g,h\n', "malformed CSV"),
+])
+def test_malformed_csv(study, tmp_path, capsys, content, expected):
+    path = tmp_path / "answers-bad.csv"
+    path.write_text(content)
+    message = analyse_fails(study[0], [path], tmp_path, capsys)
+    assert str(path) in message and "malformed CSV" in message and expected in message
