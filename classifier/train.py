@@ -39,6 +39,7 @@ from mitosis_ldm.io import write_json
 from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
+from .mixture import Mixture, check_mixture, is_generated, keep_fraction, sampling_weights
 from .model import ClassifierEnsemble, MitosisClassifier, ModelConfig, fit_size, to_network_input
 
 
@@ -48,6 +49,11 @@ class DataConfig:
     label_mode: str = "soft"               # soft (target = vote fraction) | hard | binned
     balance: float = 0.5                   # fraction of mitotic patches per batch; 0 = as stored
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    datasets: list[str] = field(default_factory=list)  # a mixture (replaces `dataset`): train + val of each
+    weights: list[float] = field(default_factory=list)  # each dataset's share of the draws (default equal)
+    fraction: float = 1.0                  # keep this stratified fraction of each real train split
+    fraction_seed: int = 0
+    allow_generated: bool = False          # downstream (CAS) classifiers only: the judge never sees generated data
 
 
 @dataclass
@@ -74,14 +80,26 @@ class ClassifierConfig:
 # -- data ----------------------------------------------------------------------
 
 def load_training_data(cfg: ClassifierConfig):
-    """Train and val PatchDatasets, refusing generated data, unlabelled rows and size mismatches."""
-    root = Path(cfg.data.dataset)
+    """Train and val sets (one dataset, or a `Mixture` of `data.datasets`), `data.fraction` of the real labels."""
+    roots = cfg.data.datasets or [cfg.data.dataset]
+    shares = check_mixture(cfg.data.datasets, cfg.data.weights, cfg.data.fraction)
+    trains, vals = zip(*[load_one(cfg, Path(root)) for root in roots])
+    for train in trains:
+        if not is_generated(train):
+            keep_fraction(train, cfg.data.fraction, cfg.data.fraction_seed)
+    if len(roots) == 1:
+        return trains[0], vals[0]
+    return Mixture(list(trains), shares), Mixture(list(vals))
+
+
+def load_one(cfg: ClassifierConfig, root: Path):
+    """One dataset's train and val splits, refusing generated data, unlabelled rows and size mismatches."""
     train = PatchDataset(root, split="train", augment=cfg.data.augment, label_mode=cfg.data.label_mode)
     val = PatchDataset(root, split="val", augment=None, label_mode=cfg.data.label_mode)
-    meta = train.meta
-    if meta.get("generated") or str(meta.get("source", "")).lower() in {"generated", "transitions", "real2gen"}:
+    if is_generated(train) and not cfg.data.allow_generated:
         raise UserError(f"{root / 'dataset.json'}: field 'source' says generated data; the classifier is the "
-                        f"independent judge and never trains on generated patches")
+                        f"independent judge and never trains on generated patches (a downstream classifier may: "
+                        f"--set data.allow_generated=true)")
     for name, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise UserError(f"{root / 'labels.csv'}: field 'split' has no '{name}' rows; the classifier needs "
@@ -100,19 +118,12 @@ def load_training_data(cfg: ClassifierConfig):
     return train, val
 
 
-def balanced_sampler(train: PatchDataset, balance: float, seed: int):
-    """Draw mitotic (hard label 1, or soft >= 0.5) patches with probability `balance`."""
-    if balance <= 0:
+def balanced_sampler(train: PatchDataset | Mixture, balance: float, seed: int):
+    """Draw mitotic (hard label 1, or soft >= 0.5) patches with probability `balance` (within each dataset)."""
+    parts, shares = (train.parts, train.shares) if isinstance(train, Mixture) else ([train], [1.0])
+    weights = sampling_weights(parts, shares, balance)
+    if weights is None:
         return None
-    if not 0 < balance < 1:
-        raise UserError(f"data.balance: must be in [0, 1), got {balance}")
-    hard = train.hard_labels
-    mitotic = np.where(np.isnan(hard), train.soft_labels >= 0.5, hard >= 0.5)
-    n_pos = int(mitotic.sum())
-    if n_pos == 0 or n_pos == len(mitotic):
-        raise UserError(f"{train.root / 'labels.csv'}: the train split holds only one class ({n_pos} mitotic of "
-                        f"{len(mitotic)}); balanced sampling needs both")
-    weights = np.where(mitotic, balance / n_pos, (1 - balance) / (len(mitotic) - n_pos))
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(train),
                                  replacement=True, generator=generator)
@@ -294,7 +305,11 @@ def assemble(cfg: ClassifierConfig, train_ds: PatchDataset) -> Path:
         info.append(record)
     extra = {
         "label_mode": cfg.data.label_mode,
-        "trained_on": {"dataset": str(cfg.data.dataset), "content_hash": train_ds.meta.get("content_hash")},
+        "trained_on": {"dataset": str(cfg.data.dataset), "content_hash": train_ds.meta.get("content_hash")}
+        if not cfg.data.datasets and cfg.data.fraction == 1 else
+        {"datasets": list(cfg.data.datasets or [cfg.data.dataset]), "weights": list(cfg.data.weights),
+         "fraction": cfg.data.fraction, "fraction_seed": cfg.data.fraction_seed, "patches": len(train_ds),
+         "content_hashes": train_ds.meta["parts"] if isinstance(train_ds, Mixture) else [train_ds.meta.get("content_hash")]},
         "val_loss": [r["calibrated_val_loss"] for r in info],
         "best_step": [r["best_step"] for r in info],
     }
