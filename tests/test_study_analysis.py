@@ -1,0 +1,135 @@
+"""A dry run of the reader-study analysis with simulated readers whose answers have known statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from study.analyse import analyse, detection, fleiss_kappa, krippendorff_ordinal
+from study.answers import Answer, Study
+from study.cli import main
+from study.simulate import noisy_rating, simulate
+
+from study_helpers import make_inputs
+
+CONDITIONS = np.round(np.linspace(0, 1, 11), 2)
+
+
+def synthetic_study(n_real: int = 40, n_generated: int = 40, seed: int = 0) -> Study:
+    """A key without images: real items with soft labels in thirds, generated ones spread over 11 conditions."""
+    rng = np.random.default_rng(seed)
+    ids = [f"{k:08x}" for k in range(n_real + n_generated)]
+    key = {}
+    for k, item in enumerate(ids):
+        if k < n_real:
+            key[item] = {"kind": "real", "condition": None, "soft_label": float(rng.choice([0, 1 / 3, 2 / 3, 1])),
+                         "source": f"ds:p{k}"}
+        else:
+            key[item] = {"kind": "generated", "condition": float(CONDITIONS[k % 11]), "soft_label": None,
+                         "source": f"tr:seed={k}"}
+    return Study(path=Path("synthetic"), study={"study_id": "sim", "items": ids}, key=key)
+
+
+def as_answers(rows: list[list]) -> list[Answer]:
+    return [Answer(r[1], r[2], r[3], int(r[4]), int(r[5]), float(r[6]), r[7], "memory", k)
+            for k, r in enumerate(rows, start=2)]
+
+
+def readers(study: Study, strategy: str, count: int, **kwargs) -> list[Answer]:
+    return [a for k in range(count) for a in as_answers(simulate(study, f"{strategy}-{k}", strategy, seed=k, **kwargs))]
+
+
+def expected_spearman(noise: float, draws: int = 200_000) -> float:
+    """What rating = round(4 c + Normal(0, noise)), clipped to 0-4, implies for c uniform on the 11 conditions."""
+    rng = np.random.default_rng(123)
+    c = rng.choice(CONDITIONS, draws)
+    return float(stats.spearmanr(noisy_rating(c, noise, rng), c).statistic)
+
+
+def test_random_reader_is_at_chance_and_its_interval_covers_half():
+    study = synthetic_study()
+    result = analyse(study, as_answers(simulate(study, "coin", "random", seed=11)), n_resamples=500)
+    d = result["readers"]["coin"]["detection"]
+    assert d["ci"][0] <= 0.5 <= d["ci"][1] and d["p_value"] > 0.05 and abs(d["auc"] - 0.5) < 0.15
+    # the exact interval's coverage over many random readers is at least nominal
+    rng = np.random.default_rng(5)
+    is_generated = np.array([study.key[i]["kind"] == "generated" for i in study.study["items"]])
+    covered = []
+    for _ in range(200):
+        d = detection(rng.random(80) < 0.5, is_generated, rng.integers(1, 4, 80).astype(float))
+        covered.append(d["ci"][0] <= 0.5 <= d["ci"][1])
+    assert np.mean(covered) >= 0.92
+    # random readers do not agree with each other
+    pooled = analyse(study, readers(study, "random", 4), n_resamples=200)
+    assert abs(pooled["agreement"]["krippendorff_alpha_ordinal_rating"]) < 0.15
+    assert abs(pooled["agreement"]["fleiss_kappa_real_vs_generated"]) < 0.15
+
+
+def test_reader_who_always_detects():
+    study = synthetic_study()
+    result = analyse(study, readers(study, "oracle", 2), n_resamples=500)
+    for name in ("oracle-0", "oracle-1"):
+        d = result["readers"][name]["detection"]
+        assert d["accuracy"] == 1.0 and d["correct"] == 80 and d["generated_called_real"] == 0.0 and d["auc"] == 1.0
+        assert d["ci"][0] == pytest.approx(0.025 ** (1 / 80)) and d["p_value"] < 1e-20  # Clopper-Pearson at k = n
+    assert result["pooled"]["detection"]["accuracy"] == 1.0
+    assert result["agreement"]["fleiss_kappa_real_vs_generated"] == pytest.approx(1.0)
+    assert result["agreement"]["krippendorff_alpha_ordinal_rating"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("noise", [0.5, 1.5])
+def test_rating_follows_the_condition_as_the_noise_implies(noise):
+    study = synthetic_study(n_real=20, n_generated=60)
+    result = analyse(study, readers(study, "noisy", 8, noise=noise, accuracy=0.7), n_resamples=1000)
+    expected = expected_spearman(noise)
+    pooled = result["pooled"]["rating"]["generated_vs_condition"]
+    assert pooled["n"] == 480
+    assert pooled["ci"][0] <= expected <= pooled["ci"][1]
+    assert abs(pooled["value"] - expected) < 0.06
+    accuracy = result["pooled"]["detection"]
+    assert accuracy["ci"][0] <= 0.7 <= accuracy["ci"][1]
+
+
+def test_noise_levels_order_the_spearman():
+    assert 1.0 > expected_spearman(0.0) > expected_spearman(0.5) > expected_spearman(1.5) > expected_spearman(4.0) > 0
+
+
+def test_fleiss_kappa_and_krippendorff_on_known_tables():
+    # the worked example on Wikipedia's "Fleiss' kappa" page: 10 subjects, 14 raters, 5 categories, kappa 0.210
+    table = np.array([[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+                      [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]])
+    assert fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
+    assert fleiss_kappa(np.array([[2, 0], [2, 0]])) is None  # one category only: undefined
+    same = np.array([[0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 4, 4]], float)
+    assert krippendorff_ordinal(same) == pytest.approx(1.0)
+    assert krippendorff_ordinal(same[:1]) is None  # one reader: no agreement to measure
+
+
+def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
+    root = make_inputs(tmp_path / "inputs")
+    main(["make", "--transitions", str(root / "tr"), "--dataset", str(root / "ds"), "--n-real", "10",
+          "--n-generated", "10", "--out", str(tmp_path / "study")])
+    files = []
+    for reader, strategy in (("sim-a", "oracle"), ("sim-b", "random")):
+        files.append(tmp_path / f"answers-{reader}.csv")
+        main(["simulate", "--study", str(tmp_path / "study"), "--reader", reader, "--strategy", strategy,
+              "--out", str(files[-1])])
+    main(["analyse", "--study", str(tmp_path / "study"), "--answers", *map(str, files), "--bootstrap", "200",
+          "--out", str(tmp_path / "results")])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["readers"]["sim-a"]["detection"]["accuracy"] == 1.0
+    assert "sim-a" in printed and "Krippendorff" in printed
+    page = (tmp_path / "results" / "results.html").read_text()
+    assert "data:image/png;base64," in page and "Fleiss" in page and "sim-b" in page
+    assert results["agreement"]["items_answered_by_every_reader"] == 20
+    curves = results["curves"]
+    assert [p["x"] for p in curves["generated"]] == sorted({p["x"] for p in curves["generated"]})
+    assert sum(p["n"] for p in curves["generated"]) == 20 and sum(p["n"] for p in curves["real"]) == 20
+    with pytest.raises(SystemExit):  # an existing results folder is not replaced without --overwrite
+        main(["analyse", "--study", str(tmp_path / "study"), "--answers", str(files[0]), "--out",
+              str(tmp_path / "results")])
