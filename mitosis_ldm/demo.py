@@ -3,7 +3,8 @@
     make demo            # or: python -m mitosis_ldm.demo [--only data,autoencoder] [--root runs/demo]
 
 Stages, in order: data (synthetic benchmark + real CMU nuclei), autoencoder,
-classifier, latent cache, diffusion, transitions, real2gen, score, report.
+classifier, latent cache, diffusion, transitions, real2gen, score, report, study
+(the reader-study page).
 Training stages run under `accelerate launch`, with one thread per core. Each stage's wall time and peak
 memory are printed, and the report's path at the end. The demo owns its
 output folder and replaces earlier results in it.
@@ -72,6 +73,11 @@ def stages(root: Path) -> list[tuple[str, list[list[str]]]]:
         ("report", [cli("report", "--transitions", f"{r}/transitions", "--real2gen", f"{r}/real2gen",
                         "--classifier", f"{r}/classifier/model", "--dataset", f"{data}/synth",
                         "--out", f"{r}/report", "--overwrite")]),
+        # the blinded reader-study page; real2gen stays out: its inputs are CMU nuclei while the real
+        # items are synthetic, so the tissue's look alone would tell generated from real
+        ("study", [cli("study", "make", "--transitions", f"{r}/transitions", "--dataset", f"{data}/synth",
+                       "--n-real", "40", "--n-generated", "40", "--seed", "0", "--out", f"{r}/study",
+                       "--overwrite")]),
     ]
 
 
