@@ -1,0 +1,114 @@
+"""The report's CAS section: do generated patches teach a classifier? (reads bench/cas.py's cas.json)
+
+    mitosis-ldm report ... --cas runs/cas/cas.json
+
+Shows the CAS table (AUROC against the hard label and Spearman with the true
+degree on the held-out real test split, mean and seed spread per training
+set), the targets, and a plot of AUROC against the fraction of real training
+labels, real only against real + generated. The numbers are the bench's; the
+report does not retrain anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.io import read_json
+
+from .extras import Extra, HeldOut
+from .html import Markup, esc, file_data_uri, img, table
+from .plots import GENERATED, REAL, _pyplot, _save
+
+EXPLAIN = {
+    "real": "the real train split",
+    "generated": "generated patches only (as many as the real train split)",
+    "real+generated": "real train split + as many generated patches",
+}
+
+
+def read_cas(path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "cas.json"
+    data = read_json(path, "CAS results")
+    if not isinstance(data, dict) or data.get("bench") != "cas":
+        raise UserError(f"{path}: field 'bench' is {data.get('bench') if isinstance(data, dict) else None!r}, "
+                        f"expected 'cas' (a bench/cas.py result)")
+    for key in ("table", "targets", "fractions"):
+        if key not in data:
+            raise UserError(f"{path}: field '{key}' is missing (a bench/cas.py result)")
+    for name in ("real", "generated", "real+generated"):
+        if name not in data["table"]:
+            raise UserError(f"{path}: field 'table' has no '{name}' row")
+    return data
+
+
+def describe(name: str) -> str:
+    if name in EXPLAIN:
+        return EXPLAIN[name]
+    base, fraction = name.split("@")
+    share = f"{float(fraction):.0%} of the real train labels"
+    return share if base == "real" else f"{share} + 4x as many generated patches"
+
+
+def auroc_vs_fraction(path: Path, data: dict) -> None:
+    """AUROC (mean, seed range as error bars) against the fraction of real labels: real only vs real + generated."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    table = data["table"]
+    xs = sorted(data["fractions"]) + [1.0]
+    for base, colour, label in (("real", REAL, "real only"), ("real+generated", GENERATED[0], "real + generated")):
+        names = [f"{base}@{f:g}" for f in xs[:-1]] + [base]
+        rows = [table[n]["auroc"] for n in names if n in table]
+        fx = [x for x, n in zip(xs, names) if n in table]
+        means = [r["mean"] for r in rows]
+        lows = [r["mean"] - min(r["values"]) for r in rows]
+        highs = [max(r["values"]) - r["mean"] for r in rows]
+        ax.errorbar(fx, means, yerr=[lows, highs], color=colour, marker="o", capsize=3, lw=1.5, label=label)
+    gen = table["generated"]["auroc"]
+    ax.axhline(gen["mean"], color=GENERATED[1], ls="--", lw=1, label="generated only (CAS)")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:.0%}" for x in xs])
+    ax.set(xlabel="fraction of the real training labels", ylabel="AUROC on real test patches (hard label)",
+           title=f"{len(data['seeds'])} seeds each (bars: seed range)")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def extra(path):
+    """`--cas FILE`: read (and check) the bench result now; the section is made when the report is built."""
+    data = read_cas(path)
+
+    def make(held_out: HeldOut) -> Extra:
+        return Extra(key="cas", title="Generated patches as training data (CAS)", metrics=data,
+                     write=lambda tmp: section(tmp, data))
+
+    return make
+
+
+def section(tmp: Path, data: dict) -> str:
+    auroc_vs_fraction(tmp / "cas-auroc-vs-fraction.png", data)
+    rows = []
+    for name, entry in data["table"].items():
+        a, s = entry["auroc"], entry["spearman_true_degree"]
+        rows.append([name, describe(name), entry.get("train_patches"), f"{a['mean']:.3f} ± {a['spread'] / 2:.3f}",
+                     f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
+    target_rows = []
+    for name, t in data["targets"].items():
+        target_rows.append([name, t["value"], t["target"] + (f" (spread {t['seed_spread']:.3f})"
+                                                            if "seed_spread" in t else ""),
+                            Markup("met") if t["met"] else Markup("<strong>missed</strong>")])
+    settings = (f"labels {data.get('labels')}, guidance {data.get('guidance') or 'the pipeline default'}, "
+                f"{data.get('members')} member(s) per classifier, seeds {data.get('seeds')}, "
+                f"{data.get('test_patches')} real test patches; generation "
+                f"{data.get('generation_patches_per_s', float('nan')):.2f} patches/s beside "
+                f"{data.get('transition_frames_per_s', float('nan')):.2f} transition frames/s")
+    quick = "<p><strong>Quick (CI-sized) run: not a measurement.</strong></p>" if data.get("quick") else ""
+    return (f"<p>The classifier recipe trained on each set, tested on the same held-out <em>real</em> test "
+            f"patches (mean ± half the range over seeds). CAS: generated only against real only; augmentation: "
+            f"few real labels with and without generated patches. {esc(settings)}.</p>{quick}"
+            + table(["trained on", "what", "train patches", "AUROC (hard label)", "Spearman (true degree)"], rows)
+            + table(["target", "value", "wanted", "verdict"], target_rows)
+            + img(file_data_uri(tmp / "cas-auroc-vs-fraction.png"), "AUROC against the fraction of real labels"))
