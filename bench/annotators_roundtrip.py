@@ -21,6 +21,11 @@ only for images where every marked cell has all three experts' votes (MIDOG++
 asks the third expert only on some cells; a (1, 1) cell would come back 2/3).
 The default images are such images; `--images` with others reports the
 mismatches instead.
+
+`--variant all-votes` writes every cell an expert voted on (class `Mitotic figure`
+or `Non-mitotic figure`) and merges with `--absent unknown`: exact for every cell
+of every image, including the dense ones (e.g. `--images 290,267,285`, lymphosarcoma
+with 120-443 cells, mitotic figures 36 px apart).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ MIDOG_JSON = REPO.parent / "shared" / "fixtures" / "midogpp" / "MIDOG++.json"
 MPP = 0.25
 TILE = 512
 CLASS = "Mitotic figure"
+NOT_CLASS = "Non-mitotic figure"
 BACKGROUND = (231, 182, 212)
 
 
@@ -90,18 +96,19 @@ def write_slide(path: Path, width: int, height: int, dots: list[tuple[float, flo
                      compression="zlib", resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
 
 
-def feature(x: float, y: float, polygon: bool) -> dict:
+def feature(x: float, y: float, polygon: bool, name: str = CLASS) -> dict:
     if polygon:  # a nucleus outline around the point; its centroid is the point
         ring = [[x + 12 * math.cos(t), y + 12 * math.sin(t)] for t in np.linspace(0, 2 * math.pi, 17)[:-1]]
         geometry = {"type": "Polygon", "coordinates": [ring + [ring[0]]]}
     else:
         geometry = {"type": "Point", "coordinates": [x, y]}
     return {"type": "Feature", "id": f"{x:.1f}-{y:.1f}", "geometry": geometry,
-            "properties": {"objectType": "annotation", "classification": {"name": CLASS, "color": [200, 0, 0]}}}
+            "properties": {"objectType": "annotation", "classification": {"name": name, "color": [200, 0, 0]}}}
 
 
-def write_experts(folder: Path, images: dict, cells: dict, experts: int, jitter: float, seed: int) -> list[Path]:
-    """experts/expert-k/IMAGE.geojson: the cells expert k called mitotic, jittered by up to `jitter` px."""
+def write_experts(folder: Path, images: dict, cells: dict, experts: int, jitter: float, seed: int,
+                  all_votes: bool = False) -> list[Path]:
+    """experts/expert-k/IMAGE.geojson: the cells expert k called mitotic (or voted on), jittered by up to `jitter` px."""
     rng = np.random.default_rng(seed)
     dirs = []
     for k in range(experts):
@@ -110,17 +117,19 @@ def write_experts(folder: Path, images: dict, cells: dict, experts: int, jitter:
         dirs.append(expert_dir)
         for image_id, image in images.items():
             features = []
-            for n, cell in enumerate(c for c in cells[image_id] if len(c["votes"]) > k and c["votes"][k] == 1):
+            voted = [c for c in cells[image_id] if len(c["votes"]) > k and (all_votes or c["votes"][k] == 1)]
+            for n, cell in enumerate(voted):
                 angle, radius = rng.uniform(0, 2 * math.pi), jitter * math.sqrt(rng.uniform())
                 features.append(feature(cell["x"] + radius * math.cos(angle), cell["y"] + radius * math.sin(angle),
-                                        polygon=n % 3 == 2))
+                                        polygon=n % 3 == 2, name=CLASS if cell["votes"][k] else NOT_CLASS))
             # QuPath writes a FeatureCollection (or a bare list with "Export as FeatureCollection" unticked)
             doc = {"type": "FeatureCollection", "features": features} if k % 2 == 0 else features
             (expert_dir / f"{Path(image['file_name']).stem}.geojson").write_text(json.dumps(doc))
     return dirs
 
 
-def prepare(folder: Path, images: dict, cells: dict, jitter: float = 2.0, seed: int = 0) -> list[str]:
+def prepare(folder: Path, images: dict, cells: dict, jitter: float = 2.0, seed: int = 0,
+            all_votes: bool = False) -> list[str]:
     """Slides + expert GeoJSONs under `folder`; returns the `data annotators` arguments (without --out)."""
     experts = max(len(c["votes"]) for per in cells.values() for c in per)
     slides = folder / "slides"
@@ -128,16 +137,17 @@ def prepare(folder: Path, images: dict, cells: dict, jitter: float = 2.0, seed: 
     for image_id, image in images.items():
         write_slide(slides / image["file_name"], image["width"], image["height"],
                     [(c["x"], c["y"], dot_colour(c["id"])) for c in cells[image_id]])
-    dirs = write_experts(folder / "experts", images, cells, experts, jitter, seed)
-    args = ["annotators", "--slides", str(slides), "--radius-um", "4", "--absent", "not-mitotic",
-            "--label-map", f"{CLASS}=1", "--size", "32", "--margin", "4"]
+    dirs = write_experts(folder / "experts", images, cells, experts, jitter, seed, all_votes)
+    args = ["annotators", "--slides", str(slides), "--radius-um", "4",
+            "--absent", "unknown" if all_votes else "not-mitotic",
+            "--label-map", f"{CLASS}=1" + (f",{NOT_CLASS}=0" if all_votes else ""), "--size", "32", "--margin", "4"]
     for d in dirs:
         args += ["--annotator", f"{d.name}={d}"]
     return args
 
 
-def compare(out: Path, images: dict, cells: dict) -> dict:
-    """Match the dataset's cells to the JSON's marked cells; count what came back right."""
+def compare(out: Path, images: dict, cells: dict, all_votes: bool = False) -> dict:
+    """Match the dataset's cells to the JSON's marked (or all) cells; count what came back right."""
     from scipy.spatial import cKDTree
 
     with open(out / "labels.csv", newline="") as handle:
@@ -150,10 +160,10 @@ def compare(out: Path, images: dict, cells: dict) -> dict:
     for i, row in enumerate(rows):
         by_slide[row["slide"]].append((i, row))
     for image_id, image in images.items():
-        marked = [c for c in cells[image_id] if 1 in c["votes"]]
+        marked = [c for c in cells[image_id] if all_votes or 1 in c["votes"]]
         got = by_slide.get(image["file_name"], [])
         counts = {"marked_cells": len(marked), "cells_out": len(got), "matched": 0, "label_equal": 0,
-                  "marked_by": dict(sorted(Counter(sum(c["votes"]) for c in marked).items()))}
+                  "cells_by_mitotic_votes": dict(sorted(Counter(sum(c["votes"]) for c in marked).items()))}
         if marked and got:
             tree = cKDTree([[c["x"], c["y"]] for c in marked])
             dist, nearest = tree.query([[float(r["x"]), float(r["y"])] for _, r in got])
@@ -178,6 +188,8 @@ def main(argv=None) -> None:
     parser.add_argument("--images", default="361,146,484", help="MIDOG++ image ids, comma-separated")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "annotators" / "roundtrip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=["mitotic", "all-votes"], default="mitotic",
+                        help="experts' files hold their mitotic calls (default) or every cell they voted on")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -191,10 +203,12 @@ def main(argv=None) -> None:
         shutil.rmtree(folder)
     ids = [int(i) for i in args.images.split(",")]
     images, cells = load(args.json, ids)
-    command = prepare(folder / "inputs", images, cells, seed=args.seed) + ["--out", str(folder / "dataset")]
+    all_votes = args.variant == "all-votes"
+    command = prepare(folder / "inputs", images, cells, seed=args.seed, all_votes=all_votes)
+    command += ["--out", str(folder / "dataset")]
     print("mitosis-ldm data " + shlex.join(command), file=sys.stderr)
     data_main(command)
-    result = {"command": "mitosis-ldm data " + shlex.join(command), **compare(folder / "dataset", images, cells)}
+    result = {"command": "mitosis-ldm data " + shlex.join(command), **compare(folder / "dataset", images, cells, all_votes)}
     result["dataset_matching"] = json.loads((folder / "dataset" / "dataset.json").read_text())["matching"]
     print(json.dumps(result, indent=1))
 
