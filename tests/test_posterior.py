@@ -1,0 +1,265 @@
+"""The generative label posterior: shared noise, a model with a known answer, calibration, determinism,
+two processes, and each documented bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, accelerate_cmd, run_module
+
+GRID = "0:1:5"
+
+
+def tiny_pipeline(out: Path, prediction_type: str = "v_prediction") -> Path:
+    """A random, very small pipeline folder (no training): 64x64 patches -> 4x16x16 latents."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    from diffusion.model import LabelEmbedder, time_embed_dim
+    from diffusion.pipeline import MitosisPipeline
+    from test_diffusion import make_vae
+
+    make_vae(out.parent / "vae")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=4, out_channels=4, class_embed_type="identity",
+                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    embedder = LabelEmbedder(time_embed_dim(unet), fourier_features=4, hidden=16)
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=prediction_type, clip_sample=False)
+    pipe = MitosisPipeline(AutoencoderKL.from_pretrained(out.parent / "vae"), unet, embedder, scheduler,
+                           {"image_size": 64, "latent_shape": [4, 16, 16], "prediction_type": prediction_type})
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from test_diffusion import make_dataset
+
+    root = tmp_path_factory.mktemp("posterior")
+    return {"root": root, "pipeline": tiny_pipeline(root / "pipe" / "model"),
+            "data": make_dataset(root / "data", n=40, seed=0)}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def posterior_args(world, out, *extra) -> list[str]:
+    return ["--pipeline", str(world["pipeline"]), str(world["data"]), "--split", "test", "--grid", GRID,
+            "--draws", "3", "--out", str(out), "--quiet", *map(str, extra)]
+
+
+# -- the measurement --------------------------------------------------------------------------------------
+
+class Recorder(torch.nn.Module):
+    """Wraps a UNet and keeps every call's inputs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t, class_labels):
+        self.calls.append((x.clone(), torch.as_tensor(t).clone(), class_labels.clone()))
+        return self.unet(x, t, class_labels=class_labels)
+
+
+def test_one_call_per_draw_with_the_same_noisy_latent_for_every_label(world):
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.posterior import denoising_errors
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    pipe.unet = Recorder(pipe.unet)
+    latents = torch.randn(3, 4, 16, 16)
+    grid = [0.0, 0.5, 1.0]
+    errors = denoising_errors(pipe, latents, ["a", "b", "c"], grid, draws=4, seed=0, space="v_prediction")
+    assert errors.shape == (3, 4, 4) and np.isfinite(errors).all()
+    calls = pipe.unet.calls
+    assert len(calls) == 4  # one UNet call per (t, eps): every label and patch of that draw in one batch
+    for x, t, emb in calls:
+        assert x.shape == (3 * 4, 4, 16, 16)
+        per_patch = x.reshape(3, 4, 4, 16, 16)
+        for p in range(3):  # shared eps: every grid label and the null label see the very same noisy latent
+            assert torch.equal(per_patch[p], per_patch[p, :1].expand_as(per_patch[p]))
+        assert not torch.equal(per_patch[0, 0], per_patch[1, 0])  # but each patch its own noise
+        assert len(torch.unique(t)) == 1
+        assert torch.equal(emb[:4], pipe.label_embedder(torch.tensor([0.0, 0.5, 1.0, float("nan")])))
+    assert sorted(int(c[1][0]) for c in calls) == [12, 37, 62, 87]  # evenly spaced over 100 timesteps
+    # the naive variant draws fresh noise per label
+    pipe.unet.calls.clear()
+    denoising_errors(pipe, latents, ["a", "b", "c"], grid, draws=1, seed=0, space="v_prediction", shared_noise=False)
+    assert len(pipe.unet.calls) == 4 and not torch.equal(pipe.unet.calls[0][0], pipe.unet.calls[1][0])
+
+
+def test_noise_is_keyed_by_patch_not_by_batch(world):
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.posterior import denoising_errors
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    latents = torch.randn(4, 4, 16, 16)
+    ids = ["w", "x", "y", "z"]
+    together = denoising_errors(pipe, latents, ids, [0.0, 1.0], 2, 7, "v_prediction", patches_per_call=4)
+    alone = denoising_errors(pipe, latents[2:3], ids[2:3], [0.0, 1.0], 2, 7, "v_prediction")
+    np.testing.assert_allclose(alone[0], together[2], rtol=1e-4)
+    other_seed = denoising_errors(pipe, latents[2:3], ids[2:3], [0.0, 1.0], 2, 8, "v_prediction")
+    assert not np.allclose(other_seed, alone)
+
+
+class KnownAnswer(torch.nn.Module):
+    """A 'sample'-prediction model that predicts the clean latent as a flat field of value y."""
+
+    def forward(self, x, t, class_labels):
+        y = class_labels[:, 0]  # the embedder below passes y through; null -> 0.5
+        return SimpleNamespace(sample=y[:, None, None, None].expand_as(x).clone())
+
+
+@pytest.mark.parametrize("space", ["sample", "epsilon", "v_prediction"])
+def test_a_model_with_a_known_best_label_is_recovered(space):
+    from diffusers import DDPMScheduler
+
+    from diffusion.posterior import denoising_errors
+    from diffusion.posterior_fit import Calibration, log_posterior, summaries
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=False)
+    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler,
+                           label_embedder=lambda y: torch.nan_to_num(y, nan=0.5)[:, None].repeat(1, 4))
+    truth = [0.1, 0.7, 0.4]
+    latents = torch.stack([torch.full((4, 8, 8), v) for v in truth])  # the clean latent IS the answer
+    grid = np.linspace(0, 1, 11).tolist()
+    errors = denoising_errors(pipe, latents, ["a", "b", "c"], grid, draws=5, seed=0, space=space)
+    assert errors[:, :, :-1].mean(1).argmin(1).tolist() == [1, 7, 4]
+    prob = np.exp(log_posterior(errors, np.arange(5) * 20, 100, Calibration(temperature=0.01)))
+    summary = summaries(prob, grid)
+    np.testing.assert_allclose(summary["map_y"], truth)
+    np.testing.assert_allclose(prob.sum(1), 1.0)
+
+
+# -- calibration ------------------------------------------------------------------------------------------
+
+def test_fitted_temperature_recovers_the_one_that_made_the_votes():
+    from diffusion.posterior_fit import fit_calibration, log_posterior, Calibration
+
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, 11)
+    n, draws, true_temperature = 600, 4, 0.02
+    centre = rng.random(n)
+    mean_error = 0.5 + (grid[None] - centre[:, None]) ** 2 * 0.1  # (N, K): best near `centre`
+    errors = np.concatenate([np.repeat(mean_error[:, None], draws, 1), np.full((n, draws, 1), 0.6)], axis=2)
+    timesteps = np.array([10, 35, 60, 85])
+    prob = np.exp(log_posterior(errors, timesteps, 100, Calibration(temperature=true_temperature)))
+    y = np.array([rng.choice(grid, p=p) for p in prob])
+    experts = np.full(n, 3.0)
+    mitotic = rng.binomial(3, y).astype(float)
+    cal = fit_calibration(errors, timesteps, 100, grid, mitotic, experts, t_bands=1)
+    assert cal.calibrated and cal.temperature == pytest.approx(true_temperature, rel=0.35)
+    assert cal.fit["nll_votes_fitted"] <= cal.fit["nll_votes_heuristic"]
+    two = fit_calibration(errors, timesteps, 100, grid, mitotic, experts, t_bands=2)
+    assert len(two.t_weights) == 2 and np.mean(two.t_weights) == pytest.approx(1.0)
+
+
+def test_votes_parse_and_fall_back_to_the_soft_label():
+    from diffusion.posterior_fit import parse_votes
+    from mitosis_ldm.errors import UserError
+
+    assert parse_votes("1;1;0", 0.67, "x") == (2.0, 3.0)
+    assert parse_votes("", 0.5, "x") == (0.5, 1.0)
+    with pytest.raises(UserError, match="field 'votes'"):
+        parse_votes("1;maybe", 0.5, "labels.csv")
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+def test_command_writes_csv_json_and_is_deterministic(world):
+    from diffusion.posterior import main
+
+    root = world["root"]
+    main(posterior_args(world, root / "one", "--calibrate", world["data"], "--calibrate-split", "train"))
+    main(posterior_args(world, root / "two", "--calibrate", world["data"], "--calibrate-split", "train"))
+    rows = read_csv(root / "one" / "posterior.csv")
+    assert list(rows[0]) == ["id", "p_y=0", "p_y=0.25", "p_y=0.5", "p_y=0.75", "p_y=1", "expected_y", "map_y",
+                             "posterior_std", "uncond_error", "name", "label"]
+    assert len(rows) == 8 and rows[0]["id"].startswith("p0-")  # the dataset's test split, ids without the folder
+    for row in rows:
+        p = np.array([float(row[f"p_y={g}"]) for g in ("0", "0.25", "0.5", "0.75", "1")])
+        assert p.sum() == pytest.approx(1.0, abs=1e-4)
+        assert float(row["expected_y"]) == pytest.approx(p @ np.linspace(0, 1, 5), abs=1e-4)
+        assert float(row["uncond_error"]) > 0
+    assert (root / "one" / "posterior.csv").read_bytes() == (root / "two" / "posterior.csv").read_bytes()
+    info = json.loads((root / "one" / "posterior.json").read_text())
+    assert info["grid"] == [0, 0.25, 0.5, 0.75, 1] and info["draws"] == 3 and info["seed"] == 0
+    assert info["calibration"]["calibrated"] and info["temperature"] > 0 and len(info["pipeline_hash"]) == 64
+    assert info["settings"]["error_space"] == "v_prediction"
+    assert np.load(root / "one" / "errors.npy").shape == (8, 3, 6)
+    # a later run reuses the fitted temperature
+    main(posterior_args(world, root / "three", "--temperature-from", root / "one"))
+    assert json.loads((root / "three" / "posterior.json").read_text())["temperature"] == info["temperature"]
+    assert read_csv(root / "three" / "posterior.csv") == rows
+    # another seed, other noise
+    main(posterior_args(world, root / "four", "--temperature-from", root / "one", "--seed", "1"))
+    assert not np.allclose(np.load(root / "four" / "errors.npy"), np.load(root / "one" / "errors.npy"))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_output(world, tmp_path):
+    args = ["--pipeline", str(world["pipeline"]), str(world["data"]), "--split", "train", "--grid", GRID,
+            "--draws", "2", "--temperature", "0.01", "--patches-per-call", "2", "--quiet"]  # 28 patches
+    result = subprocess.run(accelerate_cmd("diffusion.posterior", *args, "--out", tmp_path / "two", processes=2),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from diffusion.posterior import main
+
+    main([*args, "--out", str(tmp_path / "one")])
+    one, two = read_csv(tmp_path / "one" / "posterior.csv"), read_csv(tmp_path / "two" / "posterior.csv")
+    assert len(one) == len(two) == 28 and [r["id"] for r in one] == [r["id"] for r in two]
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "errors.npy"), np.load(tmp_path / "one" / "errors.npy"),
+                               rtol=1e-4, atol=1e-6)  # thread counts may move the last bits
+    for a, b in zip(one, two):
+        assert float(a["expected_y"]) == pytest.approx(float(b["expected_y"]), abs=1e-3)
+
+
+# -- bad input: one clear line each -----------------------------------------------------------------------
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_grid_outside_zero_one(world, tmp_path):
+    result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--grid", "0:1.5:4")
+    one_line_error(result, "--grid", "1.5", "outside [0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_draws_below_one(world, tmp_path):
+    result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--draws", "0")
+    one_line_error(result, "--draws", "must be >= 1")
+
+
+def test_classifier_folder_as_pipeline(world, tmp_path):
+    folder = tmp_path / "classifier"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"format": "mitosis-ldm/classifier"}))
+    result = run_module("diffusion.posterior", "--pipeline", folder, world["data"], "--out", tmp_path / "o")
+    one_line_error(result, str(folder), "is a classifier folder", "--pipeline expects a diffusion pipeline folder")
+
+
+def test_images_of_the_wrong_size_for_the_vae(world, tmp_path):
+    from mitosis_ldm.images import save_png
+
+    save_png(tmp_path / "small.png", np.zeros((32, 32, 3), np.uint8))
+    result = run_module("diffusion.posterior", "--pipeline", world["pipeline"], tmp_path / "small.png",
+                        "--out", tmp_path / "o")
+    one_line_error(result, "small.png", "32x32", "VAE takes 64x64")
+    assert not (tmp_path / "o").exists()
