@@ -87,6 +87,16 @@ def make_classifier(out: Path) -> Path:
     return out
 
 
+_WORLDS: dict = {}
+
+
+def shared_world(tmp_path_factory) -> dict:
+    """One world per test session (the explorer never writes into it), shared by the serve test files."""
+    if "world" not in _WORLDS:
+        _WORLDS["world"] = make_world(tmp_path_factory.mktemp("serve-world"))
+    return _WORLDS["world"]
+
+
 def make_world(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     return {"slide": draw_slide(root / "slide.png"), "pipeline": make_pipeline(root / "pipeline"),

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from serve_helpers import NUCLEI, SLIDE_SIZE, make_explorer, make_world
+from serve_helpers import NUCLEI, SLIDE_SIZE, make_explorer, shared_world
 
 SLIDE = "slide.png"
 FAST = {"steps": 2, "conditions": "0:1:3"}
@@ -19,7 +19,7 @@ FAST = {"steps": 2, "conditions": "0:1:3"}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("serve"))
+    return shared_world(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE_SLIDE
-from serve_helpers import NUCLEI, make_explorer, make_world
+from serve_helpers import NUCLEI, make_explorer, shared_world
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -118,10 +118,11 @@ def check(seen: dict) -> None:
     assert not seen["errors"], seen["errors"]
 
 
-def test_click_drag_export_tiny(browser, tmp_path):
+@pytest.mark.slow
+def test_click_drag_export_tiny(browser, tmp_path, tmp_path_factory):
     from serve.launch import server_thread
 
-    world = make_world(tmp_path / "world")
+    world = shared_world(tmp_path_factory)
     exports = tmp_path / "exports"
     with server_thread(make_explorer(world, exports, fake=True)) as url:
         seen = explore(browser, url, "slide.png", NUCLEI[1])
