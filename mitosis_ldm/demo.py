@@ -126,6 +126,10 @@ def main(argv=None):
     report = args.root / "report" / "report.html"
     if report.exists():
         print(f"report: {report.resolve()}")
+    r = str(args.root)
+    explorer = ["mitosis-ldm", "serve", "--pipeline", f"{r}/diffusion/model", "--classifier", f"{r}/classifier/model",
+                "--slides", SLIDE, "--dataset", f"{r}/data/cmu"]
+    print(f"slide explorer: {shlex.join(explorer)}  (then open http://127.0.0.1:8765/)")
 
 
 if __name__ == "__main__":
