@@ -29,11 +29,15 @@ class DegreeCalibration:
 
 
 def label_noise(ids: list[str], soft: np.ndarray, hard: np.ndarray, scores: np.ndarray, degree: np.ndarray,
-                threshold: float, top: int = 50) -> dict:
-    """Rank labelled patches by |soft - score|; count true mislabels in the top `top` vs the base rate."""
-    keep = np.flatnonzero(np.isfinite(soft) & np.isfinite(scores))
-    disagreement = np.abs(soft[keep] - scores[keep])
-    order = keep[np.argsort(-disagreement, kind="stable")]
+                threshold: float, top: int = 50, disagreement: np.ndarray | None = None) -> dict:
+    """Rank labelled patches by |soft - score|; count true mislabels in the top `top` vs the base rate.
+
+    `disagreement` (N,), when given, ranks instead of |soft - score| (e.g. two judges' mean rank).
+    """
+    if disagreement is None:
+        disagreement = np.abs(soft - scores)
+    keep = np.flatnonzero(np.isfinite(soft) & np.isfinite(scores) & np.isfinite(disagreement))
+    order = keep[np.argsort(-disagreement[keep], kind="stable")]
     has_truth = np.isfinite(degree)
     truly_mitotic = degree >= threshold
     # a label is wrong when the experts' majority call disagrees with the truth
@@ -42,7 +46,7 @@ def label_noise(ids: list[str], soft: np.ndarray, hard: np.ndarray, scores: np.n
     k = min(top, len(order))
     ranked = [{
         "rank": r + 1, "id": ids[i], "soft_label": float(soft[i]), "score": float(scores[i]),
-        "disagreement": float(abs(soft[i] - scores[i])), "true_degree": float(degree[i]),
+        "disagreement": float(disagreement[i]), "true_degree": float(degree[i]),
         "truly_mislabelled": bool(wrong[i]), "index": int(i),
     } for r, i in enumerate(order)]
     base_rate = float(wrong[keep].mean()) if len(keep) else float("nan")
