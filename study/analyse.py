@@ -175,15 +175,31 @@ def rating_curves(answers: list[Answer], study: Study, n_resamples: int, seed: i
     return curves
 
 
+def per_item(answers: list[Answer], study: Study) -> dict:
+    """Each answered item with its key entry and the readers' mean rating and share of "generated" calls."""
+    out = {}
+    for item, entry in sorted(study.key.items()):
+        mine = [a for a in answers if a.item == item]
+        if not mine:
+            continue
+        out[item] = {"kind": entry["kind"], "source": entry["source"],
+                     "label": entry["condition"] if entry["kind"] == "generated" else entry["soft_label"],
+                     "n": len(mine), "mean_rating": float(np.mean([a.rating for a in mine])),
+                     "called_generated": float(np.mean([a.called == "generated" for a in mine]))}
+    return out
+
+
 def analyse(study: Study, answers: list[Answer], n_resamples: int = 2000, seed: int = 0) -> dict:
     readers = sorted({a.reader for a in answers})
     return {
         "study_id": study.study_id,
+        "title": study.study.get("title", "Reader study"),
         "n_items": len(study.key),
         "n_answers": len(answers),
         "readers": {r: summarise([a for a in answers if a.reader == r], study, n_resamples, seed) for r in readers},
         "pooled": summarise(answers, study, n_resamples, seed),
         "agreement": agreement(answers, study),
         "curves": rating_curves(answers, study, n_resamples, seed),
+        "items": per_item(answers, study),
         "bootstrap_resamples": n_resamples,
     }

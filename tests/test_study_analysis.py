@@ -133,3 +133,39 @@ def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):  # an existing results folder is not replaced without --overwrite
         main(["analyse", "--study", str(tmp_path / "study"), "--answers", str(files[0]), "--out",
               str(tmp_path / "results")])
+
+
+def test_report_section_reads_the_analysis(tmp_path, capsys):
+    from report.cli import parser as report_parser
+    from report.extras import HeldOut
+    from report.study_section import extra
+
+    root = make_inputs(tmp_path / "inputs")
+    main(["make", "--transitions", str(root / "tr"), "--dataset", str(root / "ds"), "--n-real", "10",
+          "--n-generated", "10", "--out", str(tmp_path / "study")])
+    main(["simulate", "--study", str(tmp_path / "study"), "--reader", "sim", "--strategy", "oracle",
+          "--out", str(tmp_path / "answers-sim.csv")])
+    main(["analyse", "--study", str(tmp_path / "study"), "--answers", str(tmp_path / "answers-sim.csv"),
+          "--bootstrap", "200", "--out", str(tmp_path / "results")])
+    key = json.loads((tmp_path / "study" / "key.json").read_text())["items"]
+    real = {e["source"].split(":", 1)[1]: e["soft_label"] for e in key.values() if e["kind"] == "real"}
+    ids = sorted(real)
+    held_out = HeldOut(classifier=None, dataset_root=root / "ds", split="test", ids=ids, images=np.zeros((0,)),
+                       soft_labels=np.array([real[i] for i in ids]), hard_labels=np.zeros(len(ids)),
+                       true_degree=np.zeros(len(ids)), scores=np.array([real[i] for i in ids]),
+                       score_stds=np.zeros(len(ids)), config=None, log=lambda *_: None)
+    result = extra(tmp_path / "results")(held_out)
+    assert result.key == "study" and result.metrics["pooled"]["detection"]["accuracy"] == 1.0
+    # the oracle rates round(4 x soft label) and the stand-in classifier scores the soft label: rank-identical
+    assert result.metrics["readers_vs_classifier"] == {"n": 10, "spearman": pytest.approx(1.0)}
+    (tmp_path / "report").mkdir()
+    html = result.write(tmp_path / "report")
+    assert "Krippendorff" in html and "data:image/png;base64," in html and "readers' mean rating" in html
+    assert (tmp_path / "report" / "study-rating_vs_label.png").exists()
+    assert report_parser().parse_args(["--transitions", "t", "--classifier", "c", "--dataset", "d", "--out", "o",
+                                       "--study", "s"]).study == ["s"]
+    with pytest.raises(SystemExit):  # a study folder is not an analysis folder: one line naming the field
+        from mitosis_ldm.errors import user_errors
+
+        user_errors(extra)(tmp_path / "study")
+    assert "results.json" in capsys.readouterr().err
