@@ -1,8 +1,12 @@
 """The latent cache: patch datasets encoded once by the VAE, so diffusion training never runs it.
 
     mitosis-ldm cache --vae runs/demo/autoencoder/model --dataset runs/demo/data/synth \
-        --dataset runs/demo/data/cmu --out runs/demo/latents [--mode mean|sample] [--dihedral] [--overwrite]
+        --dataset runs/demo/data/cmu --out runs/demo/latents [--mode mean|sample] [--dihedral] \
+        [--split train] [--overwrite]
     python -m diffusion.cache ...   (the same)
+
+`--split` (repeatable) encodes only those splits: diffusion trains on the
+train split, so the demo skips encoding val/test.
 
 Folder layout:
 - `latents.npy`  float16 (N, V, C, h, w), already multiplied by the VAE's
@@ -14,7 +18,7 @@ Folder layout:
   0 train / 1 val / 2 test; `rows.npy` int64 (N,) row in its dataset;
 - `vae/`        a copy of the VAE that made the latents (the pipeline ships it);
 - `cache.json`  {"format": "mitosis-ldm/latents", vae_hash, latent_scale,
-  latent_shape, mode, dihedral, datasets: [{path, content_hash, count}]}.
+  latent_shape, mode, dihedral, splits (null = all), datasets: [{path, content_hash, count}]}.
 
 A cache made with another VAE or from changed datasets is refused with one
 line naming both hashes (`check_cache`).
@@ -80,7 +84,8 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
 
 
 def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: bool = False,
-                overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+                overwrite: bool = False, seed: int = 0, progress: bool = True, splits: list[str] | None = None) -> Path:
+    """`splits`: encode only these splits' rows (None: every row)."""
     from patches.dataset import PatchDataset
 
     check_new_output(out, overwrite)
@@ -90,7 +95,13 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
         raise UserError("--dataset: give at least one patch dataset")
     vae_dir, vae = load_vae(vae_dir)
     generator = torch.Generator().manual_seed(seed)
-    loaded = [PatchDataset(d) for d in datasets]  # validates every dataset before any work
+    wanted = list(splits) if splits else None  # `splits` below collects each row's split code
+    for name in wanted or []:
+        if name not in SPLIT_CODES:
+            raise UserError(f"--split: must be one of {', '.join(SPLIT_CODES)}, got '{name}'")
+    loaded = [PatchDataset(d, split=wanted) for d in datasets]  # validates every dataset before any work
+    if not sum(len(ds) for ds in loaded):
+        raise UserError(f"--split: the datasets hold no rows in split(s) {', '.join(wanted or [])}")
     sizes = {ds.patch_size for ds in loaded}
     if len(sizes) != 1:
         raise UserError(f"--dataset: patch sizes differ ({sorted(sizes)}); one cache holds one patch size")
@@ -122,6 +133,7 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
         "latent_shape": list(latents_all.shape[2:]),
         "mode": mode,
         "dihedral": use_dihedral,
+        "splits": wanted,
         "count": int(len(latents_all)),
         "datasets": [{"path": str(ds.root), "content_hash": ds.meta.get("content_hash"), "count": len(ds),
                       "patch_size": ds.patch_size} for ds in loaded],
@@ -198,9 +210,12 @@ def main(argv=None):
                         help="store posterior means (default) or one posterior sample per patch")
     parser.add_argument("--dihedral", action="store_true", help="also encode the 8 flips/rotations of each patch")
     parser.add_argument("--seed", type=int, default=0, help="seed for --mode sample")
+    parser.add_argument("--split", action="append", choices=list(SPLIT_CODES),
+                        help="encode only this split (repeatable; default: all rows)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     args = parser.parse_args(argv)
-    out = build_cache(args.vae, args.dataset, args.out, args.mode, args.dihedral, args.overwrite, args.seed)
+    out = build_cache(args.vae, args.dataset, args.out, args.mode, args.dihedral, args.overwrite, args.seed,
+                      splits=args.split)
     info = read_json(out / "cache.json")
     print(f"wrote {out}: {info['count']} patches x {8 if args.dihedral else 1} variants, latents "
           f"{tuple(info['latent_shape'])} float16, scale {info['latent_scale']:.4g}")

@@ -146,7 +146,7 @@ def resolve_cache(cfg: DiffusionTrainConfig, run: TrainingRun) -> Path:
                             f"data.datasets to build one")
         if run.is_main:
             build_cache(data.vae, data.datasets, path, data.cache_mode, data.cache_dihedral, overwrite=False,
-                        seed=cfg.train.seed)
+                        seed=cfg.train.seed, splits=data.splits)  # only what training reads
         run.accelerator.wait_for_everyone()
     check_cache(path, data.vae, data.datasets or None)
     return path

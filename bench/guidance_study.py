@@ -1,0 +1,152 @@
+"""Which guidance schedule keeps the uncertain middle? One trained pipeline, several settings, the report's yardsticks.
+
+    python bench/guidance_study.py --pipeline runs/demo/diffusion/model --classifier runs/demo/classifier/model \
+        --dataset runs/demo/data/synth [--seeds 0-63] [--conditions 0:1:11] \
+        [--setting guidance=8 --setting guidance=3,interval=0.2:0.8,rescale=0.7 ...] \
+        [--frames-out runs/cal/study] [--out runs/cal/guidance_study.json]
+
+Each setting renders every seed at every condition, scores the frames with the
+classifier ensemble and measures, with the report's own code: the
+label-response error (with its CI) and the generated curve at the real soft
+labels, the median Spearman and flip rate, the Fréchet ratio overall and per
+label bin. Prints one JSON line per setting, then all of them.
+A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_SETTINGS = [
+    "guidance=8",
+    "guidance=4", "guidance=3", "guidance=2",
+    "guidance=8,rescale=0.7", "guidance=4,rescale=0.7",
+    "guidance=8,interval=0:0.6", "guidance=4,interval=0:0.6", "guidance=8,interval=0.4:1",
+]
+
+
+def parse_setting(text: str) -> dict:
+    from diffusion.pipeline import check_guidance_schedule
+
+    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key == "guidance":
+            setting["guidance"] = float(value)
+        elif key == "interval":
+            setting["interval"] = tuple(float(v) for v in value.split(":"))
+        elif key == "rescale":
+            setting["rescale"] = float(value)
+        else:
+            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale)")
+    if setting["guidance"] is None:
+        raise SystemExit(f"--setting: '{text}' names no guidance")
+    setting["interval"], setting["rescale"] = check_guidance_schedule(setting["interval"], setting["rescale"])
+    return setting
+
+
+def held_out(dataset, classifier, cfg, rng):
+    """The report's held-out real patches: scores, features and label bins (report.build's own helpers)."""
+    from report.build import batched, ensemble_scores, held_out_split, subset
+
+    ds, split = held_out_split(dataset)
+    pick = subset(len(ds), cfg.max_real, rng)
+    images = ds.uint8(pick)
+    scores, _ = ensemble_scores(classifier, images, cfg.batch_size)
+    features = batched(classifier.features, images, cfg.batch_size)
+    return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features}
+
+
+def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
+    from report import consistency, fidelity, label_response, morphology
+    from report.build import batched, ensemble_scores
+
+    s, c = frames.shape[:2]
+    flat = frames.reshape(s * c, *frames.shape[2:])
+    scores = ensemble_scores(classifier, flat, cfg.batch_size)[0].reshape(s, c)
+    features = batched(classifier.features, flat, cfg.batch_size)
+    summary = consistency.aggregate(consistency.per_seed(conditions, scores, seeds), cfg.bootstrap, cfg.seed)
+    _, curve, error = label_response.measure(conditions, scores, real["soft"], real["scores"],
+                                             cfg.label_response_min_count, cfg.bootstrap, cfg.seed)
+    edges = np.asarray(cfg.label_bins, float)
+    rows = fidelity.frechet_per_bin(features, morphology.label_bins(np.tile(conditions, s), edges), real["features"],
+                                    morphology.label_bins(real["soft"], edges), len(edges) - 1, cfg.frechet_min_count,
+                                    cfg.frechet_repeats, cfg.seed)
+    valid = [r for r in rows if r["frechet"] is not None]
+    overall = np.mean([r["frechet"] for r in valid]) / np.mean([r["yardstick"] for r in valid]) if valid else None
+    return {
+        "label_response_error": round(error["value"], 4), "label_response_ci": [round(v, 4) for v in error["ci"]],
+        "generated_at_real_labels": {f"{r['soft_label']:.3f}": round(r["generated"], 3) for r in error["per_label"]},
+        "real_at_real_labels": {f"{r['soft_label']:.3f}": round(r["real"], 3) for r in error["per_label"]},
+        "median_spearman": round(summary["spearman"]["value"], 3), "flip_rate": round(summary["flip"]["value"], 3),
+        "frechet_ratio": None if overall is None else round(float(overall), 3),
+        "frechet_ratio_by_bin": [None if r["ratio"] is None else round(r["ratio"], 3) for r in rows],
+        "frechet_ratio_worst_bin": max((r["ratio"] for r in valid), default=None),
+        "mean_score_by_condition": np.round(curve["mean"], 3).tolist(),
+        "ci_half_width_max": round(float(np.max(curve["hi"] - curve["lo"]) / 2), 3),
+    }
+
+
+def main(argv=None):
+    from classifier.model import ClassifierEnsemble
+    from diffusion.pipeline import MitosisPipeline, parse_conditions, parse_seeds
+    from mitosis_ldm.artifacts import write_transitions
+    from mitosis_ldm.config import load_config
+    from report.build import ReportConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pipeline", required=True)
+    parser.add_argument("--classifier", required=True)
+    parser.add_argument("--dataset", required=True, help="the labelled patch dataset the report compares with")
+    parser.add_argument("--seeds", default="0-63")
+    parser.add_argument("--conditions", default="0:1:11")
+    parser.add_argument("--setting", action="append", help="guidance=G[,interval=LOW:HIGH][,rescale=PHI] (repeatable)")
+    parser.add_argument("--steps", type=int, help="default: the pipeline's")
+    parser.add_argument("--sampler", help="default: the pipeline's")
+    parser.add_argument("--report-config", default="configs/demo/report.yaml")
+    parser.add_argument("--frames-out", type=Path, help="also write each setting's transitions folder here")
+    parser.add_argument("--out", type=Path, help="write all results to this JSON file")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = [(text, parse_setting(text)) for text in (args.setting or DEFAULT_SETTINGS)]
+    cfg = load_config(ReportConfig, args.report_config)
+    pipe = MitosisPipeline.from_pretrained(args.pipeline)
+    classifier = ClassifierEnsemble.from_pretrained(args.classifier)
+    seeds, conditions = parse_seeds(args.seeds), parse_conditions(args.conditions)
+    steps = args.steps or int(pipe.info.get("default_steps", 20))
+    sampler = args.sampler or pipe.info.get("default_sampler", "dpm++")
+    real = held_out(args.dataset, classifier, cfg, np.random.default_rng(cfg.seed))
+    out = {"pipeline": args.pipeline, "classifier": args.classifier, "seeds": len(seeds), "conditions": conditions,
+           "steps": steps, "sampler": sampler, "held_out": {"split": real["split"], "n": int(len(real["soft"]))},
+           "settings": {}}
+    for text, setting in settings:
+        t0 = time.time()
+        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler, seeds_per_batch=16,
+                                  guidance_interval=setting["interval"], guidance_rescale=setting["rescale"])
+        render_s = time.time() - t0
+        result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
+                  "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
+        out["settings"][text] = result
+        if args.frames_out:
+            name = text.replace("=", "").replace(",", "_").replace(":", "-")
+            write_transitions(args.frames_out / name, frames, {
+                "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
+                "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
+                "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path)},
+                overwrite=True)
+        print(json.dumps({text: result}), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
