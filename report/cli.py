@@ -24,6 +24,8 @@ from .build import ReportConfig, build_report
 
 # extra judges: --FLAG DIR -> module whose `extra(path)` returns `make(held_out) -> Extra` (see extras.py)
 EXTRAS: dict[str, tuple[str, str]] = {
+    "posterior": ("report.posterior_section", "a `mitosis-ldm posterior` folder: the diffusion model's label "
+                  "posterior beside the ensemble (held-out labelled patches, or unlabelled nuclei)"),
     "cas": ("report.cas_section", "a bench/cas.py result (cas.json): CAS table, AUROC vs fraction of real labels"),
     "study": ("report.study_section", "a `study analyse` folder: readers' detection, rating vs label, agreement"),
 }
