@@ -99,7 +99,8 @@ def main(argv=None):
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
-                "guidance_interval": list(interval), "guidance_rescale": rescale, "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
+                "guidance_interval": list(interval), "guidance_rescale": rescale, "sampler": sampler, "steps": steps,
+                "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
