@@ -37,7 +37,7 @@ body.pixelated #patch{image-rendering:pixelated}#controls{flex:1}.row{border:2px
  color:#555}#rating-text{font-weight:600}#item-label{font-family:ui-monospace,monospace;color:#777;font-size:.85em}
 .keys{font-size:.85em;color:#555;line-height:1.6}kbd{border:1px solid #bbb;border-bottom-width:2px;
  border-radius:3px;padding:0 4px;background:#fafafa;font-size:.9em}.nav{display:flex;gap:10px;margin-top:6px}
-header kbd{color:#222}[hidden]{display:none!important}
+header kbd,button.on kbd{color:#222}[hidden]{display:none!important}
 """
 
 BODY = """

@@ -45,11 +45,15 @@ def _ci(entry: dict, digits: int = 2) -> str:
     return f"{fmt(value, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
+def _p(value) -> str:
+    return "–" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def summary_rows(results: dict) -> list[list]:
     rows = []
     for name, s in [("pooled", results["pooled"])] + sorted(results["readers"].items()):
         d, r = s["detection"], s["rating"]
-        rows.append([name, s["n_answers"], _ci(d), fmt(d["p_value"], 3), fmt(d["generated_called_real"], 2),
+        rows.append([name, s["n_answers"], _ci(d), _p(d["p_value"]), fmt(d["generated_called_real"], 2),
                      fmt(d["auc"], 2), _ci(r["generated_vs_condition"]), _ci(r["real_vs_soft_label"]),
                      fmt(s["seconds"]["median"], 1)])
     return rows
