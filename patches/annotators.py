@@ -87,9 +87,13 @@ def optimal_pairs(centres: np.ndarray, points: np.ndarray, radius: float) -> lis
     _, group = connected_components(graph, directed=False)
     distance = np.linalg.norm(centres[rows] - points[cols], axis=1)
     pairs = []
-    edge_group = group[rows]
-    for g in np.unique(edge_group):
-        sel = edge_group == g
+    order = np.argsort(group[rows], kind="stable")  # edges grouped by component, one slice each
+    rows, cols, distance = rows[order], cols[order], distance[order]
+    _, starts = np.unique(group[rows], return_index=True)
+    for sel in map(slice, starts, [*starts[1:], len(rows)]):
+        if sel.stop - sel.start == 1:  # an isolated pair, the common case
+            pairs.append((int(rows[sel.start]), int(cols[sel.start])))
+            continue
         cs, c_index = np.unique(rows[sel], return_inverse=True)
         ps, p_index = np.unique(cols[sel], return_inverse=True)
         # a forbidden pair costs more than any set of allowed pairs, so the solver first maximises the count
