@@ -62,7 +62,7 @@ def label_response(path: Path, generated: dict, real: dict) -> None:
         if error["value"] is not None:
             label += f"; error {error['value']:.3f}"
             ax.plot([r["soft_label"] for r in error["per_label"]], [r["generated"] for r in error["per_label"]],
-                    "x", color=colour, ms=7)
+                    "x", color=colour, ms=7, label="generated, read at the real soft labels" if k == 0 else None)
         ax.plot(data["conditions"], data["mean"], "o-", color=colour, ms=3, label=label)
     if len(real["x"]):
         ax.errorbar(real["x"], real["mean"], yerr=[real["mean"] - real["lo"], real["hi"] - real["mean"]], fmt="s--",
