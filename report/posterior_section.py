@@ -62,7 +62,11 @@ def extra(path):
     post = read_posterior(path)
 
     def make(held_out: HeldOut) -> Extra:
-        where = {pid: i for i, pid in enumerate(post["ids"])}
+        # ids are only unique within a dataset: match the rows that came from the report's own dataset
+        roots = {root: same_dataset(root, held_out.dataset_root)
+                 for root in {name.rpartition(":")[0] for name in post["names"]}}
+        where = {pid: i for i, (pid, name) in enumerate(zip(post["ids"], post["names"]))
+                 if roots[name.rpartition(":")[0]]}
         matched = [(h, where[pid]) for h, pid in enumerate(held_out.ids) if pid in where]
         labelled = [m for m in matched if np.isfinite(held_out.soft_labels[m[0]])]
         if len(labelled) >= MIN_MATCHED:
@@ -70,6 +74,16 @@ def extra(path):
         return unlabelled(post, held_out)
 
     return make
+
+
+def same_dataset(root: str, dataset_root: Path) -> bool:
+    """The same folder, or a copy of it (equal content hash in dataset.json)."""
+    if not root or not Path(root, "dataset.json").exists():
+        return False
+    if Path(root).resolve() == Path(dataset_root).resolve():
+        return True
+    hashes = [read_json(Path(r, "dataset.json"), "dataset.json").get("content_hash") for r in (root, dataset_root)]
+    return hashes[0] is not None and hashes[0] == hashes[1]
 
 
 def settings_line(post: dict) -> str:
