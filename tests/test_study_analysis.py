@@ -59,10 +59,10 @@ def test_random_reader_is_at_chance_and_its_interval_covers_half():
     rng = np.random.default_rng(5)
     is_generated = np.array([study.key[i]["kind"] == "generated" for i in study.study["items"]])
     covered = []
-    for _ in range(200):
+    for _ in range(100):
         d = detection(rng.random(80) < 0.5, is_generated, rng.integers(1, 4, 80).astype(float))
         covered.append(d["ci"][0] <= 0.5 <= d["ci"][1])
-    assert np.mean(covered) >= 0.92
+    assert np.mean(covered) >= 0.9
     # random readers do not agree with each other
     pooled = analyse(study, readers(study, "random", 4), n_resamples=200)
     assert abs(pooled["agreement"]["krippendorff_alpha_ordinal_rating"]) < 0.15
