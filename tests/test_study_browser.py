@@ -163,8 +163,12 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     expected = stats.spearmanr([answers[i][1] for i in generated], [key[i]["condition"] for i in generated])
     assert results["rating"]["generated_vs_condition"]["value"] == pytest.approx(expected.statistic, abs=1e-12)
     real = [i for i in key if key[i]["kind"] == "real"]
-    expected = stats.spearmanr([answers[i][1] for i in real], [key[i]["soft_label"] for i in real])
-    assert results["rating"]["real_vs_soft_label"]["value"] == pytest.approx(expected.statistic, abs=1e-12)
+    expected_real = stats.spearmanr([answers[i][1] for i in real], [key[i]["soft_label"] for i in real])
+    assert results["rating"]["real_vs_soft_label"]["value"] == pytest.approx(expected_real.statistic, abs=1e-12)
+    print(f"\nstrategy implies accuracy {right}/{n} = {right / n:.4f}, Spearman generated {expected.statistic:.4f}, "
+          f"real {expected_real.statistic:.4f}; analyse gave accuracy {results['detection']['accuracy']:.4f}, "
+          f"Spearman generated {results['rating']['generated_vs_condition']['value']:.4f}, "
+          f"real {results['rating']['real_vs_soft_label']['value']:.4f}")
 
     # the order is a function of (reader id, study seed), not of what was stored
     browser.execute_script("localStorage.clear()")
@@ -180,4 +184,5 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     for _ in range(4):
         answer(browser, key, bob, markups)
     assert bob != seen[:4]
+    print(f"alice's first items {seen[:4]} (again after clearing storage: {alice_again}); bob's {bob}")
     assert np.isfinite([float(r["seconds"]) for r in rows]).all()
