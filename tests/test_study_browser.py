@@ -51,12 +51,14 @@ def browser(tmp_path):
 
 
 def strategy(item: str, entry: dict) -> tuple[str, int, int]:
-    """The scripted reader: right unless the item id is divisible by 3; rating = round(4 x label); confidence 1-3."""
+    """The scripted reader: right unless the item id is divisible by 3; rating = round(4 x label), but reversed
+    (4 - that) when the id is divisible by 4, so the Spearman is not trivially 1; confidence 1-3."""
     number = int(item, 16)
     truth = entry["kind"]
     called = truth if number % 3 else ("real" if truth == "generated" else "generated")
     label = entry["condition"] if truth == "generated" else entry["soft_label"]
-    return called, int(round(4 * label)), 1 + number % 3
+    rating = int(round(4 * label))
+    return called, (4 - rating) if number % 4 == 0 else rating, 1 + number % 3
 
 
 def keys(driver, text: str) -> None:
