@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
         q.add_argument("--out", required=True, type=Path, help="output dataset folder")
         q.add_argument("--config", type=Path, help="YAML with ExtractConfig keys (patch_size, margin, level, workers, "
-                                                   "split.*, detect.*)")
+                                                   "split.*, detect.*, label_map)")
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         q.add_argument("--size", type=_positive("--size"), help="patch size in pixels at the read level (default 64)")
         q.add_argument("--margin", type=_nonnegative, help="context pixels stored around each patch (default 8)")
