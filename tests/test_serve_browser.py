@@ -68,15 +68,15 @@ def explore(browser, url: str, slide: str, nucleus: tuple[int, int], shots: Path
     wait(browser, "return viewer.world.getItemCount() > 0 && viewer.world.getItemAt(0).getFullyLoaded()")
     zoom0 = browser.execute_script("return viewer.viewport.getZoom()")
     browser.find_element(By.CSS_SELECTOR, 'div[title="Zoom in"]').click()  # the viewer's own zoom button
-    browser.execute_script("viewer.viewport.panTo(viewer.viewport.imageToViewportCoordinates(arguments[0], arguments[1]))",
-                           *nucleus)
+    browser.execute_script(
+        "viewer.viewport.panTo(viewer.viewport.imageToViewportCoordinates(arguments[0], arguments[1]))", *nucleus)
     wait(browser, f"return viewer.viewport.getZoom() > {zoom0} * 1.5 && !viewer.isAnimating?.() "
                   "&& viewer.world.getItemAt(0).getFullyLoaded()")
     time.sleep(0.6)  # let the zoom animation settle before reading screen coordinates
     element = browser.find_element(By.ID, "viewer")
     px, py = browser.execute_script(
-        "const p = viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(arguments[0], arguments[1]));"
-        "return [p.x, p.y]", *nucleus)
+        "const p = viewer.viewport.imageToViewerElementCoordinates("
+        "new OpenSeadragon.Point(arguments[0], arguments[1])); return [p.x, p.y]", *nucleus)
     size = element.size
     ActionChains(browser).move_to_element_with_offset(element, int(px - size["width"] / 2),
                                                       int(py - size["height"] / 2)).click().perform()

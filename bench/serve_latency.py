@@ -1,0 +1,122 @@
+"""Slide explorer latency over HTTP: first /transition, cached /transition (a slider move), tiles.
+
+    python bench/serve_latency.py [--root runs/demo] [--slide data/cache/cmu_small_region.svs] [--threads 2]
+        [--nuclei 10] [--repeats 30] [--tiles 150] [--out runs/serve/latency.json]
+
+Starts `mitosis-ldm serve` on 127.0.0.1 (a child process with the demo pipeline and classifier), then times,
+as a client would see them:
+- first /transition: a click on a nucleus not asked for before (detector re-centring, real2gen render of
+  11 frames at the pipeline's defaults, ensemble scores, morphology), one per nucleus the demo's
+  `data detect` found in the held-out region;
+- cached /transition: the same request again (what an export or re-render costs; the page's slider itself
+  holds all frames and needs no request);
+- tile: distinct Deep Zoom tiles of the three finest levels, first fetch (not in the server's tile cache).
+Prints JSON with p50/p95 in ms and the load average beside them (other jobs on the machine inflate times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve.drills import post_json, request, tile_paths  # noqa: E402
+from serve.launch import server_process  # noqa: E402
+
+
+def demo_nuclei(dataset: Path, count: int) -> list[tuple[int, int]]:
+    """Centres of nuclei `data detect` found, held-out split first, spread over the list."""
+    with open(dataset / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows = [r for r in rows if r.get("split") == "test"] + [r for r in rows if r.get("split") != "test"]
+    pick = np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)
+    return [(int(float(rows[i]["x"])), int(float(rows[i]["y"]))) for i in pick]
+
+
+def percentiles(times: list[float]) -> dict:
+    ms = np.array(times) * 1000
+    return {"n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)}
+
+
+def timed(fn) -> tuple[float, tuple]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--slide", type=Path, default=Path("data/cache/cmu_small_region.svs"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nuclei", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--tiles", type=int, default=150)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    pipeline, classifier, cmu = args.root / "diffusion/model", args.root / "classifier/model", args.root / "data/cmu"
+    if not ((pipeline / "pipeline.json").exists() and (classifier / "config.json").exists() and args.slide.exists()):
+        print(json.dumps({"skipped": f"no trained demo models under {args.root} or no {args.slide}: run make demo"}))
+        return
+    nuclei = demo_nuclei(cmu, args.nuclei + 1)
+    load_before = os.getloadavg()
+    proc, url = server_process(["--pipeline", pipeline, "--classifier", classifier, "--slides", args.slide,
+                                "--threads", str(args.threads), "--exports", "/tmp/serve-bench-exports"])
+    slide = args.slide.name
+    try:
+        warm, _ = timed(lambda: post_json(url, "/transition", {"slide": slide, "x": nuclei[0][0], "y": nuclei[0][1]}))
+        first, cached, statuses = [], [], []
+        for x, y in nuclei[1:]:
+            body = {"slide": slide, "x": x, "y": y}
+            seconds, (code, text) = timed(lambda: post_json(url, "/transition", body))
+            statuses.append(code)
+            first.append(seconds)
+            frames = len(json.loads(text)["frames"]) if code == 200 else 0
+        body = {"slide": slide, "x": nuclei[1][0], "y": nuclei[1][1]}
+        for _ in range(args.repeats):
+            seconds, (code, text) = timed(lambda: post_json(url, "/transition", body))
+            statuses.append(code)
+            assert code != 200 or json.loads(text)["cached"]
+            cached.append(seconds)
+        tiles, refetch = [], []
+        paths = tile_paths(url, slide, limit=args.tiles)
+        for path in paths:
+            seconds, (code, _) = timed(lambda: request(url, "GET", path))
+            statuses.append(code)
+            tiles.append(seconds)
+        for path in paths[: args.repeats]:
+            refetch.append(timed(lambda: request(url, "GET", path))[0])
+        _, health = request(url, "GET", "/healthz")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    result = {
+        "server": {"pipeline": str(pipeline), "classifier": str(classifier), "slide": str(args.slide),
+                   "threads": args.threads, "frames_per_transition": frames},
+        "first_transition": {**percentiles(first), "target_ms": 1000, "warmup_first_call_ms": round(warm * 1000, 1)},
+        "cached_transition": {**percentiles(cached), "target_ms": 50},
+        "tile_first_fetch": {**percentiles(tiles), "target_ms": 30},
+        "tile_cached": percentiles(refetch),
+        "non_200": sum(1 for s in statuses if s != 200),
+        "health": json.loads(health),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "cpu_count": os.cpu_count(),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
