@@ -135,6 +135,29 @@ def test_annotators_end_to_end_votes_and_stats(tmp_path):
     assert got[(51, 50)] == ("1;1;", 1.0) and got[(300, 200)] == (";;1", 1.0) and got[(202, 151)] == ("1;0;", 0.5)
 
 
+def test_folders_tables_and_per_slide_radius(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    mpp_tiff(slides / "s1.tif")
+    mpp_tiff(slides / "s2.tif", mpp=0.5)  # 4 um = 8 px here, 16 px on s1
+    alice = tmp_path / "alice"
+    alice.mkdir()
+    geojson(alice / "s1.geojson", [(100, 100), (200, 100)])
+    geojson(alice / "s2.tif.geojson", [(100, 100)])  # QuPath names exports after the image file
+    bob = tmp_path / "bob.csv"
+    bob.write_text("slide,x,y,label\ns1,110,100,1\ns1,200,100,0\ns2.tif,110,100,1\n")
+    out = tmp_path / "ds"
+    main(["annotators", "--slides", str(slides), "--annotator", f"alice={alice}", "--annotator", f"bob={bob}",
+          "--radius-um", "4", "--out", str(out), "--size", "16", "--margin", "0", "--workers", "1"])
+    got = sorted((r["slide"], r["x"], r["votes"]) for r in rows_of(out))
+    # s1: 10 px apart is one cell (radius 16 px); s2: 10 px apart is two cells (radius 8 px)
+    assert got == [("s1.tif", "105", "1;1"), ("s1.tif", "200", "1;0"), ("s2.tif", "100", "1;0"),
+                   ("s2.tif", "110", "0;1")]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["radius_px"] == {"s1.tif": 16.0, "s2.tif": 8.0} and meta["mpp"] is None
+    assert meta["matching"]["cells_marked_by"] == {"1": 2, "2": 2}
+
+
 # -- round trip from real votes ------------------------------------------------------
 
 def test_midog_round_trip_one_image(tmp_path):
