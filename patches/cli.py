@@ -184,8 +184,10 @@ def cmd_points(args, argv) -> None:
     from .points import read_points
 
     cfg = extract_config(args, "slide")
-    if (args.geojson is None) != (args.slide is None):
+    if args.geojson is not None and args.slide is None:
         raise UserError("--geojson: give it together with --slide NAME (the slide the GeoJSON annotates)")
+    if args.slide is not None and args.geojson is None:
+        raise UserError("--slide: names the slide of a --geojson file; a --csv names slides in its 'slide' column")
     _refuse_existing(args)
     if args.geojson is not None:
         from .geojson import geojson_points
