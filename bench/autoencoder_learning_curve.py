@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mitosis_ldm.demo import cpu_threads  # noqa: E402
+from mitosis_ldm.launch import accelerate_launch, cpu_threads  # noqa: E402
 
 
 def main(argv=None):
@@ -42,10 +42,8 @@ def main(argv=None):
                 f"data.eval_limit={args.limit}", *args.overrides]
         if args.steps:
             sets.append(f"train.max_steps={args.steps}")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--num_cpu_threads_per_process", str(args.threads), "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "autoencoder.train",
-               "--config", args.config, "--out", str(out), "--overwrite"]
+        cmd = accelerate_launch("autoencoder.train", "--config", args.config, "--out", out, "--overwrite",
+                                threads=args.threads)
         for item in sets:
             cmd += ["--set", item]
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

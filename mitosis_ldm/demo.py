@@ -24,19 +24,13 @@ from pathlib import Path
 
 from .errors import UserError, user_errors
 from .io import write_json
+from .launch import accelerate_launch
 
 SLIDE = "data/cache/cmu_small_region.svs"
 
 
-def cpu_threads() -> int:
-    """The cores this process may use: `accelerate launch` otherwise gives a non-`--cpu` process one thread."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def accelerate(module: str, config: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--num_cpu_threads_per_process", str(cpu_threads()),
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, "--config", config, *extra]
+    return accelerate_launch(module, "--config", config, *extra)
 
 
 def cli(*args: str) -> list[str]:

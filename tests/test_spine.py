@@ -220,7 +220,8 @@ def test_demo_rejects_unknown_stage(capsys):
 
 def test_demo_training_uses_every_core(tmp_path):
     # `accelerate launch` without --cpu gives each process one thread; the demo asks for all cores.
-    from mitosis_ldm.demo import accelerate, cpu_threads
+    from mitosis_ldm.demo import accelerate
+    from mitosis_ldm.launch import cpu_threads
 
     cmd = accelerate("autoencoder.train", "configs/demo/autoencoder.yaml")
     probe = tmp_path / "threads.py"

@@ -1,0 +1,25 @@
+"""The `accelerate launch` command line the demo and the benches run training stages with.
+
+    cmd = accelerate_launch("autoencoder.train", "--config", "configs/demo/autoencoder.yaml")
+    subprocess.run(cmd, check=True)
+
+One process, every core this process may use (accelerate otherwise gives a
+process launched without `--cpu` one thread), no mixed precision, no dynamo.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def cpu_threads() -> int:
+    """The cores this process may use: `accelerate launch` otherwise gives a non-`--cpu` process one thread."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def accelerate_launch(module: str, *args: str, threads: int | None = None) -> list[str]:
+    """`python -m accelerate.commands.launch ... -m MODULE ARGS...` for one process on `threads` threads."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--num_cpu_threads_per_process", str(threads or cpu_threads()),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
