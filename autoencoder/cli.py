@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def load_autoencoder(path, flag: str = "--model", tile: int = 256):
     from diffusers import AutoencoderKL
 
     folder = expect_artifact(path, AUTOENCODER, flag)
-    vae = load_part(folder, "the autoencoder", AutoencoderKL.from_pretrained)
+    vae = load_part(folder, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True))
     vae.eval().requires_grad_(False)
     if tile % DOWNSAMPLE:
         raise UserError(f"--tile: must be divisible by {DOWNSAMPLE}, got {tile}")

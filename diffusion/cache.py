@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def load_vae(vae_dir, flag: str = "--vae"):
     from diffusers import AutoencoderKL
 
     path = expect_artifact(vae_dir, AUTOENCODER, flag)
-    return path, load_part(path, "the autoencoder", AutoencoderKL.from_pretrained).eval()
+    vae = load_part(path, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True))
+    return path, vae.eval()
 
 
 def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ fields of the wrong type all become `PART: cannot be loaded (...)`), and
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
@@ -19,10 +20,11 @@ from mitosis_ldm.io import read_json
 
 from .model import LabelEmbedder
 
+SAFE = {"use_safetensors": True}  # never fall back to pickled .bin weights
 PARTS = {  # part folder -> (file that must be there, loader)
-    "vae": ("config.json", AutoencoderKL.from_pretrained),
-    "unet": ("config.json", UNet2DModel.from_pretrained),
-    "label_embedder": ("config.json", LabelEmbedder.from_pretrained),
+    "vae": ("config.json", partial(AutoencoderKL.from_pretrained, **SAFE)),
+    "unet": ("config.json", partial(UNet2DModel.from_pretrained, **SAFE)),
+    "label_embedder": ("config.json", partial(LabelEmbedder.from_pretrained, **SAFE)),
     "scheduler": ("scheduler_config.json", DDPMScheduler.from_pretrained),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def _autoencoder(folder: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    vae = load_part(folder, "the autoencoder", AutoencoderKL.from_pretrained).eval()
+    vae = load_part(folder, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True)).eval()
     size = int(vae.config.sample_size)
     with torch.no_grad():
         out = vae(torch.zeros(1, 3, size, size)).sample

@@ -94,6 +94,10 @@ def read_json(path, what: str = "JSON"):
         raise UserError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: malformed {what} at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: malformed {what}: not UTF-8 text (byte {err.start})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a {what} file") from None
 
 
 def save_npy(path, array: np.ndarray) -> None:
