@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -172,6 +173,8 @@ def create_app(explorer: Explorer, worker: ModelWorker | None = None, max_body: 
     @app.post("/nucleus")
     async def nucleus(req: NucleusRequest):
         explorer.check_point(req.slide, req.x, req.y)
+        # detection is not a model call: it runs beside the worker, so a queued render does not hold it up
+        await run_in_threadpool(explorer.locate, req.slide, req.x, req.y)
         return await on_worker(explorer.nucleus, req.slide, req.x, req.y)
 
     async def resolve(req: TransitionRequest) -> dict:
@@ -184,7 +187,7 @@ def create_app(explorer: Explorer, worker: ModelWorker | None = None, max_body: 
             if req.slide is None or req.x is None or req.y is None:
                 raise UserError("body: give either {slide, x, y} or {dataset, index}")
             explorer.check_point(req.slide, req.x, req.y)
-            source = await on_worker(explorer.slide_source, req.slide, req.x, req.y)
+            source = await run_in_threadpool(explorer.slide_source, req.slide, req.x, req.y)
         hit = explorer.cached(source, settings)
         if hit is not None:
             return {**hit, "cached": True}
