@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SLIDE := data/cache/cmu_small_region.svs
 
-.PHONY: setup demo test bench browser-deps clean
+.PHONY: setup demo test fuzz bench browser-deps clean
 
 setup: $(STAMP) $(SLIDE)
 
@@ -32,6 +32,11 @@ demo: setup
 
 test: setup browser-deps
 	$(PY) -m pytest -q
+
+# The fuzz tests with a large budget and a fresh random seed (CI runs them derandomised with small budgets).
+FUZZ_CASES ?= 500
+fuzz: setup
+	MITOSIS_LDM_FUZZ=$(FUZZ_CASES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 bench: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
