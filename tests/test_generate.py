@@ -172,3 +172,33 @@ def test_match_on_a_dataset_without_labels(world, tmp_path, capsys):
     _one_line_error(capsys, lambda: gen_main(gen_args(world, out, "--labels", f"match:{world['unlabelled']}")),
                     str(world["unlabelled"]), "label", "match:")
     assert not out.exists() and not (tmp_path / ".bad.partial").exists()
+
+
+def test_cas_report_section_reads_the_bench_result(tmp_path):
+    from mitosis_ldm.errors import UserError
+    from report.cas_section import extra
+
+    def entry(mean, values):
+        return {"auroc": {"mean": mean, "spread": max(values) - min(values), "values": values},
+                "spearman_true_degree": {"mean": mean - 0.1, "spread": 0.01, "values": [mean - 0.1] * 2},
+                "train_patches": 100}
+
+    table = {"real": entry(0.95, [0.94, 0.96]), "generated": entry(0.8, [0.79, 0.81]),
+             "real+generated": entry(0.96, [0.95, 0.97]), "real@0.05": entry(0.85, [0.83, 0.87]),
+             "real+generated@0.05": entry(0.9, [0.89, 0.91])}
+    result = {"bench": "cas", "fractions": [0.05], "seeds": [0, 1], "table": table, "labels": "match",
+              "targets": {"cas_ratio": {"value": 0.8 / 0.95, "target": ">= 0.9", "met": False}}}
+    (tmp_path / "cas.json").write_text(json.dumps(result))
+    section = extra(tmp_path / "cas.json")(None)
+    assert section.key == "cas" and section.metrics["table"]["generated"]["auroc"]["mean"] == 0.8
+    html = section.write(tmp_path)
+    assert (tmp_path / "cas-auroc-vs-fraction.png").stat().st_size > 1000
+    assert "real+generated@0.05" in html and "0.800 ± 0.010" in html and "<strong>missed</strong>" in html
+    assert "5% of the real train labels + 4x as many generated patches" in html
+    (tmp_path / "bad.json").write_text(json.dumps({"bench": "posterior"}))
+    with pytest.raises(UserError, match="field 'bench'"):
+        extra(tmp_path / "bad.json")
+    del result["table"]["generated"]
+    (tmp_path / "cas.json").write_text(json.dumps(result))
+    with pytest.raises(UserError, match="no 'generated' row"):
+        extra(tmp_path / "cas.json")
