@@ -14,7 +14,10 @@ who called the patch mitotic) or the hard label; batches are balanced between
 mitotic and non-mitotic patches; after training each member gets a Platt
 calibration (logit scale and bias) fitted on the validation split, which also
 undoes the prior shift that balanced sampling introduces. Only real, labelled
-patches are used: generated data and unlabelled rows are refused.
+patches are used: generated data and unlabelled rows are refused (a downstream
+classifier, e.g. bench/cas.py's, opts in with `data.allow_generated`).
+Mixtures: `data.datasets` + `data.weights`; few labels: `data.fraction` (see
+classifier/mixture.py).
 """
 
 from __future__ import annotations
