@@ -2,6 +2,7 @@
 
     python bench/posterior_draws.py [--pipeline runs/demo/diffusion/model] [--dataset runs/demo/data/synth] \
         [--val 120] [--test 240] [--draws 4,8,16,32,64] [--threads 2]
+    python bench/posterior_draws.py --from runs/posterior/synth-test --draws 4,8,16,32   (reuses that run's errors)
 
 Prints one JSON object. The errors are measured once at the largest draw
 count on `--val` calibration and `--test` held-out patches (evenly spread
@@ -46,6 +47,34 @@ def reweigh(errors: np.ndarray, alphas: np.ndarray, have: str, want: str) -> np.
     return errors * ratio[None, :, None]
 
 
+def from_folder(folder: Path) -> dict:
+    """The errors a `mitosis-ldm posterior --calibrate` run saved: no UNet work here."""
+    import csv
+
+    from diffusion.posterior_fit import parse_votes
+    from patches.dataset import PatchDataset
+
+    info = json.loads((folder / "posterior.json").read_text())
+    fit = info["calibration"]["fit"]
+    val = PatchDataset(fit["dataset"], split=fit["split"], labelled_only=True)
+    val_errors = np.load(folder / "calibration_errors.npy")
+    positions = np.arange(len(val))
+    if len(val_errors) < len(val):  # the run's --calibrate-limit: the same even spread
+        positions = np.unique(np.linspace(0, len(val) - 1, len(val_errors)).round().astype(int))
+    rows = [val.rows[i] for i in val.indices[positions]]
+    votes = np.array([parse_votes(r.get("votes", ""), float(s), "labels.csv")
+                      for r, s in zip(rows, val.soft_labels[positions])])
+    with open(folder / "posterior.csv", newline="") as handle:
+        test_ids = [r["id"] for r in csv.DictReader(handle)]
+    seconds = float(info["seconds"])
+    n_all = len(val_errors) + len(test_ids)
+    return {"space": info["settings"]["error_space"], "draws": info["draws"], "grid": info["grid"],
+            "seconds": {"val": seconds * len(val_errors) / n_all, "test": seconds * len(test_ids) / n_all},
+            "val": {"ids": [r["id"] for r in rows], "errors": val_errors, "mitotic": votes[:, 0],
+                    "experts": votes[:, 1]},
+            "test": {"ids": test_ids, "errors": np.load(folder / "errors.npy")}}
+
+
 def measure(args, grid, pipe) -> dict:
     """Errors at the largest draw count on the val and test patches."""
     size = pipe.image_shape
@@ -72,6 +101,8 @@ def main():
     parser.add_argument("--grid", default="0:1:11")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from", dest="from_dir", type=Path,
+                        help="a `posterior --calibrate` folder: reuse its errors (draws up to its --draws)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from diffusion.pipeline import parse_conditions
@@ -83,7 +114,15 @@ def main():
     if any(draws_max % d for d in args.draws):
         raise SystemExit("--draws: every count must divide the largest")
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
-    data = measure(args, grid, pipe)
+    if args.from_dir:
+        data = from_folder(args.from_dir)
+        grid = data["grid"]
+        args.draws = [d for d in args.draws if d <= data["draws"]]
+        draws_max, args.val, args.test = args.draws[-1], len(data["val"]["ids"]), len(data["test"]["ids"])
+        if draws_max != data["draws"]:
+            raise SystemExit(f"--draws: the largest count must be the folder's {data['draws']}")
+    else:
+        data = measure(args, grid, pipe)
     pipe_scheduler = pipe.scheduler
     num_t = int(pipe_scheduler.config.num_train_timesteps)
     t_all = draw_timesteps(draws_max, num_t)
@@ -110,7 +149,7 @@ def main():
                 expected = summaries(prob, grid)["expected_y"]
                 m = judge_metrics(expected, soft, hard, degree)
                 key = space if bands == 1 else f"{space}+{bands}_t_bands"
-                entry[key] = {k: round(float(v), 4) for k, v in m.items()} | {
+                entry[key] = {k: round(float(v), 4) if np.isfinite(v) else None for k, v in m.items()} | {
                     "temperature": round(cal.temperature, 6), "val_vote_nll": round(cal.fit["nll_votes_fitted"], 4)}
         curve.append(entry)
     print(json.dumps({

@@ -257,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature-from", metavar="DIR", help="use the calibration stored in this posterior folder")
     p.add_argument("--temperature", type=float, help="a fixed temperature (uncalibrated)")
     p.add_argument("--patches-per-call", type=int, default=16, help="patches in one UNet call (x grid + 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 on a busy machine)")
     p.add_argument("--out", required=True, help="posterior folder to write")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -266,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.draws < 1:
         raise UserError(f"--draws: must be >= 1, got {args.draws}")
-    for flag in ("limit", "calibrate_limit", "patches_per_call", "t_bands"):
+    for flag in ("limit", "calibrate_limit", "patches_per_call", "t_bands", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
@@ -288,6 +289,15 @@ def main(argv=None):
     check_args(args)
     grid = parse_conditions(args.grid, "--grid")
     check_new_output(args.out, args.overwrite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        run(args, grid)
+    finally:  # tests call main() in-process: leave the thread count as it was
+        torch.set_num_threads(threads)
+
+
+def run(args, grid) -> None:
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     size = pipe.image_shape
     num_t = int(pipe.scheduler.config.num_train_timesteps)
