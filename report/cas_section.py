@@ -38,9 +38,8 @@ def read_cas(path) -> dict:
     for key in ("table", "targets", "fractions"):
         if key not in data:
             raise UserError(f"{path}: field '{key}' is missing (a bench/cas.py result)")
-    for name in ("real", "generated", "real+generated"):
-        if name not in data["table"]:
-            raise UserError(f"{path}: field 'table' has no '{name}' row")
+    if not isinstance(data["table"], dict) or not data["table"]:
+        raise UserError(f"{path}: field 'table' is empty (no classifier finished)")
     return data
 
 
@@ -66,8 +65,9 @@ def auroc_vs_fraction(path: Path, data: dict) -> None:
         lows = [r["mean"] - min(r["values"]) for r in rows]
         highs = [max(r["values"]) - r["mean"] for r in rows]
         ax.errorbar(fx, means, yerr=[lows, highs], color=colour, marker="o", capsize=3, lw=1.5, label=label)
-    gen = table["generated"]["auroc"]
-    ax.axhline(gen["mean"], color=GENERATED[1], ls="--", lw=1, label="generated only (CAS)")
+    if "generated" in table:
+        ax.axhline(table["generated"]["auroc"]["mean"], color=GENERATED[1], ls="--", lw=1,
+                   label=f"generated only (CAS, {table['generated'].get('train_patches')} patches)")
     ax.set_xscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{x:.0%}" for x in xs])
@@ -106,6 +106,8 @@ def section(tmp: Path, data: dict) -> str:
                 f"{data.get('generation_patches_per_s', float('nan')):.2f} patches/s beside "
                 f"{data.get('transition_frames_per_s', float('nan')):.2f} transition frames/s")
     quick = "<p><strong>Quick (CI-sized) run: not a measurement.</strong></p>" if data.get("quick") else ""
+    if data.get("complete") is False:
+        quick += "<p><strong>Incomplete: the bench stopped before every setting and seed finished.</strong></p>"
     return (f"<p>The classifier recipe trained on each set, tested on the same held-out <em>real</em> test "
             f"patches (mean ± half the range over seeds). CAS: generated only against real only; augmentation: "
             f"few real labels with and without generated patches. {esc(settings)}.</p>{quick}"
