@@ -1,0 +1,233 @@
+"""Classification Accuracy Score (CAS) and augmentation: do generated patches teach a classifier?
+
+    python bench/cas.py [--real runs/demo/data/synth] [--pipeline runs/demo/diffusion/model] \
+        [--config configs/demo/classifier.yaml] [--out runs/cas] [--labels match] [--guidance G] [--quick]
+
+Prints JSON (and writes OUT/cas.json, which `mitosis-ldm report --cas FILE` reads).
+The demo classifier recipe is trained, for every seed, on
+- `real`: the real train split;
+- `generated`: generated patches only, as many training patches as `real`
+  (`mitosis-ldm generate --labels match:REAL`, conditions drawn from the real
+  train split's soft labels);
+- `real+generated`: both (`data.datasets=[real, generated]`, `data.weights=[1, 1]`);
+- `real@F` and `real+generated@F` for each fraction F of the real training labels
+  (`data.fraction`, stratified, `data.fraction_seed` = the seed), the latter with
+  4x that many generated training patches.
+Every classifier is tested on the same held-out REAL test split: AUROC against
+the hard label and Spearman with the true degree (classifier/evaluate.py's
+metrics). One generated pool serves every setting: patch i depends only on
+(--gen-seed, i), so a prefix of the pool is exactly what a smaller `generate`
+run would make. Trained classifiers are kept in OUT/train/ and reused, so a
+killed bench continues where it stopped. `--quick`: CI sizes (few steps, small pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def generate(pipeline: Path, real: Path, n: int, out: Path, labels: str, guidance, seed: int, threads: int) -> float:
+    """Run `mitosis-ldm generate` (resumable) and return its patches/s from dataset.json."""
+    if not (out / "dataset.json").exists():
+        cmd = [sys.executable, "-m", "diffusion.generate", "--pipeline", str(pipeline), "--n", str(n),
+               "--labels", f"match:{real}" if labels == "match" else labels, "--seed", str(seed), "--val", "0.1",
+               "--test", "0", "--out", str(out), "--resume"]
+        if guidance is not None:
+            cmd += ["--guidance", str(guidance)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, cwd=REPO, check=True, env=env)
+    meta = json.loads((out / "dataset.json").read_text())
+    return meta["count"] / meta["seconds"] if meta.get("seconds") else math.nan
+
+
+def prefix_shard(root: str, train_count: int):
+    """The shortest prefix of a generated dataset holding `train_count` train patches (their splits kept)."""
+    from patches.dataset import PatchDataset, Shard
+
+    ds = PatchDataset(root)
+    is_train = np.array([r["split"] == "train" for r in ds.rows])
+    stop = int(np.searchsorted(np.cumsum(is_train), train_count)) + 1
+    if is_train.sum() < train_count:
+        raise SystemExit(f"{root}: holds {is_train.sum()} train patches, {train_count} needed; enlarge the pool")
+    return Shard(np.asarray(ds.images[:stop]), [dict(r) for r in ds.rows[:stop]])
+
+
+def generated_subset(pool: Path, train_count: int, out: Path) -> Path:
+    from patches.dataset import build_dataset
+
+    if not (out / "dataset.json").exists():
+        whole = json.loads((pool / "dataset.json").read_text())
+        meta = {k: v for k, v in whole.items()
+                if k not in ("count", "content_hash", "patch_size", "margin", "stored_size", "split")}
+        build_dataset(out, [("prefix", prefix_shard, {"root": str(pool), "train_count": train_count})],
+                      patch_size=whole["patch_size"], margin=whole["margin"], meta={**meta, "prefix_of": str(pool)},
+                      progress=False)
+    return out
+
+
+def train_and_test(name: str, seed: int, sets: list[str], args, test) -> dict:
+    """Train the recipe (reusing a finished run) and score the real test split."""
+    from classifier import train
+    from classifier.evaluate import all_metrics
+    from classifier.model import ClassifierEnsemble
+    from classifier.score import score_images
+
+    run = args.out / "train" / f"{name}-seed{seed}"
+    result_path = run / "cas_result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    t0 = time.time()
+    if not (run / "model" / "config.json").exists():
+        overrides = [f"train.seed={seed}", f"data.fraction_seed={seed}", f"ensemble.members={args.members}", *sets]
+        if args.quick:
+            overrides += ["train.max_steps=40", "ensemble.eval_every=20", "train.checkpoint_every=40"]
+        argv = ["--config", str(args.config), "--out", str(run), "--overwrite"]
+        for item in overrides:
+            argv += ["--set", item]
+        train.main(argv)
+    seconds = time.time() - t0
+    ensemble = ClassifierEnsemble.from_pretrained(run / "model")
+    prob = score_images(ensemble, test.uint8(), 256, progress=False).mean(1)
+    metrics = all_metrics(prob, test.soft_labels, test.hard_labels, test.true_degree, 10)
+    trained_on = json.loads((run / "model" / "config.json").read_text())["trained_on"]
+    result = {"setting": name, "seed": seed, "auroc": metrics["hard"]["auroc"],
+              "spearman_true_degree": metrics.get("spearman_true_degree"),
+              "balanced_accuracy": metrics["hard"]["balanced_accuracy"], "train_patches": trained_on.get("patches"),
+              "train_seconds": round(seconds, 1)}
+    result_path.write_text(json.dumps(result, indent=2))
+    log(f"{name} seed {seed}: AUROC {result['auroc']:.4f}, Spearman {result['spearman_true_degree']:.4f} "
+        f"({seconds:.0f} s)")
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("auroc", "spearman_true_degree", "balanced_accuracy"):
+        values = [r[key] for r in runs]
+        out[key] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values)), "values": values}
+    out["train_patches"] = runs[0]["train_patches"]
+    return out
+
+
+def transition_rate(pipeline: Path, repeats: int = 3) -> float:
+    """Frames/s of one 11-frame transition at the pipeline's defaults (what `transitions` renders)."""
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(pipeline)
+    steps, sampler = int(pipe.info.get("default_steps", 20)), pipe.info.get("default_sampler", "dpm++")
+    pipe.transitions(seeds=[0], conditions=[0.5], steps=steps, sampler=sampler)  # warm-up
+    t0 = time.perf_counter()
+    for seed in range(repeats):
+        pipe.transitions(seeds=[seed], conditions=np.linspace(0, 1, 11).tolist(), steps=steps, sampler=sampler)
+    return 11 * repeats / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=Path, default=REPO / "runs/demo/data/synth")
+    parser.add_argument("--pipeline", type=Path, default=REPO / "runs/demo/diffusion/model")
+    parser.add_argument("--config", type=Path, default=REPO / "configs/demo/classifier.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/cas")
+    parser.add_argument("--labels", default="match", help="match (the real train labels) | uniform | a list")
+    parser.add_argument("--guidance", type=float, help="default: the pipeline's")
+    parser.add_argument("--gen-seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1", help="classifier training seeds")
+    parser.add_argument("--fractions", default="0.05,0.2", help="fractions of the real training labels")
+    parser.add_argument("--members", type=int, default=1, help="ensemble members per classifier (the recipe has 3)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--real-train", type=int, help="cap (a)-(c) at this many real (and generated) training "
+                        "patches: a stratified subset (default: the whole train split)")
+    parser.add_argument("--quick", action="store_true", help="CI sizes: 40 training steps, a small pool")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from classifier.mixture import fraction_positions
+    from patches.dataset import PatchDataset
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
+    real_train = PatchDataset(args.real, split="train", labelled_only=True)
+    test = PatchDataset(args.real, split="test", labelled_only=True)
+    cap = 200 if args.quick else args.real_train
+    n_train = len(real_train) if cap is None else min(len(real_train), cap)
+    if args.quick:
+        fractions = [0.02]
+    counts = {(f, s): len(fraction_positions(real_train, f, s)) for f in fractions for s in seeds}
+    need = max([n_train] + [4 * c for c in counts.values()])
+    pool_n = int(math.ceil(need / 0.9 * 1.05)) + 16  # the val split takes 10 %; margin for its randomness
+    tag = f"{args.labels.replace(':', '_').replace('/', '_')}-g{args.guidance if args.guidance is not None else 'default'}"
+    pool = args.out / f"gen-{tag}-n{pool_n}"
+    log(f"generating {pool_n} patches into {pool}")
+    t0 = time.time()
+    speed = generate(args.pipeline, args.real, pool_n, pool, args.labels, args.guidance, args.gen_seed, args.threads)
+    log(f"pool ready ({time.time() - t0:.0f} s this run); measuring the transition rate")
+    result = {
+        "bench": "cas", "quick": args.quick, "complete": False, "real": str(args.real), "pipeline": str(args.pipeline),
+        "labels": args.labels, "guidance": args.guidance, "generated_pool": str(pool), "seeds": seeds,
+        "fractions": fractions, "real_train": n_train, "members": args.members, "test_patches": len(test),
+        "generation_patches_per_s": speed, "transition_frames_per_s": transition_rate(args.pipeline),
+        "threads": args.threads,
+    }
+    gen_full = generated_subset(pool, n_train, args.out / f"{pool.name}-train{n_train}")
+    real_sets = [f"data.dataset={args.real}"]
+    if n_train < len(real_train):
+        real_sets.append(f"data.fraction={n_train / len(real_train):.6f}")
+    runs: dict[str, list[dict]] = {}
+
+    def setting(name, sets, seed):
+        runs.setdefault(name, []).append(train_and_test(name, seed, sets, args, test))
+        write_result(args.out / "cas.json", result, runs, fractions)  # after every training: a killed bench keeps it
+
+    for seed in seeds:
+        for f in fractions:
+            k = 4 * counts[(f, seed)]  # 4x as many generated training patches as real labels
+            gen_f = generated_subset(pool, k, args.out / f"{pool.name}-train{k}")
+            setting(f"real@{f:g}", [f"data.dataset={args.real}", f"data.fraction={f}"], seed)
+            setting(f"real+generated@{f:g}", [f"data.datasets=[{args.real},{gen_f}]", "data.weights=[1,1]",
+                                              f"data.fraction={f}", "data.allow_generated=true"], seed)
+        setting("real", real_sets, seed)
+        setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
+        setting("real+generated", [f"data.datasets=[{args.real},{gen_full}]", "data.weights=[1,1]",
+                                   "data.allow_generated=true", *real_sets[1:]], seed)
+    result["complete"] = True
+    write_result(args.out / "cas.json", result, runs, fractions)
+    print(json.dumps(result, indent=2))
+
+
+def write_result(path: Path, result: dict, runs: dict, fractions: list[float]) -> None:
+    from mitosis_ldm.io import write_json
+
+    table = {name: summarise(r) for name, r in runs.items()}
+    targets = {}
+    if "real" in table and "generated" in table:
+        ratio = table["generated"]["auroc"]["mean"] / table["real"]["auroc"]["mean"]
+        targets["cas_ratio"] = {"value": ratio, "target": ">= 0.9", "met": ratio >= 0.9}
+    for f in fractions:
+        if f"real@{f:g}" in table and f"real+generated@{f:g}" in table:
+            a, c = table[f"real@{f:g}"]["auroc"], table[f"real+generated@{f:g}"]["auroc"]
+            gain, spread = c["mean"] - a["mean"], max(a["spread"], c["spread"])
+            targets[f"augmentation_gain@{f:g}"] = {"value": gain, "seed_spread": spread, "target": "> seed spread",
+                                                   "met": gain > spread}
+    result.update(table=table, targets=targets, load_average=os.getloadavg())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+
+
+if __name__ == "__main__":
+    main()
