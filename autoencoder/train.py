@@ -53,20 +53,13 @@ class ModelConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    name: str = "cosine"         # any diffusers.optimization scheduler name
-    warmup_steps: int = 50
-    betas: tuple[float, float] = (0.9, 0.99)
-
-
-@dataclass
 class AutoencoderConfig:
     out: str = "runs/autoencoder"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, batch_size=32, lr=2e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, batch_size=32, lr=2e-3,
+                                                                   adam_betas=(0.9, 0.99)))
 
 
 def training_set(cfg: DataConfig) -> ConcatDataset:
@@ -211,10 +204,10 @@ def main(argv=None):
     vae = SampledAutoencoder(raw)
     acc.print(f"autoencoder preset {cfg.model.preset}: {count_parameters(raw) / 1e6:.2f}M parameters, "
               f"{cfg.model.latent_channels} latent channels; {len(dataset)} training patches")
-    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.train.lr, betas=tuple(cfg.schedule.betas),
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                             weight_decay=cfg.train.weight_decay)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
-    sched = get_scheduler(cfg.schedule.name, opt, num_warmup_steps=cfg.schedule.warmup_steps,
+    sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
                           num_training_steps=cfg.train.max_steps)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler(dataset, cfg.data), drop_last=True,
                         num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)

@@ -65,7 +65,6 @@ class EnsembleConfig:
     eval_every: int = 100      # optimizer steps between validation passes
     patience: int = 5          # validation passes without improvement before stopping
     min_delta: float = 1e-4
-    warmup_steps: int = 50
     calibrate: bool = True     # Platt scale + bias per member on the validation split
 
 
@@ -184,6 +183,21 @@ def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float
     return float(scale.detach()), float(bias.detach())
 
 
+def lr_scheduler(opt, tcfg: TrainConfig):
+    """train.lr_schedule: `cosine` here keeps a 5% floor (early stopping may end a member late in the schedule);
+    any other name is diffusers' get_scheduler, as in the other stages."""
+    if tcfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(tcfg.lr_warmup_steps, tcfg.max_steps))
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(tcfg.lr_schedule, opt, num_warmup_steps=tcfg.lr_warmup_steps,
+                             num_training_steps=tcfg.max_steps)
+    except ValueError:
+        raise UserError(f"train.lr_schedule: '{tcfg.lr_schedule}' is not a schedule name (cosine, linear, "
+                        f"constant, constant_with_warmup, ...)") from None
+
+
 def cosine_with_warmup(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -217,9 +231,9 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
 
     torch.manual_seed(seed)  # same initial weights on every process
     model = MitosisClassifier(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(cfg.ensemble.warmup_steps, tcfg.max_steps))
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
+                            weight_decay=tcfg.weight_decay)
+    scheduler = lr_scheduler(opt, tcfg)
     sampler = balanced_sampler(train_ds, cfg.data.balance, seed)
     loader = DataLoader(train_ds, batch_size=tcfg.batch_size, sampler=sampler, shuffle=sampler is None,
                         drop_last=True, num_workers=tcfg.num_workers,

@@ -90,9 +90,7 @@ class DiffusionTrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
-    lr_warmup: int = 100
-    lr_schedule: str = "cosine"  # constant | cosine | linear (diffusers get_scheduler)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_warmup_steps=100))
 
 
 class LatentRows(Dataset):
@@ -226,8 +224,10 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
     acc.print(f"UNet preset {cfg.model.preset}: {count_parameters(unet) / 1e6:.2f}M parameters, label embedder "
               f"{count_parameters(embedder) / 1e3:.1f}k; {len(rows)} training latents {cache.latent_shape}")
     noise_scheduler = make_noise_scheduler(cfg.diffusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup * acc.num_processes,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                  weight_decay=cfg.train.weight_decay)
+    lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer,
+                                 num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
                                  num_training_steps=cfg.train.max_steps * acc.num_processes)
     ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3) \
         if cfg.train.ema_decay > 0 else None

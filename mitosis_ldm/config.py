@@ -83,6 +83,15 @@ def _build(cls, data: dict, prefix: str, source: str):
     return _merge(cls(), data, prefix, source)
 
 
+# Keys that were renamed so that one concept has one name in every stage (STYLE.md 10): old dotted key -> new.
+RENAMED = {
+    "schedule": "train.lr_schedule, train.lr_warmup_steps and train.adam_betas",
+    "lr_warmup": "train.lr_warmup_steps",
+    "lr_schedule": "train.lr_schedule",
+    "ensemble.warmup_steps": "train.lr_warmup_steps",
+}
+
+
 def _merge(instance, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<root>'}' must be a mapping")
@@ -91,6 +100,8 @@ def _merge(instance, data: dict, prefix: str, source: str):
     changes = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and dotted in RENAMED:
+            raise ConfigError(f"{source}: key '{dotted}' was renamed: use {RENAMED[dotted]}")
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")

@@ -51,6 +51,9 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "cosine"   # constant | cosine | linear | ... (diffusers.optimization.get_scheduler names)
+    lr_warmup_steps: int = 50
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from conftest import REPO, accelerate_cmd, run_module
 
 TINY = ["--set", "train.batch_size=8", "--set", "data.crop=16", "--set", "train.log_every=1",
-        "--set", "data.scale_patches=16", "--set", "data.eval_limit=8", "--set", "schedule.warmup_steps=2"]
+        "--set", "data.scale_patches=16", "--set", "data.eval_limit=8", "--set", "train.lr_warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from classifier.model import ClassifierEnsemble
 
 TINY = ["--set", "model.name=resnet10t", "--set", "model.model_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
         "--set", "model.input_size=32", "--set", "model.upsample=1", "--set", "train.batch_size=16",
-        "--set", "ensemble.warmup_steps=5", "--set", "train.log_every=5"]
+        "--set", "train.lr_warmup_steps=5", "--set", "train.log_every=5"]
 
 
 def tiny_args(dataset, out, steps=30, members=2, every=10, *extra):

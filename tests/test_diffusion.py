@@ -61,7 +61,7 @@ def tiny_train_args(out: Path, cache: Path, steps: int = 4, extra: tuple = ()) -
     return ["--set", f"out={out}", "--set", f"data.cache={cache}", "--set", f"train.max_steps={steps}",
             "--set", "train.batch_size=8", "--set", "train.checkpoint_every=2", "--set", "preview.every=2",
             "--set", "preview.seeds=[0]", "--set", "preview.conditions=3", "--set", "sample.steps=3",
-            "--set", "model.preset=tiny", "--set", "lr_warmup=1", *extra]
+            "--set", "model.preset=tiny", "--set", "train.lr_warmup_steps=1", *extra]
 
 
 @pytest.fixture(scope="module")
