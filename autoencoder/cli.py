@@ -19,13 +19,12 @@ import argparse
 import csv
 import io
 import re
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact, load_part
+from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact, load_part, strict_loader
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.images import contact_sheet, save_png
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_json, write_json
@@ -42,7 +41,7 @@ def load_autoencoder(path, flag: str = "--model", tile: int = 256):
     from diffusers import AutoencoderKL
 
     folder = expect_artifact(path, AUTOENCODER, flag)
-    vae = load_part(folder, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True))
+    vae = load_part(folder, "the autoencoder", strict_loader(AutoencoderKL))
     vae.eval().requires_grad_(False)
     if tile % DOWNSAMPLE:
         raise UserError(f"--tile: must be divisible by {DOWNSAMPLE}, got {tile}")

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact, load_part
+from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact, load_part, strict_loader
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.hashing import hash_folder
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json
@@ -50,7 +49,7 @@ def load_vae(vae_dir, flag: str = "--vae"):
     from diffusers import AutoencoderKL
 
     path = expect_artifact(vae_dir, AUTOENCODER, flag)
-    vae = load_part(path, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True))
+    vae = load_part(path, "the autoencoder", strict_loader(AutoencoderKL))
     return path, vae.eval()
 
 

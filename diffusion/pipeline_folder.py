@@ -9,23 +9,21 @@ fields of the wrong type all become `PART: cannot be loaded (...)`), and
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
-from mitosis_ldm.artifacts import load_part
+from mitosis_ldm.artifacts import load_part, strict_loader
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import read_json
 
 from .model import LabelEmbedder
 
-SAFE = {"use_safetensors": True}  # never fall back to pickled .bin weights
 PARTS = {  # part folder -> (file that must be there, loader)
-    "vae": ("config.json", partial(AutoencoderKL.from_pretrained, **SAFE)),
-    "unet": ("config.json", partial(UNet2DModel.from_pretrained, **SAFE)),
-    "label_embedder": ("config.json", partial(LabelEmbedder.from_pretrained, **SAFE)),
-    "scheduler": ("scheduler_config.json", DDPMScheduler.from_pretrained),
+    "vae": ("config.json", strict_loader(AutoencoderKL)),
+    "unet": ("config.json", strict_loader(UNet2DModel)),
+    "label_embedder": ("config.json", strict_loader(LabelEmbedder)),
+    "scheduler": ("scheduler_config.json", lambda folder: DDPMScheduler.from_pretrained(folder, local_files_only=True)),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

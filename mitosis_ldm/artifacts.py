@@ -133,6 +133,24 @@ def load_part(folder, what: str, load):
         raise UserError(f"{folder}: {what} cannot be loaded ({type(err).__name__}: {reason})") from None
 
 
+def strict_loader(model_class):
+    """`model_class.from_pretrained` (a diffusers ModelMixin) that refuses what diffusers only warns about.
+
+    diffusers initialises weights missing from the safetensors file at random (a flipped byte in a tensor name
+    does that) and skips unexpected ones with a warning; for a shared model folder both are damage. It also
+    falls back to pickled `.bin` weights when the safetensors file is absent; we never unpickle.
+    """
+    def load(folder):
+        model, info = model_class.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
+                                                  local_files_only=True)  # a folder, never the hub
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            if info.get(key):
+                raise UserError(f"{folder}: weights do not match config.json ({key.replace('_', ' ')}: "
+                                f"{[k if isinstance(k, str) else k[0] for k in list(info[key])[:2]]})")
+        return model
+    return load
+
+
 # -- transitions -----------------------------------------------------------
 
 @dataclass

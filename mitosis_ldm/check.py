@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import integrity
 from .artifacts import (AUTOENCODER, CLASSIFIER, LATENTS, PATCHES, PIPELINE, TRANSITIONS, artifact_kind,
-                        load_part, read_transitions)
+                        load_part, read_transitions, strict_loader)
 from .errors import EXIT_USER_ERROR, UserError, user_errors
 
 POSTERIOR, STUDY = "posterior", "study"
@@ -79,7 +78,7 @@ def _autoencoder(folder: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    vae = load_part(folder, "the autoencoder", partial(AutoencoderKL.from_pretrained, use_safetensors=True)).eval()
+    vae = load_part(folder, "the autoencoder", strict_loader(AutoencoderKL)).eval()
     size = int(vae.config.sample_size)
     with torch.no_grad():
         out = vae(torch.zeros(1, 3, size, size)).sample
