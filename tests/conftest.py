@@ -32,3 +32,19 @@ def sample_slide() -> Path:
     if not SAMPLE_SLIDE.exists():
         pytest.skip(f"{SAMPLE_SLIDE} missing: run `make setup`")
     return SAMPLE_SLIDE
+
+
+# Hypothesis profiles for the fuzz tests (tests/test_fuzz.py): "ci" (default) is derandomised with each test's
+# small fixed budget; `make fuzz` sets MITOSIS_LDM_FUZZ=N for N random cases per target from a fresh seed.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _FUZZ_CASES = int(os.environ.get("MITOSIS_LDM_FUZZ", "0") or 0)
+    _COMMON = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                          HealthCheck.data_too_large])
+    settings.register_profile("ci", derandomize=True, **_COMMON)
+    settings.register_profile("fuzz", derandomize=False, max_examples=max(_FUZZ_CASES, 1), **_COMMON)
+    settings.load_profile("fuzz" if _FUZZ_CASES else "ci")
+except ImportError:  # hypothesis is in the `test` extra
+    pass

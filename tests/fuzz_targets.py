@@ -1,0 +1,418 @@
+"""Fuzz targets: one valid input per reader and folder loader, random mutations of it, and the outcome.
+
+Each target builds a tiny valid input, mutates a copy with a `random.Random`
+(hypothesis draws it in tests/test_fuzz.py; bench/fuzz_outcomes.py seeds it)
+and runs the real entry point on it. `run_case` classifies what happened:
+
+- accepted: the command finished;
+- clean: exit 2 with exactly one `error:` line and no traceback;
+- traceback: anything else (another exception, another exit code);
+- leftover: the case's output exists after a failure, or a hidden temporary
+  (`.NAME.tmp-*`, `.NAME.partial`, `.NAME.old-*`) is left anywhere.
+
+Only APIs that predate the hardening are used, so the same harness measures
+the code before and after it (`PYTHONPATH=/tmp/before`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+import shutil
+import sqlite3
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+from PIL import Image
+
+import tiny_artifacts
+
+WILD = [None, True, False, 0, -1, 1, 2, 7, 10 ** 12, -3.5, 0.5, 1e308, math.nan, math.inf, "", "x", "1", "-5",
+        "nan", "1;1", "ok.png", [], [1, 2], {}, {"a": 1}]
+
+
+def wild(rng: random.Random):
+    return rng.choice(WILD)
+
+
+def wild_text(rng: random.Random) -> str:
+    value = wild(rng)
+    return value if isinstance(value, str) else json.dumps(value) if rng.random() < 0.3 else str(value)
+
+
+# -- mutations ------------------------------------------------------------------------------------------
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def mutate_tree(obj, rng: random.Random, extra_key: bool = True):
+    """Replace, delete or add one value somewhere in a JSON/YAML tree (a copy)."""
+    obj = json.loads(json.dumps(obj, allow_nan=True))
+    path = rng.choice(list(_paths(obj)))
+    if not path:
+        return wild(rng)
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    op = rng.random()
+    if op < 0.65:
+        parent[path[-1]] = wild(rng)
+    elif op < 0.85 or not extra_key:
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[f"unknown_{rng.randrange(9)}"] = wild(rng)
+    else:
+        parent.append(wild(rng))
+    return obj
+
+
+def mutate_bytes(path: Path, rng: random.Random) -> None:
+    data = bytearray(path.read_bytes())
+    op = rng.random()
+    if op < 0.4 or not data:
+        data = data[: rng.randrange(len(data) + 1)]  # truncate
+    elif op < 0.8:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)  # flip bits
+    else:
+        data[rng.randrange(len(data)):rng.randrange(len(data))] = rng.choice([b"\xff\xfe", b"\x00", b"{", b",,\n"])
+    path.write_bytes(bytes(data))
+
+
+def mutate_json_file(path: Path, rng: random.Random) -> None:
+    if rng.random() < 0.2:
+        return mutate_bytes(path, rng)
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):  # already damaged by an earlier mutation
+        return mutate_bytes(path, rng)
+    for _ in range(rng.randint(1, 3)):
+        data = mutate_tree(data, rng)
+    path.write_text(json.dumps(data, allow_nan=True))
+
+
+def mutate_csv(path: Path, rng: random.Random) -> None:
+    if rng.random() < 0.15:
+        return mutate_bytes(path, rng)
+    try:
+        rows = [line.split(",") for line in path.read_text().splitlines()] or [[""]]
+    except UnicodeDecodeError:
+        return mutate_bytes(path, rng)
+    for _ in range(rng.randint(1, 3)):
+        r = rng.randrange(len(rows))
+        op = rng.random()
+        if op < 0.7 and rows[r]:
+            rows[r][rng.randrange(len(rows[r]))] = wild_text(rng).replace("\n", " ")
+        elif op < 0.8 and rows[r]:
+            del rows[r][rng.randrange(len(rows[r]))]
+        elif op < 0.9:
+            rows.insert(r, list(rows[r]))
+        elif len(rows) > 1:
+            del rows[r]
+    path.write_text("\n".join(",".join(map(str, row)) for row in rows) + "\n")
+
+
+def mutate_sqlite(path: Path, rng: random.Random) -> None:
+    if rng.random() < 0.1:
+        return mutate_bytes(path, rng)
+    con = sqlite3.connect(path)
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    for _ in range(rng.randint(1, 3)):
+        table = rng.choice(tables)
+        columns = [r[1] for r in con.execute(f"PRAGMA table_info('{table}')")]
+        uids = [r[0] for r in con.execute(f"SELECT rowid FROM '{table}'")]
+        op = rng.random()
+        if op < 0.75 and uids:
+            value = rng.choice([None, "text", -5, 2.5, 10 ** 9, b"\x00blob", 0, 1, 2, 3, 7, 99])
+            with contextlib.suppress(sqlite3.IntegrityError):  # an INTEGER PRIMARY KEY takes integers only
+                con.execute(f"UPDATE '{table}' SET '{rng.choice(columns)}' = ? WHERE rowid = ?",
+                            (value, rng.choice(uids)))
+        elif op < 0.9 and uids:
+            con.execute(f"DELETE FROM '{table}' WHERE rowid = ?", (rng.choice(uids),))
+        elif op < 0.95:
+            with contextlib.suppress(sqlite3.IntegrityError):
+                con.execute(f"INSERT INTO '{table}' DEFAULT VALUES")
+        else:
+            con.execute(f"DROP TABLE '{table}'")
+            tables.remove(table)
+            if not tables:
+                break
+    con.commit()
+    con.close()
+
+
+def mutate_folder(folder: Path, rng: random.Random) -> None:
+    """Damage an artifact folder: half the time without its integrity record, to reach the parsers."""
+    record = folder / "integrity.json"
+    if record.exists() and rng.random() < 0.5:
+        record.unlink()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for _ in range(rng.randint(1, 2)):
+        target = rng.choice(files)
+        if not target.exists():
+            continue
+        op = rng.random()
+        if op < 0.15:
+            target.unlink()
+        elif target.suffix == ".json" and op < 0.7:
+            mutate_json_file(target, rng)
+        elif target.suffix == ".csv" and op < 0.7:
+            mutate_csv(target, rng)
+        else:
+            mutate_bytes(target, rng)
+
+
+# -- valid inputs -----------------------------------------------------------------------------------------
+
+def _image(path: Path, h: int = 100, w: int = 120) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def sliderunner_db(path: Path) -> None:
+    """The CCMCT SlideRunner schema (all columns of the real tables), three spot annotations."""
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE Slides (uid INTEGER PRIMARY KEY, filename TEXT, width INTEGER, height INTEGER, directory TEXT);
+        CREATE TABLE Annotations (uid INTEGER PRIMARY KEY, guid TEXT, deleted INTEGER DEFAULT 0, slide INTEGER,
+                                  type INTEGER, agreedClass INTEGER);
+        CREATE TABLE Annotations_coordinates (uid INTEGER PRIMARY KEY, coordinateX INTEGER, coordinateY INTEGER,
+                                              coordinateZ INTEGER DEFAULT 0, slide INTEGER, annoId INTEGER,
+                                              orderIdx INTEGER);
+        CREATE TABLE Annotations_label (uid INTEGER PRIMARY KEY, person INTEGER, class INTEGER, annoId INTEGER);
+        CREATE TABLE Classes (uid INTEGER PRIMARY KEY, name TEXT);
+        CREATE TABLE Persons (uid INTEGER PRIMARY KEY, name TEXT);
+        INSERT INTO Classes VALUES (1, 'Granulocyte'), (2, 'Mitotic figure'), (3, 'Tumor cell'),
+                                   (7, 'Mitotic figure lookalike');
+        INSERT INTO Persons VALUES (1, 'A'), (2, 'B');
+        INSERT INTO Slides VALUES (1, 'ok.png', 120, 100, '');
+        INSERT INTO Annotations (uid, slide, type, agreedClass) VALUES (1, 1, 1, 2), (2, 1, 1, 7), (3, 1, 1, 3);
+        INSERT INTO Annotations_coordinates (coordinateX, coordinateY, slide, annoId, orderIdx)
+            VALUES (30, 30, 1, 1, 1), (60, 50, 1, 2, 1), (90, 70, 1, 3, 1);
+        INSERT INTO Annotations_label (person, class, annoId) VALUES (1, 2, 1), (2, 7, 1), (1, 7, 2), (2, 7, 2),
+                                                                    (1, 3, 3);
+    """)
+    con.commit()
+    con.close()
+
+
+DATA_FLAGS = ["--size", "16", "--margin", "0", "--workers", "1"]
+
+
+@dataclass
+class Target:
+    name: str
+    build: Callable[[Path], Path]          # write the valid input under a folder, return what is mutated
+    mutate: Callable[[Path, random.Random], None]
+    run: Callable[[Path, Path, Path], None]  # (mutated input, shared valid artifacts, output path)
+
+
+def _data_main(*argv):
+    from patches.cli import main
+
+    main([str(a) for a in argv])
+
+
+def _build_midog(root: Path) -> Path:
+    _image(root / "ok.png")
+    annotations = [{"id": i, "image_id": 1, "bbox": [10 + 20 * i, 10, 60 + 20 * i, 60], "category_id": 1 + i % 2,
+                    "labels": [1, 1 + i % 2, 1]} for i in range(3)]
+    images = [{"id": 1, "file_name": "ok.png", "width": 120, "height": 100, "tumor_type": "t"}]
+    (root / "midog.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": []}))
+    return root / "midog.json"
+
+
+def _build_sliderunner(root: Path) -> Path:
+    _image(root / "ok.png")
+    sliderunner_db(root / "ccmct.sqlite")
+    return root / "ccmct.sqlite"
+
+
+def _build_points(root: Path) -> Path:
+    _image(root / "ok.png")
+    (root / "cells.csv").write_text("slide,x,y,votes\nok.png,20,20,1;1;0\nok.png,60,50,0;0\nok.png,90,70,1\n")
+    return root / "cells.csv"
+
+
+def _build_folder(root: Path) -> Path:
+    (root / "images").mkdir()
+    for i in range(4):
+        _image(root / "images" / f"p{i}.png", 16, 16)
+    (root / "labels.csv").write_text("file,label\np0.png,0\np1.png,0.5\np2.png,1\np3.png,0.25\n")
+    return root
+
+
+def _mutate_folder_source(root: Path, rng: random.Random) -> None:
+    if rng.random() < 0.7:
+        mutate_csv(root / "labels.csv", rng)
+    else:
+        mutate_bytes(root / "images" / f"p{rng.randrange(4)}.png", rng)
+
+
+CONFIGS = {"data": ("patches.extract", "ExtractConfig"), "autoencoder": ("autoencoder.train", "AutoencoderConfig"),
+           "classifier": ("classifier.train", "ClassifierConfig"),
+           "diffusion": ("diffusion.train", "DiffusionTrainConfig"), "report": ("report.build", "ReportConfig")}
+
+
+def _build_configs(root: Path) -> Path:
+    import patches
+
+    demo = Path(patches.__file__).resolve().parents[1] / "configs" / "demo"
+    for name in CONFIGS:
+        shutil.copy(demo / f"{name}.yaml", root / f"{name}.yaml")
+    return root
+
+
+def _mutate_config(root: Path, rng: random.Random) -> None:
+    path = root / f"{rng.choice(sorted(CONFIGS))}.yaml"
+    (root / "which").write_text(path.stem)
+    if rng.random() < 0.15:
+        return mutate_bytes(path, rng)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return mutate_bytes(path, rng)
+    for _ in range(rng.randint(1, 2)):
+        data = mutate_tree(data, rng)
+    path.write_text(yaml.safe_dump(data))
+
+
+def _run_config(root: Path, shared: Path, out: Path) -> None:
+    import importlib
+
+    from mitosis_ldm.config import load_config
+    from mitosis_ldm.errors import user_errors
+
+    which = (root / "which").read_text()
+    module, cls = CONFIGS[which]
+    user_errors(load_config)(getattr(importlib.import_module(module), cls), root / f"{which}.yaml")
+
+
+def _score(classifier: Path, inputs: Path, out: Path) -> None:
+    from classifier.score import main
+
+    main(["--classifier", str(classifier), str(inputs), "--out", str(out), "--quiet"])
+
+
+TARGETS = {
+    "midog": Target("midog", _build_midog, mutate_json_file,
+                    lambda p, s, out: _data_main("midog", "--json", p, "--images", p.parent, "--out", out, *DATA_FLAGS)),
+    "sliderunner": Target("sliderunner", _build_sliderunner, mutate_sqlite,
+                          lambda p, s, out: _data_main("sliderunner", "--db", p, "--slides", p.parent, "--out", out,
+                                                       "--include-class", "3", *DATA_FLAGS)),
+    "points": Target("points", _build_points, mutate_csv,
+                     lambda p, s, out: _data_main("points", "--csv", p, "--slides", p.parent, "--out", out,
+                                                  *DATA_FLAGS)),
+    "folder": Target("folder", _build_folder, _mutate_folder_source,
+                     lambda p, s, out: _data_main("folder", "--images", p / "images", "--labels", p / "labels.csv",
+                                                  "--out", out)),
+    "configs": Target("configs", _build_configs, _mutate_config, _run_config),
+    "vae": Target("vae", None, mutate_folder,
+                  lambda p, s, out: _vae_encode(p, s / "dataset", out)),
+    "classifier": Target("classifier", None, mutate_folder, lambda p, s, out: _score(p, s / "dataset", out)),
+    "pipeline": Target("pipeline", None, mutate_folder,
+                       lambda p, s, out: _transitions(p, out)),
+    "transitions": Target("transitions", None, mutate_folder, lambda p, s, out: _score(s / "classifier", p, out)),
+    "dataset": Target("dataset", None, mutate_folder, lambda p, s, out: _score(s / "classifier", p, out)),
+}
+SHARED = {"vae": "autoencoder", "classifier": "classifier", "pipeline": "pipeline", "transitions": "transitions",
+          "dataset": "dataset"}
+
+
+def _vae_encode(model: Path, dataset: Path, out: Path) -> None:
+    from autoencoder.cli import main
+
+    main(["encode", str(dataset), "--model", str(model), "--out", str(out), "--limit", "2"])
+
+
+def _transitions(pipeline: Path, out: Path) -> None:
+    from diffusion.sample import main
+
+    main(["--pipeline", str(pipeline), "--seeds", "0", "--conditions", "0,1", "--steps", "1", "--out", str(out)])
+
+
+def build_shared(root: Path) -> Path:
+    """The valid artifacts the folder targets mutate copies of (and use unmutated)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
+        if not (root / kind).exists():
+            getattr(tiny_artifacts, kind)(root / kind)
+    return root
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob(".*")
+            if any(tag in p.name for tag in (".tmp-", ".partial", ".old-"))]
+
+
+def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tuple[str, bool, str]:
+    """(outcome, leftover, detail) of one mutated case; `scratch` is an empty folder for this case."""
+    target = TARGETS[name]
+    if name in SHARED:
+        subject = scratch / "input"
+        shutil.copytree(shared / SHARED[name], subject)
+    else:
+        (scratch / "input").mkdir()
+        subject = target.build(scratch / "input")
+    target.mutate(subject, rng)
+    out = scratch / {"classifier": "out.csv", "transitions": "out.csv", "dataset": "out.csv",
+                     "vae": "out.safetensors"}.get(name, "out")
+    err = io.StringIO()
+    outcome, detail = "accepted", ""
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            target.run(subject, shared, out)
+    except SystemExit as exc:
+        text = err.getvalue()
+        lines = [line for line in text.splitlines() if line.startswith("error:")]
+        if exc.code in (0, None):
+            outcome = "accepted"
+        elif exc.code == 2 and len(lines) == 1 and "Traceback" not in text:
+            outcome, detail = "clean", lines[0]
+        else:
+            outcome, detail = "traceback", f"exit {exc.code}: {text[-300:]}"
+    except Exception as exc:  # noqa: BLE001 - what the fuzzing counts
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename] \
+            or traceback.extract_tb(exc.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        outcome, detail = "traceback", f"{type(exc).__name__} at {where}: {' '.join(str(exc).split())[:160]}"
+    left = leftovers(scratch) + leftovers(shared)
+    if outcome != "accepted" and out.exists():
+        left.append(str(out.relative_to(scratch)))
+    if outcome != "accepted" and name == "transitions" and (subject / "scores.csv").exists() \
+            and not (shared / "transitions" / "scores.csv").exists():
+        left.append("input/scores.csv")
+    return outcome, bool(left), detail + (f" leftovers: {left}" if left else "")
+
+
+def count(name: str, cases: int, seed: int, shared: Path, scratch_root: Path) -> dict:
+    """Counts per outcome over `cases` seeded cases (the before/after table's row)."""
+    counts = {"cases": cases, "accepted": 0, "clean": 0, "traceback": 0, "leftover": 0, "examples": []}
+    for i in range(cases):
+        scratch = scratch_root / f"{name}-{i}"
+        scratch.mkdir(parents=True)
+        outcome, left, detail = run_case(name, random.Random(seed * 100003 + i), shared, scratch)
+        counts[outcome] += 1
+        counts["leftover"] += left
+        if (outcome == "traceback" or left) and len(counts["examples"]) < 3:
+            counts["examples"].append(detail[:300])
+        shutil.rmtree(scratch, ignore_errors=True)
+    return counts
+
+
+if __name__ == "__main__":  # pragma: no cover - use bench/fuzz_outcomes.py
+    sys.exit("run bench/fuzz_outcomes.py")

@@ -1,0 +1,58 @@
+"""Property-based fuzzing of every reader and folder loader: mutated valid inputs are accepted or give one clean
+`error:` line (exit 2), never a traceback, never leftover output.
+
+Readers: MIDOG JSON, SlideRunner SQLite, points CSV, folder labels + images, the stage configs.
+Folder loaders: VAE (`vae encode`), classifier and patch dataset and transitions (`score`), pipeline
+(`transitions`). The targets and mutations live in tests/fuzz_targets.py; bench/fuzz_outcomes.py counts the
+same cases without hypothesis. CI: derandomised, fixed budgets below; `make fuzz`: >= 500 random cases each.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fuzz_targets
+
+CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "folder": 30, "configs": 30,
+             "vae": 12, "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
+
+
+def budget(name: str) -> int:
+    return CI_BUDGET[name] if settings.get_current_profile_name() == "ci" else settings.default.max_examples
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    return fuzz_targets.build_shared(tmp_path_factory.mktemp("fuzz-shared"))
+
+
+def fuzz(name: str):
+    @settings(max_examples=budget(name))
+    @given(rng=st.randoms(use_true_random=False))
+    def test(shared, rng):
+        scratch = Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
+        try:
+            outcome, leftover, detail = fuzz_targets.run_case(name, rng, shared, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        assert outcome in ("accepted", "clean"), detail
+        assert not leftover, detail
+    return test
+
+
+test_fuzz_midog_json = fuzz("midog")
+test_fuzz_sliderunner_sqlite = fuzz("sliderunner")
+test_fuzz_points_csv = fuzz("points")
+test_fuzz_folder_labels_and_images = fuzz("folder")
+test_fuzz_stage_configs = fuzz("configs")
+test_fuzz_vae_folder = fuzz("vae")
+test_fuzz_classifier_folder = fuzz("classifier")
+test_fuzz_pipeline_folder = fuzz("pipeline")
+test_fuzz_transitions_folder = fuzz("transitions")
+test_fuzz_patch_dataset_folder = fuzz("dataset")
