@@ -61,6 +61,33 @@ def strategy(item: str, entry: dict) -> tuple[str, int, int]:
     return called, (4 - rating) if number % 4 == 0 else rating, 1 + number % 3
 
 
+def _imul(a: int, b: int) -> int:
+    return (a * b) & 0xFFFFFFFF
+
+
+def page_order(items: list[str], reader: str, seed: int) -> list[str]:
+    """The page's order, ported from its JS (string hash + mulberry32 + Fisher-Yates) to check it independently."""
+    h = 0x811C9DC5
+    for ch in f"{reader}|{seed}":
+        h = _imul(h ^ ord(ch), 0x01000193)
+    h = _imul(h ^ (h >> 16), 0x85EBCA6B)
+    h = _imul(h ^ (h >> 13), 0xC2B2AE35)
+    state = (h ^ (h >> 16)) & 0xFFFFFFFF
+
+    def rand() -> float:
+        nonlocal state
+        state = (state + 0x6D2B79F5) & 0xFFFFFFFF
+        t = _imul(state ^ (state >> 15), 1 | state)
+        t = ((t + _imul(t ^ (t >> 7), 61 | t)) & 0xFFFFFFFF) ^ t
+        return ((t ^ (t >> 14)) & 0xFFFFFFFF) / 4294967296
+
+    order = list(items)
+    for i in range(len(order) - 1, 0, -1):
+        j = int(rand() * (i + 1))
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def keys(driver, text: str) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
@@ -100,6 +127,7 @@ def answer(driver, key: dict, seen: list[str], markups: set) -> None:
     keys(driver, ("r" if called == "real" else "g") + str(rating) + str(confidence) + Keys.ENTER)
 
 
+@pytest.mark.slow
 def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -139,6 +167,7 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
         answer(browser, key, seen, markups)
     assert browser.find_element(By.ID, "done").is_displayed()
     assert len(set(seen)) == n and set(seen) == set(key)
+    assert seen == page_order(sorted(key), "alice", 3)  # the documented order, computed outside the browser
     assert len(markups) == 1  # the trial markup is the same for every item: nothing in it tells real from generated
 
     keys(browser, "e")
@@ -185,6 +214,6 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     bob = []
     for _ in range(4):
         answer(browser, key, bob, markups)
-    assert bob != seen[:4]
+    assert bob != seen[:4] and bob == page_order(sorted(key), "bob", 3)[:4]
     print(f"alice's first items {seen[:4]} (again after clearing storage: {alice_again}); bob's {bob}")
     assert np.isfinite([float(r["seconds"]) for r in rows]).all()
