@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 
 def request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            timeout: float = 120.0) -> tuple[int, bytes]:
+            timeout: float = 300.0) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; (status, body). A connection error is status 0."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
