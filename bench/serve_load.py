@@ -4,9 +4,9 @@
         [--seconds 60] [--malformed 200] [--threads 2] [--out runs/serve/load.json]
 
 Starts `mitosis-ldm serve` on 127.0.0.1 with the demo models (a child process, so its resident memory is
-the server's alone), warms it (one transition, the tiles once), then:
+the server's alone), warms it (six nuclei rendered at the default guidance, the tiles once), then:
 - `--clients` threads for `--seconds`, each looping Deep Zoom tile GETs (70%) and /transition POSTs (30%)
-  on demo nuclei at three guidance values (new renders early, cache hits later): any non-200 answer
+  on those nuclei at the default guidance (cache hits) or guidance 3 (new renders): any non-200 answer
   counts as an error; the server's RSS is sampled every 0.5 s and its growth over the post-warm-up
   value reported (target: within 10%);
 - `--malformed` bad requests (bad JSON, NaN/Infinity, huge bodies, ../ traversal, coordinates outside the
