@@ -27,6 +27,12 @@ def _number(value, where: str, field: str) -> float:
     return float(value)
 
 
+def _identifier(value, json_path, field: str) -> None:
+    """COCO ids are integers (some exports use strings); anything else is not an id."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UserError(f"{json_path}: field '{field}' is {value!r}, expected an integer id")
+
+
 def read_midog(json_path, images_dir, tumor_type: str | None = None, skip_missing: bool = False):
     """Parse and check the annotations. Returns ({slide key: (path, rows)}, {slide key: [w, h]}).
 
@@ -48,6 +54,7 @@ def read_midog(json_path, images_dir, tumor_type: str | None = None, skip_missin
         for key in ("id", "file_name", "width", "height"):
             if key not in image:
                 raise UserError(f"{json_path}: field 'images[{i}].{key}' is missing")
+        _identifier(image["id"], json_path, f"images[{i}].id")
         if image["id"] in images:
             raise UserError(f"{json_path}: field 'images[{i}].id' has duplicate value {image['id']!r}")
         for key in ("width", "height"):
@@ -68,6 +75,8 @@ def read_midog(json_path, images_dir, tumor_type: str | None = None, skip_missin
         for key in ("id", "image_id", "bbox", "category_id", "labels"):
             if key not in ann:
                 raise UserError(f"{json_path}: field '{field}.{key}' is missing")
+        _identifier(ann["id"], json_path, f"{field}.id")
+        _identifier(ann["image_id"], json_path, f"{field}.image_id")
         if ann["id"] in seen:
             raise UserError(f"{json_path}: field '{field}.id' has duplicate value {ann['id']!r}")
         seen.add(ann["id"])
