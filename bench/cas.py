@@ -194,15 +194,15 @@ def main(argv=None):
         runs.setdefault(name, []).append(train_and_test(name, seed, sets, args, test))
         write_result(args.out / "cas.json", result, runs, fractions)  # after every training: a killed bench keeps it
 
-    for seed in seeds:
+    for seed in seeds:  # the CAS pair first, then the few-label pairs: a stopped bench still has whole comparisons
+        setting("real", real_sets, seed)
+        setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
         for f in fractions:
             k = 4 * counts[(f, seed)]  # 4x as many generated training patches as real labels
             gen_f = generated_subset(pool, k, args.out / f"{pool.name}-train{k}")
             setting(f"real@{f:g}", [f"data.dataset={args.real}", f"data.fraction={f}"], seed)
             setting(f"real+generated@{f:g}", [f"data.datasets=[{args.real},{gen_f}]", "data.weights=[1,1]",
                                               f"data.fraction={f}", "data.allow_generated=true"], seed)
-        setting("real", real_sets, seed)
-        setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
         setting("real+generated", [f"data.datasets=[{args.real},{gen_full}]", "data.weights=[1,1]",
                                    "data.allow_generated=true", *real_sets[1:]], seed)
     result["complete"] = True
