@@ -72,7 +72,7 @@ def _read_marker(path: Path) -> dict | None:
     try:
         with open(path) as handle:
             data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -176,8 +176,11 @@ class Transitions:
         path = self.path / "scores.csv"
         if not path.exists():
             return None
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        try:
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise UserError(f"{path}: malformed CSV ({type(err).__name__}); score the transitions again") from None
         if len(rows) != self.frames.shape[0] * self.frames.shape[1]:
             raise UserError(f"{path}: has {len(rows)} score rows but the folder holds "
                             f"{self.frames.shape[0] * self.frames.shape[1]} frames "

@@ -39,6 +39,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML: {' '.join(str(err).split())}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: malformed YAML: not UTF-8 text (byte {err.start})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, expected a YAML file") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
