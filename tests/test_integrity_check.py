@@ -1,0 +1,134 @@
+"""Recorded hashes, `mitosis-ldm check`, the damaged model folders of issue 14, and renamed config keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import tiny_artifacts
+from mitosis_ldm.check import main as check_main
+from mitosis_ldm.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
+        getattr(tiny_artifacts, kind)(root / kind)
+    return root
+
+
+def check(capsys, *args):
+    try:
+        code = check_main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out.strip().splitlines(), out.err
+
+
+def copy(world, tmp_path, kind):
+    return shutil.copytree(world / kind, tmp_path / kind)
+
+
+def test_every_export_is_recorded_and_checks_clean(world, capsys):
+    folders = [world / k for k in ("dataset", "autoencoder", "classifier", "pipeline", "transitions")]
+    for folder in folders:
+        record = json.loads((folder / "integrity.json").read_text())
+        assert record["format"] == "mitosis-ldm/integrity" and record["files"]
+    code, lines, _ = check(capsys, *folders)
+    assert code == 0 and len(lines) == 5 and all(line.endswith(")") and ": clean (" in line for line in lines)
+
+
+def test_flipped_byte_in_safetensors_is_one_line_naming_the_file(world, tmp_path, capsys):
+    folder = copy(world, tmp_path, "pipeline")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) - 100] ^= 0x01  # inside a tensor: safetensors itself cannot notice
+    weights.write_bytes(bytes(data))
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and lines == [f"{weights}: content differs from the sha256 recorded at export (corrupted or "
+                                   f"edited)"]
+
+
+def test_deleted_part_is_one_line_naming_the_part(world, tmp_path, capsys):
+    folder = copy(world, tmp_path, "pipeline")
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and len(lines) == 1 and "scheduler/scheduler_config.json: missing" in lines[0]
+
+
+def test_folder_without_hashes_is_a_finding_until_recorded(world, tmp_path, capsys):
+    folder = copy(world, tmp_path, "classifier")
+    (folder / "integrity.json").unlink()
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and len(lines) == 1 and "no recorded hashes" in lines[0]
+    code, lines, _ = check(capsys, "--record", folder)
+    assert code == 0 and "recorded sha256 of 3 files" in lines[0]
+    code, lines, _ = check(capsys, folder)
+    assert code == 0 and lines == [f"{folder}: clean (classifier)"]
+
+
+def transitions_main(pipeline, out):
+    from diffusion.sample import main
+
+    main(["--pipeline", str(pipeline), "--seeds", "0", "--conditions", "0,1", "--steps", "1", "--out", str(out)])
+
+
+def score_main(classifier, inputs, out):
+    from classifier.score import main
+
+    main(["--classifier", str(classifier), str(inputs), "--out", str(out), "--quiet"])
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def set_field(path, key, value):
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+ISSUE_CASES = {  # issue 14 part 2; each without the integrity record so that the parsers themselves answer
+    "member": ("classifier", lambda f: truncate(f / "member-1.safetensors"), "member-1.safetensors"),
+    "unet": ("pipeline", lambda f: truncate(f / "unet" / "diffusion_pytorch_model.safetensors"), "part 'unet/'"),
+    "vae": ("pipeline", lambda f: truncate(f / "vae" / "diffusion_pytorch_model.safetensors"), "part 'vae/'"),
+    "scheduler": ("pipeline", lambda f: (f / "scheduler" / "scheduler_config.json").write_text("{not json"),
+                  "part 'scheduler/'"),
+    "types": ("classifier", lambda f: set_field(f / "config.json", "upsample", "four"), "field 'upsample'"),
+    "contradiction": ("pipeline", lambda f: set_field(f / "pipeline.json", "latent_shape", [8, 4, 4]),
+                      "field 'latent_shape'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISSUE_CASES))
+def test_damaged_model_folders_are_one_line_for_transitions_and_score(world, tmp_path, capsys, case):
+    kind, damage, needle = ISSUE_CASES[case]
+    folder = copy(world, tmp_path, kind)
+    (folder / "integrity.json").unlink()
+    damage(folder)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        if kind == "pipeline":
+            transitions_main(folder, out)
+        else:
+            score_main(folder, world / "dataset", out)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and needle in err[0] and str(folder) in err[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("override, new", [("schedule.warmup_steps=2", "train.lr_warmup_steps"),
+                                           ("lr_warmup=3", "train.lr_warmup_steps"),
+                                           ("lr_schedule=linear", "train.lr_schedule")])
+def test_old_schedule_keys_name_the_new_key(override, new):
+    from diffusion.train import DiffusionTrainConfig
+
+    with pytest.raises(ConfigError, match=f"was renamed: use .*{new}"):
+        load_config(DiffusionTrainConfig, None, [override])
+    cfg = load_config(DiffusionTrainConfig, None, ["train.lr_warmup_steps=7", "train.lr_schedule=linear"])
+    assert (cfg.train.lr_warmup_steps, cfg.train.lr_schedule) == (7, "linear")
