@@ -123,7 +123,13 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="at most this many patches per patch dataset")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file of the folders read against their records (loads check sizes, configs)")
     args = parser.parse_intermixed_args(argv)  # options may sit between the inputs
+    if args.verify:
+        from mitosis_ldm import integrity
+
+        integrity.verify_fully()
     if args.batch_size < 1:
         raise UserError(f"--batch-size: must be at least 1, got {args.batch_size}")
 

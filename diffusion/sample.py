@@ -76,7 +76,13 @@ def main(argv=None):
     parser.add_argument("--seeds-per-batch", type=int, default=4, help="seeds rendered in one UNet batch")
     parser.add_argument("--out", required=True, help="transitions folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file of the pipeline folder against its record (loads check sizes and configs)")
     args = parser.parse_args(argv)
+    if args.verify:
+        from mitosis_ldm import integrity
+
+        integrity.verify_fully()
     # validate everything before loading or rendering anything
     seeds = parse_seeds(args.seeds)
     conditions = parse_conditions(args.conditions)
