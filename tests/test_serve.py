@@ -86,6 +86,7 @@ def test_click_is_recentred_on_the_nearest_nucleus(client):
     assert not empty["detected"] and empty["centre"] == [300, 400]
 
 
+@pytest.mark.slow
 def test_transition_is_cached_and_export_reproduces_with_real2gen(client, world, tmp_path):
     body = {"slide": SLIDE, "x": 303, "y": 137, "mode": "invert", "strength": 0.5, "guidance": 2.0, **FAST}
     first = client.post("/transition", json=body).json()
