@@ -297,13 +297,24 @@ class PatchDataset(Dataset):
                  label_mode: str = "soft", labelled_only: bool = False):
         self.root = Path(root)
         self.meta = read_meta(self.root)
-        self.images = np.load(self.root / "patches.npy", mmap_mode="r", allow_pickle=False)
+        try:
+            self.images = np.load(self.root / "patches.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:  # truncated file, damaged header
+            raise UserError(f"{self.root / 'patches.npy'}: not a readable .npy array "
+                            f"({' '.join(str(err).split())[:120]})") from None
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise UserError(f"{self.root / 'patches.npy'}: expected uint8 (N, S, S, 3), got "
+                            f"{self.images.dtype} {self.images.shape}")
         self.rows = read_labels(self.root / "labels.csv")
         if len(self.rows) != len(self.images):
             raise UserError(f"{self.root / 'labels.csv'}: has {len(self.rows)} rows but patches.npy holds "
                             f"{len(self.images)} patches")
-        self.patch_size = int(self.meta["patch_size"])
-        self.margin = int(self.meta.get("margin", 0))
+        try:
+            self.patch_size = int(self.meta["patch_size"])
+            self.margin = int(self.meta.get("margin", 0))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{self.root / 'dataset.json'}: field 'patch_size'/'margin' is missing or not an "
+                            f"integer") from None
         self.augment = augment
         if label_mode not in ("soft", "hard", "binned"):
             raise UserError(f"label_mode: must be soft, hard or binned, got '{label_mode}'")
@@ -313,9 +324,13 @@ class PatchDataset(Dataset):
             for name in splits:
                 if name not in SPLITS:
                     raise UserError(f"split: must be one of {', '.join(SPLITS)}, got '{name}'")
-        self.all_soft = np.array([_float_or_nan(r.get("label", "")) for r in self.rows], np.float32)
-        self.all_hard = np.array([_float_or_nan(r.get("hard_label", "")) for r in self.rows], np.float32)
-        self.all_degree = np.array([_float_or_nan(r.get("true_degree", "")) for r in self.rows], np.float32)
+        try:
+            self.all_soft = np.array([_float_or_nan(r.get("label", "")) for r in self.rows], np.float32)
+            self.all_hard = np.array([_float_or_nan(r.get("hard_label", "")) for r in self.rows], np.float32)
+            self.all_degree = np.array([_float_or_nan(r.get("true_degree", "")) for r in self.rows], np.float32)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{self.root / 'labels.csv'}: field 'label'/'hard_label'/'true_degree' holds a value "
+                            f"that is not a number ({err})") from None
         keep = np.ones(len(self.rows), bool)
         if splits is not None:
             keep &= np.array([r.get("split") in splits for r in self.rows])
@@ -390,6 +405,10 @@ def read_meta(root) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{meta_path}: malformed JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{meta_path}: malformed JSON (not UTF-8 text)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: top level must be a JSON object")
     if meta.get("format") != FORMAT[PATCHES]:
         raise UserError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected '{FORMAT[PATCHES]}'")
     for name in ("patches.npy", "labels.csv"):
@@ -399,8 +418,11 @@ def read_meta(root) -> dict:
 
 
 def read_labels(path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: malformed CSV ({type(err).__name__})") from None
 
 
 def augment_patch(patch: np.ndarray, size: int, margin: int, cfg: AugmentConfig) -> np.ndarray:
