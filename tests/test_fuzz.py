@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 import fuzz_targets
 
+pytestmark = pytest.mark.slow  # about 2 minutes for the whole module on 2 busy cores; still in `make test`
+
 CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "folder": 30, "configs": 30,
              "vae": 12, "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
 

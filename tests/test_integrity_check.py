@@ -33,6 +33,7 @@ def copy(world, tmp_path, kind):
     return shutil.copytree(world / kind, tmp_path / kind)
 
 
+@pytest.mark.slow  # loads and runs every tiny model once
 def test_every_export_is_recorded_and_checks_clean(world, capsys):
     folders = [world / k for k in ("dataset", "autoencoder", "classifier", "pipeline", "transitions")]
     for folder in folders:
