@@ -37,7 +37,22 @@ def load_parts(path: Path):
     info = read_json(path / "pipeline.json", "pipeline.json")
     loaded = {part: load_part(path / part, f"pipeline part '{part}/'", loader) for part, (_, loader) in PARTS.items()}
     check_info(info, loaded["unet"], loaded["scheduler"], path / "pipeline.json")
+    computes(path, loaded["unet"], loaded["label_embedder"])
     return loaded["vae"], loaded["unet"], loaded["label_embedder"], loaded["scheduler"], info
+
+
+def computes(path: Path, unet, embedder) -> None:
+    """One UNet call on one latent: config fields that construct but cannot compute (a float kernel size, ...)."""
+    import torch
+
+    c = unet.config
+    try:
+        with torch.no_grad():
+            emb = embedder(torch.tensor([0.5, float("nan")]))
+            unet(torch.zeros(2, c.in_channels, c.sample_size, c.sample_size), torch.tensor([0, 0]), class_labels=emb)
+    except Exception as err:  # noqa: BLE001 - any failure here is a damaged config
+        raise UserError(f"{path / 'unet'}: pipeline part 'unet/' cannot compute with its config.json "
+                        f"({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
 
 
 def check_info(info, unet, scheduler, where: Path) -> None:
