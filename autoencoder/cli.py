@@ -201,7 +201,9 @@ def run_encode(vae, images: list[np.ndarray], batch: int) -> list[torch.Tensor]:
     for idx in batches([im.shape for im in images], batch):
         z = encode(vae, np.stack([images[i] for i in idx]))
         for i, zi in zip(idx, z.split(1)):
-            out[i] = zi
+            # the encoder hands back channels-last memory; decoding that takes another kernel path than the
+            # standard layout a saved latent file loads as, so encode->decode would differ from reconstruct
+            out[i] = zi.contiguous()
     return out
 
 
