@@ -27,7 +27,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from torch.utils.data import Dataset
 from mitosis_ldm.artifacts import FORMAT, PATCHES
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, save_npy, write_json
+
+from .augment import AugmentConfig, augment_patch
 
 BASE_COLUMNS = ["id", "source", "slide", "x", "y", "label", "votes", "hard_label", "split", "true_degree"]
 SPLITS = ("train", "val", "test")
@@ -62,17 +63,6 @@ class SplitConfig:
     val: float = 0.1
     test: float = 0.2
     seed: int = 0
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentations; all off means the stored centre crop as is."""
-
-    dihedral: bool = True          # the 8 flips/rotations by 90 degrees
-    rotate: bool = False           # arbitrary rotation, uses the stored margin
-    stain_jitter: float = 0.0      # std of per-channel HED scale/shift (0.05 is mild)
-    blur: float = 0.0              # max Gaussian sigma in pixels, applied with prob 0.3
-    crop: int = 0                  # random crop of this size (0 = full patch)
 
 
 @dataclass
@@ -423,40 +413,3 @@ def read_labels(path) -> list[dict]:
             return list(csv.DictReader(handle))
     except (UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path}: malformed CSV ({type(err).__name__})") from None
-
-
-def augment_patch(patch: np.ndarray, size: int, margin: int, cfg: AugmentConfig) -> np.ndarray:
-    """Augment one stored (S, S, 3) patch and return a (size or crop) centre region, uint8."""
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-    if cfg.rotate and margin > 0:
-        from scipy.ndimage import rotate as nd_rotate
-
-        angle = rng.uniform(0, 360)
-        patch = nd_rotate(patch, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
-    patch = patch[margin: margin + size, margin: margin + size]
-    if cfg.dihedral:
-        patch = np.rot90(patch, k=int(rng.integers(4)))
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-    if cfg.crop and cfg.crop < size:
-        y0, x0 = rng.integers(0, size - cfg.crop + 1, size=2)
-        patch = patch[y0: y0 + cfg.crop, x0: x0 + cfg.crop]
-    if cfg.stain_jitter > 0:
-        patch = hed_jitter(patch, cfg.stain_jitter, rng)
-    if cfg.blur > 0 and rng.random() < 0.3:
-        from scipy.ndimage import gaussian_filter
-
-        sigma = rng.uniform(0.1, cfg.blur)
-        patch = gaussian_filter(patch.astype(np.float32), sigma=(sigma, sigma, 0)).clip(0, 255).astype(np.uint8)
-    return np.ascontiguousarray(patch)
-
-
-def hed_jitter(patch: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Stain jitter in HED space (scikit-image colour deconvolution): scale and shift each stain."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    hed = rgb2hed(patch)
-    alpha = rng.normal(1.0, strength, size=3)
-    beta = rng.normal(0.0, strength * 0.1, size=3)
-    rgb = hed2rgb(hed * alpha + beta)
-    return (rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8)
