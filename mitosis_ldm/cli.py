@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("patches.cli", "make and inspect patch datasets (synth, midog, sliderunner, points, folder, detect, inspect)"),
+    "data": ("patches.cli", "make and inspect patch datasets (synth, midog, sliderunner, points, folder, annotators, detect, inspect)"),
     "vae": ("autoencoder.cli", "the autoencoder as a tool: encode, decode, reconstruct, evaluate"),
     "score": ("classifier.score", "score images, folders, patch datasets or transitions with the classifier ensemble"),
     "evaluate": ("classifier.evaluate", "evaluate the classifier against hard and soft labels"),
