@@ -53,6 +53,15 @@ def timed(fn) -> tuple[float, tuple]:
     return time.perf_counter() - t0, out
 
 
+def demo_models(root: Path, slide: Path):
+    """(pipeline, classifier, cmu dataset) of a demo run, or None after printing a JSON 'skipped' line."""
+    pipeline, classifier, cmu = root / "diffusion/model", root / "classifier/model", root / "data/cmu"
+    if not ((pipeline / "pipeline.json").exists() and (classifier / "config.json").exists() and slide.exists()):
+        print(json.dumps({"skipped": f"no trained demo models under {root} or no {slide}: run make demo"}))
+        return None
+    return pipeline, classifier, cmu
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/demo"))
@@ -63,10 +72,10 @@ def main(argv=None):
     parser.add_argument("--tiles", type=int, default=150)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    pipeline, classifier, cmu = args.root / "diffusion/model", args.root / "classifier/model", args.root / "data/cmu"
-    if not ((pipeline / "pipeline.json").exists() and (classifier / "config.json").exists() and args.slide.exists()):
-        print(json.dumps({"skipped": f"no trained demo models under {args.root} or no {args.slide}: run make demo"}))
+    found = demo_models(args.root, args.slide)
+    if found is None:
         return
+    pipeline, classifier, cmu = found
     nuclei = demo_nuclei(cmu, args.nuclei + 1)
     load_before = os.getloadavg()
     proc, url = server_process(["--pipeline", pipeline, "--classifier", classifier, "--slides", args.slide,

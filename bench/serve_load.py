@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_latency import demo_nuclei  # noqa: E402
+from bench.serve_latency import demo_models, demo_nuclei  # noqa: E402
 from serve.drills import malformed, mixed_load, post_json, request, rss_mb, tile_paths  # noqa: E402
 from serve.launch import server_process  # noqa: E402
 
@@ -40,10 +40,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    pipeline, classifier, cmu = args.root / "diffusion/model", args.root / "classifier/model", args.root / "data/cmu"
-    if not ((pipeline / "pipeline.json").exists() and (classifier / "config.json").exists() and args.slide.exists()):
-        print(json.dumps({"skipped": f"no trained demo models under {args.root} or no {args.slide}: run make demo"}))
+    found = demo_models(args.root, args.slide)
+    if found is None:
         return
+    pipeline, classifier, cmu = found
     nuclei = demo_nuclei(cmu, 6)
     slide = args.slide.name
     load_before = os.getloadavg()
