@@ -47,22 +47,29 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, conditions: list[float], mode: str,
-           guidance: float, steps: int, strength: float = 0.5, sampler: str = "ddim") -> dict:
+           guidance: float, steps: int, strength: float = 0.5, sampler: str = "ddim",
+           reconstruct: bool = True, inversion_iters: int = 3) -> dict:
     """images uint8 (N, H, W, 3) -> frames (N, K, H, W, 3), reconstructions and PSNRs.
 
     `strength`: the noise level reached (sdedit) or the fraction of the schedule inverted (invert).
+    `inversion_iters`: fixed-point iterations per inverted DDIM step (invert mode; 0 is plain DDIM inversion).
+    `reconstruct=False` skips the fidelity checks the manifest records (`vae_recon`, `psnr_vae`, and invert
+    mode's own-label round trip `own_recon`, `psnr_inversion`): one more denoising pass a viewer does not show.
     """
     n, k = len(images), len(conditions)
     z0 = pipe.encode(images)  # (N, C, h, w)
-    vae_recon = pipe.decode(z0)
     targets = torch.tensor(conditions, dtype=torch.float32).repeat(n)  # (N*K,) item-major
     own = torch.tensor(own_labels, dtype=torch.float32)
-    out = {"vae_recon": vae_recon, "psnr_vae": psnr(images, vae_recon)}
+    out = {}
+    if reconstruct:
+        vae_recon = pipe.decode(z0)
+        out.update(vae_recon=vae_recon, psnr_vae=psnr(images, vae_recon))
     if mode == "invert":
-        noise = pipe.invert(z0, own, guidance, steps, strength=strength)  # (N, C, h, w)
+        noise = pipe.invert(z0, own, guidance, steps, fixed_point_iters=inversion_iters, strength=strength)  # (N, C, h, w)
         latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps, strength=strength)
-        own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps, strength=strength))
-        out.update(own_recon=own_recon, psnr_inversion=psnr(images, own_recon))
+        if reconstruct:
+            own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps, strength=strength))
+            out.update(own_recon=own_recon, psnr_inversion=psnr(images, own_recon))
     else:
         latents = torch.cat([pipe.sdedit(z0[i: i + 1].expand(k, *z0.shape[1:]), targets[i * k: (i + 1) * k], guidance,
                                          steps, strength, sampler, seed=i) for i in range(n)])
@@ -90,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's real2gen guidance)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="SDEdit sampler (default ddim)")
+    parser.add_argument("--inversion-iters", type=int, default=3,
+                        help="fixed-point iterations per inverted DDIM step, 0-10 (default 3; 0: plain DDIM inversion)")
     parser.add_argument("--out", required=True, help="transitions folder to write")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -97,6 +106,8 @@ def main(argv=None):
     check_sampling_args(0.0 if args.guidance is None else args.guidance, args.steps)
     if args.strength is not None and not (0 < args.strength <= 1):
         raise UserError(f"--strength: must be in (0, 1], got {args.strength:g}")
+    if not 0 <= args.inversion_iters <= 10:
+        raise UserError(f"--inversion-iters: must be in 0..10, got {args.inversion_iters}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: must be >= 1, got {args.limit}")
     check_new_output(args.out, args.overwrite)
@@ -113,7 +124,8 @@ def main(argv=None):
         else args.guidance
     if args.strength is None:
         args.strength = float(pipe.info.get("default_real2gen_strength", 1.0)) if args.mode == "invert" else 0.5
-    result = render(pipe, images, own_labels, conditions, args.mode, guidance, args.steps, args.strength, args.sampler)
+    result = render(pipe, images, own_labels, conditions, args.mode, guidance, args.steps, args.strength, args.sampler,
+                    inversion_iters=args.inversion_iters)
     frames = np.concatenate([images[:, None], result["frames"]], axis=1)  # (N, 1 + K, H, W, 3)
     seeds = list(range(len(items)))
     manifest = {
@@ -122,7 +134,7 @@ def main(argv=None):
         "conditions": [None] + conditions,
         "input_labels": [None if math.isnan(v) else float(v) for v in own_labels],
         "guidance": guidance, "sampler": "ddim" if args.mode == "invert" else args.sampler, "steps": args.steps,
-        "strength": args.strength,
+        "strength": args.strength, "inversion_iters": args.inversion_iters if args.mode == "invert" else None,
         "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
         "psnr_vae_db": result["psnr_vae"].round(3).tolist(),
         "psnr_frames_db": result["psnr_frames"].round(3).tolist(),

@@ -53,6 +53,7 @@ class TransitionRequest(BaseModel):
     strength: Finite | None = None
     guidance: Finite | None = None
     steps: int | None = None
+    inversion_iters: int | None = None
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -178,7 +179,8 @@ def create_app(explorer: Explorer, worker: ModelWorker | None = None, max_body: 
         return await on_worker(explorer.nucleus, req.slide, req.x, req.y)
 
     async def resolve(req: TransitionRequest) -> dict:
-        settings = explorer.settings(req.conditions, req.mode, req.strength, req.guidance, req.steps)
+        settings = explorer.settings(req.conditions, req.mode, req.strength, req.guidance, req.steps,
+                                     req.inversion_iters)
         if req.dataset is not None:
             if req.slide is not None or req.index is None:
                 raise UserError("body: give either {dataset, index} or {slide, x, y}")

@@ -147,6 +147,7 @@ BAD_BODIES = [
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "strength": 0}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "guidance": -1}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "steps": 100000}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "inversion_iters": 11}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [0, 2]}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:x"}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [' + b"0.5," * 40 + b"1]}"),
@@ -223,3 +224,16 @@ def test_healthz_and_info(client):
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loads from the network
     assert client.get("/static/openseadragon/openseadragon.min.js").status_code == 200
     json.dumps(info)
+
+
+def test_explorer_default_strength_starts_at_real2gen_noise_level():
+    """Fewer explorer steps start from the same timestep as real2gen's 20 steps, not from less noise."""
+    from diffusion.pipeline import run_steps
+    from serve.explorer import same_start
+
+    for strength in (0.3, 0.5, 0.8, 1.0):
+        ours = same_start(strength, 20, 8)
+        top20 = (run_steps(20, strength) - 1) * 1000 // 20  # highest timestep of the 20-step leading grid
+        top8 = (run_steps(8, ours) - 1) * 1000 // 8
+        assert top8 <= top20 < top8 + 1000 // 8
+    assert same_start(0.8, 20, 8) == 0.875 and same_start(0.8, 20, 20) == 0.8
