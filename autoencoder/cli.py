@@ -151,12 +151,12 @@ def save_latents(out: Path, latents: list[torch.Tensor], names: list[str], vae, 
         tensors = {"latents": torch.cat(latents).contiguous()}
     else:
         tensors = {f"latents.{i}": z.contiguous() for i, z in enumerate(latents)}
+    meta = {"format": LATENTS_FORMAT, "names": names, "count": len(names),
+            "shapes": [list(z.shape[1:]) for z in latents],
+            "scaling_factor": float(vae.config.scaling_factor), "scaled": False, "model": str(model)}
     with atomic_file(out, "wb") as handle:
         handle.write(save(tensors, metadata={"format": LATENTS_FORMAT}))
-    write_json(sidecar(out), {"format": LATENTS_FORMAT, "names": names, "count": len(names),
-                              "shapes": [list(z.shape[1:]) for z in latents],
-                              "scaling_factor": float(vae.config.scaling_factor), "scaled": False,
-                              "model": str(model)})
+    write_json(sidecar(out), meta)
 
 
 def load_latents(path: Path, latent_channels: int) -> tuple[list[torch.Tensor], list[str]]:

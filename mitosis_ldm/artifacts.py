@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +148,22 @@ def strict_loader(model_class):
             if info.get(key):
                 raise UserError(f"{folder}: weights do not match config.json ({key.replace('_', ' ')}: "
                                 f"{[k if isinstance(k, str) else k[0] for k in list(info[key])[:2]]})")
+        check_latent_scale(folder, model.config)
         return model
     return load
+
+
+def check_latent_scale(folder, config) -> None:
+    """A VAE's `scaling_factor` (> 0) and `shift_factor` (or null) must be finite numbers: every latent
+    is divided or shifted by them, and diffusers loads whatever config.json says."""
+    for key, positive in (("scaling_factor", True), ("shift_factor", False)):
+        if key not in config or (config[key] is None and not positive):
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            kind = "a finite number > 0" if positive else "a finite number or null"
+            raise UserError(f"{Path(folder) / 'config.json'}: field '{key}' must be {kind}, got {str(value)[:40]!r}")
 
 
 # -- transitions -----------------------------------------------------------

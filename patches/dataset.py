@@ -299,6 +299,9 @@ class PatchDataset(Dataset):
         if len(self.rows) != len(self.images):
             raise UserError(f"{self.root / 'labels.csv'}: has {len(self.rows)} rows but patches.npy holds "
                             f"{len(self.images)} patches")
+        missing_id = next((i for i, r in enumerate(self.rows) if not r.get("id")), None)
+        if missing_id is not None:
+            raise UserError(f"{self.root / 'labels.csv'}: field 'id' is missing or empty (data row {missing_id + 1})")
         try:
             self.patch_size = int(self.meta["patch_size"])
             self.margin = int(self.meta.get("margin", 0))

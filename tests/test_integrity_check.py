@@ -103,6 +103,11 @@ ISSUE_CASES = {  # issue 14 part 2; each without the integrity record so that th
     "types": ("classifier", lambda f: set_field(f / "config.json", "upsample", "four"), "field 'upsample'"),
     "contradiction": ("pipeline", lambda f: set_field(f / "pipeline.json", "latent_shape", [8, 4, 4]),
                       "field 'latent_shape'"),
+    # found by make fuzz: a text scaling factor loaded, and the latents file was written before it failed
+    "scale": ("pipeline", lambda f: set_field(f / "vae" / "config.json", "scaling_factor", "ok.png"),
+              "field 'scaling_factor'"),
+    "zero scale": ("pipeline", lambda f: set_field(f / "vae" / "config.json", "scaling_factor", 0),
+                   "field 'scaling_factor'"),
 }
 
 
@@ -133,3 +138,17 @@ def test_old_schedule_keys_name_the_new_key(override, new):
         load_config(DiffusionTrainConfig, None, [override])
     cfg = load_config(DiffusionTrainConfig, None, ["train.lr_warmup_steps=7", "train.lr_schedule=linear"])
     assert (cfg.train.lr_warmup_steps, cfg.train.lr_schedule) == (7, "linear")
+
+
+def test_autoencoder_encode_with_a_text_scaling_factor_leaves_nothing(world, tmp_path, capsys):
+    from autoencoder.cli import main
+
+    folder = copy(world, tmp_path, "autoencoder")
+    (folder / "integrity.json").unlink()
+    set_field(folder / "config.json", "scaling_factor", "ok.png")
+    out = tmp_path / "z.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", str(world / "dataset"), "--model", str(folder), "--out", str(out), "--limit", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "field 'scaling_factor'" in err[0], err
+    assert not out.exists() and not out.with_suffix(".json").exists()

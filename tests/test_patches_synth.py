@@ -140,3 +140,25 @@ def test_inspect(synth, tmp_path, capsys):
         width, height = img.size
     assert width > 64 * 2 * 8 and height > 64 * 2 * 3  # 12 per row, one row per label value (4 values)
     assert summarise(synth) == {k: v for k, v in summary.items()}
+
+
+@pytest.mark.parametrize("damage", ["no id column", "empty id"])
+def test_labels_without_ids_are_one_clean_error(synth, tmp_path, damage):
+    """A labels.csv whose id column is gone or blank names the file and the field (it used to KeyError)."""
+    import shutil
+
+    from mitosis_ldm.errors import UserError
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synth, copy)
+    with open(copy / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [c for c in rows[0] if c != "id"] if damage == "no id column" else list(rows[0])
+    if damage == "empty id":
+        rows[3]["id"] = ""
+    with open(copy / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(UserError, match=r"labels.csv: field 'id' is missing or empty \(data row (1|4)\)"):
+        PatchDataset(copy)
