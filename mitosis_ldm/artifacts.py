@@ -142,6 +142,7 @@ def strict_loader(model_class):
     falls back to pickled `.bin` weights when the safetensors file is absent; we never unpickle.
     """
     def load(folder):
+        check_config_sizes(folder)
         model, info = model_class.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
                                                   local_files_only=True)  # a folder, never the hub
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -151,6 +152,34 @@ def strict_loader(model_class):
         check_latent_scale(folder, model.config)
         return model
     return load
+
+
+MAX_CONFIG_INT = 1 << 16  # wider than any channel count, size or id this tool's models use
+MAX_LAYERS = 64  # per block: `layers_per_block: 1e12` would build modules until memory runs out
+MAX_LIST = 64
+
+
+def check_config_sizes(folder) -> None:
+    """Refuse a model config.json whose sizes no real model has, before diffusers builds the modules.
+
+    diffusers instantiates whatever the config says; a damaged number (one layer per block becoming
+    10^12) hangs the loader while memory fills, instead of failing.
+    """
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # missing or unreadable: the loader names it
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_LIST:
+            raise UserError(f"{path}: field '{key}' lists {len(value)} entries (at most {MAX_LIST})")
+        limit = MAX_LAYERS if "layers" in key else MAX_CONFIG_INT
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > limit:
+                raise UserError(f"{path}: field '{key}' is {v}, beyond any model this tool builds (at most {limit})")
 
 
 def check_latent_scale(folder, config) -> None:

@@ -106,6 +106,8 @@ ISSUE_CASES = {  # issue 14 part 2; each without the integrity record so that th
     # found by make fuzz: a text scaling factor loaded, and the latents file was written before it failed
     "scale": ("pipeline", lambda f: set_field(f / "vae" / "config.json", "scaling_factor", "ok.png"),
               "field 'scaling_factor'"),
+    "huge layers": ("pipeline", lambda f: set_field(f / "vae" / "config.json", "layers_per_block", 10 ** 12),
+                    "field 'layers_per_block'"),  # found by make fuzz: diffusers built modules until memory ran out
     "zero scale": ("pipeline", lambda f: set_field(f / "vae" / "config.json", "scaling_factor", 0),
                    "field 'scaling_factor'"),
 }
