@@ -247,13 +247,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="0:1:11", help="label grid, START:STOP:COUNT or a list (default 0:1:11)")
     p.add_argument("--draws", type=int, default=32, help="(t, eps) pairs per patch (default 32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--error", choices=ERROR_SPACES, help="space of the error (default: the model's prediction type)")
+    p.add_argument("--error", choices=ERROR_SPACES, default="epsilon",
+                   help="space of the error (default epsilon: on the demo it calibrates best, docs/posterior.md)")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance of the conditional prediction (default 1)")
     p.add_argument("--calibrate", metavar="DATASET", help="fit the temperature on this labelled patch dataset")
     p.add_argument("--calibrate-split", "--split-calibrate", dest="calibrate_split", default="val",
                    choices=["train", "val", "test"], help="split of --calibrate (default val)")
     p.add_argument("--calibrate-limit", type=int, help="at most this many --calibrate patches (evenly spread)")
-    p.add_argument("--t-bands", type=int, default=1, help="fit one weight per this many timestep bands (default 1)")
+    p.add_argument("--t-bands", type=int, default=3,
+                   help="fit one weight per this many timestep bands (default 3; 1: a single temperature)")
     p.add_argument("--temperature-from", metavar="DIR", help="use the calibration stored in this posterior folder")
     p.add_argument("--temperature", type=float, help="a fixed temperature (uncalibrated)")
     p.add_argument("--patches-per-call", type=int, default=16, help="patches in one UNet call (x grid + 1)")
@@ -302,7 +304,7 @@ def run(args, grid) -> None:
     size = pipe.image_shape
     num_t = int(pipe.scheduler.config.num_train_timesteps)
     settings = {"grid": grid, "draws": args.draws, "seed": args.seed, "guidance": args.guidance,
-                "error_space": args.error or pipe.scheduler.config.prediction_type,
+                "error_space": args.error,
                 "prediction_type": pipe.scheduler.config.prediction_type, "timesteps_spacing": "stratified midpoints",
                 "timesteps": draw_timesteps(args.draws, num_t).tolist(), "num_train_timesteps": num_t,
                 "patches_per_call": args.patches_per_call, "noise": "shared across the grid, keyed by patch id + seed",

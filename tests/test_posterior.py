@@ -197,7 +197,8 @@ def test_command_writes_csv_json_and_is_deterministic(world):
     info = json.loads((root / "one" / "posterior.json").read_text())
     assert info["grid"] == [0, 0.25, 0.5, 0.75, 1] and info["draws"] == 3 and info["seed"] == 0
     assert info["calibration"]["calibrated"] and info["temperature"] > 0 and len(info["pipeline_hash"]) == 64
-    assert info["settings"]["error_space"] == "v_prediction"
+    assert info["settings"]["error_space"] == "epsilon"  # the default, whatever the model predicts
+    assert info["calibration"]["t_bands"] == 3 and len(info["calibration"]["t_weights"]) == 3
     assert np.load(root / "one" / "errors.npy").shape == (8, 3, 6)
     # a later run reuses the fitted temperature
     main(posterior_args(world, root / "three", "--temperature-from", root / "one"))
