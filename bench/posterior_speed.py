@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--grid", default="0:1:11")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature-from", help="a calibrated posterior folder (same pipeline, grid, settings)")
+    parser.add_argument("--error", default="epsilon", help="error space (default epsilon, as the command)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,7 +63,7 @@ def main():
 
     grid = parse_conditions(args.grid, "--grid")
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
-    space = pipe.scheduler.config.prediction_type
+    space = args.error
     num_t = int(pipe.scheduler.config.num_train_timesteps)
     ds = PatchDataset(args.dataset, split="test", labelled_only=True)
     pick = np.unique(np.linspace(0, len(ds) - 1, args.n).round().astype(int))
