@@ -255,8 +255,9 @@ class MitosisPipeline:
 
         Each DDIM step is solved backwards by fixed-point iteration, so the round trip is exact up to
         convergence. On the demo model one iteration is enough for real nuclei (8 CMU nuclei reconstruct at
-        24.011 dB after one, 24.012 dB after three, 23.86 dB after none); an undertrained model needs more. diffusers' `DDIMInverseScheduler` takes a single step that, under v-prediction,
-        misreads the model at the clean end; the few lines of algebra below avoid that.
+        24.011 dB after one, 24.012 dB after three, 23.86 dB after none); an undertrained model needs more.
+        diffusers' `DDIMInverseScheduler` takes a single step that, under v-prediction, misreads the model
+        at the clean end; the few lines of algebra below avoid that.
         `strength` < 1 stops at that fraction of the schedule (partial inversion): the target label
         then only redraws what the remaining noise level leaves open, so more of the input survives.
         """
@@ -314,6 +315,9 @@ class MitosisPipeline:
         noisy = scheduler.add_noise(latents, noise.contiguous(), timesteps[:1].repeat(len(latents)))
         generators = [torch.Generator().manual_seed(seed + 1_000_003) for _ in range(len(latents))]
         return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)
+
+
+MAX_INVERSION_ITERS = 10  # fixed-point iterations per inverted step that real2gen and the explorer accept
 
 
 def run_steps(steps: int, strength: float) -> int:

@@ -37,7 +37,7 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output, save_npy
 
-from .pipeline import SAMPLERS, MitosisPipeline, check_sampling_args, parse_conditions
+from .pipeline import MAX_INVERSION_ITERS, SAMPLERS, MitosisPipeline, check_sampling_args, parse_conditions
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,8 +106,8 @@ def main(argv=None):
     check_sampling_args(0.0 if args.guidance is None else args.guidance, args.steps)
     if args.strength is not None and not (0 < args.strength <= 1):
         raise UserError(f"--strength: must be in (0, 1], got {args.strength:g}")
-    if not 0 <= args.inversion_iters <= 10:
-        raise UserError(f"--inversion-iters: must be in 0..10, got {args.inversion_iters}")
+    if not 0 <= args.inversion_iters <= MAX_INVERSION_ITERS:
+        raise UserError(f"--inversion-iters: must be in 0..{MAX_INVERSION_ITERS}, got {args.inversion_iters}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: must be >= 1, got {args.limit}")
     check_new_output(args.out, args.overwrite)

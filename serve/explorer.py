@@ -41,7 +41,6 @@ MAX_CONDITIONS = 21
 DEFAULT_STEPS = 8
 DEFAULT_INVERSION_ITERS = 1
 REFERENCE_STEPS = 20  # the steps `mitosis-ldm real2gen` takes by default
-MAX_INVERSION_ITERS = 10
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 
@@ -170,6 +169,8 @@ class Explorer:
             raise UserError(f"field 'guidance': must be in [0, {MAX_GUIDANCE:g}], got {guidance:g}")
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"field 'steps': must be in [1, {MAX_STEPS}], got {steps}")
+        from diffusion.pipeline import MAX_INVERSION_ITERS
+
         if not 0 <= iters <= MAX_INVERSION_ITERS:
             raise UserError(f"field 'inversion_iters': must be in [0, {MAX_INVERSION_ITERS}], got {iters}")
         return Settings(tuple(round(float(c), 6) for c in conditions), mode, strength, guidance, steps, iters)
