@@ -181,10 +181,17 @@ class MitosisPipeline:
             return self.unet(latents, timesteps, class_labels=self.label_embedder(torch.full((b,), float("nan")))).sample
         if guidance == 1 and guidance_rescale == 0 and not bool(null.any()):
             return self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
-        all_labels = torch.cat([labels.float(), torch.full((b,), float("nan"))])  # (2B,)
-        emb = self.label_embedder(all_labels)  # (2B, D)
-        out = self.unet(torch.cat([latents, latents]), timesteps.repeat(2), class_labels=emb).sample  # (2B, C, h, w)
-        cond, uncond = out.chunk(2)
+        # the null half depends on the latent alone: rows that share a latent (a transition's conditions at its
+        # first step share one noise) share one unconditional prediction
+        unique, inverse = torch.unique(latents.reshape(b, -1), dim=0, return_inverse=True)
+        null_rows = unique.reshape(-1, *latents.shape[1:]) if len(unique) < b else latents
+        u = len(null_rows)
+        all_labels = torch.cat([labels.float(), torch.full((u,), float("nan"))])  # (B + U,)
+        emb = self.label_embedder(all_labels)  # (B + U, D)
+        out = self.unet(torch.cat([latents, null_rows]), timesteps[:1].expand(b + u), class_labels=emb).sample
+        cond, uncond = out[:b], out[b:]
+        if u < b:
+            uncond = uncond[inverse]
         # a null label guides nothing: its conditional half *is* the unconditional prediction
         guided = uncond + guidance * (cond - uncond)
         if guidance_rescale > 0:
@@ -296,10 +303,11 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def from_inverted(self, noise: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
-                      strength: float = 1.0) -> torch.Tensor:
+                      strength: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """DDIM from `invert`'s output (made with the same `steps` and `strength`) under `labels`."""
         scheduler = self._inversion_grid(steps)
-        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):])
+        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):],
+                            guidance_interval=guidance_interval)
 
     @torch.no_grad()
     def sdedit(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int, strength: float,

@@ -201,6 +201,26 @@ def test_guided_prediction_batches_cond_and_null(world):
         assert torch.allclose(pipe.guided(x, 500, torch.full((2,), float("nan")), 3.0), null, atol=1e-5)
 
 
+def test_guided_prediction_shares_the_null_half_between_equal_latents(world):
+    """A transition's first step: K conditions on one latent need one unconditional row, not K."""
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    a, b = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    x = torch.cat([a, b, a, a, b])  # two distinct latents, five rows
+    y = torch.tensor([0.0, 0.3, 0.5, 1.0, float("nan")])
+    batches = []
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda sample, *args, **kw: batches.append(len(sample)) or original(sample, *args, **kw)
+    with torch.no_grad():
+        guided = pipe.guided(x, 500, y, 3.0)
+        cond = original(x, 500, class_labels=pipe.label_embedder(y)).sample
+        null = original(x, 500, class_labels=pipe.label_embedder(torch.full((5,), float("nan")))).sample
+    assert batches == [5 + 2]  # five conditional rows, one null row per distinct latent
+    expected = torch.where(torch.isnan(y)[:, None, None, None], null, null + 3.0 * (cond - null))
+    assert torch.allclose(guided, expected, atol=1e-4)
+
+
 def test_ddim_inversion_round_trip(world):
     """Inverting and sampling forward under the same label returns the latent (fixed-point DDIM inversion)."""
     from diffusion.pipeline import MitosisPipeline
