@@ -21,6 +21,7 @@ import json
 import shlex
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -272,13 +273,16 @@ class Explorer:
                              steps=settings.steps, strength=settings.strength, reconstruct=False,
                              inversion_iters=settings.inversion_iters)
         frames = np.asarray(out["frames"][0], np.uint8)  # (K, S, S, 3)
-        mean, std = self.score(np.concatenate([source.patch[None], frames]))
-        features = measure_batch(frames)
+        # morphology and PNG encoding (scikit-image, zlib) overlap the ensemble's scoring (torch)
+        with ThreadPoolExecutor(1) as side:
+            measured = side.submit(lambda: (measure_batch(frames), [data_uri(f) for f in frames]))
+            mean, std = self.score(np.concatenate([source.patch[None], frames]))
+            features, uris = measured.result()
         result = {
             "key": key, "source": source.describe, "settings": asdict(settings),
             "input": data_uri(source.patch), "input_score": round(float(mean[0]), 5),
             "input_score_std": round(float(std[0]), 5),
-            "frames": [data_uri(f) for f in frames],
+            "frames": uris,
             "scores": _finite_or_none(mean[1:]), "scores_std": _finite_or_none(std[1:]),
             "features": {name: _finite_or_none(v) for name, v in features.items()},
             "_frames": frames, "_source": source,
