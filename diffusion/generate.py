@@ -88,15 +88,9 @@ def load_pipeline(path: str) -> MitosisPipeline:
 
 def render_shard(pipeline: str, model_hash: str, start: int, seeds: list[int], conditions: list[float],
                  guidance: float | None, steps: int, sampler: str, batch_size: int) -> Shard:
-    """Patches start ... start + len(seeds) - 1; patches of one condition share UNet batches."""
+    """Patches start ... start + len(seeds) - 1, in UNet batches of mixed conditions."""
     pipe = load_pipeline(pipeline)
-    size = pipe.image_shape[0]
-    images = np.zeros((len(seeds), size, size, 3), np.uint8)
-    for condition in sorted(set(conditions)):
-        where = [k for k, c in enumerate(conditions) if c == condition]
-        frames = pipe.transitions(seeds=[seeds[k] for k in where], conditions=[condition], guidance=guidance,
-                                  steps=steps, sampler=sampler, seeds_per_batch=batch_size)  # (n, 1, H, W, 3)
-        images[where] = frames[:, 0]
+    images = pipe.samples(seeds, conditions, guidance=guidance, steps=steps, sampler=sampler, batch_size=batch_size)
     used = pipe.default_guidance if guidance is None else guidance
     rows = [{"id": f"gen-{start + k:07d}", "source": "generated", "slide": "generated", "x": "", "y": "",
              "label": c, "votes": "", "hard_label": int(c >= 0.5), "seed": s, "guidance": used, "condition": c}

@@ -232,23 +232,47 @@ class MitosisPipeline:
             self.default_guidance_interval if guidance_interval is None else guidance_interval,
             self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
         k = len(conditions)
-        shape = self.latent_shape
         frames = []
         for start in range(0, len(seeds), max(1, seeds_per_batch)):
             chunk = list(seeds)[start: start + seeds_per_batch]
-            scheduler = sampler_scheduler(self.scheduler.config, sampler)
-            scheduler.set_timesteps(steps)
-            noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))).expand(k, *shape)
-                               for s in chunk])  # (n*K, C, h, w): one noise per seed, shared by its conditions
-            # stochastic samplers: one step-noise stream per seed, identical for each of its conditions
-            generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in chunk for _ in range(k)]
-            labels = torch.tensor(conditions * len(chunk), dtype=torch.float32)
-            latents = self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler,
-                                   scheduler.timesteps, generators, interval, rescale)
+            # one noise per seed, shared by its conditions
+            latents = self._sample_rows([s for s in chunk for _ in range(k)], conditions * len(chunk), guidance, steps,
+                                        sampler, interval, rescale)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)
         return np.concatenate(frames)
+
+    @torch.no_grad()
+    def samples(self, seeds, labels, guidance: float | None = None, steps: int = 20, sampler: str = "dpm++",
+                batch_size: int = 64) -> np.ndarray:
+        """One patch per (seed, label) pair, uint8 (N, H, W, 3), mixed labels in one UNet batch.
+
+        Patch i is what `transitions(seeds=[seeds[i]], conditions=[labels[i]])` renders (the same noise), up to
+        the last bit of batched arithmetic. The guidance schedule is the pipeline's.
+        """
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        labels = check_conditions(labels, "labels")
+        check_sampling_args(guidance, steps)
+        if len(seeds) != len(labels):
+            raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
+        interval, rescale = check_guidance_schedule(self.default_guidance_interval, self.default_guidance_rescale)
+        step = max(1, batch_size)
+        out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
+                                             interval, rescale)) for i in range(0, len(seeds), step)]
+        return np.concatenate(out)
+
+    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale) -> torch.Tensor:
+        """Latents of one batch: row i starts from seed i's noise and is denoised under label i."""
+        shape = self.latent_shape
+        scheduler = sampler_scheduler(self.scheduler.config, sampler)
+        scheduler.set_timesteps(steps)
+        noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in row_seeds])
+        # stochastic samplers: one step-noise stream per row, the same for every row of one seed
+        generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
+        labels = torch.tensor(list(row_labels), dtype=torch.float32)
+        return self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler, scheduler.timesteps,
+                            generators, interval, rescale)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -91,6 +91,24 @@ def test_labels_values_cycle_and_uniform_is_seeded(world, tmp_path):
     assert [patch_seed(4, i) for i in range(3)] != [patch_seed(5, i) for i in range(3)]
 
 
+def test_mixed_labels_share_one_unet_batch_per_step(world):
+    """`uniform` labels are all distinct: they must still go through the UNet together, not one at a time."""
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    calls = []
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda sample, *a, **kw: calls.append(len(sample)) or original(sample, *a, **kw)
+    images = pipe.samples([3, 4, 3, 5], [0.2, 0.9, 0.2, 0.55], guidance=2.0, steps=2, sampler="ddim", batch_size=8)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    assert len(calls) == 2 and calls[0] == 4 + 3  # one call per step: 4 conditional rows, 3 distinct null rows
+    assert np.array_equal(images[0], images[2])  # the same (seed, label) pair is the same patch
+    pipe.unet.forward = original
+    alone = pipe.transitions(seeds=[4], conditions=[0.9], guidance=2.0, steps=2, sampler="ddim")
+    assert np.abs(alone[0, 0].astype(int) - images[1]).max() <= 2  # patch i is its seed's transition frame
+    assert not np.array_equal(images[1], images[3])
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(world, tmp_path):
     args = gen_args(world, tmp_path / "killed", "--labels", "0,0.5,1", n=48)
