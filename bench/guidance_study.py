@@ -10,7 +10,8 @@ classifier ensemble and measures, with the report's own code: the
 label-response error (with its CI) and the generated curve at the real soft
 labels, the median Spearman and flip rate, the Fréchet ratio overall and per
 label bin. Prints one JSON line per setting, then all of them.
-A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI]`.
+A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak]`
+(`guide=weak`: autoguidance with the pipeline's guide/ model).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DEFAULT_SETTINGS = [
 def parse_setting(text: str) -> dict:
     from diffusion.pipeline import check_guidance_schedule
 
-    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0}
+    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null"}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key == "guidance":
@@ -43,8 +44,10 @@ def parse_setting(text: str) -> dict:
             setting["interval"] = tuple(float(v) for v in value.split(":"))
         elif key == "rescale":
             setting["rescale"] = float(value)
+        elif key == "guide":
+            setting["guide"] = value
         else:
-            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale)")
+            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale, guide)")
     if setting["guidance"] is None:
         raise SystemExit(f"--setting: '{text}' names no guidance")
     setting["interval"], setting["rescale"] = check_guidance_schedule(setting["interval"], setting["rescale"])
@@ -106,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True, help="the labelled patch dataset the report compares with")
     parser.add_argument("--seeds", default="0-63")
     parser.add_argument("--conditions", default="0:1:11")
-    parser.add_argument("--setting", action="append", help="guidance=G[,interval=LOW:HIGH][,rescale=PHI] (repeatable)")
+    parser.add_argument("--setting", action="append", help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak] (repeatable)")
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--sampler", help="default: the pipeline's")
     parser.add_argument("--report-config", default="configs/demo/report.yaml")
@@ -129,7 +132,8 @@ def main(argv=None):
     for text, setting in settings:
         t0 = time.time()
         frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler, seeds_per_batch=16,
-                                  guidance_interval=setting["interval"], guidance_rescale=setting["rescale"])
+                                  guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
+                                  guide=setting["guide"])
         render_s = time.time() - t0
         result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
                   "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
@@ -139,7 +143,8 @@ def main(argv=None):
             write_transitions(args.frames_out / name, frames, {
                 "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
                 "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
-                "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path)},
+                "guide": setting["guide"], "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash,
+                "pipeline": str(pipe.path)},
                 overwrite=True)
         print(json.dumps({text: result}), flush=True)
     if args.out:

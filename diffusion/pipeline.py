@@ -20,6 +20,17 @@ The guidance schedule (pipeline.json `default_guidance_interval`,
   (Kynkäänniemi et al. 2024). (0, 1) guides every step.
 - `guidance_rescale` phi in [0, 1]: rescale the guided prediction toward the
   conditional prediction's std, mixing by phi (Lin et al. 2024, sec. 3.4).
+
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version
+of itself"): a pipeline folder may hold a weaker conditional model in `guide/`
+(`unet/`, `label_embedder/`; `python -m diffusion.guide` attaches one, or
+training's `train.guide_snapshot_step` keeps an early EMA snapshot). With
+`guide="weak"` the prediction is `weak + guidance * (cond - weak)`, both under
+the same label: it sharpens what the label asks for without pushing every
+condition away from the unconditional (label-mixed) mean, which is what makes
+classifier-free guidance switch in the uncertain middle. pipeline.json
+`default_guide` ("null" or "weak") is what `transitions` and `generate` use;
+real2gen, the explorer and DDIM inversion always guide against the null label.
 """
 
 from __future__ import annotations
@@ -107,10 +118,11 @@ class MitosisPipeline:
     """VAE + label-conditioned UNet + label embedder + noise schedule, loaded in one call."""
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, label_embedder: LabelEmbedder, scheduler, info: dict,
-                 path: Path | None = None):
+                 path: Path | None = None, guide: tuple[UNet2DModel, LabelEmbedder] | None = None):
         self.vae = vae.eval()
         self.unet = unet.eval()
         self.label_embedder = label_embedder.eval()
+        self.guide = None if guide is None else (guide[0].eval(), guide[1].eval())  # autoguidance's weak model
         self.scheduler = scheduler
         self.info = info
         self.path = path
@@ -122,9 +134,9 @@ class MitosisPipeline:
         from .pipeline_folder import load_parts  # imports this module
 
         path = expect_artifact(path, PIPELINE, flag)  # marker + recorded hashes
-        vae, unet, embedder, scheduler, info = load_parts(path)  # each part loads, pipeline.json agrees with them
+        vae, unet, embedder, scheduler, info, guide = load_parts(path)  # each part loads, pipeline.json agrees
         check_compatible(vae, unet, embedder, info, path)
-        return cls(vae, unet, embedder, scheduler, info, path)
+        return cls(vae, unet, embedder, scheduler, info, path, guide)
 
     def save_pretrained(self, path) -> None:
         """Write the folder's parts into `path` (callers wrap this in atomic_dir)."""
@@ -133,6 +145,9 @@ class MitosisPipeline:
         self.unet.save_pretrained(path / "unet")
         self.label_embedder.save_pretrained(path / "label_embedder")
         self.scheduler.save_pretrained(path / "scheduler")
+        if self.guide is not None:
+            self.guide[0].save_pretrained(path / "guide" / "unet")
+            self.guide[1].save_pretrained(path / "guide" / "label_embedder")
         write_json(path / "pipeline.json", {"format": FORMAT[PIPELINE], **self.info})
 
     @property
@@ -159,6 +174,20 @@ class MitosisPipeline:
     def default_guidance_rescale(self) -> float:
         return float(self.info.get("default_guidance_rescale", 0.0))
 
+    @property
+    def default_guide(self) -> str:
+        return str(self.info.get("default_guide", "null"))
+
+    def check_guide(self, guide: str | None, flag: str = "--guide") -> str:
+        """`guide` (None: the pipeline's default) checked against what this folder holds."""
+        guide = self.default_guide if guide is None else guide
+        if guide not in GUIDES:
+            raise UserError(f"{flag}: must be one of {', '.join(GUIDES)}, got '{guide}'")
+        if guide == "weak" and self.guide is None:
+            raise UserError(f"{flag}: 'weak' needs a guide model, and {self.path or 'this pipeline'} has no guide/ "
+                            f"(attach one with python -m diffusion.guide)")
+        return guide
+
     # -- pieces ---------------------------------------------------------------
     def encode(self, images_uint8: np.ndarray) -> torch.Tensor:
         return encode_images(self.vae, images_uint8, "mean")
@@ -168,19 +197,27 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float,
-               guidance_rescale: float = 0.0) -> torch.Tensor:
+               guidance_rescale: float = 0.0, guide: str = "null") -> torch.Tensor:
         """One batched UNet call: conditional and null halves -> guided prediction (B, C, h, w).
 
         When one half alone decides the result (all labels null, or guidance 0 or 1 without rescaling), only
         that half is computed: half the work, e.g. for inverting a real nucleus that has no label.
+        `guide="weak"`: autoguidance, the weak model's conditional prediction in place of the null half.
         """
         b = latents.shape[0]
         timesteps = torch.full((b,), int(t), dtype=torch.long)
         null = torch.isnan(labels)
-        if bool(null.all()) or (guidance == 0 and guidance_rescale == 0):
+        if bool(null.all()) or (guidance == 0 and guidance_rescale == 0 and guide == "null"):
             return self.unet(latents, timesteps, class_labels=self.label_embedder(torch.full((b,), float("nan")))).sample
         if guidance == 1 and guidance_rescale == 0 and not bool(null.any()):
             return self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
+        if guide == "weak":
+            weak_unet, weak_embedder = self.guide
+            cond = self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
+            weak = weak_unet(latents, timesteps, class_labels=weak_embedder(labels.float())).sample
+            guided = self._rescaled(weak + guidance * (cond - weak), cond, guidance_rescale)
+            # a null label asks for nothing to sharpen: the strong model's unconditional prediction
+            return torch.where(null[:, None, None, None], cond, guided)
         # the null half depends on the latent alone: rows that share a latent (a transition's conditions at its
         # first step share one noise) share one unconditional prediction
         unique, inverse = torch.unique(latents.reshape(b, -1), dim=0, return_inverse=True)
@@ -193,12 +230,16 @@ class MitosisPipeline:
         if u < b:
             uncond = uncond[inverse]
         # a null label guides nothing: its conditional half *is* the unconditional prediction
-        guided = uncond + guidance * (cond - uncond)
+        guided = self._rescaled(uncond + guidance * (cond - uncond), cond, guidance_rescale)
+        return torch.where(null[:, None, None, None], uncond, guided)
+
+    @staticmethod
+    def _rescaled(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
         if guidance_rescale > 0:
             from diffusers.guiders.guider_utils import rescale_noise_cfg
 
             guided = rescale_noise_cfg(guided, cond, guidance_rescale)  # per-sample std back toward cond's
-        return torch.where(null[:, None, None, None], uncond, guided)
+        return guided
 
     def guidance_at(self, t, guidance: float, interval: tuple[float, float]) -> float:
         """The guidance scale at timestep t: `guidance` inside the noise-level interval, 1 (conditional) outside."""
@@ -208,10 +249,11 @@ class MitosisPipeline:
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
                 generators=None, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                guidance_rescale: float = 0.0) -> torch.Tensor:
+                guidance_rescale: float = 0.0, guide: str = "null") -> torch.Tensor:
         for t in timesteps:
             model_in = scheduler.scale_model_input(latents, t)
-            pred = self.guided(model_in, t, labels, self.guidance_at(t, guidance, guidance_interval), guidance_rescale)
+            pred = self.guided(model_in, t, labels, self.guidance_at(t, guidance, guidance_interval), guidance_rescale,
+                               guide)
             extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return latents
@@ -220,10 +262,12 @@ class MitosisPipeline:
     @torch.no_grad()
     def transitions(self, seeds, conditions, guidance: float | None = None, steps: int = 20,
                     sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False, *,
-                    guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None):
+                    guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None,
+                    guide: str | None = None):
         """The same nucleus at every condition: uint8 (S, C, H, W, 3).
 
-        `guidance`, `guidance_interval` and `guidance_rescale` default to the pipeline's (pipeline.json).
+        `guidance`, `guidance_interval`, `guidance_rescale` and `guide` ("null": classifier-free, "weak":
+        autoguidance) default to the pipeline's (pipeline.json).
         """
         guidance = self.default_guidance if guidance is None else float(guidance)
         conditions = check_conditions(conditions)
@@ -231,13 +275,14 @@ class MitosisPipeline:
         interval, rescale = check_guidance_schedule(
             self.default_guidance_interval if guidance_interval is None else guidance_interval,
             self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
+        guide = self.check_guide(guide)
         k = len(conditions)
         frames = []
         for start in range(0, len(seeds), max(1, seeds_per_batch)):
             chunk = list(seeds)[start: start + seeds_per_batch]
             # one noise per seed, shared by its conditions
             latents = self._sample_rows([s for s in chunk for _ in range(k)], conditions * len(chunk), guidance, steps,
-                                        sampler, interval, rescale)
+                                        sampler, interval, rescale, guide)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)
@@ -249,7 +294,7 @@ class MitosisPipeline:
         """One patch per (seed, label) pair, uint8 (N, H, W, 3), mixed labels in one UNet batch.
 
         Patch i is what `transitions(seeds=[seeds[i]], conditions=[labels[i]])` renders (the same noise), up to
-        the last bit of batched arithmetic. The guidance schedule is the pipeline's.
+        the last bit of batched arithmetic. The guidance schedule and the guide are the pipeline's.
         """
         guidance = self.default_guidance if guidance is None else float(guidance)
         labels = check_conditions(labels, "labels")
@@ -257,12 +302,13 @@ class MitosisPipeline:
         if len(seeds) != len(labels):
             raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
         interval, rescale = check_guidance_schedule(self.default_guidance_interval, self.default_guidance_rescale)
+        guide = self.check_guide(None)
         step = max(1, batch_size)
         out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
-                                             interval, rescale)) for i in range(0, len(seeds), step)]
+                                             interval, rescale, guide)) for i in range(0, len(seeds), step)]
         return np.concatenate(out)
 
-    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale) -> torch.Tensor:
+    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide) -> torch.Tensor:
         """Latents of one batch: row i starts from seed i's noise and is denoised under label i."""
         shape = self.latent_shape
         scheduler = sampler_scheduler(self.scheduler.config, sampler)
@@ -272,7 +318,7 @@ class MitosisPipeline:
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
         labels = torch.tensor(list(row_labels), dtype=torch.float32)
         return self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler, scheduler.timesteps,
-                            generators, interval, rescale)
+                            generators, interval, rescale, guide)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -349,6 +395,7 @@ class MitosisPipeline:
         return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)
 
 
+GUIDES = ("null", "weak")  # what guidance pushes away from: the null label (classifier-free) or the weak model
 MAX_INVERSION_ITERS = 10  # fixed-point iterations per inverted step that real2gen and the explorer accept
 
 

@@ -5,6 +5,8 @@ marker and the recorded hashes are checked: every part must be present, load
 (truncated safetensors, a `scheduler_config.json` that is not JSON, config
 fields of the wrong type all become `PART: cannot be loaded (...)`), and
 `pipeline.json` must hold fields of the right types that agree with the parts.
+An optional `guide/` (autoguidance's weak model: `guide/unet/`, `guide/label_embedder/`)
+is checked the same way, and must denoise the same latents as `unet/`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ PARTS = {  # part folder -> (file that must be there, loader)
     "label_embedder": ("config.json", strict_loader(LabelEmbedder)),
     "scheduler": ("scheduler_config.json", lambda folder: DDPMScheduler.from_pretrained(folder, local_files_only=True)),
 }
+GUIDE_PARTS = ("unet", "label_embedder")  # under guide/
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def load_parts(path: Path):
-    """(vae, unet, label_embedder, scheduler, info) of a pipeline folder, each checked."""
+    """(vae, unet, label_embedder, scheduler, info, guide) of a pipeline folder, each checked; guide is
+    (unet, label_embedder) or None."""
     for part, (marker, _) in PARTS.items():
         if not (path / part / marker).exists():
             raise UserError(f"{path}: pipeline part '{part}/' is missing ({part}/{marker} not found); "
@@ -38,7 +42,27 @@ def load_parts(path: Path):
     loaded = {part: load_part(path / part, f"pipeline part '{part}/'", loader) for part, (_, loader) in PARTS.items()}
     check_info(info, loaded["unet"], loaded["scheduler"], path / "pipeline.json")
     computes(path, loaded["unet"], loaded["label_embedder"])
-    return loaded["vae"], loaded["unet"], loaded["label_embedder"], loaded["scheduler"], info
+    guide = load_guide(path, info, loaded["unet"])
+    return loaded["vae"], loaded["unet"], loaded["label_embedder"], loaded["scheduler"], info, guide
+
+
+def load_guide(path: Path, info: dict, unet):
+    """guide/'s (unet, label_embedder), None when the folder has none; `default_guide: weak` needs one."""
+    folder = path / "guide"
+    if not folder.exists():
+        if info.get("default_guide", "null") == "weak":
+            raise UserError(f"{path / 'pipeline.json'}: field 'default_guide' is 'weak' but {folder} is missing")
+        return None
+    for part in GUIDE_PARTS:
+        if not (folder / part / "config.json").exists():
+            raise UserError(f"{folder}: guide part '{part}/' is missing ({part}/config.json not found)")
+    weak = {part: load_part(folder / part, f"guide part '{part}/'", PARTS[part][1]) for part in GUIDE_PARTS}
+    c, w = unet.config, weak["unet"].config
+    if (w.in_channels, w.out_channels, w.sample_size) != (c.in_channels, c.out_channels, c.sample_size):
+        raise UserError(f"{folder / 'unet'}: the guide denoises {w.in_channels}x{w.sample_size}x{w.sample_size} "
+                        f"latents but unet/ denoises {c.in_channels}x{c.sample_size}x{c.sample_size}")
+    computes(folder, weak["unet"], weak["label_embedder"])
+    return weak["unet"], weak["label_embedder"]
 
 
 def computes(path: Path, unet, embedder) -> None:
@@ -57,7 +81,7 @@ def computes(path: Path, unet, embedder) -> None:
 
 def check_info(info, unet, scheduler, where: Path) -> None:
     """pipeline.json: types, ranges, and agreement with the UNet and the noise schedule."""
-    from .pipeline import SAMPLERS
+    from .pipeline import GUIDES, SAMPLERS
 
     def need(ok: bool, field: str, expected: str):
         if not ok:
@@ -84,6 +108,7 @@ def check_info(info, unet, scheduler, where: Path) -> None:
          and 0 <= interval[0] < interval[1] <= 1, "default_guidance_interval", "[LOW, HIGH] with 0 <= LOW < HIGH <= 1")
     need(num(get("default_guidance_rescale", 0)) and 0 <= get("default_guidance_rescale", 0) <= 1,
          "default_guidance_rescale", "a number in [0, 1]")
+    need(get("default_guide", "null") in GUIDES, "default_guide", "one of " + ", ".join(f"'{g}'" for g in GUIDES))
     need(num(get("latent_scale", 1)) and get("latent_scale", 1) > 0, "latent_scale", "a positive number")
     unet_shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
     need(get("latent_shape", unet_shape) == unet_shape, "latent_shape",

@@ -26,7 +26,7 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
-from .pipeline import (SAMPLERS, MitosisPipeline, check_guidance_schedule, check_sampling_args, parse_conditions,
+from .pipeline import (GUIDES, SAMPLERS, MitosisPipeline, check_guidance_schedule, check_sampling_args, parse_conditions,
                        parse_interval, parse_seeds)
 
 
@@ -34,7 +34,7 @@ def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, 
                  seeds_per_batch: int, **schedule) -> np.ndarray:
     """Split seeds across accelerate processes, render, gather on every process in seed order.
 
-    `schedule`: `guidance_interval` / `guidance_rescale` for `MitosisPipeline.transitions`.
+    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` for `MitosisPipeline.transitions`.
     """
     from accelerate import PartialState
 
@@ -71,6 +71,9 @@ def main(argv=None):
     parser.add_argument("--guidance-rescale", type=float, metavar="PHI",
                         help="in [0, 1]: rescale the guided prediction toward the conditional one's std "
                              "(default: the pipeline's; 0 = off)")
+    parser.add_argument("--guide", choices=GUIDES,
+                        help="guide against the null label (classifier-free) or the pipeline's weak model "
+                             "(autoguidance; needs a guide/, see mitosis-ldm guide); default: the pipeline's")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the pipeline's")
     parser.add_argument("--seeds-per-batch", type=int, default=4, help="seeds rendered in one UNet batch")
@@ -98,19 +101,21 @@ def main(argv=None):
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
     interval = pipe.default_guidance_interval if interval is None else interval
     rescale = pipe.default_guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
+    guide = pipe.check_guide(args.guide)
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
-                          guidance_interval=interval, guidance_rescale=rescale)
+                          guidance_interval=interval, guidance_rescale=rescale, guide=guide)
     seconds = time.time() - t0
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
-                "guidance_interval": list(interval), "guidance_rescale": rescale, "sampler": sampler, "steps": steps,
-                "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
+                "guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide, "sampler": sampler,
+                "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
-          f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} on noise levels "
+          f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} against the {guide} guide on "
+          f"noise levels "
           f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, {sampler}, {steps} steps)")
 
 

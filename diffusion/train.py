@@ -73,6 +73,10 @@ class SampleConfig:
     # guided prediction toward the conditional one's std by this factor (0 = plain classifier-free guidance)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     guidance_rescale: float = 0.0
+    # autoguidance: keep the EMA weights at this step as the pipeline's weak guide model (guide/; 0 = none),
+    # and what transitions and generate guide against by default: "null" (classifier-free) or "weak"
+    guide_snapshot_step: int = 0
+    guide: str = "null"
 
 
 @dataclass
@@ -197,6 +201,16 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"sample.real2gen_strength: must be in (0, 1], got {cfg.sample.real2gen_strength:g}")
     check_guidance_schedule(cfg.sample.guidance_interval, cfg.sample.guidance_rescale,
                             "sample.guidance_interval", "sample.guidance_rescale")
+    from .pipeline import GUIDES
+
+    if cfg.sample.guide not in GUIDES:
+        raise UserError(f"sample.guide: must be one of {', '.join(GUIDES)}, got '{cfg.sample.guide}'")
+    snapshot = cfg.sample.guide_snapshot_step
+    if isinstance(snapshot, bool) or not isinstance(snapshot, int) or not 0 <= snapshot < cfg.train.max_steps:
+        raise UserError(f"sample.guide_snapshot_step: must be an integer in [0, train.max_steps), got {snapshot!r}")
+    if cfg.sample.guide == "weak" and snapshot == 0:
+        raise UserError("sample.guide: 'weak' needs a guide model; set sample.guide_snapshot_step "
+                        "(or attach one later with mitosis-ldm guide)")
 
 
 def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -287,6 +301,8 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
             run.step_done(step, logs)
             if cfg.preview.every > 0 and step % cfg.preview.every == 0 and run.is_main:
                 write_preview(run, acc.unwrap_model(model), ema, noise_scheduler, cache.vae_dir, info, cfg, step)
+            if step == cfg.sample.guide_snapshot_step and run.is_main:
+                save_guide_snapshot(run, acc.unwrap_model(model), ema, step)
             if step >= cfg.train.max_steps:
                 break
 
@@ -322,12 +338,47 @@ def _cpu_scheduler(noise_scheduler: DDPMScheduler) -> DDPMScheduler:
     return DDPMScheduler.from_config(noise_scheduler.config)
 
 
+def save_guide_snapshot(run, model, ema, step) -> None:
+    """The EMA weights now, kept in the run folder until export puts them in the pipeline's guide/."""
+    from mitosis_ldm.io import atomic_dir
+
+    net = ema_copy(model, ema)
+    with atomic_dir(run.run_dir / "guide", overwrite=True) as tmp:
+        net.unet.save_pretrained(tmp / "unet")
+        net.embedder.save_pretrained(tmp / "label_embedder")
+        (tmp / "step.txt").write_text(f"{step}\n")
+    run.accelerator.print(f"kept the step-{step} EMA weights as the autoguidance guide ({run.run_dir / 'guide'})")
+
+
+def load_guide_snapshot(run, cfg):
+    """(unet, label_embedder) of the snapshot, None when training keeps none."""
+    if cfg.sample.guide_snapshot_step == 0:
+        return None
+    from diffusers import UNet2DModel
+
+    from .model import LabelEmbedder
+
+    folder = run.run_dir / "guide"
+    if not (folder / "unet" / "config.json").exists():
+        raise UserError(f"{folder}: the step-{cfg.sample.guide_snapshot_step} guide snapshot is missing; "
+                        f"train again without --resume")
+    return UNet2DModel.from_pretrained(folder / "unet"), LabelEmbedder.from_pretrained(folder / "label_embedder")
+
+
 def export(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
     from mitosis_ldm.io import atomic_dir
+
+    from .pipeline import MitosisPipeline
 
     net = ema_copy(model, ema)
     pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir,
                           {**info, "trained_steps": step, "ema": ema is not None})
+    guide = load_guide_snapshot(run, cfg)
+    if guide is not None:
+        pipe = MitosisPipeline(pipe.vae, pipe.unet, pipe.label_embedder, pipe.scheduler, {
+            **pipe.info, "default_guide": cfg.sample.guide,
+            "guide": {"snapshot_step": cfg.sample.guide_snapshot_step, "trained_steps": cfg.sample.guide_snapshot_step,
+                      "cond_dropout": cfg.diffusion.cond_dropout}}, guide=guide)
     with atomic_dir(run.model_dir, overwrite=True) as tmp:
         pipe.save_pretrained(tmp)
     run.accelerator.print(f"exported the pipeline (EMA weights) to {run.model_dir}")

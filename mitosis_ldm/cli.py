@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transitions": ("diffusion.sample", "render the same nucleus at conditions y = 0 ... 1"),
     "real2gen": ("diffusion.real2gen", "render a real patch at target labels (SDEdit or DDIM inversion)"),
     "generate": ("diffusion.generate", "generate a labelled patch dataset (training data for downstream classifiers)"),
+    "guide": ("diffusion.guide", "attach a weaker model of the same latents to a pipeline, for autoguidance"),
     "posterior": ("diffusion.posterior", "the diffusion model's posterior over the label of real patches (a second judge)"),
     "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
     "study": ("study.cli", "a blinded reader study: make the page, simulate readers, analyse the answers"),
