@@ -56,6 +56,22 @@ def folder_data(f: Folder) -> dict:
                                               for n in names]}
 
 
+def sampling_note(manifest: dict) -> str:
+    """How a folder's frames were sampled, from its manifest ('' when it does not say)."""
+    if manifest.get("guidance") is None:
+        return ""
+    against = {"weak": "the pipeline's weak model (autoguidance)", "null": "the null label (classifier-free)"}
+    parts = [f"guidance {manifest['guidance']:g} against {against.get(manifest.get('guide', 'null'), '?')}"]
+    interval = manifest.get("guidance_interval")
+    if isinstance(interval, list) and len(interval) == 2 and list(interval) != [0.0, 1.0]:
+        parts.append(f"on noise levels [{interval[0]:g}, {interval[1]:g}]")
+    if manifest.get("guidance_rescale"):
+        parts.append(f"rescale {manifest['guidance_rescale']:g}")
+    if manifest.get("sampler"):
+        parts.append(f"{manifest['sampler']}, {manifest.get('steps')} steps")
+    return "Sampled with " + ", ".join(parts) + ". "
+
+
 def ci_cell(entry: dict) -> str:
     lo, hi = entry["ci"]
     return "–" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
@@ -123,7 +139,7 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
                 "rendering of it at each target label. " if f.role == "real2gen" else
                 "Each row is one seed: the same noise rendered at each condition. ")
         body = (f"<p class='note'>{esc(str(f.path))} — {s['n_seeds']} rows; scores from {esc(f.score_source)}. "
-                f"{esc(note)}Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
+                f"{esc(sampling_note(f.manifest) if f.role != 'real2gen' else '')}{esc(note)}Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
                 + table(["metric", "statistic", "value", "95% bootstrap CI"], rows)
                 + img(file_data_uri(tmp / f"consistency-{f.key}.png"), f"score vs condition for {f.key}", "plot")
                 + seed_rows(f.key, data[f.key]))

@@ -335,3 +335,16 @@ def test_saturated_chromatin_is_still_nucleus():
         assert abs(int(mask.sum()) - int(disc.sum())) <= 0.15 * disc.sum()
         densities.append(morphology.measure(image)["h_mean"])
     assert np.all(np.diff(densities) > 0), densities
+
+
+def test_transitions_section_says_how_the_frames_were_sampled():
+    from report.page import sampling_note
+
+    auto = sampling_note({"guidance": 3.0, "guide": "weak", "guidance_interval": [0.2, 0.8], "guidance_rescale": 0.5,
+                          "sampler": "dpm++", "steps": 20})
+    assert auto == ("Sampled with guidance 3 against the pipeline's weak model (autoguidance), on noise levels "
+                    "[0.2, 0.8], rescale 0.5, dpm++, 20 steps. ")
+    plain = sampling_note({"guidance": 2.0, "guidance_interval": [0.0, 1.0], "guidance_rescale": 0.0,
+                           "sampler": "ddim", "steps": 8})
+    assert plain == "Sampled with guidance 2 against the null label (classifier-free), ddim, 8 steps. "
+    assert sampling_note({"seeds": [0]}) == ""  # a folder written without sampling settings says nothing
