@@ -184,7 +184,9 @@ def test_every_sampler_runs_and_shares_noise_across_conditions(world, sampler):
     pipe = MitosisPipeline.from_pretrained(world["pipeline"])
     frames = pipe.transitions([3], [0.5, 0.5], guidance=2.0, steps=3, sampler=sampler)
     assert frames.shape == (1, 2, 64, 64, 3)
-    assert np.array_equal(frames[0, 0], frames[0, 1])  # same seed + same condition -> same frame
+    # same seed + same condition -> the same frame, up to the last bit of batched arithmetic (oneDNN's result
+    # for a row may depend on where it sits in the batch; different noise would differ everywhere)
+    assert np.abs(frames[0, 0].astype(int) - frames[0, 1]).max() <= 2
 
 
 def test_guided_prediction_batches_cond_and_null(world):

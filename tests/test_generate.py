@@ -102,7 +102,7 @@ def test_mixed_labels_share_one_unet_batch_per_step(world):
     images = pipe.samples([3, 4, 3, 5], [0.2, 0.9, 0.2, 0.55], guidance=2.0, steps=2, sampler="ddim", batch_size=8)
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
     assert len(calls) == 2 and calls[0] == 4 + 3  # one call per step: 4 conditional rows, 3 distinct null rows
-    assert np.array_equal(images[0], images[2])  # the same (seed, label) pair is the same patch
+    assert np.abs(images[0].astype(int) - images[2]).max() <= 2  # the same (seed, label) pair: the same patch
     pipe.unet.forward = original
     alone = pipe.transitions(seeds=[4], conditions=[0.9], guidance=2.0, steps=2, sampler="ddim")
     assert np.abs(alone[0, 0].astype(int) - images[1]).max() <= 2  # patch i is its seed's transition frame
