@@ -373,11 +373,10 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def from_inverted(self, noise: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
-                      strength: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                      strength: float = 1.0) -> torch.Tensor:
         """DDIM from `invert`'s output (made with the same `steps` and `strength`) under `labels`."""
         scheduler = self._inversion_grid(steps)
-        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):],
-                            guidance_interval=guidance_interval)
+        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):])
 
     @torch.no_grad()
     def sdedit(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int, strength: float,

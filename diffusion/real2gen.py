@@ -48,8 +48,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, conditions: list[float], mode: str,
            guidance: float, steps: int, strength: float = 0.5, sampler: str = "ddim",
-           reconstruct: bool = True, inversion_iters: int = 3,
-           guidance_interval: tuple[float, float] = (0.0, 1.0)) -> dict:
+           reconstruct: bool = True, inversion_iters: int = 3) -> dict:
     """images uint8 (N, H, W, 3) -> frames (N, K, H, W, 3), reconstructions and PSNRs.
 
     `strength`: the noise level reached (sdedit) or the fraction of the schedule inverted (invert).
@@ -67,8 +66,7 @@ def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, co
         out.update(vae_recon=vae_recon, psnr_vae=psnr(images, vae_recon))
     if mode == "invert":
         noise = pipe.invert(z0, own, guidance, steps, fixed_point_iters=inversion_iters, strength=strength)  # (N, C, h, w)
-        latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps, strength=strength,
-                                     guidance_interval=guidance_interval)
+        latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps, strength=strength)
         if reconstruct:
             own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps, strength=strength))
             out.update(own_recon=own_recon, psnr_inversion=psnr(images, own_recon))
