@@ -23,8 +23,8 @@ The guidance schedule (pipeline.json `default_guidance_interval`,
 
 Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version
 of itself"): a pipeline folder may hold a weaker conditional model in `guide/`
-(`unet/`, `label_embedder/`; `python -m diffusion.guide` attaches one, or
-training's `train.guide_snapshot_step` keeps an early EMA snapshot). With
+(`unet/`, `label_embedder/`; `mitosis-ldm guide` attaches one, or training's
+`sample.guide_snapshot_step` keeps an early EMA snapshot of the same run). With
 `guide="weak"` the prediction is `weak + guidance * (cond - weak)`, both under
 the same label: it sharpens what the label asks for without pushing every
 condition away from the unconditional (label-mixed) mean, which is what makes
@@ -185,7 +185,7 @@ class MitosisPipeline:
             raise UserError(f"{flag}: must be one of {', '.join(GUIDES)}, got '{guide}'")
         if guide == "weak" and self.guide is None:
             raise UserError(f"{flag}: 'weak' needs a guide model, and {self.path or 'this pipeline'} has no guide/ "
-                            f"(attach one with python -m diffusion.guide)")
+                            f"(attach one with mitosis-ldm guide)")
         return guide
 
     # -- pieces ---------------------------------------------------------------
@@ -198,11 +198,12 @@ class MitosisPipeline:
     @torch.no_grad()
     def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float,
                guidance_rescale: float = 0.0, guide: str = "null") -> torch.Tensor:
-        """One batched UNet call: conditional and null halves -> guided prediction (B, C, h, w).
+        """Conditional and null halves in one batched UNet call -> guided prediction (B, C, h, w).
 
         When one half alone decides the result (all labels null, or guidance 0 or 1 without rescaling), only
         that half is computed: half the work, e.g. for inverting a real nucleus that has no label.
-        `guide="weak"`: autoguidance, the weak model's conditional prediction in place of the null half.
+        `guide="weak"`: autoguidance, the weak model's conditional prediction (its own UNet call) in place of
+        the null half.
         """
         b = latents.shape[0]
         timesteps = torch.full((b,), int(t), dtype=torch.long)
