@@ -33,7 +33,7 @@ DEFAULT_SETTINGS = [
 
 
 def parse_setting(text: str) -> dict:
-    from diffusion.pipeline import check_guidance_schedule
+    from diffusion.sampling_args import check_guidance_schedule
 
     setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null"}
     for part in text.split(","):
@@ -98,7 +98,8 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
 
 def main(argv=None):
     from classifier.model import ClassifierEnsemble
-    from diffusion.pipeline import MitosisPipeline, parse_conditions, parse_seeds
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sampling_args import parse_conditions, parse_seeds
     from mitosis_ldm.artifacts import write_transitions
     from mitosis_ldm.config import load_config
     from report.build import ReportConfig

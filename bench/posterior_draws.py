@@ -105,7 +105,7 @@ def main():
                         help="a `posterior --calibrate` folder: reuse its errors (draws up to its --draws)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from diffusion.pipeline import parse_conditions
+    from diffusion.sampling_args import parse_conditions
     from patches.dataset import PatchDataset
 
     grid = parse_conditions(args.grid, "--grid")

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.pipeline import MitosisPipeline, parse_conditions  # noqa: E402
+from diffusion.pipeline import MitosisPipeline  # noqa: E402
+from diffusion.sampling_args import parse_conditions  # noqa: E402
 from diffusion.posterior import calibration_from, denoising_errors, draw_timesteps  # noqa: E402
 from diffusion.posterior_fit import Calibration, log_posterior, scale_heuristic, summaries  # noqa: E402
 from report.posterior_section import judge_metrics  # noqa: E402

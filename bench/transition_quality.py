@@ -35,7 +35,8 @@ def consistency(scores: np.ndarray, conditions: np.ndarray) -> dict:
 
 def main(argv=None):
     from classifier.model import ClassifierEnsemble
-    from diffusion.pipeline import MitosisPipeline, parse_seeds
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sampling_args import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True)

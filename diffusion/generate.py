@@ -36,7 +36,8 @@ from mitosis_ldm.io import check_new_output
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
                              prepare_partial, run_job)
 
-from .pipeline import SAMPLERS, MitosisPipeline, check_conditions, check_sampling_args
+from .pipeline import SAMPLERS, MitosisPipeline
+from .sampling_args import check_conditions, check_sampling_args
 
 _PIPELINES: dict[str, MitosisPipeline] = {}  # one load per process, shared by its shards
 

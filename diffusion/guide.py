@@ -23,7 +23,8 @@ import argparse
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output
 
-from .pipeline import GUIDES, MitosisPipeline, check_sampling_args
+from .pipeline import MitosisPipeline
+from .sampling_args import GUIDES, check_sampling_args
 
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
 

@@ -36,7 +36,8 @@ from mitosis_ldm.artifacts import PATCHES, artifact_kind
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json, write_text
 
-from .pipeline import MitosisPipeline, parse_conditions
+from .pipeline import MitosisPipeline
+from .sampling_args import parse_conditions
 from .posterior_fit import Calibration, fit_calibration, log_posterior, parse_votes, scale_heuristic, summaries
 
 ERROR_SPACES = ("epsilon", "v_prediction", "sample")

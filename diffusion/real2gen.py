@@ -37,7 +37,8 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output, save_npy
 
-from .pipeline import MAX_INVERSION_ITERS, SAMPLERS, MitosisPipeline, check_sampling_args, parse_conditions
+from .pipeline import SAMPLERS, MitosisPipeline
+from .sampling_args import MAX_INVERSION_ITERS, check_sampling_args, parse_conditions
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

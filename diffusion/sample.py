@@ -26,8 +26,9 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
-from .pipeline import (GUIDES, SAMPLERS, MitosisPipeline, check_guidance_schedule, check_sampling_args, parse_conditions,
-                       parse_interval, parse_seeds)
+from .pipeline import SAMPLERS, MitosisPipeline
+from .sampling_args import (GUIDES, check_guidance_schedule, check_sampling_args, parse_conditions, parse_interval,
+                            parse_seeds)
 
 
 def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, steps, sampler,

@@ -189,7 +189,8 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
     if not 0 <= cfg.diffusion.cond_dropout <= 1:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
-    from .pipeline import SAMPLERS, check_guidance_schedule
+    from .pipeline import SAMPLERS
+    from .sampling_args import GUIDES, check_guidance_schedule
 
     if cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
@@ -201,8 +202,6 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"sample.real2gen_strength: must be in (0, 1], got {cfg.sample.real2gen_strength:g}")
     check_guidance_schedule(cfg.sample.guidance_interval, cfg.sample.guidance_rescale,
                             "sample.guidance_interval", "sample.guidance_rescale")
-    from .pipeline import GUIDES
-
     if cfg.sample.guide not in GUIDES:
         raise UserError(f"sample.guide: must be one of {', '.join(GUIDES)}, got '{cfg.sample.guide}'")
     snapshot = cfg.sample.guide_snapshot_step

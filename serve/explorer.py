@@ -152,7 +152,7 @@ class Explorer:
         base = self.defaults(mode)
         conditions = base["conditions"] if conditions is None else conditions
         if isinstance(conditions, str):
-            from diffusion.pipeline import parse_conditions
+            from diffusion.sampling_args import parse_conditions
 
             conditions = parse_conditions(conditions)
         if not 1 <= len(conditions) <= MAX_CONDITIONS:
@@ -170,7 +170,7 @@ class Explorer:
             raise UserError(f"field 'guidance': must be in [0, {MAX_GUIDANCE:g}], got {guidance:g}")
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"field 'steps': must be in [1, {MAX_STEPS}], got {steps}")
-        from diffusion.pipeline import MAX_INVERSION_ITERS
+        from diffusion.sampling_args import MAX_INVERSION_ITERS
 
         if not 0 <= iters <= MAX_INVERSION_ITERS:
             raise UserError(f"field 'inversion_iters': must be in [0, {MAX_INVERSION_ITERS}], got {iters}")

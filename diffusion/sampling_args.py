@@ -1,0 +1,100 @@
+"""What a user may ask the sampler for, checked: seeds, conditions, guidance scale, steps and schedule.
+
+    seeds = parse_seeds("0-15")                    # [0, ..., 15]
+    conditions = parse_conditions("0:1:11")        # [0.0, 0.1, ..., 1.0]
+    interval, rescale = check_guidance_schedule((0.3, 1.0), 0.0)
+
+Each check raises one `UserError` line that names the flag (or config field).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mitosis_ldm.errors import UserError
+
+GUIDES = ("null", "weak")  # what guidance pushes away from: the null label (classifier-free) or the weak model
+MAX_INVERSION_ITERS = 10  # fixed-point iterations per inverted step that real2gen and the explorer accept
+
+
+def check_conditions(conditions, flag: str = "--conditions") -> list[float]:
+    values = [float(c) for c in conditions]
+    for c in values:
+        if not (0.0 <= c <= 1.0):  # also rejects NaN
+            raise UserError(f"{flag}: condition {c:g} is outside [0, 1]")
+    if not values:
+        raise UserError(f"{flag}: no conditions given")
+    return values
+
+
+def check_sampling_args(guidance: float, steps: int) -> None:
+    if not (guidance >= 0):
+        raise UserError(f"--guidance: must be >= 0, got {guidance:g}")
+    if steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {steps}")
+
+
+def check_guidance_schedule(interval, rescale, interval_flag: str = "--guidance-interval",
+                            rescale_flag: str = "--guidance-rescale") -> tuple[tuple[float, float], float]:
+    """A noise-level interval (low, high) with 0 <= low < high <= 1 and a rescale factor in [0, 1]."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UserError(f"{interval_flag}: expected two noise levels LOW,HIGH such as 0.2,0.8; got {interval!r}") \
+            from None
+    if not (0.0 <= low < high <= 1.0):  # also rejects NaN
+        raise UserError(f"{interval_flag}: must satisfy 0 <= LOW < HIGH <= 1 (noise levels), got {low:g},{high:g}")
+    rescale = float(rescale)
+    if not (0.0 <= rescale <= 1.0):
+        raise UserError(f"{rescale_flag}: must be in [0, 1], got {rescale:g}")
+    return (low, high), rescale
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """'0.2,0.8' -> (0.2, 0.8), checked."""
+    parts = str(text).split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = None
+    if values is None or len(values) != 2:
+        raise UserError(f"--guidance-interval: expected two noise levels LOW,HIGH such as 0.2,0.8; got '{text}'")
+    return check_guidance_schedule(values, 0.0)[0]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-15' or '0,3,7' or '0-3,9' -> [ints]."""
+    seeds = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                seeds += list(range(lo, hi + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise UserError(f"--seeds: expected e.g. 0-15 or 0,3,7, got '{text}'") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds: expected non-negative seeds such as 0-15, got '{text}'")
+    return seeds
+
+
+def parse_conditions(text: str, flag: str = "--conditions") -> list[float]:
+    """'0:1:11' (start:stop:count, inclusive) or '0,0.5,1' -> floats in [0, 1]."""
+    try:
+        if ":" in text:
+            a, b, n = text.split(":")
+            count = int(n)
+            if count < 1:
+                raise ValueError
+            values = np.linspace(float(a), float(b), count).round(6).tolist()
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected START:STOP:COUNT such as 0:1:11, or a list such as 0,0.5,1; "
+                        f"got '{text}'") from None
+    return check_conditions(values, flag)
