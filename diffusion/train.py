@@ -345,7 +345,6 @@ def save_guide_snapshot(run, model, ema, step) -> None:
     with atomic_dir(run.run_dir / "guide", overwrite=True) as tmp:
         net.unet.save_pretrained(tmp / "unet")
         net.embedder.save_pretrained(tmp / "label_embedder")
-        (tmp / "step.txt").write_text(f"{step}\n")
     run.accelerator.print(f"kept the step-{step} EMA weights as the autoguidance guide ({run.run_dir / 'guide'})")
 
 
@@ -376,8 +375,8 @@ def export(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
     if guide is not None:
         pipe = MitosisPipeline(pipe.vae, pipe.unet, pipe.label_embedder, pipe.scheduler, {
             **pipe.info, "default_guide": cfg.sample.guide,
-            "guide": {"snapshot_step": cfg.sample.guide_snapshot_step, "trained_steps": cfg.sample.guide_snapshot_step,
-                      "cond_dropout": cfg.diffusion.cond_dropout}}, guide=guide)
+            "guide": {"snapshot_step": cfg.sample.guide_snapshot_step, "cond_dropout": cfg.diffusion.cond_dropout}},
+            guide=guide)
     with atomic_dir(run.model_dir, overwrite=True) as tmp:
         pipe.save_pretrained(tmp)
     run.accelerator.print(f"exported the pipeline (EMA weights) to {run.model_dir}")
