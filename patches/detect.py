@@ -44,7 +44,7 @@ class DetectConfig:
     default_mpp: float = 0.5       # used when the slide does not say
 
 
-def _find(rgb: np.ndarray, cfg: DetectConfig, mpp: float) -> list[tuple[float, float]]:
+def find_nuclei(rgb: np.ndarray, cfg: DetectConfig, mpp: float) -> list[tuple[float, float]]:
     """Nucleus centroids (x, y) in the pixels of `rgb` (H, W, 3)."""
     from scipy import ndimage as ndi
     from skimage import feature, measure, morphology, segmentation
@@ -111,7 +111,7 @@ def detect_slide(slide_path: str, patch_size: int, margin: int, level: int, max_
                     x0, y0 = max(0, tx - overlap), max(0, ty - overlap)
                     x1, y1 = min(width, tx + cfg.tile + overlap), min(height, ty + cfg.tile + overlap)
                     rgb = slide._read(x0, y0, x1 - x0, y1 - y0, level)
-                    for cx, cy in _find(rgb, cfg, mpp):
+                    for cx, cy in find_nuclei(rgb, cfg, mpp):
                         gx, gy = cx + x0, cy + y0
                         if tx <= gx < tx + cfg.tile and ty <= gy < ty + cfg.tile:  # each nucleus once
                             centres.append((gx, gy))

@@ -203,14 +203,14 @@ class Explorer:
         found = self.nuclei.get(key)
         if found is not None:
             return found
-        from patches.detect import DetectConfig, _find
+        from patches.detect import DetectConfig, find_nuclei
 
         cfg = DetectConfig()
         half = max(64, self.patch_size)
         window = entry.slide.read_region(x - half, y - half, 2 * half, 2 * half)  # (2h, 2h, 3), reflected at borders
         width, height = entry.size
         best = None
-        for cx, cy in _find(window, cfg, entry.slide.mpp or cfg.default_mpp):
+        for cx, cy in find_nuclei(window, cfg, entry.slide.mpp or cfg.default_mpp):
             gx, gy = x - half + cx, y - half + cy
             dist = float(np.hypot(gx - x, gy - y))
             if 0 <= gx < width and 0 <= gy < height and dist <= self.patch_size / 2 and \

@@ -5,35 +5,20 @@ Needs Debian's `chromium` + `chromium-driver` (`make browser-deps` installs them
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from report.build import ReportConfig, build_report
 
+from browser_helpers import chromium
 from report_helpers import FakeEnsemble
 from test_report import SIZE, make_inputs
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture
 def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -e '.[test]'")
-    if not (CHROMIUM and DRIVER):
-        pytest.skip("chromium / chromedriver not installed: run `make browser-deps` "
-                    "(apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver = chromium(tmp_path / "profile", "1280,1000")
     yield driver
     driver.quit()
 

@@ -11,35 +11,21 @@ Set SERVE_SCREENSHOTS=DIR to keep the demo variant's screenshots at y = 0 and y 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from browser_helpers import chromium
 from conftest import REPO, SAMPLE_SLIDE
 from serve_helpers import NUCLEI, make_explorer, shared_world
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
 DEMO = REPO / "runs" / "demo"
 
 
 @pytest.fixture
 def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -e '.[test]'")
-    if not (CHROMIUM and DRIVER):
-        pytest.skip("chromium / chromedriver not installed: run `make browser-deps`")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver = chromium(tmp_path / "profile", "1400,900")
     yield driver
     driver.quit()
 
