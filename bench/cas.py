@@ -19,6 +19,7 @@ metrics). One generated pool serves every setting: patch i depends only on
 (--gen-seed, i), so a prefix of the pool is exactly what a smaller `generate`
 run would make. Trained classifiers are kept in OUT/train/ and reused, so a
 killed bench continues where it stopped. `--quick`: CI sizes (few steps, small pool).
+`--few-labels-only`: just the real@F and real+generated@F pairs (the augmentation comparison).
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--real-train", type=int, help="cap (a)-(c) at this many real (and generated) training "
                         "patches: a stratified subset (default: the whole train split)")
     parser.add_argument("--quick", action="store_true", help="CI sizes: 40 training steps, a small pool")
+    parser.add_argument("--few-labels-only", action="store_true",
+                        help="train only the real@F and real+generated@F pairs, not (a)-(c)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from classifier.mixture import fraction_positions
@@ -169,7 +172,7 @@ def main(argv=None):
     if args.quick:
         fractions = [0.02]
     counts = {(f, s): len(fraction_positions(real_train, f, s)) for f in fractions for s in seeds}
-    need = max([n_train] + [4 * c for c in counts.values()])
+    need = max(([] if args.few_labels_only else [n_train]) + [4 * c for c in counts.values()])
     pool_n = int(math.ceil(need / 0.9 * 1.05)) + 16  # the val split takes 10 %; margin for its randomness
     tag = f"{args.labels.replace(':', '_').replace('/', '_')}-g{args.guidance if args.guidance is not None else 'default'}"
     pool = args.out / f"gen-{tag}-n{pool_n}"
@@ -182,9 +185,10 @@ def main(argv=None):
         "labels": args.labels, "guidance": args.guidance, "generated_pool": str(pool), "seeds": seeds,
         "fractions": fractions, "real_train": n_train, "members": args.members, "test_patches": len(test),
         "generation_patches_per_s": speed, "transition_frames_per_s": transition_rate(args.pipeline),
-        "threads": args.threads,
+        "threads": args.threads, "few_labels_only": args.few_labels_only,
     }
-    gen_full = generated_subset(pool, n_train, args.out / f"{pool.name}-train{n_train}")
+    full = not args.few_labels_only
+    gen_full = generated_subset(pool, n_train, args.out / f"{pool.name}-train{n_train}") if full else None
     real_sets = [f"data.dataset={args.real}"]
     if n_train < len(real_train):
         real_sets.append(f"data.fraction={n_train / len(real_train):.6f}")
@@ -195,16 +199,18 @@ def main(argv=None):
         write_result(args.out / "cas.json", result, runs, fractions)  # after every training: a killed bench keeps it
 
     for seed in seeds:  # the CAS pair first, then the few-label pairs: a stopped bench still has whole comparisons
-        setting("real", real_sets, seed)
-        setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
+        if full:
+            setting("real", real_sets, seed)
+            setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
         for f in fractions:
             k = 4 * counts[(f, seed)]  # 4x as many generated training patches as real labels
             gen_f = generated_subset(pool, k, args.out / f"{pool.name}-train{k}")
             setting(f"real@{f:g}", [f"data.dataset={args.real}", f"data.fraction={f}"], seed)
             setting(f"real+generated@{f:g}", [f"data.datasets=[{args.real},{gen_f}]", "data.weights=[1,1]",
                                               f"data.fraction={f}", "data.allow_generated=true"], seed)
-        setting("real+generated", [f"data.datasets=[{args.real},{gen_full}]", "data.weights=[1,1]",
-                                   "data.allow_generated=true", *real_sets[1:]], seed)
+        if full:
+            setting("real+generated", [f"data.datasets=[{args.real},{gen_full}]", "data.weights=[1,1]",
+                                       "data.allow_generated=true", *real_sets[1:]], seed)
     result["complete"] = True
     write_result(args.out / "cas.json", result, runs, fractions)
     print(json.dumps(result, indent=2))
