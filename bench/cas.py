@@ -224,12 +224,13 @@ def write_result(path: Path, result: dict, runs: dict, fractions: list[float]) -
     if "real" in table and "generated" in table:
         ratio = table["generated"]["auroc"]["mean"] / table["real"]["auroc"]["mean"]
         targets["cas_ratio"] = {"value": ratio, "target": ">= 0.9", "met": ratio >= 0.9}
-    for f in fractions:
+    for f in fractions:  # AUROC, and DiffInfinite's balanced accuracy at the hard label beside it
         if f"real@{f:g}" in table and f"real+generated@{f:g}" in table:
-            a, c = table[f"real@{f:g}"]["auroc"], table[f"real+generated@{f:g}"]["auroc"]
-            gain, spread = c["mean"] - a["mean"], max(a["spread"], c["spread"])
-            targets[f"augmentation_gain@{f:g}"] = {"value": gain, "seed_spread": spread, "target": "> seed spread",
-                                                   "met": gain > spread}
+            for metric, name in (("auroc", "augmentation_gain"), ("balanced_accuracy", "augmentation_gain_bacc")):
+                a, c = table[f"real@{f:g}"][metric], table[f"real+generated@{f:g}"][metric]
+                gain, spread = c["mean"] - a["mean"], max(a["spread"], c["spread"])
+                targets[f"{name}@{f:g}"] = {"value": gain, "seed_spread": spread, "target": "> seed spread",
+                                            "met": gain > spread}
     result.update(table=table, targets=targets, load_average=os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)

@@ -92,9 +92,9 @@ def section(tmp: Path, data: dict) -> str:
     auroc_vs_fraction(tmp / "cas-auroc-vs-fraction.png", data)
     rows = []
     for name, entry in data["table"].items():
-        a, s = entry["auroc"], entry["spearman_true_degree"]
+        a, s, b = entry["auroc"], entry["spearman_true_degree"], entry.get("balanced_accuracy")
         rows.append([name, describe(name), entry.get("train_patches"), f"{a['mean']:.3f} ± {a['spread'] / 2:.3f}",
-                     f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
+                     f"{b['mean']:.3f} ± {b['spread'] / 2:.3f}" if b else "", f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
     target_rows = []
     for name, t in data["targets"].items():
         target_rows.append([name, t["value"], t["target"] + (f" (spread {t['seed_spread']:.3f})"
@@ -111,6 +111,7 @@ def section(tmp: Path, data: dict) -> str:
     return (f"<p>The classifier recipe trained on each set, tested on the same held-out <em>real</em> test "
             f"patches (mean ± half the range over seeds). CAS: generated only against real only; augmentation: "
             f"few real labels with and without generated patches. {esc(settings)}.</p>{quick}"
-            + table(["trained on", "what", "train patches", "AUROC (hard label)", "Spearman (true degree)"], rows)
+            + table(["trained on", "what", "train patches", "AUROC (hard label)", "balanced accuracy (hard label)",
+                     "Spearman (true degree)"], rows)
             + table(["target", "value", "wanted", "verdict"], target_rows)
             + img(file_data_uri(tmp / "cas-auroc-vs-fraction.png"), "AUROC against the fraction of real labels"))

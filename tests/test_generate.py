@@ -199,6 +199,7 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
     def entry(mean, values):
         return {"auroc": {"mean": mean, "spread": max(values) - min(values), "values": values},
                 "spearman_true_degree": {"mean": mean - 0.1, "spread": 0.01, "values": [mean - 0.1] * 2},
+                "balanced_accuracy": {"mean": mean - 0.05, "spread": 0.02, "values": [mean - 0.06, mean - 0.04]},
                 "train_patches": 100}
 
     table = {"real": entry(0.95, [0.94, 0.96]), "generated": entry(0.8, [0.79, 0.81]),
@@ -212,6 +213,7 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
     html = section.write(tmp_path)
     assert (tmp_path / "cas-auroc-vs-fraction.png").stat().st_size > 1000
     assert "real+generated@0.05" in html and "0.800 ± 0.010" in html and "<strong>missed</strong>" in html
+    assert "balanced accuracy (hard label)" in html and "0.750 ± 0.010" in html
     assert "5% of the real train labels + 4x as many generated patches" in html
     (tmp_path / "bad.json").write_text(json.dumps({"bench": "posterior"}))
     with pytest.raises(UserError, match="field 'bench'"):
@@ -220,3 +222,28 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
     (tmp_path / "cas.json").write_text(json.dumps(result))
     with pytest.raises(UserError, match="field 'table' is empty"):
         extra(tmp_path / "cas.json")
+
+
+def test_cas_bench_judges_augmentation_by_auroc_and_balanced_accuracy(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cas_bench", REPO / "bench" / "cas.py")
+    cas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cas)
+
+    def run(seed, auroc, bacc):
+        return {"setting": "x", "seed": seed, "auroc": auroc, "spearman_true_degree": 0.5,
+                "balanced_accuracy": bacc, "train_patches": 10}
+
+    # AUROC gains 0.005 against a real-only seed range of 0.012; balanced accuracy gains 0.02 against 0.012
+    runs = {"real": [run(0, 0.98, 0.94), run(1, 0.98, 0.94)], "generated": [run(0, 0.97, 0.93), run(1, 0.97, 0.93)],
+            "real@0.05": [run(0, 0.979, 0.93), run(1, 0.967, 0.918)],
+            "real+generated@0.05": [run(0, 0.978, 0.944), run(1, 0.978, 0.944)]}
+    cas.write_result(tmp_path / "cas.json", {"bench": "cas"}, runs, [0.05])
+    targets = json.loads((tmp_path / "cas.json").read_text())["targets"]
+    assert targets["cas_ratio"]["met"] and targets["cas_ratio"]["value"] == pytest.approx(0.97 / 0.98)
+    auroc, bacc = targets["augmentation_gain@0.05"], targets["augmentation_gain_bacc@0.05"]
+    assert auroc["value"] == pytest.approx(0.978 - 0.973) and auroc["seed_spread"] == pytest.approx(0.012)
+    assert not auroc["met"]
+    assert bacc["value"] == pytest.approx(0.944 - 0.924) and bacc["seed_spread"] == pytest.approx(0.012)
+    assert bacc["met"]
