@@ -4,7 +4,8 @@
   sets (N, D) — FID's formula, in the classifier's feature space.
 - `frechet_per_bin`: generated vs held-out real per label bin, beside the
   yardstick real-half vs real-half at the same sample size (the distance is
-  biased by sample size, so both sides use equal n).
+  biased by sample size, so both sides use equal n); and the same ratio with
+  every bin at the smallest bin's n, since the ratio itself grows with n.
 - `memorisation`: the share of generated patches closer to a training patch
   than (almost all) held-out real patches are.
 """
@@ -48,27 +49,47 @@ def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.
 
     n = min(#generated, #real // 2); each repeat draws fresh disjoint halves and a
     fresh generated subsample; the distances are averaged over repeats.
+    Both distances shrink as n grows, the yardstick (two samples of one
+    distribution) toward 0, so the same gap gives a larger ratio in a bin with
+    more patches. `ratio_common_n` therefore repeats the comparison with every
+    bin at `common_n`, the smallest n among the bins that have enough patches.
     """
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, members = [], []
     for b in range(n_bins):
         gen = generated[generated_bins == b]
         ref = real[real_bins == b]
         n = min(len(gen), len(ref) // 2)
         row = {"bin": b, "n_generated": int(len(gen)), "n_real": int(len(ref)), "n": int(n),
-               "frechet": None, "yardstick": None, "ratio": None}
+               "frechet": None, "yardstick": None, "ratio": None,
+               "common_n": None, "frechet_common_n": None, "yardstick_common_n": None, "ratio_common_n": None}
         if n >= min_count:
-            fd, yard = [], []
-            for _ in range(repeats):
-                perm = rng.permutation(len(ref))
-                half_a, half_b = ref[perm[:n]], ref[perm[n: 2 * n]]
-                gen_n = gen[rng.permutation(len(gen))[:n]]
-                fd.append(frechet(gen_n, half_b))
-                yard.append(frechet(half_a, half_b))
-            row["frechet"], row["yardstick"] = float(np.mean(fd)), float(np.mean(yard))
-            row["ratio"] = row["frechet"] / row["yardstick"] if row["yardstick"] > 0 else None
+            row["frechet"], row["yardstick"], row["ratio"] = _compare(gen, ref, n, repeats, rng)
         rows.append(row)
+        members.append((gen, ref))
+    valid = [r for r in rows if r["frechet"] is not None]
+    if valid:
+        common = min(r["n"] for r in valid)
+        rng = np.random.default_rng(seed + 1)  # fresh draws: the own-n numbers above stay as they were
+        for row in valid:
+            gen, ref = members[row["bin"]]
+            row["common_n"] = int(common)
+            row["frechet_common_n"], row["yardstick_common_n"], row["ratio_common_n"] = \
+                _compare(gen, ref, common, repeats, rng)
     return rows
+
+
+def _compare(gen: np.ndarray, ref: np.ndarray, n: int, repeats: int, rng) -> tuple[float, float, float | None]:
+    """(Fréchet(generated, real half B), Fréchet(real half A, real half B), their ratio), n rows each, averaged."""
+    fd, yard = [], []
+    for _ in range(repeats):
+        perm = rng.permutation(len(ref))
+        half_a, half_b = ref[perm[:n]], ref[perm[n: 2 * n]]
+        gen_n = gen[rng.permutation(len(gen))[:n]]
+        fd.append(frechet(gen_n, half_b))
+        yard.append(frechet(half_a, half_b))
+    distance, yardstick = float(np.mean(fd)), float(np.mean(yard))
+    return distance, yardstick, distance / yardstick if yardstick > 0 else None
 
 
 def nearest_distances(queries: np.ndarray, reference: np.ndarray, chunk: int = 256, candidates: int = 4) -> np.ndarray:

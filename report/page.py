@@ -162,13 +162,17 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
                      + img(file_data_uri(tmp / "morphology.png"), "morphology features vs condition", "plot")))
     # fidelity and memorisation
     fid = metrics["fidelity"]
-    rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"]]
-            for r in fd_rows]
-    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"]])
+    rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"],
+             r.get("ratio_common_n")] for r in fd_rows]
+    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"], ""])
+    common = next((r["common_n"] for r in fd_rows if r.get("common_n")), None)
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
             "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
-            "the real patches (equal sample sizes, averaged over repeats).</p>"
-            + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio"], rows)
+            "the real patches (equal sample sizes, averaged over repeats). Both shrink as n grows, the yardstick "
+            "toward 0, so the same gap gives a larger ratio in a bin with more real patches; the last column "
+            "compares every bin at one n (the smallest bin's), which is the column to read across bins.</p>"
+            + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio",
+                     f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
     if memo:
         rows = [[space, r["share"], r["quantile"], r["threshold"], r["generated_median"], r["held_out_median"],

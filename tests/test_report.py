@@ -141,6 +141,24 @@ def test_frechet_per_bin_compares_equal_sample_sizes():
     assert [r["n"] for r in rows] == [50, 50, 0]
     assert rows[0]["ratio"] < 3 and rows[1]["ratio"] > 10
     assert rows[2]["frechet"] is None  # an empty bin is reported, not invented
+    assert [r["common_n"] for r in rows] == [50, 50, None]
+
+
+def test_frechet_ratio_at_common_n_compares_bins_of_different_sizes():
+    # the same generator fault (a 0.5 shift in every dimension) in a bin with 600 real patches and in one with 60:
+    # at each bin's own n the big bin's ratio is far larger; at one common n the two agree
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(660, 8))
+    real_bins = np.repeat([0, 1], [600, 60])
+    gen = rng.normal(size=(600, 8)) + 0.5
+    gen_bins = np.repeat([0, 1], [300, 300])
+    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, min_count=8, repeats=20)
+    assert [r["n"] for r in rows] == [300, 30] and [r["common_n"] for r in rows] == [30, 30]
+    assert rows[0]["ratio"] > 2 * rows[1]["ratio"]
+    assert rows[0]["ratio_common_n"] == pytest.approx(rows[1]["ratio_common_n"], rel=0.35)
+    # the own-n numbers do not depend on whether the common-n pass ran (it draws from its own generator)
+    again = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, min_count=8, repeats=20)
+    assert again[0]["ratio"] == rows[0]["ratio"]
 
 
 def test_memorisation_flags_copies_not_fresh_samples():
