@@ -65,7 +65,7 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
          for i in range(len(real_ids))]))
     fd_columns = ["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio", "common_n",
                   "frechet_common_n", "yardstick_common_n", "ratio_common_n"]
-    write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r.get(c) for c in fd_columns] for r in fd_rows]))
+    write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r[c] for c in fd_columns] for r in fd_rows]))
     if response_curves and "real" in response_curves:
         real = response_curves["real"]
         rows = [["real", x, m, lo, hi, n] for x, m, lo, hi, n in zip(real["x"], real["mean"], real["lo"], real["hi"],

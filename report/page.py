@@ -163,9 +163,9 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
     # fidelity and memorisation
     fid = metrics["fidelity"]
     rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"],
-             r.get("ratio_common_n")] for r in fd_rows]
+             r["ratio_common_n"]] for r in fd_rows]
     rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"], ""])
-    common = next((r["common_n"] for r in fd_rows if r.get("common_n")), None)
+    common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
             "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
             "the real patches (equal sample sizes, averaged over repeats). Both shrink as n grows, the yardstick "
