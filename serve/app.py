@@ -154,7 +154,8 @@ def create_app(explorer: Explorer, worker: ModelWorker | None = None, max_body: 
                 "datasets": [{"name": n, "patches": len(ds)} for n, (_, ds) in explorer.datasets.items()],
                 "pipeline": explorer.pipeline_path, "classifier": explorer.classifier_path,
                 "patch_size": explorer.patch_size, "defaults": explorer.defaults("invert"),
-                "sdedit_strength": explorer.defaults("sdedit")["strength"]}
+                "sdedit_strength": explorer.defaults("sdedit")["strength"],
+                "traced": explorer.eager_reason is None, "eager_reason": explorer.eager_reason}
 
     # -- slides and tiles ------------------------------------------------------------------------------
     @app.get("/slides")

@@ -55,7 +55,9 @@ def build(args):
     pipeline = MitosisPipeline.from_pretrained(args.pipeline)
     classifier = ClassifierEnsemble.from_pretrained(args.classifier)
     explorer = Explorer(slides, datasets, pipeline, classifier, args.exports, pipeline_path=args.pipeline,
-                        classifier_path=args.classifier)
+                        classifier_path=args.classifier, trace=not args.eager)
+    if explorer.eager_reason not in (None, "not asked"):
+        print(f"warning: rendering eagerly: {explorer.eager_reason}", file=sys.stderr)
     return create_app(explorer, ModelWorker(args.queue), max_body=args.max_body)
 
 
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=16, help="model requests running or waiting before 503 (default 16)")
     p.add_argument("--max-body", type=int, default=16_384, help="largest request body in bytes (default 16384)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--eager", action="store_true", help="run the UNet and decoder as plain modules instead of "
+                   "frozen traced graphs (the same frames, slower)")
     return p
 
 

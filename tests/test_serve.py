@@ -89,7 +89,11 @@ def test_click_is_recentred_on_the_nearest_nucleus(client):
 @pytest.mark.slow
 def test_transition_is_cached_and_export_reproduces_with_real2gen(client, world, tmp_path):
     body = {"slide": SLIDE, "x": 303, "y": 137, "mode": "invert", "strength": 0.5, "guidance": 2.0, **FAST}
+    import torch
+
+    threads = torch.get_num_threads()
     first = client.post("/transition", json=body).json()
+    assert torch.get_num_threads() == threads  # scoring on one thread beside the measuring one, then restored
     assert first["cached"] is False and first["settings"]["conditions"] == [0.0, 0.5, 1.0]
     assert first["source"]["centre"] == [300, 140]
     assert len(first["frames"]) == 3 and len(first["scores"]) == 3 and len(first["scores_std"]) == 3
@@ -219,6 +223,7 @@ def test_healthz_and_info(client):
     assert info["patch_size"] == 64 and info["defaults"]["mode"] == "invert"
     assert info["defaults"]["strength"] == 0.5 and info["defaults"]["guidance"] == 2.0  # from pipeline.json
     assert len(info["defaults"]["conditions"]) == 11
+    assert info["traced"] is True and info["eager_reason"] is None  # the explorer renders through frozen graphs
     page = client.get("/")
     assert page.status_code == 200 and "/static/openseadragon/openseadragon.min.js" in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loads from the network

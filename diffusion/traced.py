@@ -1,0 +1,119 @@
+"""Frozen TorchScript graphs of a pipeline's UNet and decoder, for callers that wait on one render (the explorer).
+
+    from diffusion.traced import trace_pipeline
+    trace_pipeline(pipe)   # pipe.unet and pipe.vae.decode now run frozen graphs; everything else is unchanged
+
+At the explorer's sizes a diffusers UNet call is mostly Python dispatch: on the demo model (2 cores) one
+batch-1 call on 16x16 latents takes 23.6 ms eagerly and 8.7 ms traced and frozen, a 22-latent guided step
+88 -> 56 ms, and decoding 11 channels-last frames 176 -> 154 ms. The frames are the same to the last bit (the same
+oneDNN kernels run; `tests/test_serve.py` renders through the explorer and compares with `mitosis-ldm
+real2gen`). `torch.compile` gave 3 % after 116 s of compiling on first use; tracing takes about a second.
+
+The graphs are traced at one batch size and hold for others, except where diffusers branches on the batch:
+its upsampler makes a tensor contiguous from batch 64 on. Batches from `EAGER_FROM` on therefore run the
+eager module. A trace that fails, or whose output differs from the eager module's on a check input, is not
+used: the pipeline stays eager and the reason is returned.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+EAGER_FROM = 64  # diffusers' upsampler takes another branch from this batch size on
+
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, class_labels):
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+class TracedUNet:
+    """Called like the UNet (`unet(sample, t, class_labels=emb).sample`); every other attribute is the eager one."""
+
+    def __init__(self, eager, graph):
+        self.eager, self.graph = eager, graph
+        self.traced_calls = self.eager_calls = 0
+
+    def __call__(self, sample, timestep, class_labels=None, return_dict=True):
+        if class_labels is None or not torch.is_tensor(timestep) or timestep.ndim != 1 or len(sample) >= EAGER_FROM:
+            self.eager_calls += 1
+            return self.eager(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+        self.traced_calls += 1
+        out = self.graph(sample, timestep, class_labels)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+    def __getattr__(self, name):
+        return getattr(self.eager, name)
+
+
+class TracedVAE:
+    """The autoencoder with a traced `decode`; `encode` and every other attribute are the eager ones."""
+
+    def __init__(self, eager, graph):
+        self.eager, self.graph = eager, graph
+        self.traced_calls = self.eager_calls = 0
+
+    def decode(self, latents, return_dict=True):
+        if len(latents) >= EAGER_FROM:
+            self.eager_calls += 1
+            return self.eager.decode(latents, return_dict=return_dict)
+        self.traced_calls += 1
+        out = self.graph(latents)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+    def __getattr__(self, name):
+        return getattr(self.eager, name)
+
+
+def _frozen(module: torch.nn.Module, example: tuple):
+    with warnings.catch_warnings():
+        # torch marks jit tracing as deprecated in favour of torch.compile, which costs minutes per start here;
+        # the tracer's shape warnings are the batch branch EAGER_FROM routes around
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+
+
+@torch.no_grad()
+def trace_pipeline(pipe, batch: int = 22) -> str | None:
+    """Swap in traced graphs of `pipe.unet` and `pipe.vae`'s decoder; None on success, else why not (eager kept)."""
+    if isinstance(pipe.unet, TracedUNet):
+        return None
+    c, h, w = pipe.latent_shape
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn((batch, c, h, w), generator=gen)
+    emb = pipe.label_embedder(torch.rand(batch, generator=gen))
+    steps = torch.full((batch,), pipe.scheduler.config.num_train_timesteps // 2, dtype=torch.long)
+    check = torch.randn((3, c, h, w), generator=gen)
+    check_last = check.contiguous(memory_format=torch.channels_last)
+    try:
+        unet = _frozen(_UNetGraph(pipe.unet), (latents, steps, emb))
+        # traced on the channels-last latents decode_latents hands it
+        half = latents[: batch // 2].contiguous(memory_format=torch.channels_last)
+        decoder = _frozen(_DecoderGraph(pipe.vae), (half,))
+        # a shape and a timestep other than the traced ones must give the eager answer
+        t3 = torch.tensor([0, 7, pipe.scheduler.config.num_train_timesteps - 1])
+        same_unet = torch.equal(unet(check, t3, emb[:3]), pipe.unet(check, t3, class_labels=emb[:3]).sample)
+        same_decoder = torch.equal(decoder(check_last), pipe.vae.decode(check_last).sample)
+    except Exception as error:  # noqa: BLE001 - any tracing failure leaves the eager pipeline, which is correct
+        return f"tracing failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    if not (same_unet and same_decoder):
+        return "the traced graph's output differs from the eager module's"
+    pipe.unet = TracedUNet(pipe.unet, unet)
+    pipe.vae = TracedVAE(pipe.vae, decoder)
+    return None
