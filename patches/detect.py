@@ -44,8 +44,14 @@ class DetectConfig:
     default_mpp: float = 0.5       # used when the slide does not say
 
 
-def find_nuclei(rgb: np.ndarray, cfg: DetectConfig, mpp: float) -> list[tuple[float, float]]:
-    """Nucleus centroids (x, y) in the pixels of `rgb` (H, W, 3)."""
+def find_nuclei(rgb: np.ndarray, cfg: DetectConfig, mpp: float,
+                near: tuple[float, float, float] | None = None) -> list[tuple[float, float]]:
+    """Nucleus centroids (x, y) in the pixels of `rgb` (H, W, 3).
+
+    `near=(x, y, radius)` keeps only the centroids within `radius` px of (x, y), and saves the shape tests
+    (convex hull, moments) of every region whose bounding box lies farther away: a centroid lies inside its
+    region's box. The whole window is still segmented, so the nuclei kept are exactly those of a full call.
+    """
     from scipy import ndimage as ndi
     from skimage import feature, measure, morphology, segmentation
     from skimage.color import rgb2hed
@@ -75,6 +81,11 @@ def find_nuclei(rgb: np.ndarray, cfg: DetectConfig, mpp: float) -> list[tuple[fl
         labels = np.where(in_cluster, np.where(pieces > 0, pieces + labels.max(), 0), labels)
     centres = []
     for region in measure.regionprops(labels, intensity_image=haem):
+        if near is not None:
+            y0, x0, y1, x1 = region.bbox  # pixel rows y0..y1-1, columns x0..x1-1
+            gap_x, gap_y = max(x0 - near[0], 0, near[0] - (x1 - 1)), max(y0 - near[1], 0, near[1] - (y1 - 1))
+            if np.hypot(gap_x, gap_y) > near[2]:
+                continue
         if not (min_area <= region.area <= max_area and region.solidity >= cfg.min_solidity
                 and region.eccentricity <= cfg.max_eccentricity):
             continue
@@ -89,6 +100,8 @@ def find_nuclei(rgb: np.ndarray, cfg: DetectConfig, mpp: float) -> list[tuple[fl
         if colour[0] - colour[1] < cfg.min_red_minus_green:  # haematoxylin is purple; marking dye is teal
             continue
         cy, cx = region.centroid
+        if near is not None and np.hypot(cx - near[0], cy - near[1]) > near[2]:
+            continue
         centres.append((cx, cy))
     return centres
 

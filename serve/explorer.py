@@ -228,10 +228,11 @@ class Explorer:
         window = entry.slide.read_region(x - half, y - half, 2 * half, 2 * half)  # (2h, 2h, 3), reflected at borders
         width, height = entry.size
         best = None
-        for cx, cy in find_nuclei(window, cfg, entry.slide.mpp or cfg.default_mpp):
+        reach = self.patch_size / 2
+        for cx, cy in find_nuclei(window, cfg, entry.slide.mpp or cfg.default_mpp, near=(half, half, reach)):
             gx, gy = x - half + cx, y - half + cy
             dist = float(np.hypot(gx - x, gy - y))
-            if 0 <= gx < width and 0 <= gy < height and dist <= self.patch_size / 2 and \
+            if 0 <= gx < width and 0 <= gy < height and dist <= reach and \
                     (best is None or dist < best[2]):
                 best = (gx, gy, dist)
         cx, cy = (int(round(best[0])), int(round(best[1]))) if best else (x, y)

@@ -303,6 +303,26 @@ def test_detect_on_the_sample_slide(sample_slide, tmp_path):
     assert min(ys["test"]) >= np.percentile([int(r["y"]) for r in rows], 79)  # the bottom 20% by y
 
 
+def test_find_nuclei_near_a_point_keeps_exactly_the_full_call_s_nuclei_there(sample_slide):
+    """The explorer's `near=` shortcut skips far regions' shape tests but must not change what is found."""
+    from patches.detect import DetectConfig, find_nuclei
+    from patches.slides import open_slide
+
+    cfg = DetectConfig()
+    slide = open_slide(str(sample_slide))
+    rng = np.random.default_rng(0)
+    width, height = slide.size
+    checked = 0
+    for x, y in zip(rng.integers(64, width - 64, 24), rng.integers(64, height - 64, 24)):
+        window = slide.read_region(int(x) - 64, int(y) - 64, 128, 128)
+        full = find_nuclei(window, cfg, slide.mpp or cfg.default_mpp)
+        for radius in (20.0, 32.0):
+            near = find_nuclei(window, cfg, slide.mpp or cfg.default_mpp, near=(64, 64, radius))
+            assert near == [c for c in full if np.hypot(c[0] - 64, c[1] - 64) <= radius]
+            checked += len(near)
+    assert checked >= 12  # the windows hold nuclei near their centres, so the comparison is not vacuous
+
+
 # -- configuration ---------------------------------------------------------------
 
 def test_config_precedence_and_saved_config(tmp_path):
