@@ -6,7 +6,8 @@
 Starts `mitosis-ldm serve` on 127.0.0.1 with the demo models (a child process, so its resident memory is
 the server's alone), warms it (six nuclei rendered at the default guidance, the tiles once), then:
 - `--clients` threads for `--seconds`, each looping Deep Zoom tile GETs (70%) and /transition POSTs (30%)
-  on those nuclei at the default guidance (cache hits) or guidance 3 (new renders): any non-200 answer
+  on those nuclei, half at the default guidance (cache hits), half at one of 40 other guidances (new
+  renders, each at most once, more than a minute holds): any non-200 answer
   counts as an error; the server's RSS is sampled every 0.5 s and its growth over the post-warm-up
   value reported (target: within 10%);
 - `--malformed` bad requests (bad JSON, NaN/Infinity, huge bodies, ../ traversal, coordinates outside the
@@ -51,19 +52,24 @@ def main(argv=None):
                                 "--threads", str(args.threads), "--exports", "/tmp/serve-bench-exports"])
     try:
         rss_start = rss_mb(proc.pid)
-        for x, y in nuclei:  # the default renders are cached before the clock starts; guidance 3 renders anew
+        for x, y in nuclei:  # the default renders are cached before the clock starts
             post_json(url, "/transition", {"slide": slide, "x": x, "y": y})
         for path in tile_paths(url, slide):
             request(url, "GET", path)
+        # half the transitions repeat a cached default render; the other half ask for one of 40 guidances that
+        # differ from the default, so new renders (6 nuclei x 40) keep the model busy for the whole run
+        default = json.loads(request(url, "GET", "/api/info")[1])["defaults"]["guidance"]
+        fresh = tuple(round(default + 0.05 * k, 2) for k in range(1, 41))
         load = mixed_load(url, slide, nuclei, clients=args.clients, seconds=args.seconds, pid=proc.pid,
-                          guidances=(None, 3.0))
+                          guidances=(None,) * len(fresh) + fresh)
+        rendered = json.loads(request(url, "GET", "/healthz")[1])["cached_transitions"] - len(nuclei)
         faults = malformed(url, slide, args.malformed)
         alive = proc.poll() is None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     result = {
-        "load": {**load, "rss_mb_at_start_before_warmup": round(rss_start, 1),
+        "load": {**load, "new_renders": rendered, "rss_mb_at_start_before_warmup": round(rss_start, 1),
                  "memory_flat_within_10pct": load["rss_mb"]["growth"] <= 0.10, "no_errors": load["errors"] == 0},
         "malformed": faults,
         "server_alive_after": alive,
