@@ -43,42 +43,41 @@ class _DecoderGraph(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-class TracedUNet:
-    """Called like the UNet (`unet(sample, t, class_labels=emb).sample`); every other attribute is the eager one."""
+class _Traced:
+    """An eager module with a frozen graph in front of one call; every other attribute is the eager module's."""
 
     def __init__(self, eager, graph):
         self.eager, self.graph = eager, graph
         self.traced_calls = self.eager_calls = 0
+
+    def _run(self, traced: bool, graph_args: tuple, eager_call, return_dict: bool):
+        if not traced:
+            self.eager_calls += 1
+            return eager_call()
+        self.traced_calls += 1
+        out = self.graph(*graph_args)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+    def __getattr__(self, name):
+        return getattr(self.eager, name)
+
+
+class TracedUNet(_Traced):
+    """Called like the UNet (`unet(sample, t, class_labels=emb).sample`)."""
 
     def __call__(self, sample, timestep, class_labels=None, return_dict=True):
-        if class_labels is None or not torch.is_tensor(timestep) or timestep.ndim != 1 or len(sample) >= EAGER_FROM:
-            self.eager_calls += 1
-            return self.eager(sample, timestep, class_labels=class_labels, return_dict=return_dict)
-        self.traced_calls += 1
-        out = self.graph(sample, timestep, class_labels)
-        return SimpleNamespace(sample=out) if return_dict else (out,)
-
-    def __getattr__(self, name):
-        return getattr(self.eager, name)
+        traced = class_labels is not None and torch.is_tensor(timestep) and timestep.ndim == 1 \
+            and len(sample) < EAGER_FROM
+        return self._run(traced, (sample, timestep, class_labels), lambda: self.eager(
+            sample, timestep, class_labels=class_labels, return_dict=return_dict), return_dict)
 
 
-class TracedVAE:
-    """The autoencoder with a traced `decode`; `encode` and every other attribute are the eager ones."""
-
-    def __init__(self, eager, graph):
-        self.eager, self.graph = eager, graph
-        self.traced_calls = self.eager_calls = 0
+class TracedVAE(_Traced):
+    """The autoencoder with a traced `decode`; `encode` is the eager one."""
 
     def decode(self, latents, return_dict=True):
-        if len(latents) >= EAGER_FROM:
-            self.eager_calls += 1
-            return self.eager.decode(latents, return_dict=return_dict)
-        self.traced_calls += 1
-        out = self.graph(latents)
-        return SimpleNamespace(sample=out) if return_dict else (out,)
-
-    def __getattr__(self, name):
-        return getattr(self.eager, name)
+        return self._run(len(latents) < EAGER_FROM, (latents,),
+                         lambda: self.eager.decode(latents, return_dict=return_dict), return_dict)
 
 
 def _frozen(module: torch.nn.Module, example: tuple):

@@ -146,7 +146,8 @@ class Explorer:
         self.pipeline_path, self.classifier_path = str(pipeline_path), str(classifier_path)
         self.exports = Path(exports)
         self.render_fn = render_fn or render
-        # frozen graphs of the UNet and decoder: the same frames, a first render about 15 % sooner (traced.py)
+        # frozen graphs of the UNet and decoder: the same frames; bench/serve_latency.py measured a first
+        # render 1.24-1.40x faster at p50 than `serve --eager` (traced.py)
         self.eager_reason = trace_pipeline(pipeline) if trace and render_fn is None else "not asked"
         self.patch_size = int(pipeline.image_shape[0])
         if int(classifier.patch_size) > self.patch_size:
@@ -228,12 +229,12 @@ class Explorer:
         window = entry.slide.read_region(x - half, y - half, 2 * half, 2 * half)  # (2h, 2h, 3), reflected at borders
         width, height = entry.size
         best = None
-        reach = self.patch_size / 2
-        for cx, cy in find_nuclei(window, cfg, entry.slide.mpp or cfg.default_mpp, near=(half, half, reach)):
+        # only nuclei within half a patch of the click (the window's centre) come back
+        for cx, cy in find_nuclei(window, cfg, entry.slide.mpp or cfg.default_mpp,
+                                  near=(half, half, self.patch_size / 2)):
             gx, gy = x - half + cx, y - half + cy
             dist = float(np.hypot(gx - x, gy - y))
-            if 0 <= gx < width and 0 <= gy < height and dist <= reach and \
-                    (best is None or dist < best[2]):
+            if 0 <= gx < width and 0 <= gy < height and (best is None or dist < best[2]):
                 best = (gx, gy, dist)
         cx, cy = (int(round(best[0])), int(round(best[1]))) if best else (x, y)
         patch = entry.slide.read_patches([(cx, cy)], self.patch_size, 0)[0]
