@@ -9,11 +9,13 @@ no nucleus can be found gets NaN features, which every aggregate skips.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import rgb2gray, rgb2hed
 from skimage.filters import gaussian, threshold_otsu
-from skimage.measure import label, regionprops
+from skimage.measure import regionprops
 from skimage.morphology import disk
 
 # name -> what it measures (the report shows these as axis labels)
@@ -42,20 +44,28 @@ def segment_nucleus(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if np.ptp(density) <= 1e-6:
         return np.zeros((h, w), bool), density
     mask = ndi.binary_opening(density > threshold_otsu(density), structure=disk(1))
-    regions = label(mask)
-    if regions.max() == 0:
+    regions, count = ndi.label(mask, structure=np.ones((3, 3)))  # 8-connected, as skimage's `label`
+    if count == 0:
         return np.zeros((h, w), bool), density
-    yy, xx = np.mgrid[:h, :w]
-    centre_dist = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+    index = np.arange(1, count + 1)
+    near = np.asarray(ndi.minimum(_centre_distance(h, w), regions, index))  # each region's pixel nearest the centre
+    area = np.bincount(regions.ravel(), minlength=count + 1)[1:]
     best, best_key = 0, None
-    for region in regionprops(regions):
-        rows, cols = region.coords[:, 0], region.coords[:, 1]
-        near = centre_dist[rows, cols].min()
+    for number, region_near, region_area in zip(index, near, area):
         # prefer regions touching the central eighth, then the larger one; else the nearest
-        key = (near > h / 8, near if near > h / 8 else -region.area)
+        far = region_near > h / 8
+        key = (far, region_near if far else -region_area)
         if best_key is None or key < best_key:
-            best, best_key = region.label, key
+            best, best_key = number, key
     return ndi.binary_fill_holes(regions == best), density
+
+
+@lru_cache(maxsize=8)
+def _centre_distance(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    distance = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+    distance.flags.writeable = False
+    return distance
 
 
 def measure(image: np.ndarray) -> dict[str, float]:
@@ -66,7 +76,9 @@ def measure(image: np.ndarray) -> dict[str, float]:
     props = regionprops(mask.astype(np.uint8))[0]
     area, perimeter = float(props.area), float(props.perimeter)
     grey = rgb2gray(image)                             # (H, W) in [0, 1]
-    ring = ndi.binary_dilation(mask, structure=disk(max(2, image.shape[0] // 10))) & ~mask
+    # the pixels within r of the nucleus: a dilation by disk(r), from the exact Euclidean distance transform
+    # (a 13x13 binary dilation cost as much as the rest of the measurement)
+    ring = (ndi.distance_transform_edt(~mask) <= max(2, image.shape[0] // 10)) & ~mask
     if ring.sum() == 0:
         ring = ~mask
     high_pass = grey - gaussian(grey, sigma=1.5)       # granules are a few pixels across

@@ -117,6 +117,72 @@ def test_morphology_follows_darkness_and_irregularity():
     assert all(np.isnan(v) for v in morphology.measure(blank).values())
 
 
+def _reference_segment(image):
+    """The segmentation spelled out with skimage's label/regionprops and a disk dilation (the slow, plain way)."""
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2hed
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import label, regionprops
+    from skimage.morphology import disk
+
+    density = gaussian(rgb2hed(np.maximum(image, 4))[..., 0], sigma=1.0)
+    h, w = density.shape
+    regions = label(ndi.binary_opening(density > threshold_otsu(density), structure=disk(1)))
+    yy, xx = np.mgrid[:h, :w]
+    centre = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+    keys = []
+    for region in regionprops(regions):
+        near = centre[region.coords[:, 0], region.coords[:, 1]].min()
+        keys.append(((near > h / 8, near if near > h / 8 else -region.area), region.label))
+    mask = ndi.binary_fill_holes(regions == min(keys)[1]) if keys else np.zeros((h, w), bool)
+    ring = ndi.binary_dilation(mask, structure=disk(max(2, h // 10))) & ~mask
+    return mask, ring
+
+
+def test_segmentation_picks_the_region_the_plain_definition_picks(sample_slide):
+    # windows of the real slide (in 4 of these 120, 4- and 8-connected regions pick different nuclei), and drawn
+    # scenes of several dark blobs: off-centre ones, equal twins, hollow nuclei
+    from patches.slides import open_slide
+
+    slide = open_slide(str(sample_slide))
+    rng = np.random.default_rng(0)
+    width, height = slide.size
+    scenes = [slide.read_region(int(x) - SIZE // 2, int(y) - SIZE // 2, SIZE, SIZE)
+              for x, y in zip(rng.integers(40, width - 40, 120), rng.integers(40, height - 40, 120))]
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    scenes += [draw_nucleus(d, s) for d, s in [(0.0, 1), (0.5, 2), (1.0, 3)]]
+    for _ in range(40):
+        image = np.empty((SIZE, SIZE, 3), np.uint8)
+        image[:] = (232, 186, 212)
+        for _ in range(rng.integers(1, 5)):
+            cy, cx = rng.uniform(4, SIZE - 4, 2)
+            ry, rx = rng.uniform(2, 9, 2)
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            if rng.random() < 0.25:  # a hollow nucleus: fill_holes must close it
+                inside &= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 > 0.3
+            image[inside] = rng.integers(20, 160, 3)
+        scenes.append(image)
+    twins = np.empty((SIZE, SIZE, 3), np.uint8)
+    twins[:] = (232, 186, 212)
+    twins[(np.hypot(yy - 10, xx - 10) < 4) | (np.hypot(yy - 10, xx - SIZE + 11) < 4)] = (60, 20, 90)
+    scenes.append(twins)
+    picked = set()
+    for image in scenes:
+        mask, _ = morphology.segment_nucleus(image)
+        want, ring = _reference_segment(image)
+        np.testing.assert_array_equal(mask, want)
+        picked.add(int(mask.sum()))
+        if want.sum() >= 4:  # the contrast is read on the ring around the nucleus
+            from skimage.color import rgb2gray
+
+            grey = rgb2gray(image)
+            features = morphology.measure(image)
+            assert features["area"] == want.sum()
+            assert features["contrast"] == pytest.approx(grey[ring].mean() - grey[want].mean(), abs=1e-12)
+    assert len(picked) > 20  # the scenes really differ
+
+
 def test_label_bins_close_the_last_bin_and_skip_unlabelled():
     bins = morphology.label_bins(np.array([0.0, 0.24, 0.25, 0.74, 1.0, np.nan]), [0, 0.25, 0.5, 0.75, 1])
     assert bins.tolist() == [0, 0, 1, 2, 3, -1]
