@@ -1,4 +1,4 @@
-"""Frozen traced UNet and decoder (diffusion/traced.py): the same numbers as the eager modules, or not used."""
+"""Frozen traced UNet, decoder and encoder (diffusion/traced.py): the same numbers as the eager modules, or not used."""
 
 from __future__ import annotations
 
@@ -38,9 +38,14 @@ def test_traced_graphs_match_eager_at_other_batches_and_timesteps(folder):
                                eager.unet(x, steps, class_labels=emb).sample), (batch, t)
         assert torch.equal(pipe.vae.decode(x).sample, eager.vae.decode(x).sample), batch
         np.testing.assert_array_equal(pipe.decode(x), eager.decode(x))  # channels-last, as decode_latents hands it
+        images = torch.rand((batch, 3, 64, 64), generator=gen) * 2 - 1
+        posterior, want = pipe.vae.encode(images).latent_dist, eager.vae.encode(images).latent_dist
+        assert torch.equal(posterior.mean, want.mean) and torch.equal(posterior.std, want.std), batch
+        uint8 = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert torch.equal(pipe.encode(uint8), eager.encode(uint8)), batch
     # batches from EAGER_FROM on (diffusers branches there) run the eager module
     assert pipe.unet.eager_calls == 3 and pipe.unet.traced_calls == 9
-    assert pipe.vae.eager_calls == 2 and pipe.vae.traced_calls == 6
+    assert pipe.vae.eager_calls == 4 and pipe.vae.traced_calls == 12  # decode and encode
     assert trace_pipeline(pipe) is None and isinstance(pipe.unet.eager, type(eager.unet))  # not traced twice
 
 
