@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,7 @@ def seconds_per_step(step, steps: int) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def matmul_rate(seconds: float = 2.0) -> float:
@@ -58,6 +58,17 @@ def matmul_rate(seconds: float = 2.0) -> float:
         a @ b
         count += 1
     return 2 * 2048 ** 3 * count / (time.perf_counter() - start)
+
+
+def demo_latent_shape(patch_size: int = 64) -> tuple[int, int]:
+    """(channels, side) of the latents the demo autoencoder makes of its 64-pixel patches."""
+    from autoencoder.model import build_autoencoder, downsample_factor
+    from autoencoder.train import AutoencoderConfig
+    from mitosis_ldm.config import load_config
+
+    cfg = load_config(AutoencoderConfig, ROOT / "configs/demo/autoencoder.yaml")
+    vae = build_autoencoder(cfg.model.preset, cfg.model.latent_channels)
+    return cfg.model.latent_channels, patch_size // downsample_factor(vae)
 
 
 def autoencoder_stage():
@@ -109,12 +120,12 @@ def diffusion_stage():
     from mitosis_ldm.config import load_config
 
     cfg = load_config(DiffusionTrainConfig, ROOT / "configs/demo/diffusion.yaml")
-    # the demo's latents: 4 channels at a quarter of the 64-pixel patch
-    unet, embedder = build_models(cfg.model, 4, 16)
+    channels, size = demo_latent_shape()
+    unet, embedder = build_models(cfg.model, channels, size)
     model = Denoiser(unet, embedder).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     batch = cfg.train.batch_size
-    latents, target = torch.randn(batch, 4, 16, 16), torch.randn(batch, 4, 16, 16)
+    latents, target = torch.randn(batch, channels, size, size), torch.randn(batch, channels, size, size)
     timesteps = torch.randint(0, 1000, (batch,))
     labels = torch.rand(batch)
 
@@ -124,7 +135,7 @@ def diffusion_stage():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, cfg.train.max_steps, batch, "4x16x16 latents", 1
+    return step, cfg.train.max_steps, batch, f"{channels}x{size}x{size} latents", 1
 
 
 STAGES = {"autoencoder": autoencoder_stage, "classifier": classifier_stage, "diffusion": diffusion_stage}

@@ -1,4 +1,4 @@
-"""Frozen TorchScript graphs of a pipeline's UNet and decoder, for callers that wait on one render (the explorer).
+"""Frozen TorchScript graphs of a pipeline's UNet, decoder and encoder, for callers that wait on one render.
 
     from diffusion.traced import trace_pipeline
     trace_pipeline(pipe)   # pipe.unet, pipe.vae.encode and .decode now run frozen graphs; the rest is unchanged
@@ -59,13 +59,15 @@ class _Traced:
         self.eager, self.graph = eager, graph
         self.traced_calls = self.eager_calls = 0
 
-    def _run(self, traced: bool, graph_args: tuple, eager_call, return_dict: bool):
+    def _run(self, traced: bool, graph, graph_args: tuple, eager_call, return_dict: bool, name: str = "sample",
+             wrap=lambda out: out):
+        """The eager call, or the graph's output wrapped like the eager module's (`.name`, or a 1-tuple)."""
         if not traced:
             self.eager_calls += 1
             return eager_call()
         self.traced_calls += 1
-        out = self.graph(*graph_args)
-        return SimpleNamespace(sample=out) if return_dict else (out,)
+        out = wrap(graph(*graph_args))
+        return SimpleNamespace(**{name: out}) if return_dict else (out,)
 
     def __getattr__(self, name):
         return getattr(self.eager, name)
@@ -77,7 +79,7 @@ class TracedUNet(_Traced):
     def __call__(self, sample, timestep, class_labels=None, return_dict=True):
         traced = class_labels is not None and torch.is_tensor(timestep) and timestep.ndim == 1 \
             and len(sample) < EAGER_FROM
-        return self._run(traced, (sample, timestep, class_labels), lambda: self.eager(
+        return self._run(traced, self.graph, (sample, timestep, class_labels), lambda: self.eager(
             sample, timestep, class_labels=class_labels, return_dict=return_dict), return_dict)
 
 
@@ -89,18 +91,16 @@ class TracedVAE(_Traced):
         self.encoder_graph = encoder
 
     def decode(self, latents, return_dict=True):
-        return self._run(len(latents) < EAGER_FROM, (latents,),
+        return self._run(len(latents) < EAGER_FROM, self.graph, (latents,),
                          lambda: self.eager.decode(latents, return_dict=return_dict), return_dict)
 
     def encode(self, images, return_dict=True):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        if len(images) >= EAGER_FROM:
-            self.eager_calls += 1
-            return self.eager.encode(images, return_dict=return_dict)
-        self.traced_calls += 1
-        posterior = DiagonalGaussianDistribution(self.encoder_graph(images))
-        return SimpleNamespace(latent_dist=posterior) if return_dict else (posterior,)
+        # the graph gives the posterior's moments; the distribution around them is built as diffusers builds it
+        return self._run(len(images) < EAGER_FROM, self.encoder_graph, (images,),
+                         lambda: self.eager.encode(images, return_dict=return_dict), return_dict,
+                         name="latent_dist", wrap=DiagonalGaussianDistribution)
 
 
 def _frozen(module: torch.nn.Module, example: tuple):

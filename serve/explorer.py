@@ -146,7 +146,7 @@ class Explorer:
         self.pipeline_path, self.classifier_path = str(pipeline_path), str(classifier_path)
         self.exports = Path(exports)
         self.render_fn = render_fn or render
-        # frozen graphs of the UNet and decoder: the same frames; bench/serve_latency.py measured a first
+        # frozen graphs of the UNet, decoder and encoder: the same frames; bench/serve_latency.py measured a first
         # render 1.24-1.40x faster at p50 than `serve --eager` (traced.py)
         self.eager_reason = trace_pipeline(pipeline) if trace and render_fn is None else "not asked"
         self.patch_size = int(pipeline.image_shape[0])

@@ -25,7 +25,7 @@ def test_a_training_step_counts_forward_and_backward(budget):
 
     step, steps, batch, _, repeats = budget.diffusion_stage()
     model_flops = budget.step_flops(step)
-    # the same model's forward alone, through the step's closure: backward costs about twice the forward
+    # a fresh model of the same recipe, forward alone: backward costs about twice the forward
     latents = torch.randn(batch, 4, 16, 16)
     from diffusion.model import Denoiser, build_models
     from diffusion.train import DiffusionTrainConfig
