@@ -26,13 +26,14 @@ def test_a_training_step_counts_forward_and_backward(budget):
     step, steps, batch, _, repeats = budget.diffusion_stage()
     model_flops = budget.step_flops(step)
     # a fresh model of the same recipe, forward alone: backward costs about twice the forward
-    latents = torch.randn(batch, 4, 16, 16)
+    channels, size = budget.demo_latent_shape()
+    latents = torch.randn(batch, channels, size, size)
     from diffusion.model import Denoiser, build_models
     from diffusion.train import DiffusionTrainConfig
     from mitosis_ldm.config import load_config
 
     cfg = load_config(DiffusionTrainConfig, REPO / "configs/demo/diffusion.yaml")
-    model = Denoiser(*build_models(cfg.model, 4, 16))
+    model = Denoiser(*build_models(cfg.model, channels, size))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(latents, torch.zeros(batch, dtype=torch.long), torch.rand(batch))
     assert 2.5 < model_flops / counter.get_total_flops() < 3.5
