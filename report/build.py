@@ -262,6 +262,8 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                for f in gen_folders])
     gen_images = np.concatenate([np.asarray(f.frames)[:, f.generated].reshape(-1, *f.frames.shape[2:])
                                  for f in gen_folders])
+    # where each of those rows came from: (folder, seed row, frame column), in the same order
+    gen_origin = [(f, s, c) for f in gen_folders for s in range(f.frames.shape[0]) for c in f.generated]
     fd_rows = fidelity.frechet_per_bin(gen_feat, morphology.label_bins(gen_cond, edges), real_features, real_bins,
                                        n_bins, cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
     for row in fd_rows:
@@ -289,6 +291,8 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         memo["features"] = fidelity.memorisation(gen_feat, real_features, train_features, cfg.memorisation_quantile)
     metrics["memorisation"] = {space: {k: v for k, v in r.items() if not k.startswith("distances")}
                                for space, r in memo.items()}
+    atypical = {space: atypical_frames(r, gen_origin, cfg.memorisation_quantile) for space, r in memo.items()}
+    metrics["atypical"] = {space: {k: v for k, v in r.items() if k != "frames"} for space, r in atypical.items()}
 
     # synthetic benchmark
     bench = None
@@ -359,8 +363,30 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
     log("metrics done; writing plots, CSVs and report.html")
     with atomic_dir(out, overwrite) as tmp:
         write_outputs(tmp, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
+                      atypical,
                       real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph,
                       extra_sections, response_curves)
     for f in folders:
         write_folder_metrics(f, out, overwrite)
     return metrics
+
+
+def atypical_frames(memo: dict, origin: list, quantile: float) -> dict:
+    """`fidelity.atypical` on one space's distances, each flagged row named by folder, seed and condition."""
+    result = fidelity.atypical(memo["distances_generated"], memo["distances_held_out"], quantile)
+    frames = []
+    for index in result.pop("flagged"):
+        f, s, c = origin[index]
+        frames.append({"folder": f.key, "seed": f.manifest["seeds"][s], "row": s, "frame": int(c),
+                       "condition": float(f.conditions[c]), "distance": float(memo["distances_generated"][index]),
+                       "score": float(f.scores[s, c])})
+    per_condition = {}
+    for f in {f.key: f for f, _, _ in origin}.values():
+        conditions = [float(f.conditions[c]) for c in f.generated]
+        counts = [sum(1 for r in frames if r["folder"] == f.key and r["condition"] == x) for x in conditions]
+        per_condition[f.key] = {"conditions": conditions, "flagged": counts, "n_seeds": int(f.frames.shape[0])}
+    result.update(per_condition=per_condition,
+                  seeds_flagged={key: sorted({r["seed"] for r in frames if r["folder"] == key})
+                                 for key in per_condition},
+                  frames=frames)
+    return result

@@ -8,6 +8,10 @@
   every bin at the smallest bin's n, since the ratio itself grows with n.
 - `memorisation`: the share of generated patches closer to a training patch
   than (almost all) held-out real patches are.
+- `atypical`: the other tail of the same distances, the share of generated
+  patches farther from every training patch than (almost all) held-out real
+  patches are: frames that left the real data, such as a frame in another
+  tissue's colours or without a nucleus.
 """
 
 from __future__ import annotations
@@ -134,4 +138,28 @@ def memorisation(generated: np.ndarray, held_out: np.ndarray, train: np.ndarray,
         "n_train": int(len(train)),
         "distances_generated": d_gen,
         "distances_held_out": d_real,
+    }
+
+
+def atypical(d_generated: np.ndarray, d_held_out: np.ndarray, quantile: float = 0.01) -> dict:
+    """Generated patches farther from the training set than the `1 - quantile` quantile of held-out real patches.
+
+    `d_generated` and `d_held_out` are nearest-training-patch distances (`memorisation`'s). A generator that
+    stays on the real data puts about `quantile` of its samples above that threshold; `beyond_all` counts those
+    farther than every held-out patch. `flagged` indexes `d_generated`, farthest first.
+    """
+    d_generated, d_held_out = np.asarray(d_generated, np.float64), np.asarray(d_held_out, np.float64)
+    threshold = float(np.quantile(d_held_out, 1 - quantile))
+    farthest = float(d_held_out.max())
+    flagged = np.flatnonzero(d_generated > threshold)
+    flagged = flagged[np.argsort(-d_generated[flagged], kind="stable")]
+    return {
+        "share": float(len(flagged) / len(d_generated)),
+        "expected_share": quantile,
+        "threshold": threshold,
+        "beyond_all_share": float(np.mean(d_generated > farthest)),
+        "held_out_max": farthest,
+        "n_generated": int(len(d_generated)),
+        "n_held_out": int(len(d_held_out)),
+        "flagged": flagged,
     }

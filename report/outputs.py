@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mitosis_ldm.images import contact_sheet, save_png
 from mitosis_ldm.io import write_json, write_text
 
 from . import consistency, morphology, plots
@@ -39,8 +40,11 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
+ATYPICAL_SHEET = 48  # the farthest frames shown in atypical-pixels.png
+
+
 def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real, fd_rows, bin_names, memo, bench,
-                  real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph,
+                  atypical, real_images, real_ids, real_soft, real_hard, real_degree, real_scores, real_morph,
                   extras=(), response_curves=None) -> None:
     from mitosis_ldm.config import save_config
 
@@ -75,6 +79,17 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
                      for c, m, lo, hi in zip(g["conditions"], g["mean"], g["lo"], g["hi"])]
         write_text(tmp / "label_response.csv", csv_text(["curve", "label", "mean_score", "ci_low", "ci_high", "n"],
                                                        rows))
+    by_key = {f.key: f for f in folders}
+    for space, result in atypical.items():
+        write_text(tmp / f"atypical-{space}.csv", csv_text(
+            ["folder", "seed", "frame", "condition", "distance", "score"],
+            [[r["folder"], r["seed"], r["frame"], r["condition"], r["distance"], r["score"]] for r in result["frames"]]))
+        if space == "pixels":
+            shown = result["frames"][:ATYPICAL_SHEET]
+            images = [np.asarray(by_key[r["folder"]].frames[r["row"], r["frame"]]) for r in shown]
+            save_png(tmp / "atypical-pixels.png", contact_sheet(
+                np.stack(images) if images else np.zeros((0, 8, 8, 3), np.uint8),
+                [f"s{r['seed']} y{r['condition']:.1f}" for r in shown], ncols=12, scale=2))
     if bench is not None:
         noise = bench[2]
         write_text(tmp / "label_noise.csv", csv_text(
@@ -93,11 +108,11 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
     plots.fidelity(tmp / "fidelity.png", fd_rows, bin_names)
     for space, result in memo.items():
         plots.memorisation(tmp / f"memorisation-{space}.png", result,
-                           "pixels, [0, 1] RGB" if space == "pixels" else "classifier features")
+                           "pixels, [0, 1] RGB" if space == "pixels" else "classifier features", atypical.get(space))
     if bench is not None:
         plots.degree(tmp / "degree.png", bench[0], bench[1])
 
-    sections = page(tmp, folders, metrics, fd_rows, memo, bench, real_images)
+    sections = page(tmp, folders, metrics, fd_rows, memo, bench, real_images, atypical)
     for extra in extras:  # each extra judge writes its own files and returns its section's HTML
         sections["sections"].append((extra.title, extra.write(tmp)))
     write_text(tmp / "report.html", render(sections))

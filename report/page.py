@@ -104,10 +104,13 @@ def label_response_section(tmp: Path, metrics: dict) -> str:
               "(a high ratio in one bin says which labels it renders unlike real patches), and moves each "
               "morphology feature across the conditions the way real patches move across soft labels. A curve that "
               "switches abruptly, a bin far above its yardstick, or a feature that jumps where real patches change "
-              "gradually all point to the same fault: the condition is being sharpened toward one mode.</p>")
+              "gradually all point to the same fault: the condition is being sharpened toward one mode. A dip "
+              "at conditions that real labels never take (for example 0.4–0.5 on a three-expert panel) can also "
+              "come from frames that left the real data altogether: the section <i>Frames outside the real "
+              "data</i> counts them per condition and shows them.</p>")
 
 
-def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict:
+def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypical=None) -> dict:
     """Sections of report.html, each an (escaped) HTML string."""
     from .html import seed_rows
 
@@ -183,6 +186,8 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
                           "generated", "training searched"], rows)
                  + "".join(img(file_data_uri(tmp / f"memorisation-{space}.png"), f"nearest neighbours ({space})",
                                "plot") for space in memo))
+    if atypical:
+        body += atypical_section(tmp, atypical)
     sections.append(("Fidelity and memorisation", body))
     # synthetic benchmark
     if bench is not None:
@@ -208,3 +213,32 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images) -> dict
         "sections": sections,
         "folders": data,
     }
+
+
+def atypical_section(tmp: Path, atypical: dict) -> str:
+    """The other tail of the nearest-neighbour distances: generated frames farther from the data than real ones."""
+    rows = [[space, r["share"], r["expected_share"], r["threshold"], r["beyond_all_share"], r["n_generated"]]
+            for space, r in atypical.items()]
+    per_condition = []
+    for space, r in atypical.items():
+        for key, entry in r["per_condition"].items():
+            per_condition.append([space, key] + [f"{n}" for n in entry["flagged"]])
+    first = next(iter(atypical.values()))
+    conditions = next(iter(first["per_condition"].values()))["conditions"] if first["per_condition"] else []
+    pixels = atypical.get("pixels")
+    seeds = ""
+    if pixels:
+        listed = ", ".join(f"{key}: {', '.join(map(str, s)) or 'none'}" for key, s in pixels["seeds_flagged"].items())
+        seeds = f"<p class='note'>Seeds with a flagged frame (pixels): {esc(listed)}.</p>"
+    sheet = (img(file_data_uri(tmp / "atypical-pixels.png"), "the generated frames farthest from the real data")
+             if pixels and pixels["share"] > 0 else "")
+    return ("<h3>Frames outside the real data</h3><p class='note'>The other tail of the same distances: the share of "
+            "generated frames farther from every training patch than the given quantile of held-out real patches "
+            "are. A generator that stays on the real data puts about the expected share there. Frames far beyond "
+            "it are not unusual nuclei but another kind of picture: another tissue's colours, or no nucleus at the "
+            "centre. The sheet shows the farthest (s = seed, y = condition); <code>atypical-pixels.csv</code> lists "
+            "every flagged frame with its distance and score.</p>"
+            + table(["space", "share above", "expected", "threshold", "beyond every held-out patch", "generated"],
+                    rows)
+            + table(["space", "folder"] + [f"y = {c:.2g}" for c in conditions], per_condition)
+            + seeds + sheet)

@@ -123,8 +123,8 @@ def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
     _save(fig, path)
 
 
-def memorisation(path: Path, result: dict, space: str) -> None:
-    """Nearest-training-neighbour distances of generated and held-out real patches."""
+def memorisation(path: Path, result: dict, space: str, atypical: dict | None = None) -> None:
+    """Nearest-training-neighbour distances of generated and held-out real patches, with both tails' thresholds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     d_gen, d_real = result["distances_generated"], result["distances_held_out"]
@@ -133,6 +133,10 @@ def memorisation(path: Path, result: dict, space: str) -> None:
     ax.hist(d_gen, bins, color=GENERATED[0], alpha=0.5, density=True, label="generated")
     ax.axvline(result["threshold"], color="k", ls="--", lw=1,
                label=f"{result['quantile']:.0%} quantile of held-out (share below: {result['share']:.1%})")
+    if atypical is not None:
+        ax.axvline(atypical["threshold"], color="k", ls=":", lw=1,
+                   label=f"{1 - atypical['expected_share']:.0%} quantile of held-out (share above: "
+                         f"{atypical['share']:.1%})")
     ax.set(xlabel=f"distance to nearest training patch ({space})", ylabel="density")
     ax.legend(fontsize=7)
     _save(fig, path)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from mitosis_ldm.artifacts import write_transitions
+from mitosis_ldm.artifacts import read_transitions, write_transitions
 from patches.dataset import SplitConfig, build_dataset
 from report import benchmark, consistency, fidelity, morphology
 from report.build import ReportConfig, build_report
@@ -237,6 +237,37 @@ def test_memorisation_flags_copies_not_fresh_samples():
     assert fidelity.memorisation(fresh, held_out, train)["share"] <= 0.05
     d = fidelity.nearest_distances(train[:5], train)
     assert np.allclose(d, 0, atol=1e-3)
+
+
+def test_atypical_counts_the_far_tail_of_the_held_out_distances():
+    held_out = np.arange(1, 101, dtype=float)                 # 1 ... 100
+    generated = np.array([5.0, 50.0, 99.5, 150.0, 120.0, 100.5])
+    result = fidelity.atypical(generated, held_out, quantile=0.01)
+    assert result["threshold"] == pytest.approx(np.quantile(held_out, 0.99))  # 99.01
+    assert result["flagged"].tolist() == [3, 4, 5, 2]          # farthest first
+    assert result["share"] == pytest.approx(4 / 6)
+    assert result["beyond_all_share"] == pytest.approx(3 / 6)  # 150, 120 and 100.5 pass the farthest held-out (100)
+    same = fidelity.atypical(held_out, held_out, quantile=0.05)
+    assert same["share"] == pytest.approx(0.05) and same["beyond_all_share"] == 0.0
+
+
+def test_report_flags_a_frame_from_another_domain(tmp_path):
+    root = make_inputs(tmp_path)
+    source = read_transitions(root / "tr")
+    frames, manifest = np.array(source.frames), source.manifest
+    frames[2, 3] = np.array([110, 60, 120], np.uint8)           # dark purple, no nucleus: not the benchmark's look
+    write_transitions(root / "tr2", frames, manifest)
+    out = tmp_path / "report"
+    metrics = build_report(ReportConfig(bootstrap=50), [root / "tr2"], [], FakeEnsemble(SIZE), "fake-classifier",
+                           root / "ds", out, log=lambda *_: None)
+    pixels = metrics["atypical"]["pixels"]
+    (key,) = pixels["per_condition"]                          # the one transitions folder
+    assert pixels["per_condition"][key]["flagged"][3] >= 1 and 2 in pixels["seeds_flagged"][key]
+    assert pixels["share"] >= 1 / 30 and pixels["beyond_all_share"] >= 1 / 30
+    with open(out / "atypical-pixels.csv") as handle:
+        first = next(csv.DictReader(handle))
+    assert (first["seed"], first["frame"], float(first["condition"])) == ("2", "3", pytest.approx(CONDITIONS[3]))
+    assert (out / "atypical-pixels.png").is_file() and "Frames outside the real data" in (out / "report.html").read_text()
 
 
 def test_label_noise_finder_ranks_true_mislabels_first():
