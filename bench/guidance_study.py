@@ -9,7 +9,9 @@ Each setting renders every seed at every condition, scores the frames with the
 classifier ensemble and measures, with the report's own code: the
 label-response error (with its CI) and the generated curve at the real soft
 labels, the median Spearman and flip rate, the Fréchet ratio overall and per
-label bin. Prints one JSON line per setting, then all of them.
+label bin, and the share of frames outside the real data (pixel distance to the
+nearest training patch beyond 99% of held-out patches'; per condition, and the
+seeds it happens on). Prints one JSON line per setting, then all of them.
 A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak]`
 (`guide=weak`: autoguidance with the pipeline's guide/ model).
 """
@@ -54,16 +56,28 @@ def parse_setting(text: str) -> dict:
     return setting
 
 
+def pixels(images) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, H*W*3) float32 in [0, 1], the report's pixel space for nearest neighbours."""
+    return np.asarray(images, np.float32).reshape(len(images), -1) / np.float32(255.0)
+
+
 def held_out(dataset, classifier, cfg, rng):
-    """The report's held-out real patches: scores, features and label bins (report.build's own helpers)."""
+    """The report's held-out real patches: scores, features, label bins and nearest-training-patch distances
+    (report.build's own helpers), and the training patches those distances are to."""
+    from patches.dataset import PatchDataset
     from report.build import batched, ensemble_scores, held_out_split, subset
+    from report.fidelity import nearest_distances
 
     ds, split = held_out_split(dataset)
     pick = subset(len(ds), cfg.max_real, rng)
     images = ds.uint8(pick)
     scores, _ = ensemble_scores(classifier, images, cfg.batch_size)
     features = batched(classifier.features, images, cfg.batch_size)
-    return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features}
+    train_ds = PatchDataset(dataset, split="train")
+    train = pixels(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
+    distances = None if train is None else nearest_distances(pixels(images), train)
+    return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
+            "train_pixels": train, "distances": distances}
 
 
 def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
@@ -83,6 +97,14 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
                                     cfg.frechet_repeats, cfg.seed)
     valid = [r for r in rows if r["frechet"] is not None]
     overall = np.mean([r["frechet"] for r in valid]) / np.mean([r["yardstick"] for r in valid]) if valid else None
+    outside = {}
+    if real["train_pixels"] is not None:
+        # the report's "frames outside the real data": farther from the training set than 99% of held-out patches
+        far = fidelity.atypical(fidelity.nearest_distances(pixels(flat), real["train_pixels"]), real["distances"],
+                                cfg.memorisation_quantile)
+        outside = {"outside_share": round(far["share"], 4), "outside_beyond_all_share": round(far["beyond_all_share"], 4),
+                   "outside_by_condition": np.bincount(far["flagged"] % c, minlength=c).tolist(),
+                   "outside_seeds": sorted({int(seeds[i]) for i in far["flagged"] // c})}
     return {
         "label_response_error": round(error["value"], 4), "label_response_ci": [round(v, 4) for v in error["ci"]],
         "generated_at_real_labels": {f"{r['soft_label']:.3f}": round(r["generated"], 3) for r in error["per_label"]},
@@ -93,6 +115,7 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
         "frechet_ratio_worst_bin": max((r["ratio"] for r in valid), default=None),
         "mean_score_by_condition": np.round(curve["mean"], 3).tolist(),
         "ci_half_width_max": round(float(np.max(curve["hi"] - curve["lo"]) / 2), 3),
+        **outside,
     }
 
 

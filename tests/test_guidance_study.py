@@ -1,0 +1,50 @@
+"""bench/guidance_study.py: each setting's numbers come from the report's own code, off-domain frames included."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from patches.dataset import SplitConfig, build_dataset
+from report.build import ReportConfig
+
+from report_helpers import FakeEnsemble, draw_nucleus, synth_shard
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("guidance_study", REPO / "bench" / "guidance_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_frame_from_another_domain_is_counted_at_its_seed_and_condition(study, tmp_path):
+    dataset = build_dataset(tmp_path / "ds", [("a", synth_shard, {"n": 400, "size": SIZE, "seed": 1})],
+                            patch_size=SIZE, margin=0, meta={"source": "fake"},
+                            split=SplitConfig(mode="random", val=0.1, test=0.3), progress=False)
+    cfg = ReportConfig(bootstrap=50, label_response_min_count=2, frechet_min_count=2, frechet_repeats=2)
+    classifier = FakeEnsemble(SIZE)
+    real = study.held_out(dataset, classifier, cfg, np.random.default_rng(0))
+    assert real["train_pixels"].shape[1] == SIZE * SIZE * 3 and len(real["distances"]) == len(real["soft"])
+
+    seeds, conditions = [10, 11, 12, 13, 14, 15], np.linspace(0, 1, 5)
+    frames = np.stack([np.stack([draw_nucleus(c, 5000 + s, SIZE) for c in conditions]) for s in seeds])
+    frames[4, 2] = np.array([110, 60, 120], np.uint8)     # seed 14 at y = 0.5: the slide's purple, no nucleus
+    result = study.measure(frames, conditions, seeds, classifier, real, cfg)
+
+    assert 14 in result["outside_seeds"] and set(result["outside_seeds"]) <= set(seeds)
+    assert len(result["outside_by_condition"]) == len(conditions) and result["outside_by_condition"][2] >= 1
+    assert sum(result["outside_by_condition"]) == round(result["outside_share"] * frames.shape[0] * frames.shape[1])
+    assert result["outside_beyond_all_share"] >= 1 / 30
+    assert result["label_response_error"] is not None and result["frechet_ratio"] is not None
+
+    frames[4, 2] = draw_nucleus(0.5, 5014, SIZE)         # the same seed drawn like the others
+    clean = study.measure(frames, conditions, seeds, classifier, real, cfg)
+    assert clean["outside_beyond_all_share"] < result["outside_beyond_all_share"]
