@@ -20,6 +20,16 @@ def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = N
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+def load_bench(name: str):
+    """A script of bench/ (not a package) imported as a module, for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def accelerate_cmd(module: str, *args: str, processes: int = 1) -> list[str]:
     """The `accelerate launch` command line for a training module (multi-process over gloo without GPUs)."""
     mode = ["--multi_gpu"] if processes > 1 else []

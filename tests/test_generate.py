@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, accelerate_cmd
+from conftest import REPO, accelerate_cmd, load_bench
 from test_diffusion import make_dataset, make_vae, tiny_train_args
 
 
@@ -225,11 +225,7 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
 
 
 def test_cas_bench_judges_augmentation_by_auroc_and_balanced_accuracy(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cas_bench", REPO / "bench" / "cas.py")
-    cas = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cas)
+    cas = load_bench("cas")
 
     def run(seed, auroc, bacc):
         return {"setting": "x", "seed": seed, "auroc": auroc, "spearman_true_degree": 0.5,

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from patches.dataset import SplitConfig, build_dataset
 from report.build import ReportConfig
 
+from conftest import load_bench
 from report_helpers import FakeEnsemble, draw_nucleus, synth_shard
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("guidance_study", REPO / "bench" / "guidance_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("guidance_study")
 
 
 def test_a_frame_from_another_domain_is_counted_at_its_seed_and_condition(study, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import MIDOG_JSON, REPO
+from conftest import MIDOG_JSON, load_bench
 from patches.annotators import match_cells
 from patches.cli import main
 from patches.inspect import summarise
@@ -163,9 +162,7 @@ def test_folders_tables_and_per_slide_radius(tmp_path):
 def test_midog_round_trip_one_image(tmp_path):
     if not MIDOG_JSON.exists():
         pytest.skip(f"{MIDOG_JSON} not available")
-    spec = importlib.util.spec_from_file_location("annotators_roundtrip", REPO / "bench" / "annotators_roundtrip.py")
-    roundtrip = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(roundtrip)
+    roundtrip = load_bench("annotators_roundtrip")
     images, cells = roundtrip.load(MIDOG_JSON, [146])  # human breast cancer; all three experts mark cells
     argv = roundtrip.prepare(tmp_path / "inputs", images, cells, seed=1)
     main(argv + ["--out", str(tmp_path / "ds"), "--workers", "1"])
