@@ -56,17 +56,12 @@ def parse_setting(text: str) -> dict:
     return setting
 
 
-def pixels(images) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> (N, H*W*3) float32 in [0, 1], the report's pixel space for nearest neighbours."""
-    return np.asarray(images, np.float32).reshape(len(images), -1) / np.float32(255.0)
-
-
 def held_out(dataset, classifier, cfg, rng):
     """The report's held-out real patches: scores, features, label bins and nearest-training-patch distances
     (report.build's own helpers), and the training patches those distances are to."""
     from patches.dataset import PatchDataset
     from report.build import batched, ensemble_scores, held_out_split, subset
-    from report.fidelity import nearest_distances
+    from report.fidelity import nearest_distances, pixel_rows
 
     ds, split = held_out_split(dataset)
     pick = subset(len(ds), cfg.max_real, rng)
@@ -74,8 +69,8 @@ def held_out(dataset, classifier, cfg, rng):
     scores, _ = ensemble_scores(classifier, images, cfg.batch_size)
     features = batched(classifier.features, images, cfg.batch_size)
     train_ds = PatchDataset(dataset, split="train")
-    train = pixels(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
-    distances = None if train is None else nearest_distances(pixels(images), train)
+    train = pixel_rows(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
+    distances = None if train is None else nearest_distances(pixel_rows(images), train)
     return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
             "train_pixels": train, "distances": distances}
 
@@ -100,9 +95,10 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
     outside = {}
     if real["train_pixels"] is not None:
         # the report's "frames outside the real data": farther from the training set than 99% of held-out patches
-        far = fidelity.atypical(fidelity.nearest_distances(pixels(flat), real["train_pixels"]), real["distances"],
-                                cfg.memorisation_quantile)
-        outside = {"outside_share": round(far["share"], 4), "outside_beyond_all_share": round(far["beyond_all_share"], 4),
+        distances = fidelity.nearest_distances(fidelity.pixel_rows(flat), real["train_pixels"])
+        far = fidelity.atypical(distances, real["distances"], cfg.memorisation_quantile)
+        outside = {"outside_share": round(far["share"], 4),
+                   "outside_beyond_all_share": round(far["beyond_all_share"], 4),
                    "outside_by_condition": np.bincount(far["flagged"] % c, minlength=c).tolist(),
                    "outside_seeds": sorted({int(seeds[i]) for i in far["flagged"] // c})}
     return {

@@ -280,9 +280,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
 
     memo = {}
     if train_images is not None:
-        def pixels(x):
-            return np.asarray(x, np.float32).reshape(len(x), -1) / np.float32(255.0)
-
+        pixels = fidelity.pixel_rows
         memo["pixels"] = fidelity.memorisation(pixels(gen_images), pixels(real_images), pixels(train_images),
                                                cfg.memorisation_quantile)
         # fewer neighbours raise held-out and generated distances alike, so the share stays fair

@@ -96,6 +96,11 @@ def _compare(gen: np.ndarray, ref: np.ndarray, n: int, repeats: int, rng) -> tup
     return distance, yardstick, distance / yardstick if yardstick > 0 else None
 
 
+def pixel_rows(images) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, H*W*3) float32 in [0, 1]: the pixel space nearest neighbours are searched in."""
+    return np.asarray(images, np.float32).reshape(len(images), -1) / np.float32(255.0)
+
+
 def nearest_distances(queries: np.ndarray, reference: np.ndarray, chunk: int = 256, candidates: int = 4) -> np.ndarray:
     """Euclidean distance from each query (N, D) to its nearest reference row (M, D): (N,).
 

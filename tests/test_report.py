@@ -1,4 +1,5 @@
-"""The report: label-consistency numbers, morphology, fidelity, memorisation, the HTML page and bad input."""
+"""The report: label-consistency numbers, morphology, the whole report, the HTML page and bad input
+(fidelity and memorisation numbers: test_report_fidelity.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from mitosis_ldm.artifacts import read_transitions, write_transitions
+from mitosis_ldm.artifacts import write_transitions
 from patches.dataset import SplitConfig, build_dataset
-from report import benchmark, consistency, fidelity, morphology
+from report import consistency, morphology
 from report.build import ReportConfig, build_report
 from report.cli import main as report_main
 
@@ -181,114 +182,6 @@ def test_segmentation_picks_the_region_the_plain_definition_picks(sample_slide):
             assert features["area"] == want.sum()
             assert features["contrast"] == pytest.approx(grey[ring].mean() - grey[want].mean(), abs=1e-12)
     assert len(picked) > 20  # the scenes really differ
-
-
-def test_label_bins_close_the_last_bin_and_skip_unlabelled():
-    bins = morphology.label_bins(np.array([0.0, 0.24, 0.25, 0.74, 1.0, np.nan]), [0, 0.25, 0.5, 0.75, 1])
-    assert bins.tolist() == [0, 0, 1, 2, 3, -1]
-
-
-def test_frechet_is_zero_for_equal_sets_and_grows_with_a_shift():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 5))
-    assert fidelity.frechet(x, x) == pytest.approx(0.0, abs=1e-6)
-    assert fidelity.frechet(x, x + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)  # ||mu shift||² = 5 dims x 2²
-    assert fidelity.frechet(x, x * 3) > fidelity.frechet(x, x * 1.5) > 0.5
-
-
-def test_frechet_per_bin_compares_equal_sample_sizes():
-    rng = np.random.default_rng(1)
-    real = rng.normal(size=(200, 4))
-    real_bins = np.repeat([0, 1], 100)
-    good = rng.normal(size=(60, 4))
-    bad = rng.normal(size=(60, 4)) + 3.0
-    gen, gen_bins = np.concatenate([good, bad]), np.repeat([0, 1], 60)
-    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=3, min_count=8)
-    assert [r["n"] for r in rows] == [50, 50, 0]
-    assert rows[0]["ratio"] < 3 and rows[1]["ratio"] > 10
-    assert rows[2]["frechet"] is None  # an empty bin is reported, not invented
-    assert [r["common_n"] for r in rows] == [50, 50, None]
-
-
-def test_frechet_ratio_at_common_n_compares_bins_of_different_sizes():
-    # the same generator fault (a 0.5 shift in every dimension) in a bin with 600 real patches and in one with 60:
-    # at each bin's own n the big bin's ratio is far larger; at one common n the two agree
-    rng = np.random.default_rng(3)
-    real = rng.normal(size=(660, 8))
-    real_bins = np.repeat([0, 1], [600, 60])
-    gen = rng.normal(size=(600, 8)) + 0.5
-    gen_bins = np.repeat([0, 1], [300, 300])
-    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, min_count=8, repeats=20)
-    assert [r["n"] for r in rows] == [300, 30] and [r["common_n"] for r in rows] == [30, 30]
-    assert rows[0]["ratio"] > 2 * rows[1]["ratio"]
-    assert rows[0]["ratio_common_n"] == pytest.approx(rows[1]["ratio_common_n"], rel=0.35)
-    # the own-n numbers do not depend on whether the common-n pass ran (it draws from its own generator)
-    again = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, min_count=8, repeats=20)
-    assert again[0]["ratio"] == rows[0]["ratio"]
-
-
-def test_memorisation_flags_copies_not_fresh_samples():
-    rng = np.random.default_rng(2)
-    train = rng.normal(size=(300, 16))
-    held_out = rng.normal(size=(200, 16))
-    fresh = rng.normal(size=(100, 16))
-    copies = train[:100] + rng.normal(scale=1e-3, size=(100, 16))
-    assert fidelity.memorisation(copies, held_out, train)["share"] == 1.0
-    assert fidelity.memorisation(fresh, held_out, train)["share"] <= 0.05
-    d = fidelity.nearest_distances(train[:5], train)
-    assert np.allclose(d, 0, atol=1e-3)
-
-
-def test_atypical_counts_the_far_tail_of_the_held_out_distances():
-    held_out = np.arange(1, 101, dtype=float)                 # 1 ... 100
-    generated = np.array([5.0, 50.0, 99.5, 150.0, 120.0, 100.5])
-    result = fidelity.atypical(generated, held_out, quantile=0.01)
-    assert result["threshold"] == pytest.approx(np.quantile(held_out, 0.99))  # 99.01
-    assert result["flagged"].tolist() == [3, 4, 5, 2]          # farthest first
-    assert result["share"] == pytest.approx(4 / 6)
-    assert result["beyond_all_share"] == pytest.approx(3 / 6)  # 150, 120 and 100.5 pass the farthest held-out (100)
-    same = fidelity.atypical(held_out, held_out, quantile=0.05)
-    assert same["share"] == pytest.approx(0.05) and same["beyond_all_share"] == 0.0
-
-
-def test_report_flags_a_frame_from_another_domain(tmp_path):
-    root = make_inputs(tmp_path)
-    source = read_transitions(root / "tr")
-    frames, manifest = np.array(source.frames), source.manifest
-    frames[2, 3] = np.array([110, 60, 120], np.uint8)           # dark purple, no nucleus: not the benchmark's look
-    write_transitions(root / "tr2", frames, manifest)
-    out = tmp_path / "report"
-    metrics = build_report(ReportConfig(bootstrap=50), [root / "tr2"], [], FakeEnsemble(SIZE), "fake-classifier",
-                           root / "ds", out, log=lambda *_: None)
-    pixels = metrics["atypical"]["pixels"]
-    (key,) = pixels["per_condition"]                          # the one transitions folder
-    assert pixels["per_condition"][key]["flagged"][3] >= 1 and 2 in pixels["seeds_flagged"][key]
-    assert pixels["share"] >= 1 / 30 and pixels["beyond_all_share"] >= 1 / 30
-    with open(out / "atypical-pixels.csv") as handle:
-        first = next(csv.DictReader(handle))
-    assert (first["seed"], first["frame"], float(first["condition"])) == ("2", "3", pytest.approx(CONDITIONS[3]))
-    assert (out / "atypical-pixels.png").is_file() and "Frames outside the real data" in (out / "report.html").read_text()
-
-
-def test_label_noise_finder_ranks_true_mislabels_first():
-    rng = np.random.default_rng(3)
-    degree = rng.uniform(0, 1, 200)
-    soft = (degree >= 0.5).astype(float)
-    wrong = rng.choice(200, 20, replace=False)
-    soft[wrong] = 1 - soft[wrong]             # 20 flipped labels
-    scores = np.clip(degree + rng.normal(0, 0.05, 200), 0, 1)  # a classifier that sees the truth
-    result = benchmark.label_noise([f"p{i}" for i in range(200)], soft, soft, scores, degree, 0.5, top=20)
-    assert result["n_mislabelled"] == 20 and result["base_rate"] == pytest.approx(0.1)
-    assert result["truly_mislabelled_in_top"] >= 16
-    assert result["ranked"][0]["disagreement"] >= result["ranked"][-1]["disagreement"]
-
-
-def test_degree_calibration_is_monotone():
-    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
-    degrees = np.array([0.2, 0.1, 0.4, 0.7, 0.9])
-    cal = benchmark.DegreeCalibration(scores, degrees)
-    mapped = cal(np.linspace(0, 1, 21))
-    assert np.all(np.diff(mapped) >= 0) and cal(0.9) == pytest.approx(0.9)
 
 
 # -- the whole report ------------------------------------------------------------
