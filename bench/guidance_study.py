@@ -12,8 +12,10 @@ labels, the median Spearman and flip rate, the Fréchet ratio overall and per
 label bin, and the share of frames outside the real data (pixel distance to the
 nearest training patch beyond 99% of held-out patches'; per condition, and the
 seeds it happens on). Prints one JSON line per setting, then all of them.
-A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak]`
-(`guide=weak`: autoguidance with the pipeline's guide/ model).
+A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N]`
+(`guide=weak`: autoguidance with the pipeline's guide/ model; `null=N`: add N x
+(conditional - null-label prediction) inside the interval). `--device cuda`
+renders on a GPU (the noise is the same: it is drawn on the CPU).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ DEFAULT_SETTINGS = [
 
 
 def parse_setting(text: str) -> dict:
-    from diffusion.sampling_args import check_guidance_schedule
+    from diffusion.sampling_args import check_guidance_schedule, check_null_guidance
 
-    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null"}
+    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null", "null": 0.0}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key == "guidance":
@@ -48,11 +50,14 @@ def parse_setting(text: str) -> dict:
             setting["rescale"] = float(value)
         elif key == "guide":
             setting["guide"] = value
+        elif key == "null":
+            setting["null"] = float(value)
         else:
-            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale, guide)")
+            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale, guide, null)")
     if setting["guidance"] is None:
         raise SystemExit(f"--setting: '{text}' names no guidance")
     setting["interval"], setting["rescale"] = check_guidance_schedule(setting["interval"], setting["rescale"])
+    setting["null"] = check_null_guidance(setting["null"], "--setting null")
     return setting
 
 
@@ -129,18 +134,24 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True, help="the labelled patch dataset the report compares with")
     parser.add_argument("--seeds", default="0-63")
     parser.add_argument("--conditions", default="0:1:11")
-    parser.add_argument("--setting", action="append", help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak] (repeatable)")
+    parser.add_argument("--setting", action="append",
+                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N] (repeatable)")
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--sampler", help="default: the pipeline's")
     parser.add_argument("--report-config", default="configs/demo/report.yaml")
     parser.add_argument("--frames-out", type=Path, help="also write each setting's transitions folder here")
     parser.add_argument("--out", type=Path, help="write all results to this JSON file")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds-per-batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where to render (cpu, cuda); measuring stays on the CPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):  # full fp32 convolutions and matmuls, as on the CPU (no TF32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     settings = [(text, parse_setting(text)) for text in (args.setting or DEFAULT_SETTINGS)]
     cfg = load_config(ReportConfig, args.report_config)
-    pipe = MitosisPipeline.from_pretrained(args.pipeline)
+    pipe = MitosisPipeline.from_pretrained(args.pipeline).to(args.device)
     classifier = ClassifierEnsemble.from_pretrained(args.classifier)
     seeds, conditions = parse_seeds(args.seeds), parse_conditions(args.conditions)
     steps = args.steps or int(pipe.info.get("default_steps", 20))
@@ -151,9 +162,9 @@ def main(argv=None):
            "settings": {}}
     for text, setting in settings:
         t0 = time.time()
-        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler, seeds_per_batch=16,
+        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler, seeds_per_batch=args.seeds_per_batch,
                                   guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
-                                  guide=setting["guide"])
+                                  guide=setting["guide"], null_guidance=setting["null"])
         render_s = time.time() - t0
         result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
                   "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
@@ -163,7 +174,7 @@ def main(argv=None):
             write_transitions(args.frames_out / name, frames, {
                 "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
                 "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
-                "guide": setting["guide"], "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash,
+                "guide": setting["guide"], "null_guidance": setting["null"], "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash,
                 "pipeline": str(pipe.path)},
                 overwrite=True)
         print(json.dumps({text: result}), flush=True)

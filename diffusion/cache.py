@@ -84,7 +84,7 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
     # 216 -> 176 ms eager), and every decode in the project takes the same path, so results agree bit for bit
     z = (latents.float() / scale + shift).contiguous(memory_format=torch.channels_last)
     x = vae.decode(z).sample  # (N, 3, H, W) in ~[-1, 1]
-    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: bool = False,

@@ -83,7 +83,10 @@ def draw_conditions(kind: str, values: list[float] | None, seed: int, n: int) ->
 
 def load_pipeline(path: str) -> MitosisPipeline:
     if path not in _PIPELINES:
-        _PIPELINES[path] = MitosisPipeline.from_pretrained(path)
+        from accelerate import PartialState
+
+        # a GPU when accelerate has one (each process its own), else the CPU
+        _PIPELINES[path] = MitosisPipeline.from_pretrained(path).to(PartialState(cpu=not torch.cuda.is_available()).device)
     return _PIPELINES[path]
 
 

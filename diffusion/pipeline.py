@@ -31,6 +31,17 @@ condition away from the unconditional (label-mixed) mean, which is what makes
 classifier-free guidance switch in the uncertain middle. pipeline.json
 `default_guide` ("null" or "weak") is what `transitions` and `generate` use;
 real2gen, the explorer and DDIM inversion always guide against the null label.
+
+A null-label term (`null_guidance` n, pipeline.json `default_null_guidance`)
+adds `n * (cond - uncond)` to either guide's prediction, inside the same
+interval: with the weak guide it keeps autoguidance's gradual label response
+and adds classifier-free guidance's push away from the unlabelled (null) mean,
+which is where the unlabelled slide nuclei's look lives. It costs the null
+half's UNet rows on top of the weak model's call.
+
+Devices: `pipe.to("cuda")` moves every model; `transitions` and `samples` then
+run there. Initial and step noise are still drawn from CPU generators, so a
+seed starts from the same noise on every device.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from mitosis_ldm.io import write_json
 
 from .cache import decode_latents, encode_images
 from .model import LabelEmbedder, time_embed_dim
-from .sampling_args import GUIDES, check_conditions, check_guidance_schedule, check_sampling_args
+from .sampling_args import GUIDES, check_conditions, check_guidance_schedule, check_null_guidance, check_sampling_args
 
 SAMPLERS = {
     "ddpm": DDPMScheduler,
@@ -106,6 +117,16 @@ class MitosisPipeline:
             self.guide[1].save_pretrained(path / "guide" / "label_embedder")
         write_json(path / "pipeline.json", {"format": FORMAT[PIPELINE], **self.info})
 
+    def to(self, device) -> "MitosisPipeline":
+        """Move every model (the weak guide too) to `device`; transitions and samples run there."""
+        for module in (self.vae, self.unet, self.label_embedder, *(self.guide or ())):
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
     @property
     def model_hash(self) -> str:
         if self._hash is None:
@@ -131,6 +152,10 @@ class MitosisPipeline:
         return float(self.info.get("default_guidance_rescale", 0.0))
 
     @property
+    def default_null_guidance(self) -> float:
+        return float(self.info.get("default_null_guidance", 0.0))
+
+    @property
     def default_guide(self) -> str:
         return str(self.info.get("default_guide", "null"))
 
@@ -149,46 +174,60 @@ class MitosisPipeline:
         return encode_images(self.vae, images_uint8, "mean")
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents.to(self.device))
 
     @torch.no_grad()
     def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float,
-               guidance_rescale: float = 0.0, guide: str = "null") -> torch.Tensor:
+               guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0) -> torch.Tensor:
         """Conditional and null halves in one batched UNet call -> guided prediction (B, C, h, w).
 
         When one half alone decides the result (all labels null, or guidance 0 or 1 without rescaling), only
         that half is computed: half the work, e.g. for inverting a real nucleus that has no label.
         `guide="weak"`: autoguidance, the weak model's conditional prediction (its own UNet call) in place of
-        the null half.
+        the null half. `null_guidance` n > 0 adds `n * (cond - uncond)` to either.
         """
         b = latents.shape[0]
-        timesteps = torch.full((b,), int(t), dtype=torch.long)
+        device = latents.device
+        labels = labels.to(device)
+        timesteps = torch.full((b,), int(t), dtype=torch.long, device=device)
         null = torch.isnan(labels)
-        if bool(null.all()) or (guidance == 0 and guidance_rescale == 0 and guide == "null"):
-            return self.unet(latents, timesteps, class_labels=self.label_embedder(torch.full((b,), float("nan")))).sample
-        if guidance == 1 and guidance_rescale == 0 and not bool(null.any()):
+        if bool(null.all()) or (guidance == 0 and guidance_rescale == 0 and guide == "null" and null_guidance == 0):
+            nan = torch.full((b,), float("nan"), device=device)
+            return self.unet(latents, timesteps, class_labels=self.label_embedder(nan)).sample
+        if guidance == 1 and guidance_rescale == 0 and null_guidance == 0 and not bool(null.any()):
             return self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
         if guide == "weak":
             weak_unet, weak_embedder = self.guide
-            cond = self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
+            if null_guidance > 0:
+                cond, uncond = self._cond_and_null(latents, timesteps, labels)
+            else:
+                cond = self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
+                uncond = cond  # the null term is zero
             weak = weak_unet(latents, timesteps, class_labels=weak_embedder(labels.float())).sample
-            guided = self._rescaled(weak + guidance * (cond - weak), cond, guidance_rescale)
+            guided = self._rescaled(weak + guidance * (cond - weak) + null_guidance * (cond - uncond), cond,
+                                    guidance_rescale)
             # a null label asks for nothing to sharpen: the strong model's unconditional prediction
             return torch.where(null[:, None, None, None], cond, guided)
+        cond, uncond = self._cond_and_null(latents, timesteps, labels)
+        # a null label guides nothing: its conditional half *is* the unconditional prediction
+        guided = self._rescaled(uncond + (guidance + null_guidance) * (cond - uncond), cond, guidance_rescale)
+        return torch.where(null[:, None, None, None], uncond, guided)
+
+    def _cond_and_null(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
+        """The conditional and the null-label predictions, in one batched UNet call."""
+        b = latents.shape[0]
         # the null half depends on the latent alone: rows that share a latent (a transition's conditions at its
         # first step share one noise) share one unconditional prediction
         unique, inverse = torch.unique(latents.reshape(b, -1), dim=0, return_inverse=True)
         null_rows = unique.reshape(-1, *latents.shape[1:]) if len(unique) < b else latents
         u = len(null_rows)
-        all_labels = torch.cat([labels.float(), torch.full((u,), float("nan"))])  # (B + U,)
+        all_labels = torch.cat([labels.float(), torch.full((u,), float("nan"), device=latents.device)])  # (B + U,)
         emb = self.label_embedder(all_labels)  # (B + U, D)
         out = self.unet(torch.cat([latents, null_rows]), timesteps[:1].expand(b + u), class_labels=emb).sample
         cond, uncond = out[:b], out[b:]
         if u < b:
             uncond = uncond[inverse]
-        # a null label guides nothing: its conditional half *is* the unconditional prediction
-        guided = self._rescaled(uncond + guidance * (cond - uncond), cond, guidance_rescale)
-        return torch.where(null[:, None, None, None], uncond, guided)
+        return cond, uncond
 
     @staticmethod
     def _rescaled(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -200,17 +239,21 @@ class MitosisPipeline:
 
     def guidance_at(self, t, guidance: float, interval: tuple[float, float]) -> float:
         """The guidance scale at timestep t: `guidance` inside the noise-level interval, 1 (conditional) outside."""
+        return guidance if self.in_interval(t, interval) else 1.0
+
+    def in_interval(self, t, interval: tuple[float, float]) -> bool:
         level = int(t) / max(1, self.scheduler.config.num_train_timesteps - 1)
-        return guidance if interval[0] <= level <= interval[1] else 1.0
+        return interval[0] <= level <= interval[1]
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
                 generators=None, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                guidance_rescale: float = 0.0, guide: str = "null") -> torch.Tensor:
+                guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0) -> torch.Tensor:
         for t in timesteps:
             model_in = scheduler.scale_model_input(latents, t)
-            pred = self.guided(model_in, t, labels, self.guidance_at(t, guidance, guidance_interval), guidance_rescale,
-                               guide)
+            inside = self.in_interval(t, guidance_interval)
+            pred = self.guided(model_in, t, labels, guidance if inside else 1.0, guidance_rescale, guide,
+                               null_guidance if inside else 0.0)
             extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return latents
@@ -220,15 +263,17 @@ class MitosisPipeline:
     def transitions(self, seeds, conditions, guidance: float | None = None, steps: int = 20,
                     sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False, *,
                     guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None,
-                    guide: str | None = None):
+                    guide: str | None = None, null_guidance: float | None = None):
         """The same nucleus at every condition: uint8 (S, C, H, W, 3).
 
-        `guidance`, `guidance_interval`, `guidance_rescale` and `guide` ("null": classifier-free, "weak":
-        autoguidance) default to the pipeline's (pipeline.json).
+        `guidance`, `guidance_interval`, `guidance_rescale`, `guide` ("null": classifier-free, "weak":
+        autoguidance) and `null_guidance` default to the pipeline's (pipeline.json).
         """
         guidance = self.default_guidance if guidance is None else float(guidance)
+        null_guidance = self.default_null_guidance if null_guidance is None else float(null_guidance)
         conditions = check_conditions(conditions)
         check_sampling_args(guidance, steps)
+        check_null_guidance(null_guidance)
         interval, rescale = check_guidance_schedule(
             self.default_guidance_interval if guidance_interval is None else guidance_interval,
             self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
@@ -239,7 +284,7 @@ class MitosisPipeline:
             chunk = list(seeds)[start: start + seeds_per_batch]
             # one noise per seed, shared by its conditions
             latents = self._sample_rows([s for s in chunk for _ in range(k)], conditions * len(chunk), guidance, steps,
-                                        sampler, interval, rescale, guide)
+                                        sampler, interval, rescale, guide, null_guidance)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)
@@ -260,22 +305,26 @@ class MitosisPipeline:
             raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
         interval, rescale = check_guidance_schedule(self.default_guidance_interval, self.default_guidance_rescale)
         guide = self.check_guide(None)
+        null_guidance = check_null_guidance(self.default_null_guidance, "pipeline.json default_null_guidance")
         step = max(1, batch_size)
         out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
-                                             interval, rescale, guide)) for i in range(0, len(seeds), step)]
+                                             interval, rescale, guide, null_guidance))
+               for i in range(0, len(seeds), step)]
         return np.concatenate(out)
 
-    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide) -> torch.Tensor:
-        """Latents of one batch: row i starts from seed i's noise and is denoised under label i."""
+    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide,
+                     null_guidance=0.0) -> torch.Tensor:
+        """Latents of one batch: row i starts from seed i's noise and is denoised under label i (on the
+        pipeline's device; the noise comes from CPU generators, the same on every device)."""
         shape = self.latent_shape
         scheduler = sampler_scheduler(self.scheduler.config, sampler)
         scheduler.set_timesteps(steps)
         noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in row_seeds])
         # stochastic samplers: one step-noise stream per row, the same for every row of one seed
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
-        labels = torch.tensor(list(row_labels), dtype=torch.float32)
-        return self.denoise(noise * scheduler.init_noise_sigma, labels, guidance, scheduler, scheduler.timesteps,
-                            generators, interval, rescale, guide)
+        labels = torch.tensor(list(row_labels), dtype=torch.float32, device=self.device)
+        return self.denoise(noise.to(self.device) * scheduler.init_noise_sigma, labels, guidance, scheduler,
+                            scheduler.timesteps, generators, interval, rescale, guide, null_guidance)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -27,7 +27,7 @@ from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
 from .pipeline import SAMPLERS, MitosisPipeline
-from .sampling_args import (GUIDES, check_guidance_schedule, check_sampling_args, parse_conditions, parse_interval,
+from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_sampling_args, parse_conditions, parse_interval,
                             parse_seeds)
 
 
@@ -35,11 +35,13 @@ def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, 
                  seeds_per_batch: int, **schedule) -> np.ndarray:
     """Split seeds across accelerate processes, render, gather on every process in seed order.
 
-    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` for `MitosisPipeline.transitions`.
+    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` / `null_guidance` for
+    `MitosisPipeline.transitions`.
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    pipe.to(state.device)  # a GPU when accelerate has one (each process its own), else the CPU
     if state.num_processes == 1:
         return pipe.transitions(seeds, conditions, guidance, steps, sampler, seeds_per_batch, **schedule)
     from accelerate.utils import gather_object
@@ -75,6 +77,9 @@ def main(argv=None):
     parser.add_argument("--guide", choices=GUIDES,
                         help="guide against the null label (classifier-free) or the pipeline's weak model "
                              "(autoguidance; needs a guide/, see mitosis-ldm guide); default: the pipeline's")
+    parser.add_argument("--null-guidance", type=float, metavar="N",
+                        help="add N x (conditional - null-label prediction) inside the interval, to either guide "
+                             "(default: the pipeline's; 0 = off)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the pipeline's")
     parser.add_argument("--seeds-per-batch", type=int, default=4, help="seeds rendered in one UNet batch")
@@ -95,6 +100,8 @@ def main(argv=None):
     interval = None if args.guidance_interval is None else parse_interval(args.guidance_interval)
     if args.guidance_rescale is not None:
         check_guidance_schedule((0.0, 1.0), args.guidance_rescale)
+    if args.null_guidance is not None:
+        check_null_guidance(args.null_guidance)
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     guidance = pipe.default_guidance if args.guidance is None else args.guidance
@@ -103,21 +110,25 @@ def main(argv=None):
     interval = pipe.default_guidance_interval if interval is None else interval
     rescale = pipe.default_guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
     guide = pipe.check_guide(args.guide)
+    null_guidance = pipe.default_null_guidance if args.null_guidance is None else args.null_guidance
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
-                          guidance_interval=interval, guidance_rescale=rescale, guide=guide)
+                          guidance_interval=interval, guidance_rescale=rescale, guide=guide,
+                          null_guidance=null_guidance)
     seconds = time.time() - t0
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
-                "guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide, "sampler": sampler,
+                "guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide,
+                "null_guidance": null_guidance, "sampler": sampler,
                 "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
           f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} against the {guide} guide on "
           f"noise levels "
-          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, {sampler}, {steps} steps)")
+          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g}, {sampler}, "
+          f"{steps} steps)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ def check_sampling_args(guidance: float, steps: int) -> None:
         raise UserError(f"--steps: must be >= 1, got {steps}")
 
 
+def check_null_guidance(value: float, flag: str = "--null-guidance") -> float:
+    """The null-label term's scale: a finite number >= 0 (0 adds nothing)."""
+    value = float(value)
+    if not (0.0 <= value < float("inf")):
+        raise UserError(f"{flag}: must be a number >= 0, got {value:g}")
+    return value
+
+
 def check_guidance_schedule(interval, rescale, interval_flag: str = "--guidance-interval",
                             rescale_flag: str = "--guidance-rescale") -> tuple[tuple[float, float], float]:
     """A noise-level interval (low, high) with 0 <= low < high <= 1 and a rescale factor in [0, 1]."""

@@ -77,6 +77,8 @@ class SampleConfig:
     # and what transitions and generate guide against by default: "null" (classifier-free) or "weak"
     guide_snapshot_step: int = 0
     guide: str = "null"
+    # add null_guidance x (conditional - null-label prediction) inside the interval, to either guide
+    null_guidance: float = 0.0
 
 
 @dataclass
@@ -190,7 +192,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
     from .pipeline import SAMPLERS
-    from .sampling_args import GUIDES, check_guidance_schedule
+    from .sampling_args import GUIDES, check_guidance_schedule, check_null_guidance
 
     if cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
@@ -204,6 +206,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
                             "sample.guidance_interval", "sample.guidance_rescale")
     if cfg.sample.guide not in GUIDES:
         raise UserError(f"sample.guide: must be one of {', '.join(GUIDES)}, got '{cfg.sample.guide}'")
+    check_null_guidance(cfg.sample.null_guidance, "sample.null_guidance")
     snapshot = cfg.sample.guide_snapshot_step
     if isinstance(snapshot, bool) or not isinstance(snapshot, int) or not 0 <= snapshot < cfg.train.max_steps:
         raise UserError(f"sample.guide_snapshot_step: must be an integer in [0, train.max_steps), got {snapshot!r}")
@@ -263,6 +266,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_real2gen_strength": cfg.sample.real2gen_strength,
         "default_guidance_interval": [float(v) for v in cfg.sample.guidance_interval],
         "default_guidance_rescale": cfg.sample.guidance_rescale,
+        "default_null_guidance": cfg.sample.null_guidance,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],

@@ -67,6 +67,8 @@ def sampling_note(manifest: dict) -> str:
         parts.append(f"on noise levels [{interval[0]:g}, {interval[1]:g}]")
     if manifest.get("guidance_rescale"):
         parts.append(f"rescale {manifest['guidance_rescale']:g}")
+    if manifest.get("null_guidance"):
+        parts.append(f"plus {manifest['null_guidance']:g} x the push away from the null label")
     if manifest.get("sampler"):
         parts.append(f"{manifest['sampler']}, {manifest.get('steps')} steps")
     return "Sampled with " + ", ".join(parts) + ". "

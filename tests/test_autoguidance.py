@@ -154,3 +154,81 @@ def test_bad_guide_settings_in_the_training_config_are_refused(sets, needle):
     cfg = load_config(DiffusionTrainConfig, None, sets)
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_the_null_term_adds_its_push_to_either_guide(pair, tmp_path):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline
+
+    strong, weak, _ = pair
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(tmp_path / "auto")])
+    pipe = MitosisPipeline.from_pretrained(tmp_path / "auto")
+    x = torch.randn(3, 4, 16, 16)
+    y = torch.tensor([0.2, 0.9, float("nan")])
+    with torch.no_grad():
+        cond = pipe.unet(x, 300, class_labels=pipe.label_embedder(y)).sample
+        uncond = pipe.unet(x, 300, class_labels=pipe.label_embedder(torch.full((3,), float("nan")))).sample
+        weak_pred = pipe.guide[0](x, 300, class_labels=pipe.guide[1](y)).sample
+        got = pipe.guided(x, 300, y, 2.0, guide="weak", null_guidance=0.7)
+        cfg = pipe.guided(x, 300, y, 2.0, guide="null", null_guidance=0.7)
+    want = weak_pred + 2.0 * (cond - weak_pred) + 0.7 * (cond - uncond)
+    assert torch.allclose(got[:2], want[:2], atol=1e-4)
+    assert torch.allclose(got[2], cond[2], atol=1e-5)  # a null label still asks for nothing
+    assert torch.allclose(cfg[:2], uncond[:2] + 2.7 * (cond[:2] - uncond[:2]), atol=1e-4)
+    assert not torch.allclose(got[:2], pipe.guided(x, 300, y, 2.0, guide="weak")[:2], atol=1e-3)
+
+
+def test_the_null_term_is_a_pipeline_default_the_flag_overrides_and_the_interval_bounds(pair, tmp_path):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sample import main as sample_main
+
+    strong, weak, _ = pair
+    folder = tmp_path / "auto"
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(folder)])
+    pipe = MitosisPipeline.from_pretrained(folder)
+    assert pipe.default_null_guidance == 0.0  # older folders: no null term
+    plain = pipe.transitions([3], [0.0, 0.5, 1.0], steps=3, sampler="ddim")
+    pipe.info["default_null_guidance"] = 1.5
+    stored = tmp_path / "stored"
+    pipe.save_pretrained(stored)
+    common = ["--seeds", "3", "--conditions", "0,0.5,1"]
+    sample_main(["--pipeline", str(stored), *common, "--out", str(tmp_path / "default")])
+    sample_main(["--pipeline", str(stored), *common, "--null-guidance", "0", "--out", str(tmp_path / "off")])
+    # outside the guidance interval the null term is off, as the guidance is
+    sample_main(["--pipeline", str(stored), *common, "--guidance-interval", "0.995,1", "--out", str(tmp_path / "hi")])
+    sample_main(["--pipeline", str(stored), *common, "--guidance-interval", "0.995,1", "--null-guidance", "0",
+                 "--out", str(tmp_path / "hi-off")])
+    assert json.loads((tmp_path / "default" / "manifest.json").read_text())["null_guidance"] == 1.5
+    frames = {name: np.load(tmp_path / name / "frames.npy") for name in ("default", "off", "hi", "hi-off")}
+    assert np.array_equal(frames["off"][0], plain[0])
+    assert not np.array_equal(frames["default"], frames["off"])
+    # 3 DDIM steps start at t = 999, the only one inside [0.995, 1]; there the term acts, nowhere else
+    assert not np.array_equal(frames["hi"], frames["hi-off"])
+    sample_main(["--pipeline", str(stored), *common, "--guidance-interval", "0.2,0.3", "--out", str(tmp_path / "lo")])
+    sample_main(["--pipeline", str(stored), *common, "--guidance-interval", "0.2,0.3", "--null-guidance", "0",
+                 "--out", str(tmp_path / "lo-off")])
+    assert np.array_equal(np.load(tmp_path / "lo" / "frames.npy"), np.load(tmp_path / "lo-off" / "frames.npy"))
+
+
+def test_bad_null_terms_are_one_line(pair, tmp_path, capsys):
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sample import main as sample_main
+    from mitosis_ldm.config import load_config
+    from mitosis_ldm.errors import UserError
+
+    from diffusion.train import DiffusionTrainConfig, check_config
+
+    strong, _, _ = pair
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--pipeline", str(strong), "--seeds", "0", "--null-guidance", "-0.5", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--null-guidance" in err[0] and not out.exists()
+    with pytest.raises(UserError, match=r"sample\.null_guidance"):
+        check_config(load_config(DiffusionTrainConfig, None, ["sample.null_guidance=-1"]))
+    pipe = MitosisPipeline.from_pretrained(strong)
+    pipe.info["default_null_guidance"] = "lots"
+    pipe.save_pretrained(tmp_path / "bad")
+    with pytest.raises(UserError, match="default_null_guidance"):
+        MitosisPipeline.from_pretrained(tmp_path / "bad")
