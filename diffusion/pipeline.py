@@ -181,8 +181,10 @@ class MitosisPipeline:
                guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0) -> torch.Tensor:
         """Conditional and null halves in one batched UNet call -> guided prediction (B, C, h, w).
 
-        When one half alone decides the result (all labels null, or guidance 0 or 1 without rescaling), only
-        that half is computed: half the work, e.g. for inverting a real nucleus that has no label.
+        When one half alone decides the result (all labels null, guidance 0 without rescaling, or guidance 1
+        without a null term: the conditional prediction, which rescaling toward its own std leaves as it is),
+        only that half is computed: half the work, e.g. for inverting a real nucleus that has no label, or for
+        the steps outside the guidance interval.
         `guide="weak"`: autoguidance, the weak model's conditional prediction (its own UNet call) in place of
         the null half. `null_guidance` n > 0 adds `n * (cond - uncond)` to either.
         """
@@ -194,7 +196,7 @@ class MitosisPipeline:
         if bool(null.all()) or (guidance == 0 and guidance_rescale == 0 and guide == "null" and null_guidance == 0):
             nan = torch.full((b,), float("nan"), device=device)
             return self.unet(latents, timesteps, class_labels=self.label_embedder(nan)).sample
-        if guidance == 1 and guidance_rescale == 0 and null_guidance == 0 and not bool(null.any()):
+        if guidance == 1 and null_guidance == 0 and not bool(null.any()):
             return self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
         if guide == "weak":
             weak_unet, weak_embedder = self.guide

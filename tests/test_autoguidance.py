@@ -232,3 +232,26 @@ def test_bad_null_terms_are_one_line(pair, tmp_path, capsys):
     pipe.save_pretrained(tmp_path / "bad")
     with pytest.raises(UserError, match="default_null_guidance"):
         MitosisPipeline.from_pretrained(tmp_path / "bad")
+
+
+def test_outside_the_interval_one_unet_call_gives_the_conditional_prediction(pair, tmp_path):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline
+
+    strong, weak, _ = pair
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(tmp_path / "auto")])
+    pipe = MitosisPipeline.from_pretrained(tmp_path / "auto")
+    calls = []
+    for name, module in (("strong", pipe.unet), ("weak", pipe.guide[0])):
+        module.register_forward_hook(lambda _m, args, _out, name=name: calls.append((name, len(args[0]))))
+    x = torch.randn(2, 4, 16, 16)
+    y = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        cond = pipe.unet(x, 200, class_labels=pipe.label_embedder(y)).sample
+        calls.clear()
+        for guide in ("weak", "null"):  # guidance 1, no null term: rescaling toward its own std changes nothing
+            assert torch.equal(pipe.guided(x, 200, y, 1.0, guidance_rescale=0.5, guide=guide), cond)
+        assert calls == [("strong", 2), ("strong", 2)]
+        calls.clear()
+        pipe.guided(x, 200, y, 2.0, guidance_rescale=0.5, guide="weak", null_guidance=0.5)
+    assert sorted(calls) == [("strong", 2 + 2), ("weak", 2)]  # the null rows ride in the strong model's batch
