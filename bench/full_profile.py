@@ -69,7 +69,8 @@ def training(name: str, module: str, config: str, sets: list[str], out: Path, lo
     from mitosis_ldm.launch import accelerate_launch
 
     if smoke:  # a CPU check of this script itself: batches of 4, fp32 (bf16 autocast crawls on most CPUs)
-        sets = [*sets, "--set", "train.batch_size=4", "--set", 'train.mixed_precision="no"', "--set", "train.num_workers=0"]
+        sets = [*sets, "--set", "train.batch_size=4", "--set", 'train.mixed_precision="no"',
+                "--set", "train.num_workers=0"]
     cmd = accelerate_launch(module, "--config", config, "--set", f"out={out}", "--set", f"train.max_steps={steps}",
                             "--set", "train.log_every=10", "--set", f"train.checkpoint_every={steps}", *sets,
                             "--overwrite")
@@ -78,7 +79,8 @@ def training(name: str, module: str, config: str, sets: list[str], out: Path, lo
     rate = step_rate(out / "members" / "member-0" if (out / "members").is_dir() else out, first=10)
     full = recipe_steps(config)
     return {"wall_s": round(seconds, 1), "steps": steps, "s_per_step": None if rate is None else round(rate, 4),
-            "recipe_max_steps": full, "recipe_hours_at_this_rate": None if rate is None else round(rate * full / 3600, 2)}
+            "recipe_max_steps": full,
+            "recipe_hours_at_this_rate": None if rate is None else round(rate * full / 3600, 2)}
 
 
 def transitions(pipeline: Path, seeds: int, out: Path, logs: Path, name: str, env: dict | None = None) -> dict:
@@ -98,7 +100,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training stage")
     parser.add_argument("--seeds", type=int, default=64, help="transitions rendered from the trained pipeline")
     parser.add_argument("--cpu-seeds", type=int, default=8, help="the same transitions on the CPU, as the peer")
-    parser.add_argument("--smoke", action="store_true", help="batches of 4: checks this script on a CPU, measures nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="batches of 4: checks this script on a CPU, measures nothing")
     args = parser.parse_args(argv)
     root, logs = args.root, args.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -109,7 +112,8 @@ def main(argv=None):
         ("autoencoder", lambda: training(
             "autoencoder", "autoencoder.train", "configs/full/autoencoder.yaml",
             ["--set", f"data.datasets=[{args.dataset}]", "--set", f"loss.gan_start={gan_start}",
-             "--set", "data.eval_every=0", "--set", "data.scale_patches=2048"], root / "autoencoder", logs, args.steps, args.smoke)),
+             "--set", "data.eval_every=0", "--set", "data.scale_patches=2048"],
+            root / "autoencoder", logs, args.steps, args.smoke)),
         ("classifier", lambda: training(
             "classifier", "classifier.train", "configs/full/classifier.yaml",
             ["--set", f"data.dataset={args.dataset}", "--set", f"ensemble.eval_every={args.steps // 3}"],

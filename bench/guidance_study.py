@@ -162,7 +162,8 @@ def main(argv=None):
            "settings": {}}
     for text, setting in settings:
         t0 = time.time()
-        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler, seeds_per_batch=args.seeds_per_batch,
+        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler,
+                                  seeds_per_batch=args.seeds_per_batch,
                                   guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
                                   guide=setting["guide"], null_guidance=setting["null"])
         render_s = time.time() - t0
@@ -174,7 +175,8 @@ def main(argv=None):
             write_transitions(args.frames_out / name, frames, {
                 "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
                 "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
-                "guide": setting["guide"], "null_guidance": setting["null"], "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash,
+                "guide": setting["guide"], "null_guidance": setting["null"], "sampler": sampler, "steps": steps,
+                "model_hash": pipe.model_hash,
                 "pipeline": str(pipe.path)},
                 overwrite=True)
         print(json.dumps({text: result}), flush=True)

@@ -86,7 +86,8 @@ def load_pipeline(path: str) -> MitosisPipeline:
         from accelerate import PartialState
 
         # a GPU when accelerate has one (each process its own), else the CPU
-        _PIPELINES[path] = MitosisPipeline.from_pretrained(path).to(PartialState(cpu=not torch.cuda.is_available()).device)
+        device = PartialState(cpu=not torch.cuda.is_available()).device
+        _PIPELINES[path] = MitosisPipeline.from_pretrained(path).to(device)
     return _PIPELINES[path]
 
 

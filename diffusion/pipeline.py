@@ -204,10 +204,11 @@ class MitosisPipeline:
                 cond, uncond = self._cond_and_null(latents, timesteps, labels)
             else:
                 cond = self.unet(latents, timesteps, class_labels=self.label_embedder(labels.float())).sample
-                uncond = cond  # the null term is zero
             weak = weak_unet(latents, timesteps, class_labels=weak_embedder(labels.float())).sample
-            guided = self._rescaled(weak + guidance * (cond - weak) + null_guidance * (cond - uncond), cond,
-                                    guidance_rescale)
+            guided = weak + guidance * (cond - weak)
+            if null_guidance > 0:
+                guided = guided + null_guidance * (cond - uncond)
+            guided = self._rescaled(guided, cond, guidance_rescale)
             # a null label asks for nothing to sharpen: the strong model's unconditional prediction
             return torch.where(null[:, None, None, None], cond, guided)
         cond, uncond = self._cond_and_null(latents, timesteps, labels)

@@ -27,8 +27,8 @@ from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
 from .pipeline import SAMPLERS, MitosisPipeline
-from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_sampling_args, parse_conditions, parse_interval,
-                            parse_seeds)
+from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_sampling_args,
+                            parse_conditions, parse_interval, parse_seeds)
 
 
 def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, steps, sampler,
