@@ -1,7 +1,8 @@
 """Generate a labelled patch dataset from a diffusion pipeline (training data for downstream classifiers).
 
     mitosis-ldm generate --pipeline runs/demo/diffusion/model --n 4000 --labels match:runs/demo/data/synth \
-        [--guidance G] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen [--resume] [--overwrite]
+        [--guidance G] [--guidance-interval LOW,HIGH] [--guidance-rescale PHI] [--guide null|weak]
+        [--null-guidance N] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen [--resume] [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.generate ...   (shards split across processes)
 
 Writes an ordinary patch dataset (patches.npy, labels.csv, dataset.json; see
@@ -17,8 +18,9 @@ comma list such as `0,0.5,1` (cycled, so every value is equally frequent).
 Patch i's condition and noise come from (--seed, i) alone, never from a running
 random stream, so a run killed and continued with `--resume` (finished shards
 are kept in a hidden `.OUT.partial/` folder) and a run split across processes
-give the same dataset as one uninterrupted run. Guidance, steps and sampler
-default to the pipeline's (pipeline.json).
+give the same dataset as one uninterrupted run. Guidance, its schedule (the
+same flags as `transitions`), steps and sampler default to the pipeline's
+(pipeline.json); dataset.json's `generation` records the values used.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, pa
                              prepare_partial, run_job)
 
 from .pipeline import SAMPLERS, MitosisPipeline
-from .sampling_args import check_conditions, check_sampling_args
+from .sampling_args import add_schedule_flags, check_conditions, check_sampling_args, check_schedule_flags
 
 _PIPELINES: dict[str, MitosisPipeline] = {}  # one load per process, shared by its shards
 
@@ -92,25 +94,30 @@ def load_pipeline(path: str) -> MitosisPipeline:
 
 
 def render_shard(pipeline: str, model_hash: str, start: int, seeds: list[int], conditions: list[float],
-                 guidance: float | None, steps: int, sampler: str, batch_size: int) -> Shard:
+                 guidance: float, steps: int, sampler: str, batch_size: int, schedule: dict | None = None) -> Shard:
     """Patches start ... start + len(seeds) - 1, in UNet batches of mixed conditions."""
     pipe = load_pipeline(pipeline)
-    images = pipe.samples(seeds, conditions, guidance=guidance, steps=steps, sampler=sampler, batch_size=batch_size)
-    used = pipe.default_guidance if guidance is None else guidance
+    schedule = dict(schedule or {})
+    if "guidance_interval" in schedule:
+        schedule["guidance_interval"] = tuple(schedule["guidance_interval"])
+    images = pipe.samples(seeds, conditions, guidance=guidance, steps=steps, sampler=sampler, batch_size=batch_size,
+                          **schedule)
     rows = [{"id": f"gen-{start + k:07d}", "source": "generated", "slide": "generated", "x": "", "y": "",
-             "label": c, "votes": "", "hard_label": int(c >= 0.5), "seed": s, "guidance": used, "condition": c}
+             "label": c, "votes": "", "hard_label": int(c >= 0.5), "seed": s, "guidance": guidance, "condition": c}
             for k, (s, c) in enumerate(zip(seeds, conditions))]
     return Shard(images, rows)
 
 
-def shard_jobs(pipe: MitosisPipeline, seeds, conditions, guidance, steps, sampler, shard_size, batch_size):
+def shard_jobs(pipe: MitosisPipeline, seeds, conditions, guidance, steps, sampler, shard_size, batch_size,
+               schedule: dict | None = None):
     jobs = []
     for j, start in enumerate(range(0, len(seeds), shard_size)):
         stop = start + shard_size
         jobs.append((f"shard-{j:05d}", render_shard, {
             "pipeline": str(pipe.path), "model_hash": pipe.model_hash, "start": start, "seeds": seeds[start:stop],
             "conditions": conditions[start:stop], "guidance": guidance, "steps": steps, "sampler": sampler,
-            "batch_size": batch_size}))
+            "batch_size": batch_size, "schedule": {k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in (schedule or {}).items()}}))
     return jobs
 
 
@@ -144,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--pipeline", required=True, help="diffusion pipeline folder (or its run folder)")
     parser.add_argument("--n", type=int, required=True, help="patches to generate")
     parser.add_argument("--labels", default="uniform", help="uniform | match:DATASET | a list such as 0,0.5,1")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    add_schedule_flags(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the pipeline's")
     parser.add_argument("--seed", type=int, default=0, help="patch i's noise and label come from (seed, i)")
@@ -168,17 +176,20 @@ def main(argv=None):
         raise UserError(f"--val/--test: must be >= 0 with a sum below 1, got {args.val:g} + {args.test:g}")
     if args.guidance is not None or args.steps is not None:
         check_sampling_args(0.0 if args.guidance is None else args.guidance, 1 if args.steps is None else args.steps)
+    schedule = check_schedule_flags(args)
     kind, values = parse_labels(args.labels)
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     _PIPELINES[str(pipe.path)] = pipe
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
-    guidance = pipe.default_guidance if args.guidance is None else args.guidance
+    guidance, interval, rescale, guide, null_guidance = pipe.schedule(args.guidance, steps, **schedule)
+    schedule = {"guidance_interval": interval, "guidance_rescale": rescale, "guide": guide,
+                "null_guidance": null_guidance}  # every shard renders with the whole schedule, resolved once
 
     seeds = [patch_seed(args.seed, i) for i in range(args.n)]
     conditions = draw_conditions(kind, values, args.seed, args.n)
-    jobs = shard_jobs(pipe, seeds, conditions, args.guidance, steps, sampler, args.shard_size, args.batch_size)
+    jobs = shard_jobs(pipe, seeds, conditions, guidance, steps, sampler, args.shard_size, args.batch_size, schedule)
     size = pipe.image_shape[0]
     t0 = time.time()
     rendered = render_jobs(jobs, args.out, args.n, size, args.resume)
@@ -187,8 +198,9 @@ def main(argv=None):
 
     if not PartialState().is_main_process:
         return
-    settings = {"n": args.n, "labels": args.labels, "guidance": guidance, "steps": steps, "sampler": sampler,
-                "seed": args.seed, "shard_size": args.shard_size, "batch_size": args.batch_size}
+    settings = {"n": args.n, "labels": args.labels, "guidance": guidance, "guidance_interval": list(interval),
+                "guidance_rescale": rescale, "guide": guide, "null_guidance": null_guidance, "steps": steps,
+                "sampler": sampler, "seed": args.seed, "shard_size": args.shard_size, "batch_size": args.batch_size}
     meta = {"source": "generated", "generated": True, "source_file": str(pipe.path), "mpp": None,
             "label_definition": "label = the condition the patch was generated at; hard_label = condition >= 0.5; "
                                 "votes empty (no experts)",
@@ -197,7 +209,9 @@ def main(argv=None):
             "seconds": round(seconds, 3)}
     build_dataset(args.out, jobs, patch_size=size, margin=0, meta=meta, overwrite=args.overwrite,
                   split=SplitConfig(mode="random", val=args.val, test=args.test, seed=args.seed), progress=False)
-    print(f"wrote {args.out}: {args.n} patches ({args.labels}; guidance {guidance:g}, {sampler}, {steps} steps) "
+    print(f"wrote {args.out}: {args.n} patches ({args.labels}; guidance {guidance:g} against the {guide} guide on "
+          f"noise levels [{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g}, "
+          f"{sampler}, {steps} steps) "
           f"in {seconds:.1f} s, {rendered / max(seconds, 1e-9):.2f} patches/s ({rendered} rendered by this run)")
 
 

@@ -272,15 +272,10 @@ class MitosisPipeline:
         `guidance`, `guidance_interval`, `guidance_rescale`, `guide` ("null": classifier-free, "weak":
         autoguidance) and `null_guidance` default to the pipeline's (pipeline.json).
         """
-        guidance = self.default_guidance if guidance is None else float(guidance)
-        null_guidance = self.default_null_guidance if null_guidance is None else float(null_guidance)
         conditions = check_conditions(conditions)
-        check_sampling_args(guidance, steps)
-        check_null_guidance(null_guidance)
-        interval, rescale = check_guidance_schedule(
-            self.default_guidance_interval if guidance_interval is None else guidance_interval,
-            self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
-        guide = self.check_guide(guide)
+        guidance, interval, rescale, guide, null_guidance = self.schedule(
+            guidance, steps, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale, guide=guide,
+            null_guidance=null_guidance)
         k = len(conditions)
         frames = []
         for start in range(0, len(seeds), max(1, seeds_per_batch)):
@@ -295,25 +290,34 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def samples(self, seeds, labels, guidance: float | None = None, steps: int = 20, sampler: str = "dpm++",
-                batch_size: int = 64) -> np.ndarray:
+                batch_size: int = 64, **schedule) -> np.ndarray:
         """One patch per (seed, label) pair, uint8 (N, H, W, 3), mixed labels in one UNet batch.
 
         Patch i is what `transitions(seeds=[seeds[i]], conditions=[labels[i]])` renders (the same noise), up to
-        the last bit of batched arithmetic. The guidance schedule and the guide are the pipeline's.
+        the last bit of batched arithmetic. `schedule`: the keyword overrides `transitions` takes
+        (`guidance_interval`, `guidance_rescale`, `guide`, `null_guidance`); each defaults to the pipeline's.
         """
-        guidance = self.default_guidance if guidance is None else float(guidance)
         labels = check_conditions(labels, "labels")
-        check_sampling_args(guidance, steps)
         if len(seeds) != len(labels):
             raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
-        interval, rescale = check_guidance_schedule(self.default_guidance_interval, self.default_guidance_rescale)
-        guide = self.check_guide(None)
-        null_guidance = check_null_guidance(self.default_null_guidance, "pipeline.json default_null_guidance")
+        guidance, interval, rescale, guide, null_guidance = self.schedule(guidance, steps, **schedule)
         step = max(1, batch_size)
         out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
                                              interval, rescale, guide, null_guidance))
                for i in range(0, len(seeds), step)]
         return np.concatenate(out)
+
+    def schedule(self, guidance: float | None, steps: int, *, guidance_interval=None, guidance_rescale=None,
+                 guide: str | None = None, null_guidance: float | None = None):
+        """(guidance, interval, rescale, guide, null_guidance): each given value checked, each None the
+        pipeline's default (pipeline.json)."""
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        check_sampling_args(guidance, steps)
+        null_guidance = check_null_guidance(self.default_null_guidance if null_guidance is None else null_guidance)
+        interval, rescale = check_guidance_schedule(
+            self.default_guidance_interval if guidance_interval is None else guidance_interval,
+            self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
+        return guidance, interval, rescale, self.check_guide(guide), null_guidance
 
     def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide,
                      null_guidance=0.0) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Transitions: render the same nucleus at conditions y = 0 ... 1.
 
     mitosis-ldm transitions --pipeline runs/demo/diffusion/model --seeds 0-15 --conditions 0:1:11 \
-        [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--steps 20] [--sampler dpm++] \
+        [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--guide null|weak] [--null-guidance 0] \
+        [--steps 20] [--sampler dpm++] \
         --out runs/demo/transitions [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
 
 Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
 and flags give bit-identical frames on CPU. `--guidance`, the guidance
-schedule (`--guidance-interval`, `--guidance-rescale`), `--steps` and
-`--sampler` default to the values stored in the pipeline's pipeline.json.
+schedule (`--guidance-interval`, `--guidance-rescale`, `--guide`,
+`--null-guidance`), `--steps` and `--sampler` default to the values stored in
+the pipeline's pipeline.json.
 Writes a transitions folder: frames.npy (seeds, conditions, H, W, 3),
 manifest.json and one PNG strip per seed.
 """
@@ -27,8 +29,8 @@ from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
 from .pipeline import SAMPLERS, MitosisPipeline
-from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_sampling_args,
-                            parse_conditions, parse_interval, parse_seeds)
+from .sampling_args import (add_schedule_flags, check_sampling_args, check_schedule_flags, parse_conditions,
+                            parse_seeds)
 
 
 def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, steps, sampler,
@@ -68,18 +70,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 0,3,7 (default 0-15)")
     parser.add_argument("--conditions", default="0:1:11", help="START:STOP:COUNT or a list (default 0:1:11)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    parser.add_argument("--guidance-interval", metavar="LOW,HIGH",
-                        help="guide only at noise levels t/T in [LOW, HIGH], conditional elsewhere "
-                             "(default: the pipeline's; 0,1 guides every step)")
-    parser.add_argument("--guidance-rescale", type=float, metavar="PHI",
-                        help="in [0, 1]: rescale the guided prediction toward the conditional one's std "
-                             "(default: the pipeline's; 0 = off)")
-    parser.add_argument("--guide", choices=GUIDES,
-                        help="guide against the null label (classifier-free) or the pipeline's weak model "
-                             "(autoguidance; needs a guide/, see mitosis-ldm guide); default: the pipeline's")
-    parser.add_argument("--null-guidance", type=float, metavar="N",
-                        help="add N x (conditional - null-label prediction) inside the interval, to either guide "
-                             "(default: the pipeline's; 0 = off)")
+    add_schedule_flags(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the pipeline's")
     parser.add_argument("--seeds-per-batch", type=int, default=4, help="seeds rendered in one UNet batch")
@@ -97,20 +88,12 @@ def main(argv=None):
     conditions = parse_conditions(args.conditions)
     if args.guidance is not None or args.steps is not None:
         check_sampling_args(0.0 if args.guidance is None else args.guidance, 1 if args.steps is None else args.steps)
-    interval = None if args.guidance_interval is None else parse_interval(args.guidance_interval)
-    if args.guidance_rescale is not None:
-        check_guidance_schedule((0.0, 1.0), args.guidance_rescale)
-    if args.null_guidance is not None:
-        check_null_guidance(args.null_guidance)
+    schedule = check_schedule_flags(args)
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
-    guidance = pipe.default_guidance if args.guidance is None else args.guidance
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
-    interval = pipe.default_guidance_interval if interval is None else interval
-    rescale = pipe.default_guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
-    guide = pipe.check_guide(args.guide)
-    null_guidance = pipe.default_null_guidance if args.null_guidance is None else args.null_guidance
+    guidance, interval, rescale, guide, null_guidance = pipe.schedule(args.guidance, steps, **schedule)
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
                           guidance_interval=interval, guidance_rescale=rescale, guide=guide,

@@ -70,6 +70,37 @@ def parse_interval(text: str) -> tuple[float, float]:
     return check_guidance_schedule(values, 0.0)[0]
 
 
+def add_schedule_flags(parser) -> None:
+    """The guidance-schedule flags that `transitions` and `generate` share (each defaults to the pipeline's)."""
+    parser.add_argument("--guidance-interval", metavar="LOW,HIGH",
+                        help="guide only at noise levels t/T in [LOW, HIGH], conditional elsewhere "
+                             "(default: the pipeline's; 0,1 guides every step)")
+    parser.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                        help="in [0, 1]: rescale the guided prediction toward the conditional one's std "
+                             "(default: the pipeline's; 0 = off)")
+    parser.add_argument("--guide", choices=GUIDES,
+                        help="guide against the null label (classifier-free) or the pipeline's weak model "
+                             "(autoguidance; needs a guide/, see mitosis-ldm guide); default: the pipeline's")
+    parser.add_argument("--null-guidance", type=float, metavar="N",
+                        help="add N x (conditional - null-label prediction) inside the interval, to either guide "
+                             "(default: the pipeline's; 0 = off)")
+
+
+def check_schedule_flags(args) -> dict:
+    """The schedule flags a user gave, checked before anything is loaded: keyword overrides for
+    `MitosisPipeline.transitions` / `samples` (a flag left out is absent, so the pipeline's default holds)."""
+    schedule = {}
+    if args.guidance_interval is not None:
+        schedule["guidance_interval"] = parse_interval(args.guidance_interval)
+    if args.guidance_rescale is not None:
+        schedule["guidance_rescale"] = check_guidance_schedule((0.0, 1.0), args.guidance_rescale)[1]
+    if args.null_guidance is not None:
+        schedule["null_guidance"] = check_null_guidance(args.null_guidance)
+    if args.guide is not None:
+        schedule["guide"] = args.guide
+    return schedule
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-15' or '0,3,7' or '0-3,9' -> [ints]."""
     seeds = []

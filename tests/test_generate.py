@@ -109,6 +109,30 @@ def test_mixed_labels_share_one_unet_batch_per_step(world):
     assert not np.array_equal(images[1], images[3])
 
 
+def test_schedule_flags_are_used_and_recorded(world, tmp_path):
+    """`generate` takes the guidance schedule of `transitions`: the patches are the transition frames rendered
+    with the same flags, and dataset.json records every value used (flags and the pipeline's defaults)."""
+    from diffusion.generate import main as gen_main
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    gen_main(gen_args(world, tmp_path / "plain", "--labels", "0.2,0.8", "--guidance", "2", n=4))
+    gen_main(gen_args(world, tmp_path / "null", "--labels", "0.2,0.8", "--guidance", "2", "--null-guidance", "1.5",
+                      "--guidance-interval", "0.2,1", "--guidance-rescale", "0.5", n=4))
+    plain, null = (np.load(tmp_path / name / "patches.npy") for name in ("plain", "null"))
+    assert np.abs(plain.astype(int) - null).max() > 10  # the term changes what is rendered
+    settings = json.loads((tmp_path / "null" / "dataset.json").read_text())["generation"]
+    assert settings["null_guidance"] == 1.5 and settings["guidance_interval"] == [0.2, 1.0]
+    assert settings["guidance_rescale"] == 0.5 and settings["guide"] == pipe.default_guide
+    defaults = json.loads((tmp_path / "plain" / "dataset.json").read_text())["generation"]
+    assert defaults["null_guidance"] == pipe.default_null_guidance
+    assert defaults["guidance_interval"] == list(pipe.default_guidance_interval)
+    rows = read_rows(tmp_path / "null")
+    frame = pipe.transitions(seeds=[int(rows[1]["seed"])], conditions=[0.8], guidance=2.0, steps=2,
+                             guidance_interval=(0.2, 1.0), guidance_rescale=0.5, null_guidance=1.5)
+    assert np.abs(frame[0, 0].astype(int) - null[1]).max() <= 2
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(world, tmp_path):
     args = gen_args(world, tmp_path / "killed", "--labels", "0,0.5,1", n=48)
@@ -174,6 +198,9 @@ def _one_line_error(capsys, call, *needles):
     (["--n", "0"], ["--n", "at least 1"]),
     (["--labels", "0,1.5"], ["--labels", "1.5", "outside [0, 1]"]),
     (["--labels", "0,abc"], ["--labels", "expected"]),
+    (["--null-guidance", "-1"], ["--null-guidance", ">= 0"]),
+    (["--guidance-interval", "0.8,0.2"], ["--guidance-interval", "LOW < HIGH"]),
+    (["--guidance-rescale", "2"], ["--guidance-rescale", "[0, 1]"]),
 ])
 def test_bad_flags(world, tmp_path, capsys, extra, needles):
     from diffusion.generate import main as gen_main
