@@ -324,16 +324,34 @@ def ema_copy(model: Denoiser, ema: EMAModel | None) -> Denoiser:
     return copy_
 
 
+def preview_conditions(cfg) -> list[float]:
+    return np.linspace(0, 1, cfg.preview.conditions).round(3).tolist()
+
+
+def preview_sheet(frames: np.ndarray, conditions: list[float]) -> np.ndarray:
+    """(seeds, conditions, H, W, 3) frames -> one captioned sheet, a row per seed."""
+    return contact_sheet(frames.reshape(-1, *frames.shape[2:]), [f"y={c:.2f}" for c in conditions] * len(frames),
+                         ncols=len(conditions), scale=2)
+
+
 def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
+    """The preview strips, sampled as the exported pipeline will sample: the stored guidance schedule and null-label
+    term, against the weak guide once its snapshot is kept (classifier-free before that step)."""
+    from .pipeline import MitosisPipeline
+
     net = ema_copy(model, ema)
     pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info)
-    conditions = np.linspace(0, 1, cfg.preview.conditions).round(3).tolist()
+    guide = "null"
+    if cfg.sample.guide == "weak" and cfg.sample.guide_snapshot_step and step > cfg.sample.guide_snapshot_step:
+        pipe = MitosisPipeline(pipe.vae, pipe.unet, pipe.label_embedder, pipe.scheduler, pipe.info,
+                               guide=load_guide_snapshot(run, cfg))
+        guide = "weak"
+    conditions = preview_conditions(cfg)
     frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler,
                               guidance_interval=cfg.sample.guidance_interval,
-                              guidance_rescale=cfg.sample.guidance_rescale)
-    sheet = contact_sheet(frames.reshape(-1, *frames.shape[2:]), [f"y={c:.2f}" for c in conditions] * len(frames),
-                          ncols=len(conditions), scale=2)
-    save_png(run.run_dir / "previews" / f"step-{step:06d}.png", sheet)
+                              guidance_rescale=cfg.sample.guidance_rescale, guide=guide,
+                              null_guidance=cfg.sample.null_guidance)
+    save_png(run.run_dir / "previews" / f"step-{step:06d}.png", preview_sheet(frames, conditions))
     net.train()
 
 

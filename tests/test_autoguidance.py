@@ -128,7 +128,8 @@ def test_training_keeps_a_snapshot_as_the_guide(tmp_path):
     vae = make_vae(tmp_path / "vae")
     cache_main(["--vae", str(vae), "--dataset", str(synth), "--out", str(tmp_path / "latents")])
     train_main(tiny_train_args(tmp_path / "run", tmp_path / "latents", steps=4,
-                               extra=("--set", "sample.guide_snapshot_step=2", "--set", "sample.guide=weak")))
+                               extra=("--set", "sample.guide_snapshot_step=2", "--set", "sample.guide=weak",
+                                      "--set", "sample.null_guidance=1")))
     pipe = MitosisPipeline.from_pretrained(tmp_path / "run" / "model")
     assert pipe.guide is not None and pipe.default_guide == "weak"
     assert pipe.info["guide"]["snapshot_step"] == 2 and pipe.info["trained_steps"] == 4
@@ -137,6 +138,16 @@ def test_training_keeps_a_snapshot_as_the_guide(tmp_path):
     assert strong.shape == weak.shape and not torch.allclose(strong, weak)  # step 2's weights, not step 4's
     frames = pipe.transitions([0], [0.0, 1.0], steps=2, sampler="ddim")
     assert frames.shape == (1, 2, 64, 64, 3)
+    # the last preview is sampled as the exported pipeline samples by default: the weak guide, the null term
+    from diffusion.train import DiffusionTrainConfig, PreviewConfig, preview_conditions, preview_sheet
+    from PIL import Image
+
+    conditions = preview_conditions(DiffusionTrainConfig(preview=PreviewConfig(conditions=3)))
+    expected = preview_sheet(pipe.transitions([0], conditions, steps=3), conditions)
+    preview = np.asarray(Image.open(tmp_path / "run" / "previews" / "step-000004.png").convert("RGB"))
+    assert preview.shape == expected.shape and np.abs(preview.astype(int) - expected).max() <= 2
+    classifier_free = preview_sheet(pipe.transitions([0], conditions, steps=3, guide="null"), conditions)
+    assert np.abs(preview.astype(int) - classifier_free).max() > 10
 
 
 @pytest.mark.parametrize("sets, needle", [
