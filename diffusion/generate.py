@@ -94,12 +94,9 @@ def load_pipeline(path: str) -> MitosisPipeline:
 
 
 def render_shard(pipeline: str, model_hash: str, start: int, seeds: list[int], conditions: list[float],
-                 guidance: float, steps: int, sampler: str, batch_size: int, schedule: dict | None = None) -> Shard:
+                 guidance: float, steps: int, sampler: str, batch_size: int, schedule: dict) -> Shard:
     """Patches start ... start + len(seeds) - 1, in UNet batches of mixed conditions."""
     pipe = load_pipeline(pipeline)
-    schedule = dict(schedule or {})
-    if "guidance_interval" in schedule:
-        schedule["guidance_interval"] = tuple(schedule["guidance_interval"])
     images = pipe.samples(seeds, conditions, guidance=guidance, steps=steps, sampler=sampler, batch_size=batch_size,
                           **schedule)
     rows = [{"id": f"gen-{start + k:07d}", "source": "generated", "slide": "generated", "x": "", "y": "",
@@ -109,15 +106,14 @@ def render_shard(pipeline: str, model_hash: str, start: int, seeds: list[int], c
 
 
 def shard_jobs(pipe: MitosisPipeline, seeds, conditions, guidance, steps, sampler, shard_size, batch_size,
-               schedule: dict | None = None):
+               schedule: dict):
     jobs = []
     for j, start in enumerate(range(0, len(seeds), shard_size)):
         stop = start + shard_size
         jobs.append((f"shard-{j:05d}", render_shard, {
             "pipeline": str(pipe.path), "model_hash": pipe.model_hash, "start": start, "seeds": seeds[start:stop],
             "conditions": conditions[start:stop], "guidance": guidance, "steps": steps, "sampler": sampler,
-            "batch_size": batch_size, "schedule": {k: list(v) if isinstance(v, tuple) else v
-                                                   for k, v in (schedule or {}).items()}}))
+            "batch_size": batch_size, "schedule": schedule}))
     return jobs
 
 
@@ -184,8 +180,9 @@ def main(argv=None):
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
     guidance, interval, rescale, guide, null_guidance = pipe.schedule(args.guidance, steps, **schedule)
-    schedule = {"guidance_interval": interval, "guidance_rescale": rescale, "guide": guide,
-                "null_guidance": null_guidance}  # every shard renders with the whole schedule, resolved once
+    # every shard renders with the whole schedule, resolved once (JSON-ready: it is part of the shards' fingerprint)
+    schedule = {"guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide,
+                "null_guidance": null_guidance}
 
     seeds = [patch_seed(args.seed, i) for i in range(args.n)]
     conditions = draw_conditions(kind, values, args.seed, args.n)
@@ -198,8 +195,7 @@ def main(argv=None):
 
     if not PartialState().is_main_process:
         return
-    settings = {"n": args.n, "labels": args.labels, "guidance": guidance, "guidance_interval": list(interval),
-                "guidance_rescale": rescale, "guide": guide, "null_guidance": null_guidance, "steps": steps,
+    settings = {"n": args.n, "labels": args.labels, "guidance": guidance, **schedule, "steps": steps,
                 "sampler": sampler, "seed": args.seed, "shard_size": args.shard_size, "batch_size": args.batch_size}
     meta = {"source": "generated", "generated": True, "source_file": str(pipe.path), "mpp": None,
             "label_definition": "label = the condition the patch was generated at; hard_label = condition >= 0.5; "

@@ -174,12 +174,12 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
     return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
-def build_pipeline(unet, embedder, noise_scheduler, vae_dir: Path, info: dict):
+def build_pipeline(unet, embedder, noise_scheduler, vae_dir: Path, info: dict, guide=None):
     from diffusers import AutoencoderKL
 
     from .pipeline import MitosisPipeline
 
-    return MitosisPipeline(AutoencoderKL.from_pretrained(vae_dir), unet, embedder, noise_scheduler, info)
+    return MitosisPipeline(AutoencoderKL.from_pretrained(vae_dir), unet, embedder, noise_scheduler, info, guide=guide)
 
 
 def check_config(cfg: DiffusionTrainConfig) -> None:
@@ -337,15 +337,11 @@ def preview_sheet(frames: np.ndarray, conditions: list[float]) -> np.ndarray:
 def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
     """The preview strips, sampled as the exported pipeline will sample: the stored guidance schedule and null-label
     term, against the weak guide once its snapshot is kept (classifier-free before that step)."""
-    from .pipeline import MitosisPipeline
-
     net = ema_copy(model, ema)
-    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info)
-    guide = "null"
-    if cfg.sample.guide == "weak" and cfg.sample.guide_snapshot_step and step > cfg.sample.guide_snapshot_step:
-        pipe = MitosisPipeline(pipe.vae, pipe.unet, pipe.label_embedder, pipe.scheduler, pipe.info,
-                               guide=load_guide_snapshot(run, cfg))
-        guide = "weak"
+    weak = cfg.sample.guide == "weak" and 0 < cfg.sample.guide_snapshot_step < step
+    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info,
+                          guide=load_guide_snapshot(run, cfg) if weak else None)
+    guide = "weak" if weak else "null"
     conditions = preview_conditions(cfg)
     frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler,
                               guidance_interval=cfg.sample.guidance_interval,
@@ -388,17 +384,13 @@ def load_guide_snapshot(run, cfg):
 def export(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) -> None:
     from mitosis_ldm.io import atomic_dir
 
-    from .pipeline import MitosisPipeline
-
     net = ema_copy(model, ema)
-    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir,
-                          {**info, "trained_steps": step, "ema": ema is not None})
+    info = {**info, "trained_steps": step, "ema": ema is not None}
     guide = load_guide_snapshot(run, cfg)
     if guide is not None:
-        pipe = MitosisPipeline(pipe.vae, pipe.unet, pipe.label_embedder, pipe.scheduler, {
-            **pipe.info, "default_guide": cfg.sample.guide,
-            "guide": {"snapshot_step": cfg.sample.guide_snapshot_step, "cond_dropout": cfg.diffusion.cond_dropout}},
-            guide=guide)
+        info.update({"default_guide": cfg.sample.guide, "guide": {
+            "snapshot_step": cfg.sample.guide_snapshot_step, "cond_dropout": cfg.diffusion.cond_dropout}})
+    pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info, guide=guide)
     with atomic_dir(run.model_dir, overwrite=True) as tmp:
         pipe.save_pretrained(tmp)
     run.accelerator.print(f"exported the pipeline (EMA weights) to {run.model_dir}")
