@@ -47,6 +47,7 @@ seed starts from the same noise on every device.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ from mitosis_ldm.io import write_json
 
 from .cache import decode_latents, encode_images
 from .model import LabelEmbedder, time_embed_dim
-from .sampling_args import GUIDES, check_conditions, check_guidance_schedule, check_null_guidance, check_sampling_args
+from .sampling_args import (GUIDES, check_conditions, check_guidance_schedule, check_null_guidance,
+                            check_null_guidance_middle, check_sampling_args)
 
 SAMPLERS = {
     "ddpm": DDPMScheduler,
@@ -156,6 +158,10 @@ class MitosisPipeline:
         return float(self.info.get("default_null_guidance", 0.0))
 
     @property
+    def default_null_guidance_middle(self) -> float:
+        return float(self.info.get("default_null_guidance_middle", 1.0))
+
+    @property
     def default_guide(self) -> str:
         return str(self.info.get("default_guide", "null"))
 
@@ -178,7 +184,8 @@ class MitosisPipeline:
 
     @torch.no_grad()
     def guided(self, latents: torch.Tensor, t, labels: torch.Tensor, guidance: float,
-               guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0) -> torch.Tensor:
+               guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0,
+               null_guidance_middle: float = 1.0) -> torch.Tensor:
         """Conditional and null halves in one batched UNet call -> guided prediction (B, C, h, w).
 
         When one half alone decides the result (all labels null, guidance 0 without rescaling, or guidance 1
@@ -186,7 +193,8 @@ class MitosisPipeline:
         only that half is computed: half the work, e.g. for inverting a real nucleus that has no label, or for
         the steps outside the guidance interval.
         `guide="weak"`: autoguidance, the weak model's conditional prediction (its own UNet call) in place of
-        the null half. `null_guidance` n > 0 adds `n * (cond - uncond)` to either.
+        the null half. `null_guidance` n > 0 adds `n * (cond - uncond)` to either, scaled per row by the
+        label profile `null_term_scale` (`null_guidance_middle`: the share of n kept at y = 0.5).
         """
         b = latents.shape[0]
         device = latents.device
@@ -207,13 +215,14 @@ class MitosisPipeline:
             weak = weak_unet(latents, timesteps, class_labels=weak_embedder(labels.float())).sample
             guided = weak + guidance * (cond - weak)
             if null_guidance > 0:
-                guided = guided + null_guidance * (cond - uncond)
+                guided = guided + null_term_scale(labels, null_guidance, null_guidance_middle) * (cond - uncond)
             guided = self._rescaled(guided, cond, guidance_rescale)
             # a null label asks for nothing to sharpen: the strong model's unconditional prediction
             return torch.where(null[:, None, None, None], cond, guided)
         cond, uncond = self._cond_and_null(latents, timesteps, labels)
         # a null label guides nothing: its conditional half *is* the unconditional prediction
-        guided = self._rescaled(uncond + (guidance + null_guidance) * (cond - uncond), cond, guidance_rescale)
+        push = guidance + null_term_scale(labels, null_guidance, null_guidance_middle)
+        guided = self._rescaled(uncond + push * (cond - uncond), cond, guidance_rescale)
         return torch.where(null[:, None, None, None], uncond, guided)
 
     def _cond_and_null(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
@@ -251,12 +260,13 @@ class MitosisPipeline:
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
                 generators=None, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0) -> torch.Tensor:
+                guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0,
+                null_guidance_middle: float = 1.0) -> torch.Tensor:
         for t in timesteps:
             model_in = scheduler.scale_model_input(latents, t)
             inside = self.in_interval(t, guidance_interval)
             pred = self.guided(model_in, t, labels, guidance if inside else 1.0, guidance_rescale, guide,
-                               null_guidance if inside else 0.0)
+                               null_guidance if inside else 0.0, null_guidance_middle)
             extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return latents
@@ -266,23 +276,24 @@ class MitosisPipeline:
     def transitions(self, seeds, conditions, guidance: float | None = None, steps: int = 20,
                     sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False, *,
                     guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None,
-                    guide: str | None = None, null_guidance: float | None = None):
+                    guide: str | None = None, null_guidance: float | None = None,
+                    null_guidance_middle: float | None = None):
         """The same nucleus at every condition: uint8 (S, C, H, W, 3).
 
         `guidance`, `guidance_interval`, `guidance_rescale`, `guide` ("null": classifier-free, "weak":
-        autoguidance) and `null_guidance` default to the pipeline's (pipeline.json).
+        autoguidance), `null_guidance` and `null_guidance_middle` default to the pipeline's (pipeline.json).
         """
         conditions = check_conditions(conditions)
-        guidance, interval, rescale, guide, null_guidance = self.schedule(
+        guidance, interval, rescale, guide, null_guidance, middle = self.schedule(
             guidance, steps, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale, guide=guide,
-            null_guidance=null_guidance)
+            null_guidance=null_guidance, null_guidance_middle=null_guidance_middle)
         k = len(conditions)
         frames = []
         for start in range(0, len(seeds), max(1, seeds_per_batch)):
             chunk = list(seeds)[start: start + seeds_per_batch]
             # one noise per seed, shared by its conditions
             latents = self._sample_rows([s for s in chunk for _ in range(k)], conditions * len(chunk), guidance, steps,
-                                        sampler, interval, rescale, guide, null_guidance)
+                                        sampler, interval, rescale, guide, null_guidance, middle)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)
@@ -295,32 +306,35 @@ class MitosisPipeline:
 
         Patch i is what `transitions(seeds=[seeds[i]], conditions=[labels[i]])` renders (the same noise), up to
         the last bit of batched arithmetic. `schedule`: the keyword overrides `transitions` takes
-        (`guidance_interval`, `guidance_rescale`, `guide`, `null_guidance`); each defaults to the pipeline's.
+        (`guidance_interval`, `guidance_rescale`, `guide`, `null_guidance`, `null_guidance_middle`); each
+        defaults to the pipeline's.
         """
         labels = check_conditions(labels, "labels")
         if len(seeds) != len(labels):
             raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
-        guidance, interval, rescale, guide, null_guidance = self.schedule(guidance, steps, **schedule)
+        guidance, interval, rescale, guide, null_guidance, middle = self.schedule(guidance, steps, **schedule)
         step = max(1, batch_size)
         out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
-                                             interval, rescale, guide, null_guidance))
+                                             interval, rescale, guide, null_guidance, middle))
                for i in range(0, len(seeds), step)]
         return np.concatenate(out)
 
     def schedule(self, guidance: float | None, steps: int, *, guidance_interval=None, guidance_rescale=None,
-                 guide: str | None = None, null_guidance: float | None = None):
-        """(guidance, interval, rescale, guide, null_guidance): each given value checked, each None the
-        pipeline's default (pipeline.json)."""
+                 guide: str | None = None, null_guidance: float | None = None, null_guidance_middle=None):
+        """(guidance, interval, rescale, guide, null_guidance, null_guidance_middle): each given value checked,
+        each None the pipeline's default (pipeline.json)."""
         guidance = self.default_guidance if guidance is None else float(guidance)
         check_sampling_args(guidance, steps)
         null_guidance = check_null_guidance(self.default_null_guidance if null_guidance is None else null_guidance)
+        middle = check_null_guidance_middle(
+            self.default_null_guidance_middle if null_guidance_middle is None else null_guidance_middle)
         interval, rescale = check_guidance_schedule(
             self.default_guidance_interval if guidance_interval is None else guidance_interval,
             self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
-        return guidance, interval, rescale, self.check_guide(guide), null_guidance
+        return guidance, interval, rescale, self.check_guide(guide), null_guidance, middle
 
     def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide,
-                     null_guidance=0.0) -> torch.Tensor:
+                     null_guidance=0.0, null_guidance_middle=1.0) -> torch.Tensor:
         """Latents of one batch: row i starts from seed i's noise and is denoised under label i (on the
         pipeline's device; the noise comes from CPU generators, the same on every device)."""
         shape = self.latent_shape
@@ -331,7 +345,8 @@ class MitosisPipeline:
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
         labels = torch.tensor(list(row_labels), dtype=torch.float32, device=self.device)
         return self.denoise(noise.to(self.device) * scheduler.init_noise_sigma, labels, guidance, scheduler,
-                            scheduler.timesteps, generators, interval, rescale, guide, null_guidance)
+                            scheduler.timesteps, generators, interval, rescale, guide, null_guidance,
+                            null_guidance_middle)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -405,6 +420,21 @@ class MitosisPipeline:
         noisy = scheduler.add_noise(latents, noise.contiguous(), timesteps[:1].repeat(len(latents)))
         generators = [torch.Generator().manual_seed(seed + 1_000_003) for _ in range(len(latents))]
         return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)
+
+
+def null_term_scale(labels: torch.Tensor, null_guidance: float, middle: float = 1.0):
+    """The null-label term's scale per row: n at y = 0 and y = 1, `middle` x n at y = 0.5, following
+    n * (1 - (1 - middle) * sin²(pi y)) in between (flat when middle is 1). (B, 1, 1, 1), or the float n.
+
+    The term pushes each frame away from the unlabelled mean. At the ends of the label range that keeps frames
+    in the data; in the middle, where real figures with one soft label are a mixture of looks, it sorts them to
+    one side and sharpens the label response.
+    """
+    if middle == 1.0:
+        return null_guidance
+    y = torch.nan_to_num(labels.float(), nan=0.0)  # null rows: unused (they take the unguided prediction)
+    scale = null_guidance * (1.0 - (1.0 - middle) * torch.sin(math.pi * y) ** 2)
+    return scale[:, None, None, None]
 
 
 def run_steps(steps: int, strength: float) -> int:

@@ -2,7 +2,7 @@
 
     mitosis-ldm transitions --pipeline runs/demo/diffusion/model --seeds 0-15 --conditions 0:1:11 \
         [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--guide null|weak] [--null-guidance 0] \
-        [--steps 20] [--sampler dpm++] \
+        [--null-guidance-middle 1] [--steps 20] [--sampler dpm++] \
         --out runs/demo/transitions [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
 
@@ -10,7 +10,7 @@ Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
 and flags give bit-identical frames on CPU. `--guidance`, the guidance
 schedule (`--guidance-interval`, `--guidance-rescale`, `--guide`,
-`--null-guidance`), `--steps` and `--sampler` default to the values stored in
+`--null-guidance`, `--null-guidance-middle`), `--steps` and `--sampler` default to the values stored in
 the pipeline's pipeline.json.
 Writes a transitions folder: frames.npy (seeds, conditions, H, W, 3),
 manifest.json and one PNG strip per seed.
@@ -37,7 +37,7 @@ def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, 
                  seeds_per_batch: int, **schedule) -> np.ndarray:
     """Split seeds across accelerate processes, render, gather on every process in seed order.
 
-    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` / `null_guidance` for
+    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` / `null_guidance` / `null_guidance_middle` for
     `MitosisPipeline.transitions`.
     """
     from accelerate import PartialState
@@ -93,24 +93,25 @@ def main(argv=None):
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
-    guidance, interval, rescale, guide, null_guidance = pipe.schedule(args.guidance, steps, **schedule)
+    guidance, interval, rescale, guide, null_guidance, middle = pipe.schedule(args.guidance, steps, **schedule)
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
                           guidance_interval=interval, guidance_rescale=rescale, guide=guide,
-                          null_guidance=null_guidance)
+                          null_guidance=null_guidance, null_guidance_middle=middle)
     seconds = time.time() - t0
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
                 "guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide,
-                "null_guidance": null_guidance, "sampler": sampler,
+                "null_guidance": null_guidance, "null_guidance_middle": middle, "sampler": sampler,
                 "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
           f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} against the {guide} guide on "
           f"noise levels "
-          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g}, {sampler}, "
+          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g} "
+          f"({middle:g} of it at y = 0.5), {sampler}, "
           f"{steps} steps)")
 
 

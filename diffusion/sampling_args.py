@@ -42,6 +42,15 @@ def check_null_guidance(value: float, flag: str = "--null-guidance") -> float:
     return value
 
 
+def check_null_guidance_middle(value: float, flag: str = "--null-guidance-middle") -> float:
+    """The share of the null-label term kept at y = 0.5 (1: the same at every label; 0: none at 0.5)."""
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise UserError(f"{flag}: must be in [0, 1] (the share of the null-label term kept at y = 0.5), "
+                        f"got {value:g}")
+    return value
+
+
 def check_guidance_schedule(interval, rescale, interval_flag: str = "--guidance-interval",
                             rescale_flag: str = "--guidance-rescale") -> tuple[tuple[float, float], float]:
     """A noise-level interval (low, high) with 0 <= low < high <= 1 and a rescale factor in [0, 1]."""
@@ -84,6 +93,9 @@ def add_schedule_flags(parser) -> None:
     parser.add_argument("--null-guidance", type=float, metavar="N",
                         help="add N x (conditional - null-label prediction) inside the interval, to either guide "
                              "(default: the pipeline's; 0 = off)")
+    parser.add_argument("--null-guidance-middle", type=float, metavar="M",
+                        help="in [0, 1]: the share of the null-label term kept at y = 0.5, easing from the full "
+                             "term at y = 0 and 1 as 1 - (1 - M) sin²(pi y) (default: the pipeline's; 1 = flat)")
 
 
 def check_schedule_flags(args) -> dict:
@@ -96,6 +108,8 @@ def check_schedule_flags(args) -> dict:
         schedule["guidance_rescale"] = check_guidance_schedule((0.0, 1.0), args.guidance_rescale)[1]
     if args.null_guidance is not None:
         schedule["null_guidance"] = check_null_guidance(args.null_guidance)
+    if args.null_guidance_middle is not None:
+        schedule["null_guidance_middle"] = check_null_guidance_middle(args.null_guidance_middle)
     if args.guide is not None:
         schedule["guide"] = args.guide
     return schedule

@@ -77,8 +77,10 @@ class SampleConfig:
     # and what transitions and generate guide against by default: "null" (classifier-free) or "weak"
     guide_snapshot_step: int = 0
     guide: str = "null"
-    # add null_guidance x (conditional - null-label prediction) inside the interval, to either guide
+    # add null_guidance x (conditional - null-label prediction) inside the interval, to either guide; keep
+    # null_guidance_middle x that term at y = 0.5, easing back to the whole term at y = 0 and 1 (1 = flat)
     null_guidance: float = 0.0
+    null_guidance_middle: float = 1.0
 
 
 @dataclass
@@ -192,7 +194,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
     from .pipeline import SAMPLERS
-    from .sampling_args import GUIDES, check_guidance_schedule, check_null_guidance
+    from .sampling_args import GUIDES, check_guidance_schedule, check_null_guidance, check_null_guidance_middle
 
     if cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
@@ -207,6 +209,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
     if cfg.sample.guide not in GUIDES:
         raise UserError(f"sample.guide: must be one of {', '.join(GUIDES)}, got '{cfg.sample.guide}'")
     check_null_guidance(cfg.sample.null_guidance, "sample.null_guidance")
+    check_null_guidance_middle(cfg.sample.null_guidance_middle, "sample.null_guidance_middle")
     snapshot = cfg.sample.guide_snapshot_step
     if isinstance(snapshot, bool) or not isinstance(snapshot, int) or not 0 <= snapshot < cfg.train.max_steps:
         raise UserError(f"sample.guide_snapshot_step: must be an integer in [0, train.max_steps), got {snapshot!r}")
@@ -267,6 +270,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_guidance_interval": [float(v) for v in cfg.sample.guidance_interval],
         "default_guidance_rescale": cfg.sample.guidance_rescale,
         "default_null_guidance": cfg.sample.null_guidance,
+        "default_null_guidance_middle": cfg.sample.null_guidance_middle,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],
@@ -346,7 +350,8 @@ def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) ->
     frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler,
                               guidance_interval=cfg.sample.guidance_interval,
                               guidance_rescale=cfg.sample.guidance_rescale, guide=guide,
-                              null_guidance=cfg.sample.null_guidance)
+                              null_guidance=cfg.sample.null_guidance,
+                              null_guidance_middle=cfg.sample.null_guidance_middle)
     save_png(run.run_dir / "previews" / f"step-{step:06d}.png", preview_sheet(frames, conditions))
     net.train()
 

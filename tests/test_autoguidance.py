@@ -129,9 +129,10 @@ def test_training_keeps_a_snapshot_as_the_guide(tmp_path):
     cache_main(["--vae", str(vae), "--dataset", str(synth), "--out", str(tmp_path / "latents")])
     train_main(tiny_train_args(tmp_path / "run", tmp_path / "latents", steps=4,
                                extra=("--set", "sample.guide_snapshot_step=2", "--set", "sample.guide=weak",
-                                      "--set", "sample.null_guidance=1")))
+                                      "--set", "sample.null_guidance=1", "--set", "sample.null_guidance_middle=0.5")))
     pipe = MitosisPipeline.from_pretrained(tmp_path / "run" / "model")
     assert pipe.guide is not None and pipe.default_guide == "weak"
+    assert pipe.info["default_null_guidance"] == 1 and pipe.info["default_null_guidance_middle"] == 0.5
     assert pipe.info["guide"]["snapshot_step"] == 2 and pipe.info["trained_steps"] == 4
     strong = torch.cat([p.flatten() for p in pipe.unet.parameters()])
     weak = torch.cat([p.flatten() for p in pipe.guide[0].parameters()])
@@ -148,6 +149,8 @@ def test_training_keeps_a_snapshot_as_the_guide(tmp_path):
     assert preview.shape == expected.shape and np.abs(preview.astype(int) - expected).max() <= 2
     classifier_free = preview_sheet(pipe.transitions([0], conditions, steps=3, guide="null"), conditions)
     assert np.abs(preview.astype(int) - classifier_free).max() > 10
+    flat = preview_sheet(pipe.transitions([0], conditions, steps=3, null_guidance_middle=1.0), conditions)
+    assert np.abs(preview.astype(int) - flat).max() > 2  # the y = 0.5 strip keeps half the null term
 
 
 @pytest.mark.parametrize("sets, needle", [
@@ -266,3 +269,71 @@ def test_outside_the_interval_one_unet_call_gives_the_conditional_prediction(pai
         calls.clear()
         pipe.guided(x, 200, y, 2.0, guidance_rescale=0.5, guide="weak", null_guidance=0.5)
     assert sorted(calls) == [("strong", 2 + 2), ("weak", 2)]  # the null rows ride in the strong model's batch
+
+
+def test_the_null_term_eases_to_its_middle_share_at_y_one_half(pair, tmp_path):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline, null_term_scale
+
+    y = torch.tensor([0.0, 0.25, 0.5, 1 / 3, 1.0, float("nan")])
+    scale = null_term_scale(y, 2.0, 0.25).flatten()
+    assert torch.allclose(scale[:5], torch.tensor([2.0, 2.0 * (1 - 0.75 * 0.5), 0.5, 2.0 * (1 - 0.75 * 0.75), 2.0]),
+                          atol=1e-6)
+    assert null_term_scale(y, 2.0, 1.0) == 2.0  # flat: the plain scalar, no per-row work
+    strong, weak, _ = pair
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(tmp_path / "auto")])
+    pipe = MitosisPipeline.from_pretrained(tmp_path / "auto")
+    x = torch.randn(4, 4, 16, 16)
+    labels = torch.tensor([0.0, 0.5, 0.8, float("nan")])
+    with torch.no_grad():
+        cond = pipe.unet(x, 300, class_labels=pipe.label_embedder(labels)).sample
+        uncond = pipe.unet(x, 300, class_labels=pipe.label_embedder(torch.full((4,), float("nan")))).sample
+        weak_pred = pipe.guide[0](x, 300, class_labels=pipe.guide[1](labels)).sample
+        got = pipe.guided(x, 300, labels, 2.0, guide="weak", null_guidance=1.2, null_guidance_middle=0.25)
+        cfg = pipe.guided(x, 300, labels, 2.0, guide="null", null_guidance=1.2, null_guidance_middle=0.25)
+    n = 1.2 * (1 - 0.75 * np.sin(np.pi * np.array([0.0, 0.5, 0.8])) ** 2)  # 1.2, 0.3, 0.81...
+    for row in range(3):
+        want = weak_pred[row] + 2.0 * (cond[row] - weak_pred[row]) + n[row] * (cond[row] - uncond[row])
+        assert torch.allclose(got[row], want, atol=1e-4)
+        assert torch.allclose(cfg[row], uncond[row] + (2.0 + n[row]) * (cond[row] - uncond[row]), atol=1e-4)
+    assert torch.allclose(got[3], cond[3], atol=1e-5)
+
+
+def test_the_middle_share_is_a_pipeline_default_that_only_the_middle_labels_feel(pair, tmp_path, capsys):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sample import main as sample_main
+    from mitosis_ldm.config import load_config
+    from mitosis_ldm.errors import UserError
+
+    from diffusion.train import DiffusionTrainConfig, check_config
+
+    strong, weak, _ = pair
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(tmp_path / "auto")])
+    pipe = MitosisPipeline.from_pretrained(tmp_path / "auto")
+    assert pipe.default_null_guidance_middle == 1.0  # older folders: the same term at every label
+    pipe.info["default_null_guidance"] = 1.5
+    pipe.info["default_null_guidance_middle"] = 0.2
+    stored = tmp_path / "stored"
+    pipe.save_pretrained(stored)
+    common = ["--pipeline", str(stored), "--seeds", "3", "--conditions", "0,0.5,1"]
+    sample_main([*common, "--out", str(tmp_path / "default")])
+    sample_main([*common, "--null-guidance-middle", "1", "--out", str(tmp_path / "flat")])
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["null_guidance_middle"] == 0.2 and manifest["null_guidance"] == 1.5
+    default, flat = (np.load(tmp_path / name / "frames.npy") for name in ("default", "flat"))
+    # y = 0 and y = 1 take the whole term either way; y = 0.5 keeps a fifth of it
+    assert np.array_equal(default[0, [0, 2]], flat[0, [0, 2]])
+    assert not np.array_equal(default[0, 1], flat[0, 1])
+    out = tmp_path / "bad"
+    for value in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_main([*common, "--null-guidance-middle", value, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "--null-guidance-middle" in err[0] and not out.exists()
+    with pytest.raises(UserError, match=r"sample\.null_guidance_middle"):
+        check_config(load_config(DiffusionTrainConfig, None, ["sample.null_guidance_middle=2"]))
+    pipe.info["default_null_guidance_middle"] = 3
+    pipe.save_pretrained(tmp_path / "bad-folder")
+    with pytest.raises(UserError, match="default_null_guidance_middle"):
+        MitosisPipeline.from_pretrained(tmp_path / "bad-folder")
