@@ -2,7 +2,8 @@
 
     mitosis-ldm generate --pipeline runs/demo/diffusion/model --n 4000 --labels match:runs/demo/data/synth \
         [--guidance G] [--guidance-interval LOW,HIGH] [--guidance-rescale PHI] [--guide null|weak]
-        [--null-guidance N] [--null-guidance-middle M] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen [--resume] [--overwrite]
+        [--null-guidance N] [--null-guidance-middle M] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen
+        [--resume] [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.generate ...   (shards split across processes)
 
 Writes an ordinary patch dataset (patches.npy, labels.csv, dataset.json; see

@@ -118,7 +118,8 @@ def test_schedule_flags_are_used_and_recorded(world, tmp_path):
     pipe = MitosisPipeline.from_pretrained(world["pipeline"])
     gen_main(gen_args(world, tmp_path / "plain", "--labels", "0.2,0.8", "--guidance", "2", n=4))
     gen_main(gen_args(world, tmp_path / "null", "--labels", "0.2,0.8", "--guidance", "2", "--null-guidance", "1.5",
-                      "--guidance-interval", "0.2,1", "--guidance-rescale", "0.5", "--null-guidance-middle", "0.3", n=4))
+                      "--guidance-interval", "0.2,1", "--guidance-rescale", "0.5", "--null-guidance-middle", "0.3",
+                      n=4))
     plain, null = (np.load(tmp_path / name / "patches.npy") for name in ("plain", "null"))
     assert np.abs(plain.astype(int) - null).max() > 10  # the term changes what is rendered
     settings = json.loads((tmp_path / "null" / "dataset.json").read_text())["generation"]
