@@ -12,9 +12,10 @@ labels, the median Spearman and flip rate, the Fréchet ratio overall and per
 label bin, and the share of frames outside the real data (pixel distance to the
 nearest training patch beyond 99% of held-out patches'; per condition, and the
 seeds it happens on). Prints one JSON line per setting, then all of them.
-A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N]`
+A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M]`
 (`guide=weak`: autoguidance with the pipeline's guide/ model; `null=N`: add N x
-(conditional - null-label prediction) inside the interval). `--device cuda`
+(conditional - null-label prediction) inside the interval; `middle=M`: keep M x
+that term at y = 0.5, easing back to N at y = 0 and 1). `--device cuda`
 renders on a GPU (the noise is the same: it is drawn on the CPU).
 """
 
@@ -37,9 +38,10 @@ DEFAULT_SETTINGS = [
 
 
 def parse_setting(text: str) -> dict:
-    from diffusion.sampling_args import check_guidance_schedule, check_null_guidance
+    from diffusion.sampling_args import check_guidance_schedule, check_null_guidance, check_null_guidance_middle
 
-    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null", "null": 0.0}
+    setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null", "null": 0.0,
+               "middle": 1.0}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key == "guidance":
@@ -52,18 +54,23 @@ def parse_setting(text: str) -> dict:
             setting["guide"] = value
         elif key == "null":
             setting["null"] = float(value)
+        elif key == "middle":
+            setting["middle"] = float(value)
         else:
-            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' (guidance, interval, rescale, guide, null)")
+            raise SystemExit(f"--setting: unknown key '{key}' in '{text}' "
+                             "(guidance, interval, rescale, guide, null, middle)")
     if setting["guidance"] is None:
         raise SystemExit(f"--setting: '{text}' names no guidance")
     setting["interval"], setting["rescale"] = check_guidance_schedule(setting["interval"], setting["rescale"])
     setting["null"] = check_null_guidance(setting["null"], "--setting null")
+    setting["middle"] = check_null_guidance_middle(setting["middle"], "--setting middle")
     return setting
 
 
-def held_out(dataset, classifier, cfg, rng):
+def held_out(dataset, classifier, cfg, rng, pipe=None):
     """The report's held-out real patches: scores, features, label bins and nearest-training-patch distances
-    (report.build's own helpers), and the training patches those distances are to."""
+    (report.build's own helpers), the training patches those distances are to, and (given the pipeline) the
+    features of the patches' reconstructions through its autoencoder, for each bin's floor."""
     from patches.dataset import PatchDataset
     from report.build import batched, ensemble_scores, held_out_split, subset
     from report.fidelity import nearest_distances, pixel_rows
@@ -76,8 +83,15 @@ def held_out(dataset, classifier, cfg, rng):
     train_ds = PatchDataset(dataset, split="train")
     train = pixel_rows(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
     distances = None if train is None else nearest_distances(pixel_rows(images), train)
+    rebuilt = None
+    if pipe is not None:
+        step = cfg.batch_size
+        with torch.no_grad():
+            images_rebuilt = np.concatenate([pipe.decode(pipe.encode(images[i: i + step]))
+                                             for i in range(0, len(images), step)])
+        rebuilt = batched(classifier.features, images_rebuilt, step)
     return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
-            "train_pixels": train, "distances": distances}
+            "train_pixels": train, "distances": distances, "rebuilt": rebuilt}
 
 
 def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
@@ -94,7 +108,7 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
     edges = np.asarray(cfg.label_bins, float)
     rows = fidelity.frechet_per_bin(features, morphology.label_bins(np.tile(conditions, s), edges), real["features"],
                                     morphology.label_bins(real["soft"], edges), len(edges) - 1, cfg.frechet_min_count,
-                                    cfg.frechet_repeats, cfg.seed)
+                                    cfg.frechet_repeats, cfg.seed, reconstructed=real.get("rebuilt"))
     valid = [r for r in rows if r["frechet"] is not None]
     overall = np.mean([r["frechet"] for r in valid]) / np.mean([r["yardstick"] for r in valid]) if valid else None
     outside = {}
@@ -114,6 +128,7 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
         "frechet_ratio": None if overall is None else round(float(overall), 3),
         "frechet_ratio_by_bin": [None if r["ratio"] is None else round(r["ratio"], 3) for r in rows],
         "frechet_ratio_worst_bin": max((r["ratio"] for r in valid), default=None),
+        "autoencoder_floor_by_bin": [None if r["floor_ratio"] is None else round(r["floor_ratio"], 3) for r in rows],
         "mean_score_by_condition": np.round(curve["mean"], 3).tolist(),
         "ci_half_width_max": round(float(np.max(curve["hi"] - curve["lo"]) / 2), 3),
         **outside,
@@ -135,7 +150,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0-63")
     parser.add_argument("--conditions", default="0:1:11")
     parser.add_argument("--setting", action="append",
-                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N] (repeatable)")
+                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M] "
+                             "(repeatable)")
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--sampler", help="default: the pipeline's")
     parser.add_argument("--report-config", default="configs/demo/report.yaml")
@@ -156,7 +172,8 @@ def main(argv=None):
     seeds, conditions = parse_seeds(args.seeds), parse_conditions(args.conditions)
     steps = args.steps or int(pipe.info.get("default_steps", 20))
     sampler = args.sampler or pipe.info.get("default_sampler", "dpm++")
-    real = held_out(args.dataset, classifier, cfg, np.random.default_rng(cfg.seed))
+    real = held_out(args.dataset, classifier, cfg, np.random.default_rng(cfg.seed), pipe.to("cpu"))
+    pipe.to(args.device)
     out = {"pipeline": args.pipeline, "classifier": args.classifier, "seeds": len(seeds), "conditions": conditions,
            "steps": steps, "sampler": sampler, "held_out": {"split": real["split"], "n": int(len(real["soft"]))},
            "settings": {}}
@@ -165,7 +182,8 @@ def main(argv=None):
         frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler,
                                   seeds_per_batch=args.seeds_per_batch,
                                   guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
-                                  guide=setting["guide"], null_guidance=setting["null"])
+                                  guide=setting["guide"], null_guidance=setting["null"],
+                                  null_guidance_middle=setting["middle"])
         render_s = time.time() - t0
         result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
                   "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
@@ -175,7 +193,8 @@ def main(argv=None):
             write_transitions(args.frames_out / name, frames, {
                 "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
                 "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
-                "guide": setting["guide"], "null_guidance": setting["null"], "sampler": sampler, "steps": steps,
+                "guide": setting["guide"], "null_guidance": setting["null"],
+                "null_guidance_middle": setting["middle"], "sampler": sampler, "steps": steps,
                 "model_hash": pipe.model_hash,
                 "pipeline": str(pipe.path)},
                 overwrite=True)

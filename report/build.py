@@ -148,6 +148,24 @@ def subset(n: int, limit: int, rng) -> np.ndarray:
 
 # -- the report ------------------------------------------------------------
 
+def reconstruction_features(folders: list[Folder], images: np.ndarray, classifier, batch: int, log):
+    """Classifier features of the held-out patches' autoencoder reconstructions, through the autoencoder of the
+    pipeline the first transitions folder names (manifest `pipeline`): (features, pipeline path), or
+    (None, None) when that folder is not there."""
+    import torch
+
+    from diffusion.pipeline import MitosisPipeline
+
+    path = next((f.manifest.get("pipeline") for f in folders if f.role == "transitions"), None)
+    if not path or not (Path(path) / "pipeline.json").is_file():
+        log(f"autoencoder floor: skipped (the transitions' pipeline {path!r} is not here)")
+        return None, None
+    pipe = MitosisPipeline.from_pretrained(path)
+    with torch.no_grad():
+        rebuilt = np.concatenate([pipe.decode(pipe.encode(images[i: i + batch])) for i in range(0, len(images), batch)])
+    return batched(classifier.features, rebuilt, batch), str(path)
+
+
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
                  dataset_root, out, overwrite: bool = False, log=print, extras: tuple = ()) -> dict:
     """`extras`: callables `make(held_out: HeldOut) -> Extra`, one per extra judge's folder (see extras.py)."""
@@ -264,8 +282,10 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                  for f in gen_folders])
     # where each of those rows came from: (folder, seed row, frame column), in the same order
     gen_origin = [(f, s, c) for f in gen_folders for s in range(f.frames.shape[0]) for c in f.generated]
+    rebuilt_features, floor_pipeline = reconstruction_features(folders, real_images, classifier, cfg.batch_size, log)
     fd_rows = fidelity.frechet_per_bin(gen_feat, morphology.label_bins(gen_cond, edges), real_features, real_bins,
-                                       n_bins, cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
+                                       n_bins, cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed,
+                                       reconstructed=rebuilt_features)
     for row in fd_rows:
         row["label_bin"] = bin_names[row["bin"]]
     valid = [r for r in fd_rows if r["frechet"] is not None]
@@ -274,6 +294,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         "bins": fd_rows,
         "frechet_mean": float(np.mean([r["frechet"] for r in valid])) if valid else None,
         "yardstick_mean": float(np.mean([r["yardstick"] for r in valid])) if valid else None,
+        "floor_pipeline": floor_pipeline,
     }
     fid = metrics["fidelity"]
     fid["ratio"] = fid["frechet_mean"] / fid["yardstick_mean"] if valid and fid["yardstick_mean"] > 0 else None

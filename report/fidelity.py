@@ -48,7 +48,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.ndarray, real_bins: np.ndarray,
-                    n_bins: int, min_count: int = 8, repeats: int = 5, seed: int = 0) -> list[dict]:
+                    n_bins: int, min_count: int = 8, repeats: int = 5, seed: int = 0,
+                    reconstructed: np.ndarray | None = None) -> list[dict]:
     """Per bin: Fréchet(generated, real half B) and the yardstick Fréchet(real half A, real half B).
 
     n = min(#generated, #real // 2); each repeat draws fresh disjoint halves and a
@@ -57,18 +58,25 @@ def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.
     distribution) toward 0, so the same gap gives a larger ratio in a bin with
     more patches. `ratio_common_n` therefore repeats the comparison with every
     bin at `common_n`, the smallest n among the bins that have enough patches.
+    `reconstructed`: features of the real patches' autoencoder reconstructions, row for row. Each bin then
+    also gets its autoencoder floor, Fréchet(reconstructions of half A, half B) over the same halves
+    (`floor`, and `floor_ratio` against the same yardstick): what a latent generator that reproduced the real
+    patches' latents exactly would score. The other numbers do not change (no extra random draws).
     """
     rng = np.random.default_rng(seed)
     rows, members = [], []
     for b in range(n_bins):
         gen = generated[generated_bins == b]
         ref = real[real_bins == b]
+        rec = None if reconstructed is None else reconstructed[real_bins == b]
         n = min(len(gen), len(ref) // 2)
         row = {"bin": b, "n_generated": int(len(gen)), "n_real": int(len(ref)), "n": int(n),
-               "frechet": None, "yardstick": None, "ratio": None,
+               "frechet": None, "yardstick": None, "ratio": None, "floor": None, "floor_ratio": None,
                "common_n": None, "frechet_common_n": None, "yardstick_common_n": None, "ratio_common_n": None}
         if n >= min_count:
-            row["frechet"], row["yardstick"], row["ratio"] = _compare(gen, ref, n, repeats, rng)
+            row["frechet"], row["yardstick"], row["ratio"], row["floor"] = _compare(gen, ref, n, repeats, rng, rec)
+            if row["floor"] is not None and row["yardstick"] > 0:
+                row["floor_ratio"] = row["floor"] / row["yardstick"]
         rows.append(row)
         members.append((gen, ref))
     valid = [r for r in rows if r["frechet"] is not None]
@@ -78,22 +86,26 @@ def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.
         for row in valid:
             gen, ref = members[row["bin"]]
             row["common_n"] = int(common)
-            row["frechet_common_n"], row["yardstick_common_n"], row["ratio_common_n"] = \
+            row["frechet_common_n"], row["yardstick_common_n"], row["ratio_common_n"], _ = \
                 _compare(gen, ref, common, repeats, rng)
     return rows
 
 
-def _compare(gen: np.ndarray, ref: np.ndarray, n: int, repeats: int, rng) -> tuple[float, float, float | None]:
-    """(Fréchet(generated, real half B), Fréchet(real half A, real half B), their ratio), n rows each, averaged."""
-    fd, yard = [], []
+def _compare(gen: np.ndarray, ref: np.ndarray, n: int, repeats: int, rng, rec: np.ndarray | None = None):
+    """(Fréchet(generated, real half B), Fréchet(real half A, real half B), their ratio,
+    Fréchet(reconstructions of half A, real half B) or None), n rows each, averaged over repeats."""
+    fd, yard, floor = [], [], []
     for _ in range(repeats):
         perm = rng.permutation(len(ref))
         half_a, half_b = ref[perm[:n]], ref[perm[n: 2 * n]]
         gen_n = gen[rng.permutation(len(gen))[:n]]
         fd.append(frechet(gen_n, half_b))
         yard.append(frechet(half_a, half_b))
+        if rec is not None:
+            floor.append(frechet(rec[perm[:n]], half_b))
     distance, yardstick = float(np.mean(fd)), float(np.mean(yard))
-    return distance, yardstick, distance / yardstick if yardstick > 0 else None
+    return (distance, yardstick, distance / yardstick if yardstick > 0 else None,
+            float(np.mean(floor)) if floor else None)
 
 
 def pixel_rows(images) -> np.ndarray:

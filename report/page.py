@@ -68,7 +68,9 @@ def sampling_note(manifest: dict) -> str:
     if manifest.get("guidance_rescale"):
         parts.append(f"rescale {manifest['guidance_rescale']:g}")
     if manifest.get("null_guidance"):
-        parts.append(f"plus {manifest['null_guidance']:g} x the push away from the null label")
+        middle = manifest.get("null_guidance_middle", 1.0)
+        share = "" if middle == 1.0 else f" ({middle:g} of it at y = 0.5)"
+        parts.append(f"plus {manifest['null_guidance']:g} x the push away from the null label{share}")
     if manifest.get("sampler"):
         parts.append(f"{manifest['sampler']}, {manifest.get('steps')} steps")
     return "Sampled with " + ", ".join(parts) + ". "
@@ -167,16 +169,24 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
                      + img(file_data_uri(tmp / "morphology.png"), "morphology features vs condition", "plot")))
     # fidelity and memorisation
     fid = metrics["fidelity"]
+    floor = fid.get("floor_pipeline") is not None
     rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"],
-             r["ratio_common_n"]] for r in fd_rows]
-    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"], ""])
+             *([r["floor_ratio"]] if floor else []), r["ratio_common_n"]] for r in fd_rows]
+    rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"],
+                 *([""] if floor else []), ""])
     common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
             "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
             "the real patches (equal sample sizes, averaged over repeats). Both shrink as n grows, the yardstick "
             "toward 0, so the same gap gives a larger ratio in a bin with more real patches; the last column "
             "compares every bin at one n (the smallest bin's), which is the column to read across bins.</p>"
+            + ("<p class='note'><b>Autoencoder floor:</b> the same ratio for the held-out patches' own "
+               "reconstructions through the pipeline's autoencoder (half A rebuilt, against half B). A latent "
+               "generator that reproduced the real patches' latents exactly would score this; a bin whose ratio "
+               "sits at its floor is limited by the autoencoder, not by the diffusion model or its guidance.</p>"
+               if floor else "")
             + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio",
+                     *(["autoencoder floor"] if floor else []),
                      f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
     if memo:

@@ -109,14 +109,20 @@ def morphology(path: Path, generated: dict, real: dict | None) -> None:
 
 
 def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
-    """Fréchet distance per label bin: generated vs real beside real vs real."""
+    """Fréchet distance per label bin: generated vs real beside real vs real, and the autoencoder floor if known."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     x = np.arange(len(rows))
     fd = [r["frechet"] if r["frechet"] is not None else np.nan for r in rows]
     yard = [r["yardstick"] if r["yardstick"] is not None else np.nan for r in rows]
-    ax.bar(x - 0.2, fd, 0.4, color=GENERATED[0], label="generated vs held-out real")
-    ax.bar(x + 0.2, yard, 0.4, color=REAL, label="real half vs real half (yardstick)")
+    floor = [r.get("floor") if r.get("floor") is not None else np.nan for r in rows]
+    bars = [(fd, GENERATED[0], "generated vs held-out real")]
+    if np.isfinite(floor).any():
+        bars.append((floor, "0.55", "real reconstructed by the autoencoder (floor)"))
+    bars.append((yard, REAL, "real half vs real half (yardstick)"))
+    width = 0.8 / len(bars)
+    for i, (values, colour, label) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=colour, label=label)
     ax.set_xticks(x, bin_names, fontsize=8)
     ax.set(xlabel="label bin", ylabel="Fréchet distance (classifier features)")
     ax.legend(fontsize=8)

@@ -38,7 +38,18 @@ def test_a_frame_from_another_domain_is_counted_at_its_seed_and_condition(study,
     assert sum(result["outside_by_condition"]) == round(result["outside_share"] * frames.shape[0] * frames.shape[1])
     assert result["outside_beyond_all_share"] >= 1 / 30
     assert result["label_response_error"] is not None and result["frechet_ratio"] is not None
+    assert all(v is None for v in result["autoencoder_floor_by_bin"])  # no pipeline given: no floor
 
     frames[4, 2] = draw_nucleus(0.5, 5014, SIZE)         # the same seed drawn like the others
     clean = study.measure(frames, conditions, seeds, classifier, real, cfg)
     assert clean["outside_beyond_all_share"] < result["outside_beyond_all_share"]
+
+
+def test_a_setting_takes_the_null_terms_middle_share(study):
+    from mitosis_ldm.errors import UserError
+
+    setting = study.parse_setting("guidance=2.5,guide=weak,null=1,middle=0.4")
+    assert setting["middle"] == 0.4 and setting["null"] == 1.0
+    assert study.parse_setting("guidance=2")["middle"] == 1.0  # the same term at every label
+    with pytest.raises(UserError, match="--setting middle"):
+        study.parse_setting("guidance=2,null=1,middle=1.5")

@@ -60,6 +60,26 @@ def test_frechet_ratio_at_common_n_compares_bins_of_different_sizes():
     assert again[0]["ratio"] == rows[0]["ratio"]
 
 
+def test_the_autoencoder_floor_is_the_ratio_of_the_real_patches_own_reconstructions():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(300, 6))
+    real_bins = np.repeat([0, 1], [200, 100])
+    gen = rng.normal(size=(200, 6)) + 0.3
+    gen_bins = np.repeat([0, 1], 100)
+    plain = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, repeats=5)
+    # a perfect autoencoder: its floor is the yardstick itself (ratio 1); the other numbers do not move
+    perfect = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, repeats=5, reconstructed=real)
+    for p, q in zip(plain, perfect):
+        assert q["floor_ratio"] == pytest.approx(1.0) and q["floor"] == pytest.approx(q["yardstick"])
+        assert (q["frechet"], q["ratio"], q["ratio_common_n"]) == (p["frechet"], p["ratio"], p["ratio_common_n"])
+        assert p["floor"] is None and p["floor_ratio"] is None
+    # an autoencoder that blurs (shrinks every feature toward the mean) in bin 0 only: that bin's floor rises
+    blurred = real.copy()
+    blurred[:200] = 0.4 * blurred[:200] + 0.6 * blurred[:200].mean(0)
+    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, repeats=5, reconstructed=blurred)
+    assert rows[0]["floor_ratio"] > 3 and rows[1]["floor_ratio"] == pytest.approx(1.0)
+
+
 def test_memorisation_flags_copies_not_fresh_samples():
     rng = np.random.default_rng(2)
     train = rng.normal(size=(300, 16))
@@ -122,3 +142,29 @@ def test_degree_calibration_is_monotone():
     cal = benchmark.DegreeCalibration(scores, degrees)
     mapped = cal(np.linspace(0, 1, 21))
     assert np.all(np.diff(mapped) >= 0) and cal(0.9) == pytest.approx(0.9)
+
+
+def test_report_measures_the_autoencoder_floor_through_the_transitions_pipeline(tmp_path):
+    from test_guidance_schedule import tiny_pipeline
+
+    root = make_inputs(tmp_path)
+    source = read_transitions(root / "tr")
+    pipeline = tiny_pipeline(tmp_path / "pipe", {})  # a random autoencoder: reconstructions far from the patches
+    write_transitions(root / "tr2", np.array(source.frames), {**source.manifest, "pipeline": str(pipeline)})
+    out = tmp_path / "report"
+    metrics = build_report(ReportConfig(bootstrap=50), [root / "tr2"], [], FakeEnsemble(SIZE), "fake-classifier",
+                           root / "ds", out, log=lambda *_: None)
+    assert metrics["fidelity"]["floor_pipeline"] == str(pipeline)
+    valid = [r for r in metrics["fidelity"]["bins"] if r["frechet"] is not None]
+    assert valid and all(r["floor_ratio"] > 1.5 for r in valid)
+    with open(out / "fidelity.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["floor_ratio"]) == pytest.approx(valid[0]["floor_ratio"], rel=1e-4)
+    assert "autoencoder floor" in (out / "report.html").read_text()
+    # the same frames without a pipeline that is here: no floor, and the page does not claim one
+    plain = build_report(ReportConfig(bootstrap=50), [root / "tr"], [], FakeEnsemble(SIZE), "fake-classifier",
+                         root / "ds", tmp_path / "plain", log=lambda *_: None)
+    assert plain["fidelity"]["floor_pipeline"] is None
+    assert all(r["floor"] is None for r in plain["fidelity"]["bins"])
+    assert "autoencoder floor" not in (tmp_path / "plain" / "report.html").read_text()
+    assert [r["ratio"] for r in plain["fidelity"]["bins"]] == [r["ratio"] for r in metrics["fidelity"]["bins"]]
