@@ -125,7 +125,8 @@ def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=colour, label=label)
     ax.set_xticks(x, bin_names, fontsize=8)
     ax.set(xlabel="label bin", ylabel="Fréchet distance (classifier features)")
-    ax.legend(fontsize=8)
+    # above the axes: inside, it would cover whichever bin's bars are tallest
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.01), frameon=False)
     _save(fig, path)
 
 
