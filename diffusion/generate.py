@@ -39,7 +39,8 @@ from mitosis_ldm.io import check_new_output
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
                              prepare_partial, run_job)
 
-from .pipeline import SAMPLERS, MitosisPipeline
+from .pipeline import MitosisPipeline
+from .schedulers import SAMPLERS
 from .sampling_args import add_schedule_flags, check_conditions, check_sampling_args, check_schedule_flags
 
 _PIPELINES: dict[str, MitosisPipeline] = {}  # one load per process, shared by its shards

@@ -81,7 +81,7 @@ def computes(path: Path, unet, embedder) -> None:
 
 def check_info(info, unet, scheduler, where: Path) -> None:
     """pipeline.json: types, ranges, and agreement with the UNet and the noise schedule."""
-    from .pipeline import SAMPLERS
+    from .schedulers import SAMPLERS
     from .sampling_args import GUIDES
 
     def need(ok: bool, field: str, expected: str):

@@ -37,7 +37,8 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output, save_npy
 
-from .pipeline import SAMPLERS, MitosisPipeline
+from .pipeline import MitosisPipeline
+from .schedulers import SAMPLERS
 from .sampling_args import MAX_INVERSION_ITERS, check_sampling_args, parse_conditions
 
 

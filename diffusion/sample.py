@@ -28,7 +28,8 @@ from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
 
-from .pipeline import SAMPLERS, MitosisPipeline
+from .pipeline import MitosisPipeline
+from .schedulers import SAMPLERS
 from .sampling_args import (add_schedule_flags, check_sampling_args, check_schedule_flags, parse_conditions,
                             parse_seeds)
 

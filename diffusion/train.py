@@ -193,7 +193,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
     if not 0 <= cfg.diffusion.cond_dropout <= 1:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
-    from .pipeline import SAMPLERS
+    from .schedulers import SAMPLERS
     from .sampling_args import GUIDES, check_guidance_schedule, check_null_guidance, check_null_guidance_middle
 
     if cfg.model.preset not in PRESETS:

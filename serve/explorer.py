@@ -77,7 +77,7 @@ def torch_threads(count: int):
 def same_start(strength: float, steps: int, new_steps: int) -> float:
     """The strength at which a `new_steps` DDIM inversion stops at the same noise level (the largest grid
     timestep not above it) as one of `steps` at `strength`; the grids are the pipeline's "leading" ones."""
-    from diffusion.pipeline import run_steps
+    from diffusion.schedulers import run_steps
 
     top = (run_steps(steps, strength) - 1) / steps  # the highest timestep reached, as a fraction of T
     reached = sum(1 for i in range(new_steps) if i / new_steps <= top + 1e-9)

@@ -233,7 +233,7 @@ def test_healthz_and_info(client):
 
 def test_explorer_default_strength_starts_at_real2gen_noise_level():
     """Fewer explorer steps start from the same timestep as real2gen's 20 steps, not from less noise."""
-    from diffusion.pipeline import run_steps
+    from diffusion.schedulers import run_steps
     from serve.explorer import same_start
 
     for strength in (0.3, 0.5, 0.8, 1.0):
