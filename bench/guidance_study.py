@@ -72,7 +72,7 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
     (report.build's own helpers), the training patches those distances are to, and (given the pipeline) the
     features of the patches' reconstructions through its autoencoder, for each bin's floor."""
     from patches.dataset import PatchDataset
-    from report.build import batched, ensemble_scores, held_out_split, subset
+    from report.build import batched, ensemble_scores, held_out_split, reconstructed_features, subset
     from report.fidelity import nearest_distances, pixel_rows
 
     ds, split = held_out_split(dataset)
@@ -83,13 +83,7 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
     train_ds = PatchDataset(dataset, split="train")
     train = pixel_rows(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
     distances = None if train is None else nearest_distances(pixel_rows(images), train)
-    rebuilt = None
-    if pipe is not None:
-        step = cfg.batch_size
-        with torch.no_grad():
-            images_rebuilt = np.concatenate([pipe.decode(pipe.encode(images[i: i + step]))
-                                             for i in range(0, len(images), step)])
-        rebuilt = batched(classifier.features, images_rebuilt, step)
+    rebuilt = None if pipe is None else reconstructed_features(pipe, images, classifier, cfg.batch_size)
     return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
             "train_pixels": train, "distances": distances, "rebuilt": rebuilt}
 

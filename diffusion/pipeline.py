@@ -39,6 +39,9 @@ interval: with the weak guide it keeps autoguidance's gradual label response
 and adds classifier-free guidance's push away from the unlabelled (null) mean,
 which is where the unlabelled slide nuclei's look lives. It costs the null
 half's UNet rows on top of the weak model's call.
+`null_guidance_middle` M (pipeline.json `default_null_guidance_middle`) eases the
+term with the label, `n * (1 - (1 - M) sin²(pi y))`: whole at y = 0 and 1, M x n
+at y = 0.5 (`null_term_scale`).
 
 Devices: `pipe.to("cuda")` moves every model; `transitions` and `samples` then
 run there. Initial and step noise are still drawn from CPU generators, so a

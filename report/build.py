@@ -152,18 +152,22 @@ def reconstruction_features(folders: list[Folder], images: np.ndarray, classifie
     """Classifier features of the held-out patches' autoencoder reconstructions, through the autoencoder of the
     pipeline the first transitions folder names (manifest `pipeline`): (features, pipeline path), or
     (None, None) when that folder is not there."""
-    import torch
-
     from diffusion.pipeline import MitosisPipeline
 
     path = next((f.manifest.get("pipeline") for f in folders if f.role == "transitions"), None)
     if not path or not (Path(path) / "pipeline.json").is_file():
         log(f"autoencoder floor: skipped (the transitions' pipeline {path!r} is not here)")
         return None, None
-    pipe = MitosisPipeline.from_pretrained(path)
+    return reconstructed_features(MitosisPipeline.from_pretrained(path), images, classifier, batch), str(path)
+
+
+def reconstructed_features(pipe, images: np.ndarray, classifier, batch: int) -> np.ndarray:
+    """Classifier features of `images` after a round trip through the pipeline's autoencoder, in batches."""
+    import torch
+
     with torch.no_grad():
         rebuilt = np.concatenate([pipe.decode(pipe.encode(images[i: i + batch])) for i in range(0, len(images), batch)])
-    return batched(classifier.features, rebuilt, batch), str(path)
+    return batched(classifier.features, rebuilt, batch)
 
 
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
