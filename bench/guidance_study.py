@@ -12,10 +12,11 @@ labels, the median Spearman and flip rate, the Fréchet ratio overall and per
 label bin, and the share of frames outside the real data (pixel distance to the
 nearest training patch beyond 99% of held-out patches'; per condition, and the
 seeds it happens on). Prints one JSON line per setting, then all of them.
-A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M]`
+A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M][,below=L]`
 (`guide=weak`: autoguidance with the pipeline's guide/ model; `null=N`: add N x
 (conditional - null-label prediction) inside the interval; `middle=M`: keep M x
-that term at y = 0.5, easing back to N at y = 0 and 1). `--device cuda`
+that term at y = 0.5, easing back to N at y = 0 and 1; `below=L`: ease it only at
+noise levels t/T <= L). `--device cuda`
 renders on a GPU (the noise is the same: it is drawn on the CPU).
 """
 
@@ -38,10 +39,11 @@ DEFAULT_SETTINGS = [
 
 
 def parse_setting(text: str) -> dict:
-    from diffusion.sampling_args import check_guidance_schedule, check_null_guidance, check_null_guidance_middle
+    from diffusion.sampling_args import (check_guidance_schedule, check_null_guidance, check_null_guidance_middle,
+                                         check_null_guidance_middle_below)
 
     setting = {"guidance": None, "interval": (0.0, 1.0), "rescale": 0.0, "guide": "null", "null": 0.0,
-               "middle": 1.0}
+               "middle": 1.0, "below": 1.0}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key == "guidance":
@@ -56,14 +58,17 @@ def parse_setting(text: str) -> dict:
             setting["null"] = float(value)
         elif key == "middle":
             setting["middle"] = float(value)
+        elif key == "below":
+            setting["below"] = float(value)
         else:
             raise SystemExit(f"--setting: unknown key '{key}' in '{text}' "
-                             "(guidance, interval, rescale, guide, null, middle)")
+                             "(guidance, interval, rescale, guide, null, middle, below)")
     if setting["guidance"] is None:
         raise SystemExit(f"--setting: '{text}' names no guidance")
     setting["interval"], setting["rescale"] = check_guidance_schedule(setting["interval"], setting["rescale"])
     setting["null"] = check_null_guidance(setting["null"], "--setting null")
     setting["middle"] = check_null_guidance_middle(setting["middle"], "--setting middle")
+    setting["below"] = check_null_guidance_middle_below(setting["below"], "--setting below")
     return setting
 
 
@@ -144,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0-63")
     parser.add_argument("--conditions", default="0:1:11")
     parser.add_argument("--setting", action="append",
-                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M] "
+                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M][,below=L] "
                              "(repeatable)")
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--sampler", help="default: the pipeline's")
@@ -177,7 +182,8 @@ def main(argv=None):
                                   seeds_per_batch=args.seeds_per_batch,
                                   guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
                                   guide=setting["guide"], null_guidance=setting["null"],
-                                  null_guidance_middle=setting["middle"])
+                                  null_guidance_middle=setting["middle"],
+                                  null_guidance_middle_below=setting["below"])
         render_s = time.time() - t0
         result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
                   "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
@@ -188,7 +194,8 @@ def main(argv=None):
                 "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
                 "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
                 "guide": setting["guide"], "null_guidance": setting["null"],
-                "null_guidance_middle": setting["middle"], "sampler": sampler, "steps": steps,
+                "null_guidance_middle": setting["middle"], "null_guidance_middle_below": setting["below"],
+                "sampler": sampler, "steps": steps,
                 "model_hash": pipe.model_hash,
                 "pipeline": str(pipe.path)},
                 overwrite=True)

@@ -2,7 +2,7 @@
 
     mitosis-ldm generate --pipeline runs/demo/diffusion/model --n 4000 --labels match:runs/demo/data/synth \
         [--guidance G] [--guidance-interval LOW,HIGH] [--guidance-rescale PHI] [--guide null|weak]
-        [--null-guidance N] [--null-guidance-middle M] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen
+        [--null-guidance N] [--null-guidance-middle M] [--null-guidance-middle-below L] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen
         [--resume] [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.generate ...   (shards split across processes)
 
@@ -41,7 +41,8 @@ from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, pa
 
 from .pipeline import MitosisPipeline
 from .schedulers import SAMPLERS
-from .sampling_args import add_schedule_flags, check_conditions, check_sampling_args, check_schedule_flags
+from .sampling_args import (add_schedule_flags, check_conditions, check_sampling_args, check_schedule_flags,
+                            describe_schedule)
 
 _PIPELINES: dict[str, MitosisPipeline] = {}  # one load per process, shared by its shards
 
@@ -181,10 +182,8 @@ def main(argv=None):
     _PIPELINES[str(pipe.path)] = pipe
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
-    guidance, interval, rescale, guide, null_guidance, middle = pipe.schedule(args.guidance, steps, **schedule)
     # every shard renders with the whole schedule, resolved once (JSON-ready: it is part of the shards' fingerprint)
-    schedule = {"guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide,
-                "null_guidance": null_guidance, "null_guidance_middle": middle}
+    guidance, schedule = pipe.schedule(args.guidance, steps, **schedule)
 
     seeds = [patch_seed(args.seed, i) for i in range(args.n)]
     conditions = draw_conditions(kind, values, args.seed, args.n)
@@ -207,9 +206,7 @@ def main(argv=None):
             "seconds": round(seconds, 3)}
     build_dataset(args.out, jobs, patch_size=size, margin=0, meta=meta, overwrite=args.overwrite,
                   split=SplitConfig(mode="random", val=args.val, test=args.test, seed=args.seed), progress=False)
-    print(f"wrote {args.out}: {args.n} patches ({args.labels}; guidance {guidance:g} against the {guide} guide on "
-          f"noise levels [{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g} "
-          f"({middle:g} of it at y = 0.5), "
+    print(f"wrote {args.out}: {args.n} patches ({args.labels}; {describe_schedule(guidance, schedule)}, "
           f"{sampler}, {steps} steps) "
           f"in {seconds:.1f} s, {rendered / max(seconds, 1e-9):.2f} patches/s ({rendered} rendered by this run)")
 

@@ -41,7 +41,9 @@ which is where the unlabelled slide nuclei's look lives. It costs the null
 half's UNet rows on top of the weak model's call.
 `null_guidance_middle` M (pipeline.json `default_null_guidance_middle`) eases the
 term with the label, `n * (1 - (1 - M) sin²(pi y))`: whole at y = 0 and 1, M x n
-at y = 0.5 (`null_term_scale`).
+at y = 0.5 (`null_term_scale`). `null_guidance_middle_below` L (pipeline.json
+`default_null_guidance_middle_below`, 1 = every level) eases it only at noise levels
+t/T <= L: above, where a frame's layout is decided, the term stays whole at every label.
 
 Devices: `pipe.to("cuda")` moves every model; `transitions` and `samples` then
 run there. Initial and step noise are still drawn from CPU generators, so a
@@ -67,7 +69,7 @@ from .cache import decode_latents, encode_images
 from .inversion import RealToGenerated
 from .model import LabelEmbedder, time_embed_dim
 from .sampling_args import (GUIDES, check_conditions, check_guidance_schedule, check_null_guidance,
-                            check_null_guidance_middle, check_sampling_args)
+                            check_null_guidance_middle, check_null_guidance_middle_below, check_sampling_args)
 from .schedulers import sampler_scheduler
 
 
@@ -148,6 +150,10 @@ class MitosisPipeline(RealToGenerated):
     @property
     def default_null_guidance_middle(self) -> float:
         return float(self.info.get("default_null_guidance_middle", 1.0))
+
+    @property
+    def default_null_guidance_middle_below(self) -> float:
+        return float(self.info.get("default_null_guidance_middle_below", 1.0))
 
     @property
     def default_guide(self) -> str:
@@ -242,19 +248,24 @@ class MitosisPipeline(RealToGenerated):
         return guidance if self.in_interval(t, interval) else 1.0
 
     def in_interval(self, t, interval: tuple[float, float]) -> bool:
-        level = int(t) / max(1, self.scheduler.config.num_train_timesteps - 1)
-        return interval[0] <= level <= interval[1]
+        return interval[0] <= self.noise_level(t) <= interval[1]
+
+    def noise_level(self, t) -> float:
+        """Timestep t as a noise level t/T in [0, 1] (T - 1, the last training timestep, is 1)."""
+        return int(t) / max(1, self.scheduler.config.num_train_timesteps - 1)
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, scheduler, timesteps,
                 generators=None, guidance_interval: tuple[float, float] = (0.0, 1.0),
                 guidance_rescale: float = 0.0, guide: str = "null", null_guidance: float = 0.0,
-                null_guidance_middle: float = 1.0) -> torch.Tensor:
+                null_guidance_middle: float = 1.0, null_guidance_middle_below: float = 1.0) -> torch.Tensor:
         for t in timesteps:
             model_in = scheduler.scale_model_input(latents, t)
             inside = self.in_interval(t, guidance_interval)
+            # the middle share only at noise levels up to `null_guidance_middle_below`: the whole term above
+            middle = null_guidance_middle if self.noise_level(t) <= null_guidance_middle_below else 1.0
             pred = self.guided(model_in, t, labels, guidance if inside else 1.0, guidance_rescale, guide,
-                               null_guidance if inside else 0.0, null_guidance_middle)
+                               null_guidance if inside else 0.0, middle)
             extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(pred, t, latents, **extra).prev_sample
         return latents
@@ -265,23 +276,25 @@ class MitosisPipeline(RealToGenerated):
                     sampler: str = "dpm++", seeds_per_batch: int = 4, latents_only: bool = False, *,
                     guidance_interval: tuple[float, float] | None = None, guidance_rescale: float | None = None,
                     guide: str | None = None, null_guidance: float | None = None,
-                    null_guidance_middle: float | None = None):
+                    null_guidance_middle: float | None = None, null_guidance_middle_below: float | None = None):
         """The same nucleus at every condition: uint8 (S, C, H, W, 3).
 
         `guidance`, `guidance_interval`, `guidance_rescale`, `guide` ("null": classifier-free, "weak":
-        autoguidance), `null_guidance` and `null_guidance_middle` default to the pipeline's (pipeline.json).
+        autoguidance), `null_guidance`, `null_guidance_middle` and `null_guidance_middle_below` default to the
+        pipeline's (pipeline.json).
         """
         conditions = check_conditions(conditions)
-        guidance, interval, rescale, guide, null_guidance, middle = self.schedule(
+        guidance, schedule = self.schedule(
             guidance, steps, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale, guide=guide,
-            null_guidance=null_guidance, null_guidance_middle=null_guidance_middle)
+            null_guidance=null_guidance, null_guidance_middle=null_guidance_middle,
+            null_guidance_middle_below=null_guidance_middle_below)
         k = len(conditions)
         frames = []
         for start in range(0, len(seeds), max(1, seeds_per_batch)):
             chunk = list(seeds)[start: start + seeds_per_batch]
             # one noise per seed, shared by its conditions
             latents = self._sample_rows([s for s in chunk for _ in range(k)], conditions * len(chunk), guidance, steps,
-                                        sampler, interval, rescale, guide, null_guidance, middle)
+                                        sampler, schedule)
             frames.append(latents if latents_only else self.decode(latents).reshape(len(chunk), k, *self.image_shape))
         if latents_only:
             return torch.cat(frames)
@@ -294,37 +307,47 @@ class MitosisPipeline(RealToGenerated):
 
         Patch i is what `transitions(seeds=[seeds[i]], conditions=[labels[i]])` renders (the same noise), up to
         the last bit of batched arithmetic. `schedule`: the keyword overrides `transitions` takes
-        (`guidance_interval`, `guidance_rescale`, `guide`, `null_guidance`, `null_guidance_middle`); each
-        defaults to the pipeline's.
+        (`guidance_interval`, `guidance_rescale`, `guide`, `null_guidance`, `null_guidance_middle`,
+        `null_guidance_middle_below`); each defaults to the pipeline's.
         """
         labels = check_conditions(labels, "labels")
         if len(seeds) != len(labels):
             raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
-        guidance, interval, rescale, guide, null_guidance, middle = self.schedule(guidance, steps, **schedule)
+        guidance, schedule = self.schedule(guidance, steps, **schedule)
         step = max(1, batch_size)
         out = [self.decode(self._sample_rows(seeds[i: i + step], labels[i: i + step], guidance, steps, sampler,
-                                             interval, rescale, guide, null_guidance, middle))
+                                             schedule))
                for i in range(0, len(seeds), step)]
         return np.concatenate(out)
 
     def schedule(self, guidance: float | None, steps: int, *, guidance_interval=None, guidance_rescale=None,
-                 guide: str | None = None, null_guidance: float | None = None, null_guidance_middle=None):
-        """(guidance, interval, rescale, guide, null_guidance, null_guidance_middle): each given value checked,
-        each None the pipeline's default (pipeline.json)."""
+                 guide: str | None = None, null_guidance: float | None = None, null_guidance_middle=None,
+                 null_guidance_middle_below=None) -> tuple[float, dict]:
+        """(guidance, schedule): each given value checked, each None the pipeline's default (pipeline.json).
+
+        `schedule` holds `guidance_interval` (a list [low, high]), `guidance_rescale`, `guide`, `null_guidance`,
+        `null_guidance_middle` and `null_guidance_middle_below`: JSON-ready, so manifests record it as it is, and
+        the keyword arguments that `transitions` / `samples` take.
+        """
         guidance = self.default_guidance if guidance is None else float(guidance)
         check_sampling_args(guidance, steps)
         null_guidance = check_null_guidance(self.default_null_guidance if null_guidance is None else null_guidance)
         middle = check_null_guidance_middle(
             self.default_null_guidance_middle if null_guidance_middle is None else null_guidance_middle)
+        below = check_null_guidance_middle_below(
+            self.default_null_guidance_middle_below if null_guidance_middle_below is None
+            else null_guidance_middle_below)
         interval, rescale = check_guidance_schedule(
             self.default_guidance_interval if guidance_interval is None else guidance_interval,
             self.default_guidance_rescale if guidance_rescale is None else guidance_rescale)
-        return guidance, interval, rescale, self.check_guide(guide), null_guidance, middle
+        return guidance, {"guidance_interval": list(interval), "guidance_rescale": rescale,
+                          "guide": self.check_guide(guide), "null_guidance": null_guidance,
+                          "null_guidance_middle": middle, "null_guidance_middle_below": below}
 
-    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, interval, rescale, guide,
-                     null_guidance=0.0, null_guidance_middle=1.0) -> torch.Tensor:
+    def _sample_rows(self, row_seeds, row_labels, guidance, steps, sampler, schedule: dict) -> torch.Tensor:
         """Latents of one batch: row i starts from seed i's noise and is denoised under label i (on the
-        pipeline's device; the noise comes from CPU generators, the same on every device)."""
+        pipeline's device; the noise comes from CPU generators, the same on every device). `schedule`: as
+        `schedule` resolves it."""
         shape = self.latent_shape
         scheduler = sampler_scheduler(self.scheduler.config, sampler)
         scheduler.set_timesteps(steps)
@@ -333,8 +356,7 @@ class MitosisPipeline(RealToGenerated):
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
         labels = torch.tensor(list(row_labels), dtype=torch.float32, device=self.device)
         return self.denoise(noise.to(self.device) * scheduler.init_noise_sigma, labels, guidance, scheduler,
-                            scheduler.timesteps, generators, interval, rescale, guide, null_guidance,
-                            null_guidance_middle)
+                            scheduler.timesteps, generators, **schedule)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -113,6 +113,8 @@ def check_info(info, unet, scheduler, where: Path) -> None:
          "default_null_guidance", "a number >= 0")
     need(num(get("default_null_guidance_middle", 1)) and 0 <= get("default_null_guidance_middle", 1) <= 1,
          "default_null_guidance_middle", "a number in [0, 1]")
+    need(num(get("default_null_guidance_middle_below", 1)) and 0 <= get("default_null_guidance_middle_below", 1) <= 1,
+         "default_null_guidance_middle_below", "a noise level in [0, 1]")
     need(get("default_guide", "null") in GUIDES, "default_guide", "one of " + ", ".join(f"'{g}'" for g in GUIDES))
     need(num(get("latent_scale", 1)) and get("latent_scale", 1) > 0, "latent_scale", "a positive number")
     unet_shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]

@@ -2,7 +2,7 @@
 
     mitosis-ldm transitions --pipeline runs/demo/diffusion/model --seeds 0-15 --conditions 0:1:11 \
         [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--guide null|weak] [--null-guidance 0] \
-        [--null-guidance-middle 1] [--steps 20] [--sampler dpm++] \
+        [--null-guidance-middle 1] [--null-guidance-middle-below 1] [--steps 20] [--sampler dpm++] \
         --out runs/demo/transitions [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
 
@@ -10,7 +10,7 @@ Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
 and flags give bit-identical frames on CPU. `--guidance`, the guidance
 schedule (`--guidance-interval`, `--guidance-rescale`, `--guide`,
-`--null-guidance`, `--null-guidance-middle`), `--steps` and `--sampler` default to the values stored in
+`--null-guidance`, `--null-guidance-middle`, `--null-guidance-middle-below`), `--steps` and `--sampler` default to the values stored in
 the pipeline's pipeline.json.
 Writes a transitions folder: frames.npy (seeds, conditions, H, W, 3),
 manifest.json and one PNG strip per seed.
@@ -30,16 +30,16 @@ from mitosis_ldm.io import check_new_output
 
 from .pipeline import MitosisPipeline
 from .schedulers import SAMPLERS
-from .sampling_args import (add_schedule_flags, check_sampling_args, check_schedule_flags, parse_conditions,
-                            parse_seeds)
+from .sampling_args import (add_schedule_flags, check_sampling_args, check_schedule_flags, describe_schedule,
+                            parse_conditions, parse_seeds)
 
 
 def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, steps, sampler,
                  seeds_per_batch: int, **schedule) -> np.ndarray:
     """Split seeds across accelerate processes, render, gather on every process in seed order.
 
-    `schedule`: `guidance_interval` / `guidance_rescale` / `guide` / `null_guidance` / `null_guidance_middle` for
-    `MitosisPipeline.transitions`.
+    `schedule`: the keyword overrides `MitosisPipeline.transitions` takes (as `MitosisPipeline.schedule` resolves
+    them).
     """
     from accelerate import PartialState
 
@@ -94,25 +94,19 @@ def main(argv=None):
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     steps = int(pipe.info.get("default_steps", 20)) if args.steps is None else args.steps
     sampler = pipe.info.get("default_sampler", "dpm++") if args.sampler is None else args.sampler
-    guidance, interval, rescale, guide, null_guidance, middle = pipe.schedule(args.guidance, steps, **schedule)
+    guidance, schedule = pipe.schedule(args.guidance, steps, **schedule)
     t0 = time.time()
-    frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch,
-                          guidance_interval=interval, guidance_rescale=rescale, guide=guide,
-                          null_guidance=null_guidance, null_guidance_middle=middle)
+    frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch, **schedule)
     seconds = time.time() - t0
     if not is_main_process():
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
-                "guidance_interval": list(interval), "guidance_rescale": rescale, "guide": guide,
-                "null_guidance": null_guidance, "null_guidance_middle": middle, "sampler": sampler,
+                **schedule, "sampler": sampler,
                 "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path),
                 "seconds": round(seconds, 3)}
     write_transitions(args.out, frames, manifest, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(seeds)} seeds x {len(conditions)} conditions in {seconds:.1f} s "
-          f"({seconds / len(seeds):.2f} s per transition; guidance {guidance:g} against the {guide} guide on "
-          f"noise levels "
-          f"[{interval[0]:g}, {interval[1]:g}], rescale {rescale:g}, null-label term {null_guidance:g} "
-          f"({middle:g} of it at y = 0.5), {sampler}, "
+          f"({seconds / len(seeds):.2f} s per transition; {describe_schedule(guidance, schedule)}, {sampler}, "
           f"{steps} steps)")
 
 

@@ -51,6 +51,16 @@ def check_null_guidance_middle(value: float, flag: str = "--null-guidance-middle
     return value
 
 
+def check_null_guidance_middle_below(value: float, flag: str = "--null-guidance-middle-below") -> float:
+    """The noise level t/T at and below which the middle share applies (1: every level; above it the term is
+    whole at every label)."""
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise UserError(f"{flag}: must be a noise level in [0, 1] (the middle share applies at t/T <= it), "
+                        f"got {value:g}")
+    return value
+
+
 def check_guidance_schedule(interval, rescale, interval_flag: str = "--guidance-interval",
                             rescale_flag: str = "--guidance-rescale") -> tuple[tuple[float, float], float]:
     """A noise-level interval (low, high) with 0 <= low < high <= 1 and a rescale factor in [0, 1]."""
@@ -96,6 +106,9 @@ def add_schedule_flags(parser) -> None:
     parser.add_argument("--null-guidance-middle", type=float, metavar="M",
                         help="in [0, 1]: the share of the null-label term kept at y = 0.5, easing from the full "
                              "term at y = 0 and 1 as 1 - (1 - M) sin²(pi y) (default: the pipeline's; 1 = flat)")
+    parser.add_argument("--null-guidance-middle-below", type=float, metavar="LEVEL",
+                        help="in [0, 1]: ease the null-label term toward its middle share only at noise levels "
+                             "t/T <= LEVEL, whole above (default: the pipeline's; 1 = at every level)")
 
 
 def check_schedule_flags(args) -> dict:
@@ -110,9 +123,22 @@ def check_schedule_flags(args) -> dict:
         schedule["null_guidance"] = check_null_guidance(args.null_guidance)
     if args.null_guidance_middle is not None:
         schedule["null_guidance_middle"] = check_null_guidance_middle(args.null_guidance_middle)
+    if args.null_guidance_middle_below is not None:
+        schedule["null_guidance_middle_below"] = check_null_guidance_middle_below(args.null_guidance_middle_below)
     if args.guide is not None:
         schedule["guide"] = args.guide
     return schedule
+
+
+def describe_schedule(guidance: float, schedule: dict) -> str:
+    """One line of what a resolved schedule (`MitosisPipeline.schedule`) samples with, for a command's summary."""
+    low, high = schedule["guidance_interval"]
+    text = (f"guidance {guidance:g} against the {schedule['guide']} guide on noise levels [{low:g}, {high:g}], "
+            f"rescale {schedule['guidance_rescale']:g}, null-label term {schedule['null_guidance']:g}")
+    middle, below = schedule.get("null_guidance_middle", 1.0), schedule.get("null_guidance_middle_below", 1.0)
+    if middle != 1.0:
+        text += f" ({middle:g} of it at y = 0.5" + (f", at t/T <= {below:g})" if below < 1.0 else ")")
+    return text
 
 
 def parse_seeds(text: str) -> list[int]:

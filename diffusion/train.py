@@ -78,9 +78,11 @@ class SampleConfig:
     guide_snapshot_step: int = 0
     guide: str = "null"
     # add null_guidance x (conditional - null-label prediction) inside the interval, to either guide; keep
-    # null_guidance_middle x that term at y = 0.5, easing back to the whole term at y = 0 and 1 (1 = flat)
+    # null_guidance_middle x that term at y = 0.5, easing back to the whole term at y = 0 and 1 (1 = flat), at
+    # noise levels t/T <= null_guidance_middle_below only (the whole term above; 1 = at every level)
     null_guidance: float = 0.0
     null_guidance_middle: float = 1.0
+    null_guidance_middle_below: float = 1.0
 
 
 @dataclass
@@ -194,7 +196,8 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     from .model import PRESETS
     from .schedulers import SAMPLERS
-    from .sampling_args import GUIDES, check_guidance_schedule, check_null_guidance, check_null_guidance_middle
+    from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_null_guidance_middle,
+                                check_null_guidance_middle_below)
 
     if cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: must be one of {', '.join(PRESETS)}, got '{cfg.model.preset}'")
@@ -210,6 +213,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"sample.guide: must be one of {', '.join(GUIDES)}, got '{cfg.sample.guide}'")
     check_null_guidance(cfg.sample.null_guidance, "sample.null_guidance")
     check_null_guidance_middle(cfg.sample.null_guidance_middle, "sample.null_guidance_middle")
+    check_null_guidance_middle_below(cfg.sample.null_guidance_middle_below, "sample.null_guidance_middle_below")
     snapshot = cfg.sample.guide_snapshot_step
     if isinstance(snapshot, bool) or not isinstance(snapshot, int) or not 0 <= snapshot < cfg.train.max_steps:
         raise UserError(f"sample.guide_snapshot_step: must be an integer in [0, train.max_steps), got {snapshot!r}")
@@ -271,6 +275,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
         "default_guidance_rescale": cfg.sample.guidance_rescale,
         "default_null_guidance": cfg.sample.null_guidance,
         "default_null_guidance_middle": cfg.sample.null_guidance_middle,
+        "default_null_guidance_middle_below": cfg.sample.null_guidance_middle_below,
         "label_stats": label_statistics(labels),
         "preset": cfg.model.preset,
         "hashes": {"vae": cache.info["vae_hash"],
@@ -351,7 +356,8 @@ def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) ->
                               guidance_interval=cfg.sample.guidance_interval,
                               guidance_rescale=cfg.sample.guidance_rescale, guide=guide,
                               null_guidance=cfg.sample.null_guidance,
-                              null_guidance_middle=cfg.sample.null_guidance_middle)
+                              null_guidance_middle=cfg.sample.null_guidance_middle,
+                              null_guidance_middle_below=cfg.sample.null_guidance_middle_below)
     save_png(run.run_dir / "previews" / f"step-{step:06d}.png", preview_sheet(frames, conditions))
     net.train()
 

@@ -69,7 +69,9 @@ def sampling_note(manifest: dict) -> str:
         parts.append(f"rescale {manifest['guidance_rescale']:g}")
     if manifest.get("null_guidance"):
         middle = manifest.get("null_guidance_middle", 1.0)
-        share = "" if middle == 1.0 else f" ({middle:g} of it at y = 0.5)"
+        below = manifest.get("null_guidance_middle_below", 1.0)
+        share = "" if middle == 1.0 else \
+            f" ({middle:g} of it at y = 0.5" + (f", at noise levels t/T <= {below:g})" if below < 1.0 else ")")
         parts.append(f"plus {manifest['null_guidance']:g} x the push away from the null label{share}")
     if manifest.get("sampler"):
         parts.append(f"{manifest['sampler']}, {manifest.get('steps')} steps")

@@ -337,3 +337,76 @@ def test_the_middle_share_is_a_pipeline_default_that_only_the_middle_labels_feel
     pipe.save_pretrained(tmp_path / "bad-folder")
     with pytest.raises(UserError, match="default_null_guidance_middle"):
         MitosisPipeline.from_pretrained(tmp_path / "bad-folder")
+
+
+def test_the_middle_share_applies_only_at_noise_levels_up_to_below(pair, tmp_path):
+    """`null_guidance_middle_below` L: each denoising step at noise level t/T <= L gets the middle share, each
+    step above it the whole term (middle 1); L = 1 (the default) eases every step."""
+    from diffusion.pipeline import MitosisPipeline
+
+    strong, _, _ = pair
+    pipe = MitosisPipeline.from_pretrained(strong)
+    seen = []
+    real_guided = pipe.guided
+
+    def recording(latents, t, labels, guidance, guidance_rescale=0.0, guide="null", null_guidance=0.0,
+                  null_guidance_middle=1.0):
+        seen.append((pipe.noise_level(t), null_guidance_middle))
+        return real_guided(latents, t, labels, guidance, guidance_rescale, guide, null_guidance, null_guidance_middle)
+
+    pipe.guided = recording
+    levels = {}
+    for below in (1.0, 0.5, 0.0):
+        seen.clear()
+        pipe.transitions([0], [0.5], guidance=2.0, steps=6, guidance_interval=(0.0, 1.0), null_guidance=1.0,
+                         null_guidance_middle=0.25, null_guidance_middle_below=below)
+        levels[below] = list(seen)
+    steps = [level for level, _ in levels[1.0]]
+    assert len(steps) == 6 and min(steps) < 0.5 < max(steps)  # steps on both sides of 0.5
+    assert all(middle == 0.25 for _, middle in levels[1.0])
+    assert all(middle == (0.25 if level <= 0.5 else 1.0) for level, middle in levels[0.5])
+    assert all(middle == (0.25 if level == 0.0 else 1.0) for level, middle in levels[0.0])
+    assert pipe.noise_level(pipe.scheduler.config.num_train_timesteps - 1) == 1.0
+
+
+def test_the_middle_shares_noise_levels_are_a_pipeline_default(pair, tmp_path, capsys):
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.sample import main as sample_main
+    from mitosis_ldm.config import load_config
+    from mitosis_ldm.errors import UserError
+
+    from diffusion.train import DiffusionTrainConfig, check_config
+
+    strong, _, _ = pair
+    pipe = MitosisPipeline.from_pretrained(strong)
+    assert pipe.default_null_guidance_middle_below == 1.0  # older folders: eased at every noise level
+    pipe.info.update(default_null_guidance=1.5, default_null_guidance_middle=0.2,
+                     default_null_guidance_middle_below=0.5)
+    stored = tmp_path / "stored"
+    pipe.save_pretrained(stored)
+    common = ["--pipeline", str(stored), "--seeds", "3", "--conditions", "0,0.5,1", "--steps", "6"]
+    sample_main([*common, "--out", str(tmp_path / "default")])
+    sample_main([*common, "--null-guidance-middle-below", "1", "--out", str(tmp_path / "every")])
+    sample_main([*common, "--null-guidance-middle", "1", "--out", str(tmp_path / "flat")])
+    printed = capsys.readouterr().out
+    assert "(0.2 of it at y = 0.5, at t/T <= 0.5)" in printed
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["null_guidance_middle_below"] == 0.5 and manifest["null_guidance_middle"] == 0.2
+    assert json.loads((tmp_path / "every" / "manifest.json").read_text())["null_guidance_middle_below"] == 1.0
+    default, every, flat = (np.load(tmp_path / name / "frames.npy") for name in ("default", "every", "flat"))
+    # y = 0 and 1 take the whole term whatever the noise level; at y = 0.5 the three schedules differ
+    assert np.array_equal(default[0, [0, 2]], every[0, [0, 2]]) and np.array_equal(default[0, [0, 2]], flat[0, [0, 2]])
+    assert not np.array_equal(default[0, 1], every[0, 1]) and not np.array_equal(default[0, 1], flat[0, 1])
+    out = tmp_path / "bad"
+    for value in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_main([*common, "--null-guidance-middle-below", value, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "--null-guidance-middle-below" in err[0]
+        assert not out.exists()
+    with pytest.raises(UserError, match=r"sample\.null_guidance_middle_below"):
+        check_config(load_config(DiffusionTrainConfig, None, ["sample.null_guidance_middle_below=2"]))
+    pipe.info["default_null_guidance_middle_below"] = -1
+    pipe.save_pretrained(tmp_path / "bad-folder")
+    with pytest.raises(UserError, match="default_null_guidance_middle_below"):
+        MitosisPipeline.from_pretrained(tmp_path / "bad-folder")

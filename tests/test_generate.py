@@ -119,21 +119,22 @@ def test_schedule_flags_are_used_and_recorded(world, tmp_path):
     gen_main(gen_args(world, tmp_path / "plain", "--labels", "0.2,0.8", "--guidance", "2", n=4))
     gen_main(gen_args(world, tmp_path / "null", "--labels", "0.2,0.8", "--guidance", "2", "--null-guidance", "1.5",
                       "--guidance-interval", "0.2,1", "--guidance-rescale", "0.5", "--null-guidance-middle", "0.3",
-                      n=4))
+                      "--null-guidance-middle-below", "0.6", n=4))
     plain, null = (np.load(tmp_path / name / "patches.npy") for name in ("plain", "null"))
     assert np.abs(plain.astype(int) - null).max() > 10  # the term changes what is rendered
     settings = json.loads((tmp_path / "null" / "dataset.json").read_text())["generation"]
     assert settings["null_guidance"] == 1.5 and settings["guidance_interval"] == [0.2, 1.0]
     assert settings["guidance_rescale"] == 0.5 and settings["guide"] == pipe.default_guide
-    assert settings["null_guidance_middle"] == 0.3
+    assert settings["null_guidance_middle"] == 0.3 and settings["null_guidance_middle_below"] == 0.6
     defaults = json.loads((tmp_path / "plain" / "dataset.json").read_text())["generation"]
     assert defaults["null_guidance"] == pipe.default_null_guidance
     assert defaults["null_guidance_middle"] == pipe.default_null_guidance_middle
+    assert defaults["null_guidance_middle_below"] == pipe.default_null_guidance_middle_below
     assert defaults["guidance_interval"] == list(pipe.default_guidance_interval)
     rows = read_rows(tmp_path / "null")
     frame = pipe.transitions(seeds=[int(rows[1]["seed"])], conditions=[0.8], guidance=2.0, steps=2,
                              guidance_interval=(0.2, 1.0), guidance_rescale=0.5, null_guidance=1.5,
-                             null_guidance_middle=0.3)
+                             null_guidance_middle=0.3, null_guidance_middle_below=0.6)
     assert np.abs(frame[0, 0].astype(int) - null[1]).max() <= 2
 
 
@@ -206,6 +207,7 @@ def _one_line_error(capsys, call, *needles):
     (["--guidance-interval", "0.8,0.2"], ["--guidance-interval", "LOW < HIGH"]),
     (["--guidance-rescale", "2"], ["--guidance-rescale", "[0, 1]"]),
     (["--null-guidance-middle", "1.2"], ["--null-guidance-middle", "[0, 1]"]),
+    (["--null-guidance-middle-below", "-0.5"], ["--null-guidance-middle-below", "[0, 1]"]),
 ])
 def test_bad_flags(world, tmp_path, capsys, extra, needles):
     from diffusion.generate import main as gen_main

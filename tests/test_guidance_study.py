@@ -51,5 +51,9 @@ def test_a_setting_takes_the_null_terms_middle_share(study):
     setting = study.parse_setting("guidance=2.5,guide=weak,null=1,middle=0.4")
     assert setting["middle"] == 0.4 and setting["null"] == 1.0
     assert study.parse_setting("guidance=2")["middle"] == 1.0  # the same term at every label
+    assert study.parse_setting("guidance=2")["below"] == 1.0  # eased at every noise level
+    assert study.parse_setting("guidance=2,null=1,middle=0.5,below=0.85")["below"] == 0.85
+    with pytest.raises(UserError, match="--setting below"):
+        study.parse_setting("guidance=2,null=1,middle=0.5,below=2")
     with pytest.raises(UserError, match="--setting middle"):
         study.parse_setting("guidance=2,null=1,middle=1.5")
