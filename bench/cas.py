@@ -118,6 +118,26 @@ def train_and_test(name: str, seed: int, sets: list[str], args, test) -> dict:
     return result
 
 
+def label_noise_ceiling(root: Path, test, draws: int = 2000) -> dict | None:
+    """For the synthetic benchmark (its dataset.json keeps the expert panel, labels.csv each patch's `kind`): the
+    test split's AUROC against the hard label of P(hard label = 1 | true degree, imposter) under that panel, the
+    best any classifier can expect, and of the true degree alone. None for other datasets."""
+    from classifier.evaluate import hard_metrics
+    from patches.synth import Experts
+
+    meta = json.loads((Path(root) / "dataset.json").read_text())
+    panel = meta.get("experts")
+    rows = [test.rows[i] for i in test.indices]
+    if not isinstance(panel, dict) or not rows or any("kind" not in r for r in rows) \
+            or np.isnan(test.true_degree).any():
+        return None
+    experts = Experts(**{k: panel[k] for k in ("thresholds", "noise", "lapse", "imposter_bias") if k in panel})
+    imposter = np.array([r["kind"] == "imposter" for r in rows])
+    p = experts.hard_label_probability(test.true_degree, imposter, draws)
+    return {"bayes_auroc": hard_metrics(p, test.hard_labels, 10)["auroc"],
+            "true_degree_auroc": hard_metrics(test.true_degree, test.hard_labels, 10)["auroc"], "draws": draws}
+
+
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for key in ("auroc", "spearman_true_degree", "balanced_accuracy"):
@@ -186,6 +206,7 @@ def main(argv=None):
         "fractions": fractions, "real_train": n_train, "members": args.members, "test_patches": len(test),
         "generation_patches_per_s": speed, "transition_frames_per_s": transition_rate(args.pipeline),
         "threads": args.threads, "few_labels_only": args.few_labels_only,
+        "label_noise_ceiling": label_noise_ceiling(args.real, test),
     }
     full = not args.few_labels_only
     gen_full = generated_subset(pool, n_train, args.out / f"{pool.name}-train{n_train}") if full else None
@@ -229,8 +250,9 @@ def write_result(path: Path, result: dict, runs: dict, fractions: list[float]) -
             for metric, name in (("auroc", "augmentation_gain"), ("balanced_accuracy", "augmentation_gain_bacc")):
                 a, c = table[f"real@{f:g}"][metric], table[f"real+generated@{f:g}"][metric]
                 gain, spread = c["mean"] - a["mean"], max(a["spread"], c["spread"])
+                # the mean that real + generated would need to reach, beside the label noise's ceiling
                 targets[f"{name}@{f:g}"] = {"value": gain, "seed_spread": spread, "target": "> seed spread",
-                                            "met": gain > spread}
+                                            "met": gain > spread, "needed_mean": a["mean"] + spread}
     result.update(table=table, targets=targets, load_average=os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)

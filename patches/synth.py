@@ -63,6 +63,19 @@ class Experts:
         lapses = rng.random((len(degree), k)) < np.asarray(self.lapse)[None]
         return (votes ^ lapses).astype(np.int8)
 
+    def hard_label_probability(self, degree: np.ndarray, imposter: np.ndarray, draws: int = 2000,
+                               seed: int = 0) -> np.ndarray:
+        """P(hard label = 1) per patch, given its true degree and imposter flag: the share of `draws` panels
+        (Monte Carlo over `vote`) whose mean vote is >= 0.5. No scorer of the patches ranks their hard labels
+        better in expectation: the label noise's ceiling on AUROC."""
+        rng = np.random.default_rng(seed)
+        degree = np.asarray(degree, np.float64)
+        imposter = np.asarray(imposter, np.float64)
+        hits = np.zeros(len(degree))
+        for _ in range(draws):
+            hits += self.vote(degree, imposter, rng).mean(1) >= 0.5
+        return hits / draws
+
 
 def draw_degree(n: int, rng: np.random.Generator, imposter_rate: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """True degree m and imposter flag. m is a mixture: mass near 0, near 1 and spread between."""

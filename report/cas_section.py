@@ -97,8 +97,11 @@ def section(tmp: Path, data: dict) -> str:
                      f"{b['mean']:.3f} ± {b['spread'] / 2:.3f}" if b else "", f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
     target_rows = []
     for name, t in data["targets"].items():
-        target_rows.append([name, t["value"], t["target"] + (f" (spread {t['seed_spread']:.3f})"
-                                                            if "seed_spread" in t else ""),
+        wanted = t["target"]
+        if "seed_spread" in t:
+            wanted += f" (spread {t['seed_spread']:.3f}" + (
+                f"; needs a mean above {t['needed_mean']:.4f}" if t.get("needed_mean") is not None else "") + ")"
+        target_rows.append([name, t["value"], wanted,
                             Markup("met") if t["met"] else Markup("<strong>missed</strong>")])
     settings = (f"labels {data.get('labels')}, guidance {data.get('guidance') or 'the pipeline default'}, "
                 f"{data.get('members')} member(s) per classifier, seeds {data.get('seeds')}, "
@@ -106,6 +109,12 @@ def section(tmp: Path, data: dict) -> str:
                 f"{data.get('generation_patches_per_s', float('nan')):.2f} patches/s beside "
                 f"{data.get('transition_frames_per_s', float('nan')):.2f} transition frames/s")
     quick = "<p><strong>Quick (CI-sized) run: not a measurement.</strong></p>" if data.get("quick") else ""
+    ceiling = data.get("label_noise_ceiling")
+    if ceiling:
+        quick += (f"<p>Label-noise ceiling: on these test patches, P(hard label | true degree, imposter) under the "
+                  f"benchmark's own expert panel reaches AUROC {ceiling['bayes_auroc']:.4f}, and the true degree "
+                  f"alone {ceiling['true_degree_auroc']:.4f}. No classifier can expect more; an augmentation "
+                  f"target whose needed mean comes near it cannot be met by a better generator.</p>")
     if data.get("complete") is False:
         quick += "<p><strong>Incomplete: the bench stopped before every setting and seed finished.</strong></p>"
     return (f"<p>The classifier recipe trained on each set, tested on the same held-out <em>real</em> test "

@@ -240,7 +240,10 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
              "real+generated": entry(0.96, [0.95, 0.97]), "real@0.05": entry(0.85, [0.83, 0.87]),
              "real+generated@0.05": entry(0.9, [0.89, 0.91])}
     result = {"bench": "cas", "fractions": [0.05], "seeds": [0, 1], "table": table, "labels": "match",
-              "targets": {"cas_ratio": {"value": 0.8 / 0.95, "target": ">= 0.9", "met": False}}}
+              "targets": {"cas_ratio": {"value": 0.8 / 0.95, "target": ">= 0.9", "met": False},
+                          "augmentation_gain@0.05": {"value": 0.05, "seed_spread": 0.04, "target": "> seed spread",
+                                                     "met": True, "needed_mean": 0.89}},
+              "label_noise_ceiling": {"bayes_auroc": 0.9871, "true_degree_auroc": 0.9848, "draws": 2000}}
     (tmp_path / "cas.json").write_text(json.dumps(result))
     section = extra(tmp_path / "cas.json")(None)
     assert section.key == "cas" and section.metrics["table"]["generated"]["auroc"]["mean"] == 0.8
@@ -249,6 +252,7 @@ def test_cas_report_section_reads_the_bench_result(tmp_path):
     assert "real+generated@0.05" in html and "0.800 ± 0.010" in html and "<strong>missed</strong>" in html
     assert "balanced accuracy (hard label)" in html and "0.750 ± 0.010" in html
     assert "5% of the real train labels + 4x as many generated patches" in html
+    assert "needs a mean above 0.8900" in html and "AUROC 0.9871" in html and "alone 0.9848" in html
     (tmp_path / "bad.json").write_text(json.dumps({"bench": "posterior"}))
     with pytest.raises(UserError, match="field 'bench'"):
         extra(tmp_path / "bad.json")
@@ -277,3 +281,27 @@ def test_cas_bench_judges_augmentation_by_auroc_and_balanced_accuracy(tmp_path):
     assert not auroc["met"]
     assert bacc["value"] == pytest.approx(0.944 - 0.924) and bacc["seed_spread"] == pytest.approx(0.012)
     assert bacc["met"]
+    assert auroc["needed_mean"] == pytest.approx(0.973 + 0.012)
+
+
+def test_cas_bench_reports_the_label_noise_ceiling_of_the_synthetic_benchmark(tmp_path):
+    """On the synthetic benchmark the bench reports the best AUROC any classifier can expect against the test
+    split's hard labels (the expert panel's own majority probability) and the true degree's; elsewhere None."""
+    from patches.cli import main as patches_main
+    from patches.dataset import PatchDataset
+
+    cas = load_bench("cas")
+    root = tmp_path / "synth"
+    patches_main(["synth", "--out", str(root), "--n", "400", "--size", "32", "--experts", "3", "--seed", "5"])
+    test = PatchDataset(root, split="test", labelled_only=True)
+    ceiling = cas.label_noise_ceiling(root, test, draws=300)
+    assert 0.8 < ceiling["true_degree_auroc"] < 1 and 0.8 < ceiling["bayes_auroc"] <= 1
+    # what a classifier that knew each patch's majority probability would score: above the degree alone,
+    # since the imposters fool the experts (up to the Monte Carlo and sample noise of 40 patches)
+    assert ceiling["bayes_auroc"] >= ceiling["true_degree_auroc"] - 0.01
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((root / "dataset.json").read_text())
+    meta.pop("experts")
+    (other / "dataset.json").write_text(json.dumps(meta))
+    assert cas.label_noise_ceiling(other, test) is None

@@ -162,3 +162,24 @@ def test_labels_without_ids_are_one_clean_error(synth, tmp_path, damage):
         writer.writerows(rows)
     with pytest.raises(UserError, match=r"labels.csv: field 'id' is missing or empty \(data row (1|4)\)"):
         PatchDataset(copy)
+
+
+def test_hard_label_probability_is_the_panels_majority_rate():
+    """P(hard label = 1 | degree, imposter): a step at the threshold for noiseless experts, the normal CDF for one
+    noisy expert, raised by the imposter bias, and the rate at which `vote` panels really give a majority."""
+    from scipy.stats import norm
+
+    degree = np.array([0.1, 0.45, 0.5, 0.55, 0.9])
+    sharp = Experts(thresholds=[0.5] * 3, noise=[1e-9] * 3, lapse=[0.0] * 3, imposter_bias=0.0)
+    away = np.array([0.1, 0.45, 0.49, 0.51, 0.9])  # noiseless: a step at the threshold
+    assert sharp.hard_label_probability(away, np.zeros(5), draws=50).tolist() == [0, 0, 0, 1, 1]
+    one = Experts(thresholds=[0.5], noise=[0.1], lapse=[0.0], imposter_bias=0.3)
+    p = one.hard_label_probability(degree, np.zeros(5), draws=4000, seed=1)
+    assert np.allclose(p, norm.cdf((degree - 0.5) / 0.1), atol=0.03)
+    fooled = one.hard_label_probability(degree, np.ones(5), draws=4000, seed=1)
+    assert (fooled[:2] > p[:2]).all() and fooled[1] > p[1] + 0.3  # an imposter's look pushes the votes up
+    panel = Experts.draw(3, seed=0)
+    rng = np.random.default_rng(7)
+    imposter = np.array([0, 1, 0, 1, 0], float)
+    rate = np.mean([panel.vote(degree, imposter, rng).mean(1) >= 0.5 for _ in range(4000)], axis=0)
+    assert np.allclose(panel.hard_label_probability(degree, imposter, draws=4000, seed=2), rate, atol=0.03)
