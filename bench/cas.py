@@ -123,10 +123,9 @@ def label_noise_ceiling(root: Path, test, draws: int = 2000) -> dict | None:
     test split's AUROC against the hard label of P(hard label = 1 | true degree, imposter) under that panel, the
     best any classifier can expect, and of the true degree alone. None for other datasets."""
     from classifier.evaluate import hard_metrics
-    from patches.dataset import read_meta
     from patches.synth import Experts
 
-    meta = read_meta(root)
+    meta = json.loads((Path(root) / "dataset.json").read_text())
     panel = meta.get("experts")
     rows = [test.rows[i] for i in test.indices]
     if not isinstance(panel, dict) or not rows or any("kind" not in r for r in rows) \
