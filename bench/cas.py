@@ -118,15 +118,14 @@ def train_and_test(name: str, seed: int, sets: list[str], args, test) -> dict:
     return result
 
 
-def label_noise_ceiling(root: Path, test, draws: int = 2000) -> dict | None:
+def label_noise_ceiling(test, draws: int = 2000) -> dict | None:
     """For the synthetic benchmark (its dataset.json keeps the expert panel, labels.csv each patch's `kind`): the
     test split's AUROC against the hard label of P(hard label = 1 | true degree, imposter) under that panel, the
     best any classifier can expect, and of the true degree alone. None for other datasets."""
     from classifier.evaluate import hard_metrics
     from patches.synth import Experts
 
-    meta = json.loads((Path(root) / "dataset.json").read_text())
-    panel = meta.get("experts")
+    panel = test.meta.get("experts")  # dataset.json, as PatchDataset read and checked it
     rows = [test.rows[i] for i in test.indices]
     if not isinstance(panel, dict) or not rows or any("kind" not in r for r in rows) \
             or np.isnan(test.true_degree).any():
@@ -206,7 +205,7 @@ def main(argv=None):
         "fractions": fractions, "real_train": n_train, "members": args.members, "test_patches": len(test),
         "generation_patches_per_s": speed, "transition_frames_per_s": transition_rate(args.pipeline),
         "threads": args.threads, "few_labels_only": args.few_labels_only,
-        "label_noise_ceiling": label_noise_ceiling(args.real, test),
+        "label_noise_ceiling": label_noise_ceiling(test),
     }
     full = not args.few_labels_only
     gen_full = generated_subset(pool, n_train, args.out / f"{pool.name}-train{n_train}") if full else None

@@ -177,13 +177,14 @@ def main(argv=None):
            "steps": steps, "sampler": sampler, "held_out": {"split": real["split"], "n": int(len(real["soft"]))},
            "settings": {}}
     for text, setting in settings:
+        # every value is explicit here, so the pipeline's defaults never fill in; the manifest records what ran
+        guidance, schedule = pipe.schedule(
+            setting["guidance"], steps, guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
+            guide=setting["guide"], null_guidance=setting["null"], null_guidance_middle=setting["middle"],
+            null_guidance_middle_below=setting["below"])
         t0 = time.time()
-        frames = pipe.transitions(seeds, conditions, setting["guidance"], steps, sampler,
-                                  seeds_per_batch=args.seeds_per_batch,
-                                  guidance_interval=setting["interval"], guidance_rescale=setting["rescale"],
-                                  guide=setting["guide"], null_guidance=setting["null"],
-                                  null_guidance_middle=setting["middle"],
-                                  null_guidance_middle_below=setting["below"])
+        frames = pipe.transitions(seeds, conditions, guidance, steps, sampler, seeds_per_batch=args.seeds_per_batch,
+                                  **schedule)
         render_s = time.time() - t0
         result = {**measure(frames, np.array(conditions), seeds, classifier, real, cfg),
                   "render_seconds": round(render_s, 1), "seconds": round(time.time() - t0, 1)}
@@ -191,13 +192,8 @@ def main(argv=None):
         if args.frames_out:
             name = text.replace("=", "").replace(",", "_").replace(":", "-")
             write_transitions(args.frames_out / name, frames, {
-                "seeds": seeds, "conditions": conditions, "guidance": setting["guidance"],
-                "guidance_interval": list(setting["interval"]), "guidance_rescale": setting["rescale"],
-                "guide": setting["guide"], "null_guidance": setting["null"],
-                "null_guidance_middle": setting["middle"], "null_guidance_middle_below": setting["below"],
-                "sampler": sampler, "steps": steps,
-                "model_hash": pipe.model_hash,
-                "pipeline": str(pipe.path)},
+                "seeds": seeds, "conditions": conditions, "guidance": guidance, **schedule,
+                "sampler": sampler, "steps": steps, "model_hash": pipe.model_hash, "pipeline": str(pipe.path)},
                 overwrite=True)
         print(json.dumps({text: result}), flush=True)
     if args.out:

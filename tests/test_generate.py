@@ -294,14 +294,13 @@ def test_cas_bench_reports_the_label_noise_ceiling_of_the_synthetic_benchmark(tm
     root = tmp_path / "synth"
     patches_main(["synth", "--out", str(root), "--n", "400", "--size", "32", "--experts", "3", "--seed", "5"])
     test = PatchDataset(root, split="test", labelled_only=True)
-    ceiling = cas.label_noise_ceiling(root, test, draws=300)
+    ceiling = cas.label_noise_ceiling(test, draws=300)
     assert 0.8 < ceiling["true_degree_auroc"] < 1 and 0.8 < ceiling["bayes_auroc"] <= 1
     # what a classifier that knew each patch's majority probability would score: above the degree alone,
     # since the imposters fool the experts (up to the Monte Carlo and sample noise of 40 patches)
     assert ceiling["bayes_auroc"] >= ceiling["true_degree_auroc"] - 0.01
-    other = tmp_path / "other"
-    other.mkdir()
+    # the same patches without the panel in dataset.json (any other source): no ceiling
     meta = json.loads((root / "dataset.json").read_text())
     meta.pop("experts")
-    (other / "dataset.json").write_text(json.dumps(meta))
-    assert cas.label_noise_ceiling(other, test) is None
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert cas.label_noise_ceiling(PatchDataset(root, split="test", labelled_only=True)) is None

@@ -57,3 +57,41 @@ def test_a_setting_takes_the_null_terms_middle_share(study):
         study.parse_setting("guidance=2,null=1,middle=0.5,below=2")
     with pytest.raises(UserError, match="--setting middle"):
         study.parse_setting("guidance=2,null=1,middle=1.5")
+
+
+def test_each_setting_renders_and_records_the_schedule_the_pipeline_resolves(study, tmp_path, monkeypatch):
+    """--frames-out: each setting's folder holds the frames `transitions` renders with the same values, and its
+    manifest records every value of the schedule (the same keys as a `transitions` manifest)."""
+    import json
+
+    from classifier.model import ClassifierEnsemble
+    from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.artifacts import read_transitions
+    from test_guidance_schedule import tiny_pipeline
+
+    size = 64
+    dataset = build_dataset(tmp_path / "ds", [("a", synth_shard, {"n": 120, "size": size, "seed": 2})],
+                            patch_size=size, margin=0, meta={"source": "fake"},
+                            split=SplitConfig(mode="random", val=0.1, test=0.4), progress=False)
+    pipeline = tiny_pipeline(tmp_path / "pipe", {"default_null_guidance": 0.0})
+    monkeypatch.setattr(ClassifierEnsemble, "from_pretrained", classmethod(lambda cls, path: FakeEnsemble(size)))
+    setting = "guidance=2,interval=0.2:0.9,rescale=0.5,guide=null,null=1,middle=0.5,below=0.85"
+    study.main(["--pipeline", str(pipeline), "--classifier", "unused", "--dataset", str(dataset), "--seeds", "3-4",
+                "--conditions", "0:1:3", "--setting", setting, "--threads", "1", "--frames-out", str(tmp_path / "fr"),
+                "--out", str(tmp_path / "study.json")])
+
+    folder = read_transitions(tmp_path / "fr" / "guidance2_interval0.2-0.9_rescale0.5_guidenull_null1_middle0.5_below0.85")
+    manifest = folder.manifest
+    assert manifest["guidance"] == 2.0 and manifest["guidance_interval"] == [0.2, 0.9]
+    assert manifest["guidance_rescale"] == 0.5 and manifest["guide"] == "null" and manifest["null_guidance"] == 1.0
+    assert manifest["null_guidance_middle"] == 0.5 and manifest["null_guidance_middle_below"] == 0.85
+    pipe = MitosisPipeline.from_pretrained(pipeline)
+    expected = pipe.transitions([3, 4], [0.0, 0.5, 1.0], 2.0, 3, "ddim", guidance_interval=(0.2, 0.9),
+                                guidance_rescale=0.5, guide="null", null_guidance=1.0, null_guidance_middle=0.5,
+                                null_guidance_middle_below=0.85)
+    assert np.array_equal(np.asarray(folder.frames), expected)
+    # the pipeline's own default (no null term) would have rendered other frames: the setting's values were used
+    assert not np.array_equal(expected, pipe.transitions([3, 4], [0.0, 0.5, 1.0], 2.0, 3, "ddim",
+                                                         guidance_interval=(0.2, 0.9), guidance_rescale=0.5))
+    result = json.loads((tmp_path / "study.json").read_text())["settings"][setting]
+    assert len(result["mean_score_by_condition"]) == 3
