@@ -243,11 +243,8 @@ class MitosisPipeline(RealToGenerated):
             guided = rescale_noise_cfg(guided, cond, guidance_rescale)  # per-sample std back toward cond's
         return guided
 
-    def guidance_at(self, t, guidance: float, interval: tuple[float, float]) -> float:
-        """The guidance scale at timestep t: `guidance` inside the noise-level interval, 1 (conditional) outside."""
-        return guidance if self.in_interval(t, interval) else 1.0
-
     def in_interval(self, t, interval: tuple[float, float]) -> bool:
+        """Whether timestep t's noise level is inside the guidance interval (outside: the conditional prediction)."""
         return interval[0] <= self.noise_level(t) <= interval[1]
 
     def noise_level(self, t) -> float:
