@@ -26,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, WeightedR
 
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, write_json
+from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
@@ -287,6 +288,7 @@ def main(argv=None):
         export(run, cfg, raw, ema, {"steps": step, "held_out": final_logs,
                                     "parameters": count_parameters(raw)})
     run.finish()
+    release_processes()
 
 
 if __name__ == "__main__":

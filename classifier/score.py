@@ -28,6 +28,7 @@ import numpy as np
 from mitosis_ldm.artifacts import TRANSITIONS, artifact_kind, read_transitions
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output, write_text
+from mitosis_ldm.launch import release_processes
 
 from .model import ClassifierEnsemble, fit_size
 
@@ -142,7 +143,9 @@ def main(argv=None):
 
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    main = PartialState().is_main_process
+    release_processes()  # the scores are gathered: no more collectives
+    if not main:
         return
     k = ensemble.members
     members = [f"member_{i}" for i in range(k)]

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from mitosis_ldm.config import save_config
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import write_json
+from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
@@ -398,7 +399,7 @@ def main(argv=None):
         else:
             print(f"{len(done)} of {cfg.ensemble.members} members finished; {root / 'model'} is written by the "
                   f"launch that finishes the last one")
-    state.wait_for_everyone()
+    release_processes()
 
 
 if __name__ == "__main__":

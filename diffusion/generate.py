@@ -36,6 +36,7 @@ import torch
 
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output
+from mitosis_ldm.launch import release_processes
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
                              prepare_partial, run_job)
 
@@ -194,7 +195,9 @@ def main(argv=None):
     seconds = time.time() - t0
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    main = PartialState().is_main_process
+    release_processes()  # every shard is on disk: no more collectives
+    if not main:
         return
     settings = {"n": args.n, "labels": args.labels, "guidance": guidance, **schedule, "steps": steps,
                 "sampler": sampler, "seed": args.seed, "shard_size": args.shard_size, "batch_size": args.batch_size}

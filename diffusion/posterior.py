@@ -35,6 +35,7 @@ import torch
 from mitosis_ldm.artifacts import PATCHES, artifact_kind
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json, write_text
+from mitosis_ldm.launch import release_processes
 
 from .pipeline import MitosisPipeline
 from .sampling_args import parse_conditions
@@ -334,6 +335,7 @@ def run(args, grid) -> None:
     if cal is None:
         cal = Calibration(temperature=args.temperature or scale_heuristic(errors))
     seconds = time.time() - t0
+    release_processes()  # the errors are gathered: no more collectives
     if not is_main:
         return
     header, rows = posterior_rows(ids, names, labels, errors, settings, cal, num_t)

@@ -27,6 +27,7 @@ import torch
 from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import user_errors
 from mitosis_ldm.io import check_new_output
+from mitosis_ldm.launch import release_processes
 
 from .pipeline import MitosisPipeline
 from .schedulers import SAMPLERS
@@ -98,7 +99,9 @@ def main(argv=None):
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch, **schedule)
     seconds = time.time() - t0
-    if not is_main_process():
+    main = is_main_process()
+    release_processes()  # the frames are gathered: no more collectives
+    if not main:
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
                 **schedule, "sampler": sampler,

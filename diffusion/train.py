@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.images import contact_sheet, save_png
+from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
 
 from .cache import SPLIT_CODES, LatentCache, build_cache, check_cache
@@ -412,6 +413,7 @@ def main(argv=None):
     args = train_arg_parser("Train the label-conditioned latent diffusion UNet.").parse_args(argv)
     cfg = load_stage_config(DiffusionTrainConfig, args)
     train(cfg, resume=args.resume, overwrite=args.overwrite)
+    release_processes()
 
 
 if __name__ == "__main__":

@@ -23,3 +23,16 @@ def accelerate_launch(module: str, *args: str, threads: int | None = None) -> li
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--num_cpu_threads_per_process", str(threads or cpu_threads()),
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
+
+
+def release_processes() -> None:
+    """After a command's last collective: every process waits for the others, then all leave the process group.
+
+    A process that exits while its peers still hold their gloo connections to it closes them from under them, and
+    a peer can then abort (SIGABRT) on its way out. A no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
