@@ -67,6 +67,32 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def generator_gan_loss(disc: nn.Module, recon: torch.Tensor) -> torch.Tensor:
+    """-D(reconstruction): the autoencoder's adversarial term. The discriminator's parameters stay out of its graph,
+    so the autoencoder's backward pass leaves them no gradient (one that would teach D to call reconstructions real).
+    """
+    flags = [p.requires_grad for p in disc.parameters()]
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    try:
+        return -disc(recon).mean()
+    finally:
+        for p, flag in zip(disc.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, recon: torch.Tensor,
+                       backward=torch.Tensor.backward) -> float:
+    """One hinge-loss update of the discriminator, real `images` against the detached reconstructions, from
+    cleared gradients: the step follows the discriminator's own loss only. Returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+    backward(d_loss)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return d_loss.item()
+
+
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """LDM's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]

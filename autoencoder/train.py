@@ -30,7 +30,8 @@ from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
-from .losses import LossConfig, PatchDiscriminator, adaptive_gan_weight, build_lpips, hinge_d_loss, ssim
+from .losses import (LossConfig, PatchDiscriminator, adaptive_gan_weight, build_lpips, discriminator_step,
+                     generator_gan_loss, ssim)
 from .model import build_autoencoder, count_parameters
 
 
@@ -246,7 +247,7 @@ def main(argv=None):
             logs = {"l1": l1.item(), "ssim": ssim_value.item(), "kl": kl_loss.item()}
             gan_on = disc is not None and step >= cfg.loss.gan_start
             if gan_on:
-                g_loss = -disc(recon).mean()
+                g_loss = generator_gan_loss(disc, recon)
                 weight = adaptive_gan_weight(rec_loss, g_loss, raw.decoder.conv_out.weight) * cfg.loss.gan
                 loss = loss + weight * g_loss
                 logs.update(g_loss=g_loss.item(), gan_weight=weight.item())
@@ -256,11 +257,7 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
             if gan_on:
-                d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
-                acc.backward(d_loss)
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
-                logs["d_loss"] = d_loss.item()
+                logs["d_loss"] = discriminator_step(disc, disc_opt, images, recon, acc.backward)
         if acc.sync_gradients:
             sched.step()
             if ema is not None:

@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from autoencoder.cli import encode as cli_encode
-from autoencoder.losses import PatchDiscriminator, adaptive_gan_weight, build_lpips, hinge_d_loss, ssim
+from autoencoder.losses import (PatchDiscriminator, adaptive_gan_weight, build_lpips, discriminator_step,
+                                generator_gan_loss, hinge_d_loss, ssim)
 from autoencoder.model import PRESETS, build_autoencoder, count_parameters
 from mitosis_ldm.errors import UserError
 from patches.dataset import PatchDataset
@@ -94,6 +95,29 @@ def test_losses():
     expected = (2 * layer).norm() / ((10 * torch.ones(4, 4)).norm() + 1e-4)
     assert weight.item() == pytest.approx(expected.item(), rel=1e-4)
 
+
+
+def test_the_discriminator_learns_from_its_own_loss_only():
+    """The autoencoder's adversarial term leaves the discriminator no gradient, and the discriminator's step follows
+    its hinge loss alone, whatever gradient was left on it."""
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(16, 2)
+    source = torch.nn.Parameter(torch.randn(2, 3, 32, 32))  # stands in for the decoder
+    images, recon = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tanh(source)
+    generator_gan_loss(disc, recon).backward()
+    assert source.grad is not None and source.grad.abs().sum() > 0  # the term reaches the autoencoder
+    assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
+
+    before = [p.detach().clone() for p in disc.parameters()]
+    d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+    expected = torch.autograd.grad(d_loss, list(disc.parameters()))
+    for p in disc.parameters():
+        p.grad = torch.full_like(p, 5.0)  # a stale gradient, e.g. from a generator pass
+    loss = discriminator_step(disc, torch.optim.SGD(disc.parameters(), lr=1.0), images, recon)
+    assert loss == pytest.approx(d_loss.item())  # the loss before the step
+    for p, b, g in zip(disc.parameters(), before, expected):
+        torch.testing.assert_close(p.detach(), b - g, rtol=1e-5, atol=1e-6)
+        assert p.grad is None
 
 def test_lpips_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights are absent
