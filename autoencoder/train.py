@@ -247,7 +247,7 @@ def main(argv=None):
             logs = {"l1": l1.item(), "ssim": ssim_value.item(), "kl": kl_loss.item()}
             gan_on = disc is not None and step >= cfg.loss.gan_start
             if gan_on:
-                g_loss = generator_gan_loss(disc, recon)
+                g_loss = generator_gan_loss(acc.unwrap_model(disc), recon)  # outside DDP: D gets no gradient here
                 weight = adaptive_gan_weight(rec_loss, g_loss, raw.decoder.conv_out.weight) * cfg.loss.gan
                 loss = loss + weight * g_loss
                 logs.update(g_loss=g_loss.item(), gan_weight=weight.item())

@@ -61,11 +61,15 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tmp_path, synth):
 
 def test_two_processes_train_and_export_the_same_layout(tmp_path, synth):
     out = tmp_path / "run2"
+    # the patch-GAN joins at step 2: its discriminator trains across the processes too
     cmd = accelerate_cmd("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
                          "--set", f"data.datasets=[{synth}]", "--set", "train.max_steps=4",
-                         "--set", "train.checkpoint_every=4", *TINY, processes=2)
+                         "--set", "train.checkpoint_every=4", "--set", "loss.gan=0.5", "--set", "loss.gan_start=2",
+                         *TINY, processes=2)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("d_loss" in r for r in logged) and not any("d_loss" in r for r in logged if r["step"] < 2)
     run = json.loads((out / "run.json").read_text())
     assert run["num_processes"] == 2 and run["process_ranks"] == [0, 1]
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
