@@ -86,6 +86,7 @@ def main(argv=None):
     from classifier.model import ClassifierEnsemble
     from diffusion.cache import load_vae
     from mitosis_ldm.config import load_config
+    from mitosis_ldm.io import write_json
     from report.build import ReportConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,8 +114,7 @@ def main(argv=None):
         result["autoencoders"][path] = measure(vae, real, classifier, cfg, args.repeats, args.other_residuals)
         print(json.dumps({path: result["autoencoders"][path]}), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)  # atomic
     print(json.dumps(result, indent=2))
 
 

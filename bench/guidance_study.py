@@ -140,6 +140,7 @@ def main(argv=None):
     from diffusion.sampling_args import parse_conditions, parse_seeds
     from mitosis_ldm.artifacts import write_transitions
     from mitosis_ldm.config import load_config
+    from mitosis_ldm.io import write_json
     from report.build import ReportConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -197,8 +198,7 @@ def main(argv=None):
                 overwrite=True)
         print(json.dumps({text: result}), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+        write_json(args.out, out)  # atomic
     print(json.dumps(out, indent=2))
 
 
