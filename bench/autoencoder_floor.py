@@ -61,15 +61,12 @@ def floors(real: dict, rebuilt: np.ndarray, classifier, cfg, repeats: int) -> li
     return [None if r["floor_ratio"] is None else round(r["floor_ratio"], 3) for r in rows]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
-
-
 def measure(vae, real: dict, classifier, cfg, repeats: int, other_residuals: bool, seed: int = 1) -> dict:
+    from diffusion.real2gen import psnr
+
     images = real["images"]
     rebuilt = round_trip(vae, images, cfg.batch_size)
-    out = {"psnr_db": round(psnr(rebuilt, images), 2), "floor_by_bin": floors(real, rebuilt, classifier, cfg, repeats)}
+    out = {"psnr_db": round(float(psnr(rebuilt, images).mean()), 2), "floor_by_bin": floors(real, rebuilt, classifier, cfg, repeats)}
     if other_residuals:
         rng = np.random.default_rng(seed)
         residual = images.astype(np.float32) - rebuilt.astype(np.float32)
