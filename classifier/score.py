@@ -143,9 +143,9 @@ def main(argv=None):
 
     from accelerate import PartialState
 
-    main = PartialState().is_main_process
+    is_main = PartialState().is_main_process
     release_processes()  # the scores are gathered: no more collectives
-    if not main:
+    if not is_main:
         return
     k = ensemble.members
     members = [f"member_{i}" for i in range(k)]

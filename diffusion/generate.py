@@ -195,9 +195,9 @@ def main(argv=None):
     seconds = time.time() - t0
     from accelerate import PartialState
 
-    main = PartialState().is_main_process
+    is_main = PartialState().is_main_process
     release_processes()  # every shard is on disk: no more collectives
-    if not main:
+    if not is_main:
         return
     settings = {"n": args.n, "labels": args.labels, "guidance": guidance, **schedule, "steps": steps,
                 "sampler": sampler, "seed": args.seed, "shard_size": args.shard_size, "batch_size": args.batch_size}

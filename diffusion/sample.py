@@ -99,9 +99,9 @@ def main(argv=None):
     t0 = time.time()
     frames = render_split(pipe, seeds, conditions, guidance, steps, sampler, args.seeds_per_batch, **schedule)
     seconds = time.time() - t0
-    main = is_main_process()
+    is_main = is_main_process()
     release_processes()  # the frames are gathered: no more collectives
-    if not main:
+    if not is_main:
         return
     manifest = {"kind": "transition", "seeds": seeds, "conditions": conditions, "guidance": guidance,
                 **schedule, "sampler": sampler,
