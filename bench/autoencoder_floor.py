@@ -24,30 +24,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report.build import round_trip  # noqa: E402  (module level, so a test can swap in a perfect round trip)
+
 
 def held_out(dataset, classifier, cfg) -> dict:
     """The report's held-out subset: uint8 patches, their soft labels' bins and the classifier's features."""
     from report import morphology
-    from report.build import batched, held_out_split, subset
+    from report.build import batched, held_out_images
 
-    ds, split = held_out_split(dataset)
-    pick = subset(len(ds), cfg.max_real, np.random.default_rng(cfg.seed))
-    images = ds.uint8(pick)
+    ds, split, pick, images = held_out_images(dataset, cfg, np.random.default_rng(cfg.seed))
     return {"split": split, "images": images, "bins": morphology.label_bins(ds.soft_labels[pick], cfg.label_bins),
             "features": batched(classifier.features, images, cfg.batch_size)}
-
-
-def round_trip(vae, images: np.ndarray, batch: int) -> np.ndarray:
-    from diffusion.cache import decode_latents, encode_images
-
-    with torch.no_grad():
-        return np.concatenate([decode_latents(vae, encode_images(vae, images[i: i + batch], "mean"))
-                               for i in range(0, len(images), batch)])
 
 
 def floors(real: dict, rebuilt: np.ndarray, classifier, cfg, repeats: int) -> list:

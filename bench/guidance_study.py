@@ -77,12 +77,10 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
     (report.build's own helpers), the training patches those distances are to, and (given the pipeline) the
     features of the patches' reconstructions through its autoencoder, for each bin's floor."""
     from patches.dataset import PatchDataset
-    from report.build import batched, ensemble_scores, held_out_split, reconstructed_features, subset
+    from report.build import batched, ensemble_scores, held_out_images, reconstructed_features, subset
     from report.fidelity import nearest_distances, pixel_rows
 
-    ds, split = held_out_split(dataset)
-    pick = subset(len(ds), cfg.max_real, rng)
-    images = ds.uint8(pick)
+    ds, split, pick, images = held_out_images(dataset, cfg, rng)
     scores, _ = ensemble_scores(classifier, images, cfg.batch_size)
     features = batched(classifier.features, images, cfg.batch_size)
     train_ds = PatchDataset(dataset, split="train")

@@ -146,6 +146,14 @@ def subset(n: int, limit: int, rng) -> np.ndarray:
     return np.sort(rng.permutation(n)[:limit]) if n > limit else np.arange(n)
 
 
+def held_out_images(dataset_root, cfg, rng):
+    """The report's held-out real patches: (dataset, split name, picked indices, uint8 images). The pick is the
+    first draw from `rng`, so a bench that seeds its rng as the report does measures the same patches."""
+    ds, split = held_out_split(dataset_root)
+    pick = subset(len(ds), cfg.max_real, rng)
+    return ds, split, pick, ds.uint8(pick)
+
+
 # -- the report ------------------------------------------------------------
 
 def reconstruction_features(folders: list[Folder], images: np.ndarray, classifier, batch: int, log):
@@ -161,13 +169,20 @@ def reconstruction_features(folders: list[Folder], images: np.ndarray, classifie
     return reconstructed_features(MitosisPipeline.from_pretrained(path), images, classifier, batch), str(path)
 
 
-def reconstructed_features(pipe, images: np.ndarray, classifier, batch: int) -> np.ndarray:
-    """Classifier features of `images` after a round trip through the pipeline's autoencoder, in batches."""
+def round_trip(vae, images: np.ndarray, batch: int) -> np.ndarray:
+    """uint8 `images` encoded (latent mean) and decoded by `vae`, in batches -> uint8 reconstructions."""
     import torch
 
+    from diffusion.cache import decode_latents, encode_images
+
     with torch.no_grad():
-        rebuilt = np.concatenate([pipe.decode(pipe.encode(images[i: i + batch])) for i in range(0, len(images), batch)])
-    return batched(classifier.features, rebuilt, batch)
+        return np.concatenate([decode_latents(vae, encode_images(vae, images[i: i + batch], "mean"))
+                               for i in range(0, len(images), batch)])
+
+
+def reconstructed_features(pipe, images: np.ndarray, classifier, batch: int) -> np.ndarray:
+    """Classifier features of `images` after a round trip through the pipeline's autoencoder, in batches."""
+    return batched(classifier.features, round_trip(pipe.vae, images, batch), batch)
 
 
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
@@ -212,9 +227,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
             f"{f.summary['spearman']['value']:.3f}, flip rate {f.summary['flip']['value']:.2f}")
 
     # real patches: held-out for comparison, training for nearest neighbours
-    real_ds, real_split = held_out_split(dataset_root)
-    pick = subset(len(real_ds), cfg.max_real, rng)
-    real_images = real_ds.uint8(pick)
+    real_ds, real_split, pick, real_images = held_out_images(dataset_root, cfg, rng)
     real_soft = real_ds.soft_labels[pick]
     real_hard = real_ds.hard_labels[pick]
     real_degree = real_ds.true_degree[pick]
