@@ -38,9 +38,20 @@ FUZZ_CASES ?= 500
 fuzz: setup
 	MITOSIS_LDM_FUZZ=$(FUZZ_CASES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
+# The speed and cost benches, on the demo's trained models (run `make demo` first); each prints JSON, kept in
+# runs/bench/NAME.json. The quality studies take arguments and tens of minutes each: see their docstrings and docs/.
+BENCH_DEMO := demo_budget transition_speed score_speed autoencoder_throughput posterior_speed synth_speed serve_latency
 bench: setup
+	@test -f runs/demo/diffusion/model/pipeline.json -a -f runs/demo/classifier/model/config.json || \
+	  { echo "make bench: runs/demo has no trained pipeline and classifier; run make demo first"; exit 2; }
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	for script in bench/*.py; do $(PY) $$script || exit 1; done
+	mkdir -p runs/bench
+	for name in $(BENCH_DEMO); do \
+	  echo "bench/$$name.py -> runs/bench/$$name.json"; \
+	  $(PY) bench/$$name.py > runs/bench/$$name.json.tmp && $(PY) -m json.tool runs/bench/$$name.json.tmp >/dev/null && \
+	    mv runs/bench/$$name.json.tmp runs/bench/$$name.json || \
+	  { rm -f runs/bench/$$name.json.tmp; exit 1; }; \
+	done
 
 clean:
 	rm -rf runs

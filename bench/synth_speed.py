@@ -12,8 +12,10 @@ Measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -59,8 +61,9 @@ def main(argv=None):
         out = os.path.join(tmp, "synth")
 
         def end_to_end():
-            data_main(["synth", "--out", out, "--n", str(args.n), "--size", str(size), "--seed", "0",
-                       "--workers", str(args.workers)])
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+                data_main(["synth", "--out", out, "--n", str(args.n), "--size", str(size), "--seed", "0",
+                           "--workers", str(args.workers)])
 
         results["end_to_end"] = {**rate(end_to_end, args.n), "workers": args.workers}
         results["end_to_end"].pop("patches_per_cpu_s")  # the work runs in worker processes
