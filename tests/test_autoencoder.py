@@ -96,7 +96,6 @@ def test_losses():
     assert weight.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-
 def test_the_discriminator_learns_from_its_own_loss_only():
     """The autoencoder's adversarial term leaves the discriminator no gradient, and the discriminator's step follows
     its hinge loss alone, whatever gradient was left on it."""
@@ -118,6 +117,7 @@ def test_the_discriminator_learns_from_its_own_loss_only():
     for p, b, g in zip(disc.parameters(), before, expected):
         torch.testing.assert_close(p.detach(), b - g, rtol=1e-5, atol=1e-6)
         assert p.grad is None
+
 
 def test_lpips_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights are absent
