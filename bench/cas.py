@@ -12,7 +12,7 @@ The demo classifier recipe is trained, for every seed, on
 - `real+generated`: both (`data.datasets=[real, generated]`, `data.weights=[1, 1]`);
 - `real@F` and `real+generated@F` for each fraction F of the real training labels
   (`data.fraction`, stratified, `data.fraction_seed` = the seed), the latter with
-  4x that many generated training patches.
+  4x that many generated training patches (`--generated-per-real`).
 Every classifier is tested on the same held-out REAL test split: AUROC against
 the hard label and Spearman with the true degree (classifier/evaluate.py's
 metrics). One generated pool serves every setting: patch i depends only on
@@ -146,6 +146,16 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def pool_size(n_train: int | None, few_label_counts: list[int], per_real: int) -> int:
+    """Patches to generate so that every setting's generated train subset is a prefix of one pool.
+
+    `n_train`: the generated-only and real+generated settings' train patches (None with --few-labels-only);
+    `few_label_counts`: the real labels kept at each (fraction, seed), each to get `per_real` times as many.
+    """
+    need = max(([] if n_train is None else [n_train]) + [per_real * c for c in few_label_counts])
+    return int(math.ceil(need / 0.9 * 1.05)) + 16  # the val split takes 10 %; margin for its randomness
+
+
 def transition_rate(pipeline: Path, repeats: int = 3) -> float:
     """Frames/s of one 11-frame transition at the pipeline's defaults (what `transitions` renders)."""
     from diffusion.pipeline import MitosisPipeline
@@ -175,9 +185,13 @@ def main(argv=None):
     parser.add_argument("--real-train", type=int, help="cap (a)-(c) at this many real (and generated) training "
                         "patches: a stratified subset (default: the whole train split)")
     parser.add_argument("--quick", action="store_true", help="CI sizes: 40 training steps, a small pool")
+    parser.add_argument("--generated-per-real", type=int, default=4,
+                        help="generated training patches per real label in the real+generated@F settings (the issue's 4)")
     parser.add_argument("--few-labels-only", action="store_true",
                         help="train only the real@F and real+generated@F pairs, not (a)-(c)")
     args = parser.parse_args(argv)
+    if args.generated_per_real < 1:
+        raise SystemExit(f"--generated-per-real: {args.generated_per_real}, must be at least 1")
     torch.set_num_threads(args.threads)
     from classifier.mixture import fraction_positions
     from patches.dataset import PatchDataset
@@ -191,8 +205,7 @@ def main(argv=None):
     if args.quick:
         fractions = [0.02]
     counts = {(f, s): len(fraction_positions(real_train, f, s)) for f in fractions for s in seeds}
-    need = max(([] if args.few_labels_only else [n_train]) + [4 * c for c in counts.values()])
-    pool_n = int(math.ceil(need / 0.9 * 1.05)) + 16  # the val split takes 10 %; margin for its randomness
+    pool_n = pool_size(None if args.few_labels_only else n_train, list(counts.values()), args.generated_per_real)
     tag = f"{args.labels.replace(':', '_').replace('/', '_')}-g{args.guidance if args.guidance is not None else 'default'}"
     pool = args.out / f"gen-{tag}-n{pool_n}"
     log(f"generating {pool_n} patches into {pool}")
@@ -204,7 +217,7 @@ def main(argv=None):
         "labels": args.labels, "guidance": args.guidance, "generated_pool": str(pool), "seeds": seeds,
         "fractions": fractions, "real_train": n_train, "members": args.members, "test_patches": len(test),
         "generation_patches_per_s": speed, "transition_frames_per_s": transition_rate(args.pipeline),
-        "threads": args.threads, "few_labels_only": args.few_labels_only,
+        "threads": args.threads, "few_labels_only": args.few_labels_only, "generated_per_real": args.generated_per_real,
         "label_noise_ceiling": label_noise_ceiling(test),
     }
     full = not args.few_labels_only
@@ -223,7 +236,7 @@ def main(argv=None):
             setting("real", real_sets, seed)
             setting("generated", [f"data.datasets=[{gen_full}]", "data.allow_generated=true"], seed)
         for f in fractions:
-            k = 4 * counts[(f, seed)]  # 4x as many generated training patches as real labels
+            k = args.generated_per_real * counts[(f, seed)]  # 4x (by default) as many generated patches as real labels
             gen_f = generated_subset(pool, k, args.out / f"{pool.name}-train{k}")
             setting(f"real@{f:g}", [f"data.dataset={args.real}", f"data.fraction={f}"], seed)
             setting(f"real+generated@{f:g}", [f"data.datasets=[{args.real},{gen_f}]", "data.weights=[1,1]",

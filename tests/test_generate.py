@@ -284,6 +284,17 @@ def test_cas_bench_judges_augmentation_by_auroc_and_balanced_accuracy(tmp_path):
     assert auroc["needed_mean"] == pytest.approx(0.973 + 0.012)
 
 
+def test_cas_bench_pool_holds_every_settings_generated_patches():
+    """One pool serves every setting: it must hold the larger of the full-size setting and K x each few-label count,
+    with room for the 10 % val split; --generated-per-real below 1 is refused before anything is generated."""
+    cas = load_bench("cas")
+    assert cas.pool_size(844, [211, 212], 4) == int(np.ceil(848 / 0.9 * 1.05)) + 16
+    assert cas.pool_size(None, [211, 212], 8) == int(np.ceil(1696 / 0.9 * 1.05)) + 16
+    assert cas.pool_size(5000, [211], 8) == int(np.ceil(5000 / 0.9 * 1.05)) + 16
+    with pytest.raises(SystemExit, match="--generated-per-real: 0, must be at least 1"):
+        cas.main(["--generated-per-real", "0", "--real", str(REPO / "tests/does-not-exist")])
+
+
 def test_cas_bench_reports_the_label_noise_ceiling_of_the_synthetic_benchmark(tmp_path):
     """On the synthetic benchmark the bench reports the best AUROC any classifier can expect against the test
     split's hard labels (the expert panel's own majority probability) and the true degree's; elsewhere None."""
