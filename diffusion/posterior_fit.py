@@ -118,6 +118,13 @@ def negative_log_likelihood(log_post: np.ndarray, vote_table: np.ndarray) -> flo
 
 # -- the fit -----------------------------------------------------------------------------
 
+def lowest_finite(results: list):
+    """The optimiser result with the lowest finite objective (the first such on ties); the first one when none is
+    finite, so that the caller reports its failure."""
+    finite = [r for r in results if np.isfinite(r.fun)]
+    return min(finite, key=lambda r: r.fun) if finite else results[0]
+
+
 def fit_calibration(errors: np.ndarray, timesteps, num_train_timesteps: int, grid, mitotic: np.ndarray,
                     experts: np.ndarray, t_bands: int = 1, fit_info: dict | None = None) -> Calibration:
     """Inverse temperatures per timestep band that maximise the mean log-likelihood of the votes."""
@@ -136,15 +143,14 @@ def fit_calibration(errors: np.ndarray, timesteps, num_train_timesteps: int, gri
     scale = scale_heuristic(errors)
 
     def nll(log_beta: np.ndarray) -> float:
-        logits = -np.einsum("nbk,b->nk", per_band, np.exp(log_beta))
+        with np.errstate(over="ignore"):  # a start that runs away (log beta in the thousands) gives a non-finite
+            beta = np.exp(log_beta)       # NLL, and the lowest finite one among the starts is kept below
+        logits = -np.einsum("nbk,b->nk", per_band, beta)
         return negative_log_likelihood(logits - logsumexp(logits, axis=1, keepdims=True), votes)
 
     start = np.full(t_bands, -math.log(scale))
-    best = None
-    for shift in (0.0, 2.0, 4.0, -2.0):  # a few starts: the NLL is flat far from the optimum
-        result = minimize(nll, start + shift, method="L-BFGS-B")
-        if best is None or result.fun < best.fun:
-            best = result
+    # a few starts: the NLL is flat far from the optimum
+    best = lowest_finite([minimize(nll, start + shift, method="L-BFGS-B") for shift in (0.0, 2.0, 4.0, -2.0)])
     beta = np.exp(best.x)
     temperature = float(1.0 / beta.mean())
     flat = Calibration(temperature=scale)

@@ -166,6 +166,17 @@ def test_fitted_temperature_recovers_the_one_that_made_the_votes():
     assert len(two.t_weights) == 2 and np.mean(two.t_weights) == pytest.approx(1.0)
 
 
+def test_the_lowest_finite_start_is_kept():
+    from diffusion.posterior_fit import lowest_finite
+
+    run = lambda fun: SimpleNamespace(fun=fun)  # noqa: E731
+    starts = [run(float("nan")), run(2.0), run(float("inf")), run(1.5), run(1.5)]
+    assert lowest_finite(starts) is starts[3]  # a run-away first start is not kept; ties keep the first
+    assert lowest_finite([run(3.0), run(float("nan"))]).fun == 3.0
+    none = [run(float("nan")), run(float("inf"))]
+    assert lowest_finite(none) is none[0]
+
+
 def test_votes_parse_and_fall_back_to_the_soft_label():
     from diffusion.posterior_fit import parse_votes
     from mitosis_ldm.errors import UserError
@@ -178,6 +189,7 @@ def test_votes_parse_and_fall_back_to_the_soft_label():
 
 # -- the command ------------------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # its calibration has a start that runs away
 def test_command_writes_csv_json_and_is_deterministic(world):
     from diffusion.posterior import main
 
