@@ -119,10 +119,9 @@ def negative_log_likelihood(log_post: np.ndarray, vote_table: np.ndarray) -> flo
 # -- the fit -----------------------------------------------------------------------------
 
 def lowest_finite(results: list):
-    """The optimiser result with the lowest finite objective (the first such on ties); the first one when none is
-    finite, so that the caller reports its failure."""
+    """The optimiser result with the lowest finite objective (the first such on ties); None when none is finite."""
     finite = [r for r in results if np.isfinite(r.fun)]
-    return min(finite, key=lambda r: r.fun) if finite else results[0]
+    return min(finite, key=lambda r: r.fun) if finite else None
 
 
 def fit_calibration(errors: np.ndarray, timesteps, num_train_timesteps: int, grid, mitotic: np.ndarray,
@@ -151,6 +150,9 @@ def fit_calibration(errors: np.ndarray, timesteps, num_train_timesteps: int, gri
     start = np.full(t_bands, -math.log(scale))
     # a few starts: the NLL is flat far from the optimum
     best = lowest_finite([minimize(nll, start + shift, method="L-BFGS-B") for shift in (0.0, 2.0, 4.0, -2.0)])
+    if best is None:
+        raise UserError(f"--calibrate: the temperature fit found no finite vote likelihood from any start "
+                        f"({int(keep.sum())} patches); check their votes and soft labels, or pass --temperature")
     beta = np.exp(best.x)
     temperature = float(1.0 / beta.mean())
     flat = Calibration(temperature=scale)

@@ -173,8 +173,18 @@ def test_the_lowest_finite_start_is_kept():
     starts = [run(float("nan")), run(2.0), run(float("inf")), run(1.5), run(1.5)]
     assert lowest_finite(starts) is starts[3]  # a run-away first start is not kept; ties keep the first
     assert lowest_finite([run(3.0), run(float("nan"))]).fun == 3.0
-    none = [run(float("nan")), run(float("inf"))]
-    assert lowest_finite(none) is none[0]
+    assert lowest_finite([run(float("nan")), run(float("inf"))]) is None
+
+
+def test_a_fit_with_no_finite_start_is_one_clear_line(monkeypatch):
+    import diffusion.posterior_fit as fit
+    from mitosis_ldm.errors import UserError
+
+    monkeypatch.setattr(fit, "minimize", lambda f, x0, method: SimpleNamespace(fun=float("nan"), x=x0, success=False))
+    rng = np.random.default_rng(0)
+    errors = rng.random((6, 2, 6)) + 1.0  # (patches, draws, grid points + the unconditional one)
+    with pytest.raises(UserError, match="--calibrate: the temperature fit found no finite"):
+        fit.fit_calibration(errors, [100, 700], 1000, np.linspace(0, 1, 5), np.full(6, 0.5), np.full(6, 3.0))
 
 
 def test_votes_parse_and_fall_back_to_the_soft_label():
