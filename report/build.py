@@ -299,12 +299,17 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                  for f in gen_folders])
     # where each of those rows came from: (folder, seed row, frame column), in the same order
     gen_origin = [(f, s, c) for f in gen_folders for s in range(f.frames.shape[0]) for c in f.generated]
+    gen_bins = morphology.label_bins(gen_cond, edges)
     rebuilt_features, floor_pipeline = reconstruction_features(folders, real_images, classifier, cfg.batch_size, log)
-    fd_rows = fidelity.frechet_per_bin(gen_feat, morphology.label_bins(gen_cond, edges), real_features, real_bins,
+    fd_rows = fidelity.frechet_per_bin(gen_feat, gen_bins, real_features, real_bins,
                                        n_bins, cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed,
                                        reconstructed=rebuilt_features)
     for row in fd_rows:
         row["label_bin"] = bin_names[row["bin"]]
+    by_condition = fidelity.frechet_per_condition(gen_feat, gen_cond, gen_bins, real_features, real_bins,
+                                                  cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
+    for row in by_condition:
+        row["label_bin"] = bin_names[row["bin"]] if row["bin"] >= 0 else None
     valid = [r for r in fd_rows if r["frechet"] is not None]
     metrics["fidelity"] = {
         "space": "classifier penultimate features",
@@ -312,6 +317,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         "frechet_mean": float(np.mean([r["frechet"] for r in valid])) if valid else None,
         "yardstick_mean": float(np.mean([r["yardstick"] for r in valid])) if valid else None,
         "floor_pipeline": floor_pipeline,
+        "by_condition": by_condition,
     }
     fid = metrics["fidelity"]
     fid["ratio"] = fid["frechet_mean"] / fid["yardstick_mean"] if valid and fid["yardstick_mean"] > 0 else None

@@ -71,6 +71,10 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
                   "common_n",
                   "frechet_common_n", "yardstick_common_n", "ratio_common_n"]
     write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r[c] for c in fd_columns] for r in fd_rows]))
+    by_condition = metrics["fidelity"].get("by_condition", [])
+    cond_columns = ["condition", "label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio"]
+    write_text(tmp / "fidelity-conditions.csv", csv_text(cond_columns, [[r[c] for c in cond_columns]
+                                                                         for r in by_condition]))
     if response_curves and "real" in response_curves:
         real = response_curves["real"]
         rows = [["real", x, m, lo, hi, n] for x, m, lo, hi, n in zip(real["x"], real["mean"], real["lo"], real["hi"],

@@ -191,6 +191,17 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
                      *(["autoencoder floor"] if floor else []),
                      f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
+    by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
+    if by_condition:
+        body += ("<h3>Each condition against its bin</h3><p class='note'>A bin's ratio pools the frames of every "
+                 "condition in it. Here each condition's frames alone are compared with the same bin's real "
+                 "patches, n each. A condition far above the others of its bin is where that bin's ratio comes "
+                 "from. The real patches carry only the soft labels the data has, so only a condition equal to one "
+                 "of those is compared like with like; one between them is compared with patches of a nearby "
+                 "label, and a higher ratio there is expected.</p>"
+                 + table(["condition", "label bin", "n used", "Fréchet", "yardstick", "ratio"],
+                         [[r["condition"], r["label_bin"], r["n"], r["frechet"], r["yardstick"], r["ratio"]]
+                          for r in by_condition]))
     if memo:
         rows = [[space, r["share"], r["quantile"], r["threshold"], r["generated_median"], r["held_out_median"],
                  r["n_generated"], r["n_train"]] for space, r in metrics["memorisation"].items()]

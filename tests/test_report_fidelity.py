@@ -80,6 +80,29 @@ def test_the_autoencoder_floor_is_the_ratio_of_the_real_patches_own_reconstructi
     assert rows[0]["floor_ratio"] > 3 and rows[1]["floor_ratio"] == pytest.approx(1.0)
 
 
+def test_frechet_per_condition_finds_the_unfaithful_condition_a_bin_pools():
+    # bin 0 holds conditions 0, 0.1 and 0.2; only the frames at 0 are pushed off the real patches (shift 0.8).
+    # Pooled, the bin's ratio hides that; per condition, 0 stands out and 0.1, 0.2 sit at the yardstick
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(400, 6))
+    real_bins = np.zeros(400, int)
+    conditions = np.repeat([0.0, 0.1, 0.2, 0.6], 150)
+    gen = rng.normal(size=(600, 6))
+    gen[conditions == 0.0] += 0.8
+    gen_bins = morphology.label_bins(conditions, [0, 0.25, 0.5, 0.75, 1])
+    rows = fidelity.frechet_per_condition(gen, conditions, gen_bins, real, real_bins, repeats=10)
+    assert [r["condition"] for r in rows] == [0.0, 0.1, 0.2, 0.6]
+    assert [r["bin"] for r in rows] == [0, 0, 0, 2] and [r["n"] for r in rows] == [150, 150, 150, 0]
+    shifted, even, also_even, empty = rows
+    assert shifted["ratio"] > 4 * even["ratio"] and even["ratio"] < 2 and also_even["ratio"] < 2
+    assert empty["ratio"] is None and empty["frechet"] is None  # no real patches in that bin: not invented
+    pooled = fidelity.frechet_per_bin(gen[:450], gen_bins[:450], real, real_bins, n_bins=4, repeats=10)[0]
+    assert even["ratio"] < pooled["ratio"] < shifted["ratio"]
+    # its own random draws: the same rows again, and the per-bin numbers are not moved by it
+    again = fidelity.frechet_per_condition(gen, conditions, gen_bins, real, real_bins, repeats=10)
+    assert [r["ratio"] for r in again] == [r["ratio"] for r in rows]
+
+
 def test_memorisation_flags_copies_not_fresh_samples():
     rng = np.random.default_rng(2)
     train = rng.normal(size=(300, 16))
@@ -161,6 +184,14 @@ def test_report_measures_the_autoencoder_floor_through_the_transitions_pipeline(
         rows = list(csv.DictReader(handle))
     assert float(rows[0]["floor_ratio"]) == pytest.approx(valid[0]["floor_ratio"], rel=1e-4)
     assert "autoencoder floor" in (out / "report.html").read_text()
+    # one row per generated condition, each against its own bin's real patches
+    with open(out / "fidelity-conditions.csv") as handle:
+        by_condition = list(csv.DictReader(handle))
+    conditions = sorted({float(c) for c in source.conditions})
+    assert [float(r["condition"]) for r in by_condition] == pytest.approx(conditions, abs=1e-5)
+    assert [r["condition"] for r in metrics["fidelity"]["by_condition"]] == pytest.approx(conditions, abs=1e-5)
+    # five seeds: each condition alone has fewer frames than a comparison needs, so none is invented
+    assert all(r["n"] == 5 and r["ratio"] is None for r in metrics["fidelity"]["by_condition"])
     # the same frames without a pipeline that is here: no floor, and the page does not claim one
     plain = build_report(ReportConfig(bootstrap=50), [root / "tr"], [], FakeEnsemble(SIZE), "fake-classifier",
                          root / "ds", tmp_path / "plain", log=lambda *_: None)
