@@ -177,6 +177,7 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
     rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"],
                  *([""] if floor else []), ""])
     common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
+    by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
             "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
             "the real patches (equal sample sizes, averaged over repeats). Both shrink as n grows, the yardstick "
@@ -184,14 +185,15 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
             "compares every bin at one n (the smallest bin's), which is the column to read across bins.</p>"
             + ("<p class='note'><b>Autoencoder floor:</b> the same ratio for the held-out patches' own "
                "reconstructions through the pipeline's autoencoder (half A rebuilt, against half B). A latent "
-               "generator that reproduced the real patches' latents exactly would score this; a bin whose ratio "
-               "sits at its floor is limited by the autoencoder, not by the diffusion model or its guidance.</p>"
+               "generator that reproduced the real patches' latents exactly would score this. A bin whose ratio "
+               "sits at its floor may be limited by the autoencoder"
+               + ("; the table of conditions below says whether one of its conditions is far above that floor "
+                  "all the same." if by_condition else ".") + "</p>"
                if floor else "")
             + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio",
                      *(["autoencoder floor"] if floor else []),
                      f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
-    by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
     if by_condition:
         body += ("<h3>Each condition against its bin</h3><p class='note'>A bin's ratio pools the frames of every "
                  "condition in it. Here each condition's frames alone are compared with the same bin's real "
