@@ -8,10 +8,11 @@
 Each setting renders every seed at every condition, scores the frames with the
 classifier ensemble and measures, with the report's own code: the
 label-response error (with its CI) and the generated curve at the real soft
-labels, the median Spearman and flip rate, the Fréchet ratio overall and per
-label bin, and the share of frames outside the real data (pixel distance to the
-nearest training patch beyond 99% of held-out patches'; per condition, and the
-seeds it happens on). Prints one JSON line per setting, then all of them.
+labels, the median Spearman and flip rate, the Fréchet ratio overall, per
+label bin and per condition (each condition's frames alone against its bin's
+real patches), and the share of frames outside the real data (pixel distance to
+the nearest training patch beyond 99% of held-out patches'; per condition, and
+the seeds it happens on). Prints one JSON line per setting, then all of them.
 A setting is `guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M][,below=L]`
 (`guide=weak`: autoguidance with the pipeline's guide/ model; `null=N`: add N x
 (conditional - null-label prediction) inside the interval; `middle=M`: keep M x
@@ -103,9 +104,13 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
     _, curve, error = label_response.measure(conditions, scores, real["soft"], real["scores"],
                                              cfg.label_response_min_count, cfg.bootstrap, cfg.seed)
     edges = np.asarray(cfg.label_bins, float)
-    rows = fidelity.frechet_per_bin(features, morphology.label_bins(np.tile(conditions, s), edges), real["features"],
-                                    morphology.label_bins(real["soft"], edges), len(edges) - 1, cfg.frechet_min_count,
-                                    cfg.frechet_repeats, cfg.seed, reconstructed=real.get("rebuilt"))
+    frame_conditions, real_bins = np.tile(conditions, s), morphology.label_bins(real["soft"], edges)
+    frame_bins = morphology.label_bins(frame_conditions, edges)
+    rows = fidelity.frechet_per_bin(features, frame_bins, real["features"], real_bins, len(edges) - 1,
+                                    cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed,
+                                    reconstructed=real.get("rebuilt"))
+    by_condition = fidelity.frechet_per_condition(features, frame_conditions, frame_bins, real["features"], real_bins,
+                                                  cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
     valid = [r for r in rows if r["frechet"] is not None]
     overall = np.mean([r["frechet"] for r in valid]) / np.mean([r["yardstick"] for r in valid]) if valid else None
     outside = {}
@@ -125,6 +130,7 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
         "frechet_ratio": None if overall is None else round(float(overall), 3),
         "frechet_ratio_by_bin": [None if r["ratio"] is None else round(r["ratio"], 3) for r in rows],
         "frechet_ratio_worst_bin": max((r["ratio"] for r in valid), default=None),
+        "frechet_ratio_by_condition": [None if r["ratio"] is None else round(r["ratio"], 3) for r in by_condition],
         "autoencoder_floor_by_bin": [None if r["floor_ratio"] is None else round(r["floor_ratio"], 3) for r in rows],
         "mean_score_by_condition": np.round(curve["mean"], 3).tolist(),
         "ci_half_width_max": round(float(np.max(curve["hi"] - curve["lo"]) / 2), 3),

@@ -39,10 +39,14 @@ def test_a_frame_from_another_domain_is_counted_at_its_seed_and_condition(study,
     assert result["outside_beyond_all_share"] >= 1 / 30
     assert result["label_response_error"] is not None and result["frechet_ratio"] is not None
     assert all(v is None for v in result["autoencoder_floor_by_bin"])  # no pipeline given: no floor
+    # one ratio per condition; the off-domain frame sits at y = 0.5 and moves that condition's, not y = 0's
+    assert len(result["frechet_ratio_by_condition"]) == len(conditions)
 
     frames[4, 2] = draw_nucleus(0.5, 5014, SIZE)         # the same seed drawn like the others
     clean = study.measure(frames, conditions, seeds, classifier, real, cfg)
     assert clean["outside_beyond_all_share"] < result["outside_beyond_all_share"]
+    assert clean["frechet_ratio_by_condition"][0] == result["frechet_ratio_by_condition"][0]
+    assert clean["frechet_ratio_by_condition"][2] < result["frechet_ratio_by_condition"][2]
 
 
 def test_a_setting_takes_the_null_terms_middle_share(study):
