@@ -131,6 +131,7 @@ def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
         "frechet_ratio_by_bin": [None if r["ratio"] is None else round(r["ratio"], 3) for r in rows],
         "frechet_ratio_worst_bin": max((r["ratio"] for r in valid), default=None),
         "frechet_ratio_by_condition": [None if r["ratio"] is None else round(r["ratio"], 3) for r in by_condition],
+        "frechet_n_by_condition": [r["n"] for r in by_condition],  # the ratio grows with n: compare at equal n
         "autoencoder_floor_by_bin": [None if r["floor_ratio"] is None else round(r["floor_ratio"], 3) for r in rows],
         "mean_score_by_condition": np.round(curve["mean"], 3).tolist(),
         "ci_half_width_max": round(float(np.max(curve["hi"] - curve["lo"]) / 2), 3),
