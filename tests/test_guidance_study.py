@@ -39,13 +39,14 @@ def test_a_frame_from_another_domain_is_counted_at_its_seed_and_condition(study,
     assert result["outside_beyond_all_share"] >= 1 / 30
     assert result["label_response_error"] is not None and result["frechet_ratio"] is not None
     assert all(v is None for v in result["autoencoder_floor_by_bin"])  # no pipeline given: no floor
-    # one ratio per condition; the off-domain frame sits at y = 0.5 and moves that condition's, not y = 0's
+    # one ratio per condition, each with its n
     assert len(result["frechet_ratio_by_condition"]) == len(result["frechet_n_by_condition"]) == len(conditions)
     assert all(n <= len(seeds) for n in result["frechet_n_by_condition"])  # a condition has one frame per seed
 
     frames[4, 2] = draw_nucleus(0.5, 5014, SIZE)         # the same seed drawn like the others
     clean = study.measure(frames, conditions, seeds, classifier, real, cfg)
     assert clean["outside_beyond_all_share"] < result["outside_beyond_all_share"]
+    # the off-domain frame sat at y = 0.5: redrawing it moves that condition's ratio, not y = 0's
     assert clean["frechet_ratio_by_condition"][0] == result["frechet_ratio_by_condition"][0]
     assert clean["frechet_ratio_by_condition"][2] < result["frechet_ratio_by_condition"][2]
 

@@ -98,7 +98,7 @@ def test_frechet_per_condition_finds_the_unfaithful_condition_a_bin_pools():
     assert empty["ratio"] is None and empty["frechet"] is None  # no real patches in that bin: not invented
     pooled = fidelity.frechet_per_bin(gen[:450], gen_bins[:450], real, real_bins, n_bins=4, repeats=10)[0]
     assert even["ratio"] < pooled["ratio"] < shifted["ratio"]
-    # its own random draws: the same rows again, and the per-bin numbers are not moved by it
+    # deterministic: the same rows again from the same inputs
     again = fidelity.frechet_per_condition(gen, conditions, gen_bins, real, real_bins, repeats=10)
     assert [r["ratio"] for r in again] == [r["ratio"] for r in rows]
 
