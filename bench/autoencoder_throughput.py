@@ -2,7 +2,10 @@
 
     python bench/autoencoder_throughput.py [--model runs/demo/autoencoder/model] [--dataset runs/demo/data/cmu]
 
-The peer is diffusers' SD v1 VAE configuration (block_out_channels 128-256-512-512,
+Without flags it times the demo's trained autoencoder on the demo's real CMU
+patches where `make demo` has made them, else a fresh `tiny` preset on random
+pixels (`ours.source` and `images` in the JSON say which). The peer is
+diffusers' SD v1 VAE configuration (block_out_channels 128-256-512-512,
 2 layers per block, 4 latent channels) with random weights: a cost comparison,
 not a quality one. Prints JSON.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,14 +47,27 @@ def patches_per_second(vae: AutoencoderKL, images: torch.Tensor, batch: int, min
             "patches": done, "seconds": round(elapsed, 3), "patches_per_s": round(done / elapsed, 2)}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_default(relative: str, marker: str) -> str | None:
+    """`runs/demo/<relative>` when `make demo` has written it (its `marker` file exists), else None."""
+    path = ROOT / "runs/demo" / relative
+    return str(path) if (path / marker).exists() else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="our trained autoencoder folder (default: a fresh `tiny` preset)")
-    parser.add_argument("--dataset", help="patch dataset to take 64x64 patches from (default: random pixels)")
+    parser.add_argument("--model", help="our trained autoencoder folder (default: the demo's, else a fresh `tiny` "
+                                        "preset)")
+    parser.add_argument("--dataset", help="patch dataset to take 64x64 patches from (default: the demo's CMU "
+                                          "nuclei, else random pixels)")
     parser.add_argument("--n", type=int, default=128, help="patches per pass")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timed seconds per model")
     args = parser.parse_args(argv)
+    args.model = args.model or demo_default("autoencoder/model", "config.json")
+    args.dataset = args.dataset or demo_default("data/cmu", "dataset.json")
     if args.dataset:
         from patches.dataset import PatchDataset
 
@@ -65,6 +82,7 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads(),
         "patch_shape": list(images.shape[1:]),
         "batch": args.batch,
+        "images": args.dataset or "random pixels",
         "ours": {"source": args.model or "tiny preset (random weights)", **patches_per_second(
             ours, images, args.batch, args.seconds)},
         "sd_sized_autoencoderkl": {"source": "diffusers AutoencoderKL, SD v1 config, random weights",
