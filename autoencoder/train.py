@@ -8,6 +8,14 @@ random crops (the model is fully convolutional), with L1 + (1 - SSIM) + KL and
 optionally a patch-GAN and LPIPS. At the end it measures the latent scale
 (1 / std of the training latents), stores it in the model config and writes
 RUN/model/ with `save_pretrained` (the EMA weights when EMA is on).
+
+`model.init_from=DIR` starts from a trained autoencoder; with `model.decoder_only=true`
+its encoder stays frozen, so its latents (and a diffusion model trained on them) stay
+valid while the decoder learns, e.g. on whole patches after crop training:
+
+    accelerate launch -m autoencoder.train --config configs/demo/autoencoder.yaml --set out=runs/ae-finish \
+        --set model.init_from=runs/demo/autoencoder/model --set model.decoder_only=true \
+        --set data.crop=0 --set train.batch_size=4 --set train.lr=2e-4 --set train.max_steps=1500
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"         # tiny (CPU demo) | base (GPU)
     latent_channels: int = 4
+    init_from: str = ""          # a trained autoencoder folder to start from (its own architecture, not the preset)
+    decoder_only: bool = False   # with init_from: the encoder stays frozen, only the decoder learns
 
 
 @dataclass
@@ -189,6 +199,23 @@ def export(run: TrainingRun, cfg: AutoencoderConfig, vae: AutoencoderKL, ema: EM
     run.accelerator.print(f"latent scale 1/std = {scale:.4f}; model written to {run.model_dir}")
 
 
+def starting_model(cfg: ModelConfig) -> AutoencoderKL | None:
+    """The `init_from` autoencoder, its encoder side frozen with `decoder_only`; None for a fresh preset (built
+    after the run has seeded the generators)."""
+    if cfg.decoder_only and not cfg.init_from:
+        raise UserError("model.decoder_only: needs model.init_from, the trained autoencoder whose encoder stays frozen")
+    if not cfg.init_from:
+        return None
+    from diffusion.cache import load_vae
+
+    _, vae = load_vae(cfg.init_from, "model.init_from")
+    vae.train()
+    if cfg.decoder_only:
+        for part in (vae.encoder, vae.quant_conv):
+            part.requires_grad_(False)
+    return vae
+
+
 @user_errors
 def main(argv=None):
     args = train_arg_parser("Train the histology autoencoder (AutoencoderKL) with accelerate.").parse_args(argv)
@@ -199,14 +226,18 @@ def main(argv=None):
     if len(dataset) < cfg.train.batch_size:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")
     lpips = build_lpips(cfg.loss.lpips_net) if cfg.loss.lpips > 0 else None
+    raw = starting_model(cfg.model)  # checked before the run folder exists
     run = TrainingRun(cfg.out, cfg.train, cfg, resume=args.resume, overwrite=args.overwrite)
     acc = run.accelerator
 
-    raw = build_autoencoder(cfg.model.preset, cfg.model.latent_channels)
+    if raw is None:
+        raw = build_autoencoder(cfg.model.preset, cfg.model.latent_channels)
     vae = SampledAutoencoder(raw)
-    acc.print(f"autoencoder preset {cfg.model.preset}: {count_parameters(raw) / 1e6:.2f}M parameters, "
-              f"{cfg.model.latent_channels} latent channels; {len(dataset)} training patches")
-    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+    acc.print(f"autoencoder {('from ' + cfg.model.init_from) if cfg.model.init_from else 'preset ' + cfg.model.preset}: "
+              f"{count_parameters(raw) / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
+              f"trained), {raw.config.latent_channels} latent channels; {len(dataset)} training patches")
+    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                             weight_decay=cfg.train.weight_decay)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
@@ -282,8 +313,9 @@ def main(argv=None):
         final_logs["train_time_s"] = run.elapsed() - eval_seconds
         run.log(step, final_logs)
         acc.print("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in final_logs.items()))
-        export(run, cfg, raw, ema, {"steps": step, "held_out": final_logs,
-                                    "parameters": count_parameters(raw)})
+        export(run, cfg, raw, ema, {"steps": step, "held_out": final_logs, "parameters": count_parameters(raw),
+                                    "init_from": cfg.model.init_from or None,
+                                    "decoder_only": cfg.model.decoder_only})
     run.finish()
     release_processes()
 

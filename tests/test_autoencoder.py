@@ -200,3 +200,41 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(AutoencoderConfig, REPO / "configs" / name / "autoencoder.yaml")
     assert cfg.data.crop % 4 == 0 and cfg.model.preset in PRESETS
+
+
+def test_decoder_only_training_keeps_the_encoder_and_its_latents(tmp_path, tiny_data, trained):
+    """Finishing a trained autoencoder's decoder on whole patches: the encoder (so every latent, and the latent
+    scale) is bit-identical, the decoder has learned, and the export says where it started."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "finish"
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
+                        "--set", f"data.datasets=[{tiny_data[0]},{tiny_data[1]}]", "--set", "train.max_steps=3",
+                        "--set", f"model.init_from={trained}", "--set", "model.decoder_only=true",
+                        *TINY_TRAIN, "--set", "data.crop=0", "--set", "train.checkpoint_every=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained)" in result.stdout and "from " in result.stdout
+    before = load_file(trained / "model" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "model" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert not all(torch.equal(before[k], after[k]) for k in decoder)
+    old, new = (AutoencoderKL.from_pretrained(p / "model").eval() for p in (trained, out))
+    images = PatchDataset(tiny_data[0], split="train").uint8()[:8]
+    assert torch.equal(cli_encode(old, images), cli_encode(new, images))  # the same latents, the same scale
+    assert new.config.scaling_factor == old.config.scaling_factor
+    info = json.loads((out / "model" / "training.json").read_text())
+    assert info["init_from"] == str(trained) and info["decoder_only"] is True
+
+
+def test_decoder_only_needs_a_starting_autoencoder(tmp_path, tiny_data):
+    for extra, field in ((["--set", "model.decoder_only=true"], "model.decoder_only"),
+                         (["--set", f"model.init_from={tmp_path / 'nowhere'}"], "model.init_from")):
+        out = tmp_path / "run"
+        result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
+                            "--set", f"data.datasets=[{tiny_data[0]}]", *extra, *TINY_TRAIN)
+        assert result.returncode == 2 and field in result.stderr and not out.exists(), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
