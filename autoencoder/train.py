@@ -186,17 +186,23 @@ def evaluate(run: TrainingRun, vae, ema, held_out: dict[str, torch.Tensor]) -> d
 
 
 def export(run: TrainingRun, cfg: AutoencoderConfig, vae: AutoencoderKL, ema: EMAModel | None, extra: dict) -> None:
-    """Write RUN/model: the (EMA) weights with the measured latent scale in config.json."""
+    """Write RUN/model: the (EMA) weights with the latent scale in config.json, measured on this run's training
+    patches; a decoder-only run keeps its starting model's scale, since its latents (and any diffusion model
+    trained on them) are unchanged whatever data finished the decoder."""
     final = copy.deepcopy(vae).to("cpu").eval()
     if ema is not None:
         ema.copy_to(final.parameters())
-    scale = latent_scale(final, training_patches(cfg.data, cfg.data.scale_patches))
-    final.register_to_config(scaling_factor=scale)
+    if cfg.model.decoder_only:
+        scale, how = float(final.config.scaling_factor), "kept from model.init_from"
+    else:
+        scale, how = latent_scale(final, training_patches(cfg.data, cfg.data.scale_patches)), "measured"
+        final.register_to_config(scaling_factor=scale)
     with atomic_dir(run.model_dir, overwrite=True) as tmp:
         final.save_pretrained(tmp, safe_serialization=True)
-        write_json(tmp / "training.json", {"latent_scale": scale, "preset": cfg.model.preset,
+        write_json(tmp / "training.json", {"latent_scale": scale,
+                                           "preset": None if cfg.model.init_from else cfg.model.preset,
                                            "datasets": cfg.data.datasets, **extra})
-    run.accelerator.print(f"latent scale 1/std = {scale:.4f}; model written to {run.model_dir}")
+    run.accelerator.print(f"latent scale 1/std = {scale:.4f} ({how}); model written to {run.model_dir}")
 
 
 def starting_model(cfg: ModelConfig) -> AutoencoderKL | None:

@@ -145,6 +145,7 @@ def test_training_exports_model_with_measured_latent_scale(trained, tiny_data):
     assert run["process_ranks"] == [0]
     info = json.loads((model / "training.json").read_text())
     assert info["steps"] == 12 and info["latent_scale"] == pytest.approx(vae.config.scaling_factor)
+    assert info["preset"] == "tiny" and info["init_from"] is None and info["decoder_only"] is False
 
 
 def test_ema_weights_are_exported(tmp_path, tiny_data):
@@ -203,13 +204,14 @@ def test_shipped_configs_load(name):
 
 
 def test_decoder_only_training_keeps_the_encoder_and_its_latents(tmp_path, tiny_data, trained):
-    """Finishing a trained autoencoder's decoder on whole patches: the encoder (so every latent, and the latent
-    scale) is bit-identical, the decoder has learned, and the export says where it started."""
+    """Finishing a trained autoencoder's decoder on whole patches of only one of its two datasets: the encoder (so
+    every latent) is bit-identical, the latent scale is the starting model's rather than one re-measured on the
+    finishing data, the decoder has learned, and the export says where it started."""
     from safetensors.torch import load_file
 
     out = tmp_path / "finish"
     result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
-                        "--set", f"data.datasets=[{tiny_data[0]},{tiny_data[1]}]", "--set", "train.max_steps=3",
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "train.max_steps=3",
                         "--set", f"model.init_from={trained}", "--set", "model.decoder_only=true",
                         *TINY_TRAIN, "--set", "data.crop=0", "--set", "train.checkpoint_every=0")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -226,8 +228,12 @@ def test_decoder_only_training_keeps_the_encoder_and_its_latents(tmp_path, tiny_
     images = PatchDataset(tiny_data[0], split="train").uint8()[:8]
     assert torch.equal(cli_encode(old, images), cli_encode(new, images))  # the same latents, the same scale
     assert new.config.scaling_factor == old.config.scaling_factor
+    # what a re-measurement on the finishing dataset alone would have stored instead
+    remeasured = 1.0 / cli_encode(new, PatchDataset(tiny_data[0], split="train").uint8()).std().item()
+    assert remeasured != pytest.approx(old.config.scaling_factor, rel=1e-4)
     info = json.loads((out / "model" / "training.json").read_text())
-    assert info["init_from"] == str(trained) and info["decoder_only"] is True
+    assert info["init_from"] == str(trained) and info["decoder_only"] is True and info["preset"] is None
+    assert info["latent_scale"] == old.config.scaling_factor and "kept from model.init_from" in result.stdout
 
 
 def test_decoder_only_needs_a_starting_autoencoder(tmp_path, tiny_data):
