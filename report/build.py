@@ -47,6 +47,7 @@ class ReportConfig:
     max_train_features: int = 1000   # of those, how many the classifier embeds (the slow part)
     memorisation_quantile: float = 0.01
     frechet_repeats: int = 5
+    frechet_resamples: int = 100     # half-samples of the seeds behind each bin ratio's interval
     frechet_min_count: int = 8
     noise_top: int = 50              # label-noise finder: how many top disagreements are checked
     label_response_min_count: int = 10  # real patches a soft-label value needs to enter the label-response curve
@@ -312,6 +313,12 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                                   cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
     for row in by_condition:
         row["label_bin"] = bin_names[row["bin"]] if row["bin"] >= 0 else None
+    gen_groups = np.array([i * 1_000_000 + s for i, f in enumerate(gen_folders)
+                           for s in range(f.frames.shape[0]) for _ in f.generated])  # the seed of each row
+    intervals_fd = fidelity.ratio_intervals(gen_feat, gen_bins, gen_groups, real_features, real_bins, fd_rows,
+                                            cfg.frechet_resamples, cfg.frechet_repeats, seed=cfg.seed)
+    for row, interval in zip(fd_rows, intervals_fd["bins"]):
+        row["ratio_ci_low"], row["ratio_ci_high"] = interval if interval else (None, None)
     valid = [r for r in fd_rows if r["frechet"] is not None]
     metrics["fidelity"] = {
         "space": "classifier penultimate features",
@@ -320,6 +327,9 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         "yardstick_mean": float(np.mean([r["yardstick"] for r in valid])) if valid else None,
         "floor_pipeline": floor_pipeline,
         "by_condition": by_condition,
+        "worst_bin_ci": intervals_fd["worst"],
+        "ci_resamples": intervals_fd["n_resamples"],
+        "ci_seeds": intervals_fd["n_groups"],
     }
     fid = metrics["fidelity"]
     fid["ratio"] = fid["frechet_mean"] / fid["yardstick_mean"] if valid and fid["yardstick_mean"] > 0 else None
@@ -389,7 +399,8 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         "frechet_ratio_worst_bin": max(bin_ratios) if bin_ratios else None,
     }
     intervals = {"median_spearman": main.summary["spearman"]["ci"], "flip_rate": main.summary["flip"]["ci"],
-                 "label_response_error": response["ci"]}
+                 "label_response_error": response["ci"],
+                 "frechet_ratio_worst_bin": fid["worst_bin_ci"] or [None, None]}
     metrics["targets"] = {}
     for name, (op, bound) in TARGETS.items():
         v = values[name]

@@ -74,7 +74,9 @@ def main(argv=None):
     for name, t in metrics["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        log(f"  {name:<24} {value:>8}  (target {t['target']}) {verdict}")
+        lo, hi = t.get("ci") or (None, None)
+        interval = f"  95% CI {lo:.3f}-{hi:.3f}" if lo is not None and hi is not None else ""
+        log(f"  {name:<24} {value:>8}  (target {t['target']}) {verdict}{interval}")
     print(f"report: {(args.out / 'report.html').resolve()}")
     return 0
 

@@ -9,6 +9,8 @@
 - `frechet_per_condition`: the same comparison for each condition's frames
   alone, against the real patches of its bin: which condition of a bin is the
   unfaithful one.
+- `ratio_intervals`: how far each bin's ratio, and the worst bin's, would move
+  with another set of seeds (half-samples of the seeds).
 - `memorisation`: the share of generated patches closer to a training patch
   than (almost all) held-out real patches are.
 - `atypical`: the other tail of the same distances, the share of generated
@@ -117,6 +119,59 @@ def frechet_per_condition(generated: np.ndarray, generated_conditions: np.ndarra
             row["frechet"], row["yardstick"], row["ratio"], _ = _compare(gen, ref, n, repeats, rng)
         rows.append(row)
     return rows
+
+
+def ratio_intervals(generated: np.ndarray, generated_bins: np.ndarray, generated_groups: np.ndarray,
+                    real: np.ndarray, real_bins: np.ndarray, rows: list[dict], n_resamples: int = 100,
+                    repeats: int = 5, level: float = 0.95, seed: int = 0, min_groups: int = 4) -> dict:
+    """Intervals over seeds for each bin's ratio (`frechet_per_bin` rows) and for the worst bin's.
+
+    `generated_groups` names the seed (transition) each generated row belongs to: the frames of one seed share
+    its noise, so seeds, not frames, are the units another run would redraw. Each resample keeps a random half of
+    the seeds (without replacement) and measures every bin again as the row was measured: at the row's own n,
+    averaged over `repeats` fresh draws of its frames and of a real half, divided by the row's yardstick. A half
+    of S seeds varies around the whole set about as much as S seeds vary between runs (the finite-population
+    factor 1 - 1/2 cancels the halved size), and without the repeated frames a with-replacement draw would put
+    in one Fréchet fit. A half draws more frames from each seed, though, and the frames of one seed are alike,
+    so its ratios read high where n is a large share of the frames; the interval is therefore the spread of
+    the resamples around their median, placed around the row's own ratio. A bin whose half of the seeds has
+    fewer frames than its n gets none, and then so does the worst bin.
+
+    Returns {"bins": [[low, high] or None per row], "worst": [low, high] or None, "n_resamples", "n_groups"}.
+    """
+    groups = np.unique(generated_groups)
+    valid = [r for r in rows if r["ratio"] is not None]
+    empty = {"bins": [None] * len(rows), "worst": None, "n_resamples": 0, "n_groups": int(len(groups))}
+    if len(groups) < min_groups or not valid or n_resamples < 1:
+        return empty
+    rng = np.random.default_rng(seed + 3)  # a generator of its own: the per-bin numbers do not change
+    half = len(groups) // 2
+    draws = np.full((n_resamples, len(rows)), np.nan)
+    for k in range(n_resamples):
+        kept = np.isin(generated_groups, rng.choice(groups, half, replace=False))
+        for j, row in enumerate(rows):
+            if row["ratio"] is None:
+                continue
+            pool = generated[kept & (generated_bins == row["bin"])]
+            if len(pool) < row["n"]:
+                continue
+            ref, n = real[real_bins == row["bin"]], row["n"]
+            distances = [frechet(pool[rng.permutation(len(pool))[:n]], ref[rng.permutation(len(ref))[:n]])
+                         for _ in range(repeats)]
+            draws[k, j] = float(np.mean(distances)) / row["yardstick"]
+    alpha = (1 - level) / 2
+
+    def interval(values, estimate):
+        low, middle, high = np.quantile(values, [alpha, 0.5, 1 - alpha])
+        return [float(estimate + low - middle), float(estimate + high - middle)]
+
+    bins = [interval(draws[:, j], row["ratio"]) if row["ratio"] is not None and np.isfinite(draws[:, j]).all()
+            else None for j, row in enumerate(rows)]
+    covered = all(bins[j] is not None for j, row in enumerate(rows) if row["ratio"] is not None)
+    columns = [j for j, row in enumerate(rows) if row["ratio"] is not None]
+    worst = (interval(draws[:, columns].max(axis=1), max(rows[j]["ratio"] for j in columns))
+             if covered else None)
+    return {"bins": bins, "worst": worst, "n_resamples": int(n_resamples), "n_groups": int(len(groups))}
 
 
 def _compare(gen: np.ndarray, ref: np.ndarray, n: int, repeats: int, rng, rec: np.ndarray | None = None):

@@ -67,8 +67,8 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
         ["id", "soft_label", "hard_label", "true_degree", "score", *names],
         [[real_ids[i], real_soft[i], real_hard[i], real_degree[i], real_scores[i], *(real_morph[n][i] for n in names)]
          for i in range(len(real_ids))]))
-    fd_columns = ["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio", "floor", "floor_ratio",
-                  "common_n",
+    fd_columns = ["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio", "ratio_ci_low",
+                  "ratio_ci_high", "floor", "floor_ratio", "common_n",
                   "frechet_common_n", "yardstick_common_n", "ratio_common_n"]
     write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r[c] for c in fd_columns] for r in fd_rows]))
     by_condition = metrics["fidelity"].get("by_condition", [])

@@ -173,8 +173,10 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
     fid = metrics["fidelity"]
     floor = fid.get("floor_pipeline") is not None
     rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"],
+             ci_cell({"ci": [r.get("ratio_ci_low"), r.get("ratio_ci_high")]}),
              *([r["floor_ratio"]] if floor else []), r["ratio_common_n"]] for r in fd_rows]
     rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"],
+                 "worst bin " + ci_cell({"ci": fid.get("worst_bin_ci") or [None, None]}),
                  *([""] if floor else []), ""])
     common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
     by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
@@ -182,7 +184,10 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
             "held-out real patches of the same label bin, beside the same distance between two disjoint halves of "
             "the real patches (equal sample sizes, averaged over repeats). Both shrink as n grows, the yardstick "
             "toward 0, so the same gap gives a larger ratio in a bin with more real patches; the last column "
-            "compares every bin at one n (the smallest bin's), which is the column to read across bins.</p>"
+            "compares every bin at one n (the smallest bin's), which is the column to read across bins. The "
+            f"interval is over seeds ({fid.get('ci_resamples', 0)} halves of the {fid.get('ci_seeds', 0)} seeds, "
+            "each measured again): how far the ratio would move with another set of seeds. A bin whose interval "
+            "straddles a target is not settled by this run.</p>"
             + ("<p class='note'><b>Autoencoder floor:</b> the same ratio for the held-out patches' own "
                "reconstructions through the pipeline's autoencoder (half A rebuilt, against half B). A latent "
                "generator that reproduced the real patches' latents exactly would score this. A bin whose ratio "
@@ -191,7 +196,7 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
                   "all the same." if by_condition else ".") + "</p>"
                if floor else "")
             + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio",
-                     *(["autoencoder floor"] if floor else []),
+                     "ratio, 95% over seeds", *(["autoencoder floor"] if floor else []),
                      f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
     if by_condition:

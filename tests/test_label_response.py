@@ -101,6 +101,11 @@ def test_report_carries_the_new_targets_the_curve_and_the_reading_guide(tmp_path
     worst = on_disk["targets"]["frechet_ratio_worst_bin"]
     ratios = [r["ratio"] for r in on_disk["fidelity"]["bins"] if r["ratio"] is not None]
     assert worst["target"] == "<= 2.0" and worst["value"] == pytest.approx(max(ratios))
+    # its interval over seeds: two of the five seeds hold fewer frames than a bin's n, so none is claimed
+    assert worst["ci"] == [None, None] and on_disk["fidelity"]["worst_bin_ci"] is None
+    assert on_disk["fidelity"]["ci_seeds"] == 5 and on_disk["fidelity"]["ci_resamples"] == 100
+    header = (out / "fidelity.csv").read_text().splitlines()[0].split(",")
+    assert header[6:9] == ["ratio", "ratio_ci_low", "ratio_ci_high"]
     response = on_disk["label_response"]
     assert set(response) == {"real", "transitions"}  # real2gen starts from real inputs: not a label response
     assert response["transitions"]["error"]["value"] == metrics["targets"]["label_response_error"]["value"]

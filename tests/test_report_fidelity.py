@@ -103,6 +103,62 @@ def test_frechet_per_condition_finds_the_unfaithful_condition_a_bin_pools():
     assert [r["ratio"] for r in again] == [r["ratio"] for r in rows]
 
 
+def _seeded_frames(rng, n_seeds, per_bin, offset_sd, shared=True, shift=0.3, dims=6):
+    """Frames of n_seeds transitions, per_bin[b] frames of each seed in bin b, each frame offset (sd offset_sd):
+    `shared`, every frame of a seed shares its seed's offset, as the frames of one transition share its noise;
+    otherwise each frame has its own (the same frames' distribution, with no seed to tie them)."""
+    feats, bins, groups = [], [], []
+    for s in range(n_seeds):
+        offset = rng.normal(0, offset_sd, dims)
+        for b, k in enumerate(per_bin):
+            own = offset if shared else rng.normal(0, offset_sd, (k, dims))
+            feats.append(rng.normal(size=(k, dims)) + shift + own)
+            bins += [b] * k
+            groups += [s] * k
+    return np.concatenate(feats), np.array(bins), np.array(groups)
+
+
+def test_ratio_intervals_are_over_seeds_and_widen_when_seeds_disagree():
+    rng = np.random.default_rng(6)
+    real = rng.normal(size=(1140, 6))
+    real_bins = np.repeat([0, 1], [760, 380])
+    widths = []
+    for shared in (False, True):
+        # 16 seeds of 48 + 24 frames: n = 380 and 190, and half the seeds hold 384 and 192 frames
+        gen, gen_bins, groups = _seeded_frames(rng, 16, (48, 24), 0.7, shared)
+        rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2, repeats=5)
+        before = [dict(r) for r in rows]
+        result = fidelity.ratio_intervals(gen, gen_bins, groups, real, real_bins, rows, n_resamples=60)
+        assert rows == before  # the rows are read, not changed
+        assert result["n_groups"] == 16 and result["n_resamples"] == 60
+        for row, (lo, hi) in zip(rows, result["bins"]):
+            assert lo < row["ratio"] < hi, (row["ratio"], lo, hi)
+        worst = max(r["ratio"] for r in rows)
+        assert result["worst"][0] < worst < result["worst"][1]
+        widths.append((result["worst"][1] - result["worst"][0]) / max(r["ratio"] for r in rows))
+        # the same inputs give the same interval
+        assert fidelity.ratio_intervals(gen, gen_bins, groups, real, real_bins, rows, n_resamples=60) == result
+    # the same frames' distribution, but tied into seeds: fewer independent draws, so the ratio depends more on
+    # which seeds were drawn (resampling frames instead of seeds would miss this)
+    assert widths[1] > 1.8 * widths[0], widths
+
+
+def test_ratio_intervals_refuse_what_half_the_seeds_cannot_measure():
+    rng = np.random.default_rng(7)
+    real = rng.normal(size=(600, 6))
+    real_bins = np.repeat([0, 1], [400, 200])
+    # bin 1: 2 frames a seed, 128 in all, so n = 100; half the seeds hold 64 frames, fewer than n
+    gen, gen_bins, groups = _seeded_frames(rng, 64, (8, 2), 0.0)
+    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2)
+    result = fidelity.ratio_intervals(gen, gen_bins, groups, real, real_bins, rows, n_resamples=10)
+    assert result["bins"][0] is not None and result["bins"][1] is None and result["worst"] is None
+    # three seeds are too few to halve
+    few = groups < 3
+    rows = fidelity.frechet_per_bin(gen[few], gen_bins[few], real, real_bins, n_bins=2)
+    result = fidelity.ratio_intervals(gen[few], gen_bins[few], groups[few], real, real_bins, rows, n_resamples=10)
+    assert result == {"bins": [None, None], "worst": None, "n_resamples": 0, "n_groups": 3}
+
+
 def test_memorisation_flags_copies_not_fresh_samples():
     rng = np.random.default_rng(2)
     train = rng.normal(size=(300, 16))
