@@ -116,13 +116,19 @@ def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
     fd = [r["frechet"] if r["frechet"] is not None else np.nan for r in rows]
     yard = [r["yardstick"] if r["yardstick"] is not None else np.nan for r in rows]
     floor = [r.get("floor") if r.get("floor") is not None else np.nan for r in rows]
-    bars = [(fd, GENERATED[0], "generated vs held-out real")]
+    # the ratio's interval over seeds, as a distance: the yardstick is the same in every resample
+    low = [r["ratio_ci_low"] * r["yardstick"] if r.get("ratio_ci_low") is not None else np.nan for r in rows]
+    high = [r["ratio_ci_high"] * r["yardstick"] if r.get("ratio_ci_high") is not None else np.nan for r in rows]
+    errors = np.abs(np.array([np.subtract(fd, low), np.subtract(high, fd)]))  # NaN: no bar drawn
+    label = "generated vs held-out real" + (" (95% over seeds)" if np.isfinite(errors).any() else "")
+    bars = [(fd, GENERATED[0], label, errors if np.isfinite(errors).any() else None)]
     if np.isfinite(floor).any():
-        bars.append((floor, "0.55", "real reconstructed by the autoencoder (floor)"))
-    bars.append((yard, REAL, "real half vs real half (yardstick)"))
+        bars.append((floor, "0.55", "real reconstructed by the autoencoder (floor)", None))
+    bars.append((yard, REAL, "real half vs real half (yardstick)", None))
     width = 0.8 / len(bars)
-    for i, (values, colour, label) in enumerate(bars):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=colour, label=label)
+    for i, (values, colour, label, err) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=colour, label=label, yerr=err,
+               error_kw={"elinewidth": 1, "capsize": 3, "ecolor": "k"})
     ax.set_xticks(x, bin_names, fontsize=8)
     ax.set(xlabel="label bin", ylabel="Fréchet distance (classifier features)")
     # above the axes: inside, it would cover whichever bin's bars are tallest
