@@ -313,8 +313,8 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                                   cfg.frechet_min_count, cfg.frechet_repeats, cfg.seed)
     for row in by_condition:
         row["label_bin"] = bin_names[row["bin"]] if row["bin"] >= 0 else None
-    gen_groups = np.array([i * 1_000_000 + s for i, f in enumerate(gen_folders)
-                           for s in range(f.frames.shape[0]) for _ in f.generated])  # the seed of each row
+    seed_index: dict = {}  # (folder, seed row) -> one number per transition, for every generated row
+    gen_groups = np.array([seed_index.setdefault((f.key, s), len(seed_index)) for f, s, _ in gen_origin])
     intervals_fd = fidelity.ratio_intervals(gen_feat, gen_bins, gen_groups, real_features, real_bins, fd_rows,
                                             cfg.frechet_resamples, cfg.frechet_repeats, seed=cfg.seed)
     for row, interval in zip(fd_rows, intervals_fd["bins"]):

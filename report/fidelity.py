@@ -140,37 +140,34 @@ def ratio_intervals(generated: np.ndarray, generated_bins: np.ndarray, generated
     Returns {"bins": [[low, high] or None per row], "worst": [low, high] or None, "n_resamples", "n_groups"}.
     """
     groups = np.unique(generated_groups)
-    valid = [r for r in rows if r["ratio"] is not None]
-    empty = {"bins": [None] * len(rows), "worst": None, "n_resamples": 0, "n_groups": int(len(groups))}
-    if len(groups) < min_groups or not valid or n_resamples < 1:
-        return empty
+    columns = [j for j, row in enumerate(rows) if row["ratio"] is not None]
+    if len(groups) < min_groups or not columns or n_resamples < 1:
+        return {"bins": [None] * len(rows), "worst": None, "n_resamples": 0, "n_groups": int(len(groups))}
+    # per measured bin, once: its generated rows and its real patches
+    in_bin = {j: generated_bins == rows[j]["bin"] for j in columns}
+    refs = {j: real[real_bins == rows[j]["bin"]] for j in columns}
     rng = np.random.default_rng(seed + 3)  # a generator of its own: the per-bin numbers do not change
     half = len(groups) // 2
     draws = np.full((n_resamples, len(rows)), np.nan)
     for k in range(n_resamples):
         kept = np.isin(generated_groups, rng.choice(groups, half, replace=False))
-        for j, row in enumerate(rows):
-            if row["ratio"] is None:
+        for j in columns:
+            pool, ref, n = generated[kept & in_bin[j]], refs[j], rows[j]["n"]
+            if len(pool) < n:
                 continue
-            pool = generated[kept & (generated_bins == row["bin"])]
-            if len(pool) < row["n"]:
-                continue
-            ref, n = real[real_bins == row["bin"]], row["n"]
             distances = [frechet(pool[rng.permutation(len(pool))[:n]], ref[rng.permutation(len(ref))[:n]])
                          for _ in range(repeats)]
-            draws[k, j] = float(np.mean(distances)) / row["yardstick"]
+            draws[k, j] = float(np.mean(distances)) / rows[j]["yardstick"]
     alpha = (1 - level) / 2
 
     def interval(values, estimate):
         low, middle, high = np.quantile(values, [alpha, 0.5, 1 - alpha])
         return [float(estimate + low - middle), float(estimate + high - middle)]
 
-    bins = [interval(draws[:, j], row["ratio"]) if row["ratio"] is not None and np.isfinite(draws[:, j]).all()
-            else None for j, row in enumerate(rows)]
-    covered = all(bins[j] is not None for j, row in enumerate(rows) if row["ratio"] is not None)
-    columns = [j for j, row in enumerate(rows) if row["ratio"] is not None]
-    worst = (interval(draws[:, columns].max(axis=1), max(rows[j]["ratio"] for j in columns))
-             if covered else None)
+    bins = [interval(draws[:, j], rows[j]["ratio"]) if j in columns and np.isfinite(draws[:, j]).all() else None
+            for j in range(len(rows))]
+    covered = all(bins[j] is not None for j in columns)
+    worst = interval(draws[:, columns].max(axis=1), max(rows[j]["ratio"] for j in columns)) if covered else None
     return {"bins": bins, "worst": worst, "n_resamples": int(n_resamples), "n_groups": int(len(groups))}
 
 

@@ -120,8 +120,9 @@ def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
     low = [r["ratio_ci_low"] * r["yardstick"] if r.get("ratio_ci_low") is not None else np.nan for r in rows]
     high = [r["ratio_ci_high"] * r["yardstick"] if r.get("ratio_ci_high") is not None else np.nan for r in rows]
     errors = np.abs(np.array([np.subtract(fd, low), np.subtract(high, fd)]))  # NaN: no bar drawn
-    label = "generated vs held-out real" + (" (95% over seeds)" if np.isfinite(errors).any() else "")
-    bars = [(fd, GENERATED[0], label, errors if np.isfinite(errors).any() else None)]
+    shown = np.isfinite(errors).any()
+    bars = [(fd, GENERATED[0], "generated vs held-out real" + (" (95% over seeds)" if shown else ""),
+             errors if shown else None)]
     if np.isfinite(floor).any():
         bars.append((floor, "0.55", "real reconstructed by the autoencoder (floor)", None))
     bars.append((yard, REAL, "real half vs real half (yardstick)", None))
