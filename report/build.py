@@ -51,6 +51,8 @@ class ReportConfig:
     frechet_min_count: int = 8
     noise_top: int = 50              # label-noise finder: how many top disagreements are checked
     label_response_min_count: int = 10  # real patches a soft-label value needs to enter the label-response curve
+    calibrated_reference: bool = True  # each bin's ratio for training patches drawn as a gradual, calibrated
+                                       # transition would render them (fidelity.calibrated_draws)
     batch_size: int = 128            # classifier batch
     seed: int = 0
 
@@ -239,7 +241,9 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
     real_features = batched(classifier.features, real_images, cfg.batch_size)
     real_morph = morphology.measure_batch(real_images)
     train_ds = PatchDataset(dataset_root, split="train")
-    train_images = train_ds.uint8(subset(len(train_ds), cfg.max_train, rng)) if len(train_ds) else None
+    train_pick = subset(len(train_ds), cfg.max_train, rng) if len(train_ds) else None
+    train_images = None if train_pick is None else train_ds.uint8(train_pick)
+    train_soft = None if train_pick is None else np.asarray(train_ds.soft_labels, dtype=float)[train_pick]
     log(f"real patches: {len(real_images)} held-out ({real_split} split), "
         f"{0 if train_images is None else len(train_images)} training")
 
@@ -319,6 +323,13 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
                                             cfg.frechet_resamples, cfg.frechet_repeats, seed=cfg.seed)
     for row, interval in zip(fd_rows, intervals_fd["bins"]):
         row["ratio_ci_low"], row["ratio_ci_high"] = interval if interval else (None, None)
+    reference = None
+    if cfg.calibrated_reference and train_images is not None:
+        reference = calibrated_reference(train_images, train_soft, gen_cond, gen_bins, real_features, real_bins,
+                                         n_bins, classifier, cfg, log)
+    for i, row in enumerate(fd_rows):
+        ref = reference["rows"][i] if reference else {}
+        row["reference_frechet"], row["reference_ratio"] = ref.get("frechet"), ref.get("ratio")
     valid = [r for r in fd_rows if r["frechet"] is not None]
     metrics["fidelity"] = {
         "space": "classifier penultimate features",
@@ -330,6 +341,7 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
         "worst_bin_ci": intervals_fd["worst"],
         "ci_resamples": intervals_fd["n_resamples"],
         "ci_seeds": intervals_fd["n_groups"],
+        "reference": None if reference is None else {k: v for k, v in reference.items() if k != "rows"},
     }
     fid = metrics["fidelity"]
     fid["ratio"] = fid["frechet_mean"] / fid["yardstick_mean"] if valid and fid["yardstick_mean"] > 0 else None
@@ -423,6 +435,33 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
     for f in folders:
         write_folder_metrics(f, out, overwrite)
     return metrics
+
+
+def calibrated_reference(images, soft, gen_cond, gen_bins, real_features, real_bins, n_bins, classifier, cfg,
+                         log) -> dict | None:
+    """Each label bin's Fréchet ratio for training patches standing in for the generated frames, one per frame,
+    drawn as a gradual, calibrated generator would render its condition (`fidelity.calibrated_draws`), against the
+    same held-out halves as the frames. The soft labels with at least `label_response_min_count` training patches
+    are the ones drawn from. None (and a log line) when fewer than two labels qualify."""
+    soft = np.round(np.asarray(soft, dtype=float), 6)
+    values, counts = np.unique(soft[np.isfinite(soft)], return_counts=True)
+    labels = values[counts >= cfg.label_response_min_count]
+    if len(labels) < 2:
+        log(f"calibrated reference: skipped (fewer than two soft labels with {cfg.label_response_min_count} "
+            "training patches)")
+        return None
+    picks, repeats = fidelity.calibrated_draws(gen_cond, soft, labels, np.random.default_rng([cfg.seed, 1]))
+    unique, inverse = np.unique(picks, return_inverse=True)
+    features = batched(classifier.features, images[unique], cfg.batch_size)[inverse]
+    rows = fidelity.frechet_per_bin(features, gen_bins, real_features, real_bins, n_bins, cfg.frechet_min_count,
+                                    cfg.frechet_repeats, cfg.seed)
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    log(f"calibrated reference: {len(picks)} training patches ({len(unique)} distinct, labels "
+        f"{', '.join(f'{v:.3g}' for v in labels)}); ratio per bin "
+        + ", ".join("n/a" if r["ratio"] is None else f"{r['ratio']:.2f}" for r in rows))
+    return {"pool": "training split", "labels": labels.tolist(), "n_draws": int(len(picks)),
+            "n_patches": int(len(unique)), "repeats": repeats, "worst_bin": max(ratios) if ratios else None,
+            "rows": rows}
 
 
 def atypical_frames(memo: dict, origin: list, quantile: float) -> dict:

@@ -77,6 +77,12 @@ def main(argv=None):
         lo, hi = t.get("ci") or (None, None)
         interval = f"  95% CI {lo:.3f}-{hi:.3f}" if lo is not None and hi is not None else ""
         log(f"  {name:<24} {value:>8}  (target {t['target']}) {verdict}{interval}")
+    reference = metrics["fidelity"].get("reference")
+    if reference and reference["worst_bin"] is not None:
+        bins = ", ".join("n/a" if r["reference_ratio"] is None else f"{r['reference_ratio']:.2f}"
+                         for r in metrics["fidelity"]["bins"])
+        log(f"  calibrated real reference: worst bin {reference['worst_bin']:.3f} (bins {bins}): what training "
+            "patches drawn as a gradual, calibrated transition score")
     print(f"report: {(args.out / 'report.html').resolve()}")
     return 0
 

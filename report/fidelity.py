@@ -11,6 +11,12 @@
   unfaithful one.
 - `ratio_intervals`: how far each bin's ratio, and the worst bin's, would move
   with another set of seeds (half-samples of the seeds).
+- `mixture_weights`, `calibrated_draws`: the calibrated real reference. Real
+  patches drawn for each generated frame as a gradual, calibrated generator
+  would render it: between two adjacent real soft labels a < y < b, label b
+  with probability (y - a) / (b - a). Its mean score follows the real
+  label-response curve by linear interpolation, so its per-bin Fréchet ratio
+  is what a faithful gradual transition made of real patches scores.
 - `memorisation`: the share of generated patches closer to a training patch
   than (almost all) held-out real patches are.
 - `atypical`: the other tail of the same distances, the share of generated
@@ -94,6 +100,42 @@ def frechet_per_bin(generated: np.ndarray, generated_bins: np.ndarray, real: np.
             row["frechet_common_n"], row["yardstick_common_n"], row["ratio_common_n"], _ = \
                 _compare(gen, ref, common, repeats, rng)
     return rows
+
+
+def mixture_weights(y: float, labels: np.ndarray) -> np.ndarray:
+    """Probability of each real soft label (`labels`, ascending) for a frame at condition `y`: all on a label
+    that `y` equals (or on the end label beyond the range), else split linearly between the two labels around
+    `y`, so that any quantity's mean over the draws is the real one interpolated linearly at `y`."""
+    labels = np.asarray(labels, dtype=float)
+    weights = np.zeros(len(labels))
+    b = int(np.searchsorted(labels, y, side="left"))
+    if b < len(labels) and np.isclose(labels[b], y):
+        weights[b] = 1.0
+    elif b == 0 or b == len(labels):
+        weights[min(b, len(labels) - 1)] = 1.0
+    else:
+        t = (y - labels[b - 1]) / (labels[b] - labels[b - 1])
+        weights[b - 1], weights[b] = 1.0 - t, t
+    return weights
+
+
+def calibrated_draws(conditions: np.ndarray, pool_labels: np.ndarray, labels: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """For each generated row's condition, the index of a pool patch whose soft label (`pool_labels`) is drawn by
+    `mixture_weights` over `labels`. Within a label, patches are drawn without replacement until they run out,
+    then again in the same order. -> (indices, repeats: the draws past a label's last unused patch)."""
+    labels = np.asarray(labels, dtype=float)
+    members = [rng.permutation(np.flatnonzero(np.isclose(pool_labels, v))) for v in labels]
+    if any(len(m) == 0 for m in members):
+        raise ValueError("every label needs at least one pool patch")
+    used = np.zeros(len(labels), dtype=int)
+    picks = np.empty(len(conditions), dtype=int)
+    for i, y in enumerate(np.asarray(conditions, dtype=float)):
+        k = rng.choice(len(labels), p=mixture_weights(y, labels))
+        picks[i] = members[k][used[k] % len(members[k])]
+        used[k] += 1
+    repeats = int(sum(max(0, u - len(m)) for u, m in zip(used, members)))
+    return picks, repeats
 
 
 def frechet_per_condition(generated: np.ndarray, generated_conditions: np.ndarray, generated_bins: np.ndarray,

@@ -69,7 +69,7 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
          for i in range(len(real_ids))]))
     fd_columns = ["label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio", "ratio_ci_low",
                   "ratio_ci_high", "floor", "floor_ratio", "common_n",
-                  "frechet_common_n", "yardstick_common_n", "ratio_common_n"]
+                  "frechet_common_n", "yardstick_common_n", "ratio_common_n", "reference_frechet", "reference_ratio"]
     write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r[c] for c in fd_columns] for r in fd_rows]))
     by_condition = metrics["fidelity"].get("by_condition", [])
     cond_columns = ["condition", "label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio"]

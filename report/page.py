@@ -107,7 +107,9 @@ def label_response_section(tmp: Path, metrics: dict) -> str:
             + "<p class='note'><b>What to look for:</b> the three views should tell one story. A generator that "
               "renders the uncertain middle faithfully follows the grey curve here (no jump between neighbouring "
               "conditions that real patches do not show), keeps the Fréchet ratio near 1 in <i>every</i> label bin "
-              "(a high ratio in one bin says which labels it renders unlike real patches), and moves each "
+              "(a high ratio in one bin says which labels it renders unlike real patches; in a bin that also holds "
+              "conditions between the real labels, read it against the bin's calibrated real reference, which "
+              "is what real patches drawn as a gradual transition score there), and moves each "
               "morphology feature across the conditions the way real patches move across soft labels. A curve that "
               "switches abruptly, a bin far above its yardstick, or a feature that jumps where real patches change "
               "gradually all point to the same fault: the condition is being sharpened toward one mode. A dip "
@@ -172,12 +174,16 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
     # fidelity and memorisation
     fid = metrics["fidelity"]
     floor = fid.get("floor_pipeline") is not None
+    reference = fid.get("reference")
     rows = [[r["label_bin"], r["n_generated"], r["n_real"], r["n"], r["frechet"], r["yardstick"], r["ratio"],
              ci_cell({"ci": [r.get("ratio_ci_low"), r.get("ratio_ci_high")]}),
-             *([r["floor_ratio"]] if floor else []), r["ratio_common_n"]] for r in fd_rows]
+             *([r["floor_ratio"]] if floor else []), *([r.get("reference_ratio")] if reference else []),
+             r["ratio_common_n"]] for r in fd_rows]
     rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"],
                  "worst bin " + ci_cell({"ci": fid.get("worst_bin_ci") or [None, None]}),
-                 *([""] if floor else []), ""])
+                 *([""] if floor else []), *([f"worst bin {reference['worst_bin']:.3g}"
+                                              if reference and reference["worst_bin"] is not None else ""]
+                                             if reference else []), ""])
     common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
     by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
@@ -195,8 +201,22 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
                + ("; the table of conditions below says whether one of its conditions is far above that floor "
                   "all the same." if by_condition else ".") + "</p>"
                if floor else "")
+            + (f"<p class='note'><b>Calibrated real reference:</b> the same ratio for {reference['n_draws']} "
+               f"training patches standing in for the frames, one per frame, each drawn as a gradual, calibrated "
+               f"transition would render its condition: at a condition between two real soft labels a and b, a "
+               f"patch of label b with probability (y − a) / (b − a), else of label a (labels "
+               f"{', '.join(f'{v:.3g}' for v in reference['labels'])}). Its mean score follows the real "
+               "label-response curve, so it is what the real data itself scores as a gradual transition. A bin "
+               "holding conditions between the real labels compares them with patches of the bin's own labels, "
+               "so its reference sits above 1; a generator well under its reference there is rendering those "
+               "conditions as the bin's labels (a step at the bin edge), not as in-between figures. The "
+               "classifier was trained on these patches and separates their labels more than it does held-out "
+               "ones, so in a bin of in-between conditions read the reference as an upper estimate "
+               "(<code>bench/oracle_bins.py --pool unseen</code> draws patches it never saw).</p>"
+               if reference else "")
             + table(["label bin", "generated", "real", "n used", "Fréchet", "yardstick", "ratio",
                      "ratio, 95% over seeds", *(["autoencoder floor"] if floor else []),
+                     *(["calibrated real reference"] if reference else []),
                      f"ratio at n = {common}" if common else "ratio at common n"], rows)
             + img(file_data_uri(tmp / "fidelity.png"), "Fréchet distance per label bin", "plot"))
     if by_condition:

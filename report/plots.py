@@ -109,7 +109,8 @@ def morphology(path: Path, generated: dict, real: dict | None) -> None:
 
 
 def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
-    """Fréchet distance per label bin: generated vs real beside real vs real, and the autoencoder floor if known."""
+    """Fréchet distance per label bin: generated vs real beside real vs real, and the autoencoder floor and the
+    calibrated real reference if known."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     x = np.arange(len(rows))
@@ -125,6 +126,9 @@ def fidelity(path: Path, rows: list[dict], bin_names: list[str]) -> None:
              errors if shown else None)]
     if np.isfinite(floor).any():
         bars.append((floor, "0.55", "real reconstructed by the autoencoder (floor)", None))
+    reference = [r.get("reference_frechet") if r.get("reference_frechet") is not None else np.nan for r in rows]
+    if np.isfinite(reference).any():
+        bars.append((reference, "0.8", "real patches drawn as a calibrated transition (reference)", None))
     bars.append((yard, REAL, "real half vs real half (yardstick)", None))
     width = 0.8 / len(bars)
     for i, (values, colour, label, err) in enumerate(bars):

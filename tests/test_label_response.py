@@ -106,6 +106,12 @@ def test_report_carries_the_new_targets_the_curve_and_the_reading_guide(tmp_path
     assert on_disk["fidelity"]["ci_seeds"] == 5 and on_disk["fidelity"]["ci_resamples"] == 100
     header = (out / "fidelity.csv").read_text().splitlines()[0].split(",")
     assert header[6:9] == ["ratio", "ratio_ci_low", "ratio_ci_high"]
+    assert header[-2:] == ["reference_frechet", "reference_ratio"]
+    reference = on_disk["fidelity"]["reference"]
+    assert reference["pool"] == "training split" and len(reference["labels"]) >= 2
+    assert reference["n_draws"] == sum(r["n_generated"] for r in on_disk["fidelity"]["bins"])
+    ratios = [r["reference_ratio"] for r in on_disk["fidelity"]["bins"] if r["reference_ratio"] is not None]
+    assert ratios and reference["worst_bin"] == pytest.approx(max(ratios))
     response = on_disk["label_response"]
     assert set(response) == {"real", "transitions"}  # real2gen starts from real inputs: not a label response
     assert response["transitions"]["error"]["value"] == metrics["targets"]["label_response_error"]["value"]
@@ -113,4 +119,5 @@ def test_report_carries_the_new_targets_the_curve_and_the_reading_guide(tmp_path
     assert (out / "label_response.png").is_file() and (out / "label_response.csv").is_file()
     html = (out / "report.html").read_text()
     assert "Label response: generated vs real" in html and "What to look for" in html
+    assert "Calibrated real reference" in html and "calibrated real reference" in html
     assert "label response error" in html and "frechet ratio worst bin" in html

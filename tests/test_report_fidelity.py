@@ -159,6 +159,55 @@ def test_ratio_intervals_refuse_what_half_the_seeds_cannot_measure():
     assert result == {"bins": [None, None], "worst": None, "n_resamples": 0, "n_groups": 3}
 
 
+def test_mixture_weights_split_a_condition_between_the_real_labels_around_it():
+    labels = np.array([0.0, 1 / 3, 2 / 3, 1.0])
+    assert fidelity.mixture_weights(0.0, labels).tolist() == [1, 0, 0, 0]
+    assert fidelity.mixture_weights(1 / 3, labels).tolist() == [0, 1, 0, 0]
+    assert fidelity.mixture_weights(0.2, labels) == pytest.approx([0.4, 0.6, 0, 0])
+    assert fidelity.mixture_weights(0.9, labels) == pytest.approx([0, 0, 0.3, 0.7])
+    assert fidelity.mixture_weights(1.2, np.array([0.0, 0.5])).tolist() == [0, 1]  # beyond the range: the end
+    assert fidelity.mixture_weights(-0.1, np.array([0.1, 0.5])).tolist() == [1, 0]
+
+
+def test_calibrated_draws_follow_the_real_curve_and_use_each_patch_before_repeating():
+    labels = np.array([0.0, 1 / 3, 2 / 3, 1.0])
+    pool = np.repeat(labels, [400, 30, 400, 400])
+    score = np.repeat([0.07, 0.24, 0.70, 0.90], [400, 30, 400, 400])  # the real curve, one value per label
+    conditions = np.repeat(np.linspace(0, 1, 11), 1000)
+    picks, repeats = fidelity.calibrated_draws(conditions, pool, labels, np.random.default_rng(0))
+    means = score[picks].reshape(11, 1000).mean(1)  # binomial sd at y = 0.5: 0.46 x 0.016 = 0.007
+    assert means == pytest.approx(np.interp(np.linspace(0, 1, 11), labels, [0.07, 0.24, 0.70, 0.90]), abs=0.03)
+    # label 1/3 has 30 patches: every one is drawn before any twice, and the rest are counted as repeats
+    third = picks[pool[picks] == labels[1]]
+    assert len(set(third[:30].tolist())) == 30 and len(third) > 30
+    drawn = np.array([(pool[picks] == v).sum() for v in labels])
+    assert repeats == np.maximum(drawn - np.array([400, 30, 400, 400]), 0).sum()
+    with pytest.raises(ValueError):
+        fidelity.calibrated_draws(conditions, pool[pool > 0], labels, np.random.default_rng(0))
+
+
+def test_a_calibrated_reference_is_far_from_one_only_in_a_bin_with_in_between_conditions():
+    # real features: one cluster per soft label along one axis; bin 0 holds label 0 and conditions 0, 0.1, 0.2
+    rng = np.random.default_rng(3)
+    labels = np.array([0.0, 1 / 3, 2 / 3, 1.0])
+    centre = {0.0: 0.0, 1 / 3: 2.0, 2 / 3: 4.0, 1.0: 6.0}
+    def patches(label, n):
+        x = rng.normal(size=(n, 3))
+        x[:, 0] += centre[label]
+        return x
+    real_soft = np.repeat(labels, 200)
+    real = np.concatenate([patches(v, 200) for v in labels])
+    pool_soft = np.repeat(labels, 600)
+    pool = np.concatenate([patches(v, 600) for v in labels])
+    conditions = np.repeat([0.0, 0.1, 0.2, 1.0], 90)
+    edges = [0, 0.25, 0.5, 0.75, 1]
+    picks, _ = fidelity.calibrated_draws(conditions, pool_soft, labels, np.random.default_rng(4))
+    rows = fidelity.frechet_per_bin(pool[picks], morphology.label_bins(conditions, edges), real,
+                                    morphology.label_bins(real_soft, edges), n_bins=4)
+    assert rows[3]["ratio"] < 2  # condition 1 alone: label-1 patches against label-1 patches
+    assert rows[0]["ratio"] > 5  # 0.1 and 0.2 draw label-1/3 patches, 2 units away from the label-0 ones
+
+
 def test_memorisation_flags_copies_not_fresh_samples():
     rng = np.random.default_rng(2)
     train = rng.normal(size=(300, 16))
