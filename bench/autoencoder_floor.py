@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report.build import round_trip  # noqa: E402  (module level, so a test can swap in a perfect round trip)
+from report.against_real import round_trip  # noqa: E402  (module level, so a test can swap in a perfect round trip)
 
 
 def held_out(dataset, classifier, cfg) -> dict:

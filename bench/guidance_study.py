@@ -78,7 +78,8 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
     (report.build's own helpers), the training patches those distances are to, and (given the pipeline) the
     features of the patches' reconstructions through its autoencoder, for each bin's floor."""
     from patches.dataset import PatchDataset
-    from report.build import batched, ensemble_scores, held_out_images, reconstructed_features, subset
+    from report.against_real import reconstructed_features
+    from report.build import batched, ensemble_scores, held_out_images, subset
     from report.fidelity import nearest_distances, pixel_rows
 
     ds, split, pick, images = held_out_images(dataset, cfg, rng)

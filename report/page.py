@@ -181,9 +181,9 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
              r["ratio_common_n"]] for r in fd_rows]
     rows.append(["mean over bins", "", "", "", fid["frechet_mean"], fid["yardstick_mean"], fid["ratio"],
                  "worst bin " + ci_cell({"ci": fid.get("worst_bin_ci") or [None, None]}),
-                 *([""] if floor else []), *([f"worst bin {reference['worst_bin']:.3g}"
-                                              if reference and reference["worst_bin"] is not None else ""]
-                                             if reference else []), ""])
+                 *([""] if floor else []),
+                 *([f"worst bin {reference['worst_bin']:.3g}" if reference["worst_bin"] is not None else ""]
+                   if reference else []), ""])
     common = next((r["common_n"] for r in fd_rows if r["common_n"]), None)  # one n shared by every bin
     by_condition = [r for r in fid.get("by_condition", []) if r["ratio"] is not None]
     body = ("<p class='note'>Fréchet distance in the classifier's feature space between generated frames and "
