@@ -140,7 +140,8 @@ def test_training_keeps_a_snapshot_as_the_guide(tmp_path):
     frames = pipe.transitions([0], [0.0, 1.0], steps=2, sampler="ddim")
     assert frames.shape == (1, 2, 64, 64, 3)
     # the last preview is sampled as the exported pipeline samples by default: the weak guide, the null term
-    from diffusion.train import DiffusionTrainConfig, PreviewConfig, preview_conditions, preview_sheet
+    from diffusion.export import preview_conditions, preview_sheet
+    from diffusion.train import DiffusionTrainConfig, PreviewConfig
     from PIL import Image
 
     conditions = preview_conditions(DiffusionTrainConfig(preview=PreviewConfig(conditions=3)))
