@@ -89,7 +89,7 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
     train = pixel_rows(train_ds.uint8(subset(len(train_ds), cfg.max_train, rng))) if len(train_ds) else None
     distances = None if train is None else nearest_distances(pixel_rows(images), train)
     rebuilt = None if pipe is None else reconstructed_features(pipe, images, classifier, cfg.batch_size)
-    return {"split": split, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
+    return {"split": split, "pick": pick, "soft": ds.soft_labels[pick], "scores": scores, "features": features,
             "train_pixels": train, "distances": distances, "rebuilt": rebuilt}
 
 

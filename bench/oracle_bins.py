@@ -79,6 +79,24 @@ def oracle_frames(pool: dict, labels: np.ndarray, edges: np.ndarray, conditions,
     return frames, repeats
 
 
+def pool_patches(dataset, pool: str, real: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, soft labels rounded to 3 places) of `pool`: the training split, or every validation and
+    held-out patch except the report's own pick (`real`, from guidance_study.held_out)."""
+    from patches.dataset import PatchDataset
+
+    parts = [(PatchDataset(dataset, split="train"), np.array([], dtype=int))] if pool == "train" else []
+    if pool == "unseen":
+        parts.append((PatchDataset(dataset, split=real["split"]), real["pick"]))
+        if real["split"] == "test":
+            parts.append((PatchDataset(dataset, split="val"), np.array([], dtype=int)))
+    images, soft = [], []
+    for ds, skip in parts:
+        keep_rows = np.setdiff1d(np.arange(len(ds)), skip)
+        images.append(ds.uint8(keep_rows))
+        soft.append(np.asarray(ds.soft_labels, dtype=float)[keep_rows])
+    return np.concatenate(images), np.round(np.concatenate(soft), 3)
+
+
 def main(argv=None):
     import torch
 
@@ -87,8 +105,7 @@ def main(argv=None):
     from guidance_study import held_out, measure
     from mitosis_ldm.config import load_config
     from mitosis_ldm.io import write_json
-    from patches.dataset import PatchDataset
-    from report.build import ReportConfig, held_out_images
+    from report.build import ReportConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classifier", required=True)
@@ -110,19 +127,7 @@ def main(argv=None):
     real = held_out(args.dataset, classifier, cfg, np.random.default_rng(cfg.seed))
     if real["split"] not in ("test", "val"):
         raise SystemExit(f"{args.dataset}: no test or val split, so no patch is apart from the report's comparison")
-    parts = [PatchDataset(args.dataset, split="train")] if args.pool == "train" else []
-    if args.pool == "unseen":
-        _, _, pick, _ = held_out_images(args.dataset, cfg, np.random.default_rng(cfg.seed))  # the report's pick
-        parts.append((PatchDataset(args.dataset, split=real["split"]), pick))
-        if real["split"] == "test":
-            parts.append(PatchDataset(args.dataset, split="val"))
-    images, soft = [], []
-    for part in parts:
-        ds, skip = part if isinstance(part, tuple) else (part, np.array([], dtype=int))
-        keep_rows = np.setdiff1d(np.arange(len(ds)), skip)
-        images.append(ds.uint8(keep_rows))
-        soft.append(np.asarray(ds.soft_labels, dtype=float)[keep_rows])
-    images, soft = np.concatenate(images), np.round(np.concatenate(soft), 3)
+    images, soft = pool_patches(args.dataset, args.pool, real)
     values, counts = np.unique(soft[np.isfinite(soft)], return_counts=True)
     labels = values[counts >= args.min_count]
     if len(labels) < 2:

@@ -54,3 +54,31 @@ def test_the_mixture_follows_the_linear_split_and_uses_each_patch_before_repeati
 def test_a_bin_without_a_real_label_is_refused(oracle):
     with pytest.raises(SystemExit, match="no real label shares the bin"):
         oracle.label_weights(0.6, np.array([0.0, 1.0]), EDGES, "bin")
+
+
+def test_the_unseen_pool_holds_every_val_and_test_patch_but_the_reports_pick(oracle, tmp_path):
+    from patches.dataset import PatchDataset, SplitConfig, build_dataset
+    from report.build import ReportConfig
+
+    from report_helpers import FakeEnsemble, synth_shard
+
+    dataset = build_dataset(tmp_path / "ds", [("a", synth_shard, {"n": 200, "size": 32, "seed": 3})],
+                            patch_size=32, margin=0, meta={"source": "fake"},
+                            split=SplitConfig(mode="random", val=0.1, test=0.3), progress=False)
+    real = load_bench("guidance_study").held_out(dataset, FakeEnsemble(32), ReportConfig(max_real=25),
+                                                 np.random.default_rng(0))
+    test, val = PatchDataset(dataset, split="test"), PatchDataset(dataset, split="val")
+    assert real["split"] == "test" and len(real["pick"]) == 25 < len(test)
+
+    def keys(images):
+        return {image.tobytes() for image in images}
+
+    images, soft = oracle.pool_patches(dataset, "unseen", real)
+    picked = keys(test.uint8(real["pick"]))
+    assert len(images) == len(soft) == len(test) - 25 + len(val)
+    assert not keys(images) & picked                                        # none of the report's own patches
+    assert keys(images) == (keys(test.uint8(np.arange(len(test)))) - picked) | keys(val.uint8(np.arange(len(val))))
+    train = PatchDataset(dataset, split="train")
+    images, soft = oracle.pool_patches(dataset, "train", real)
+    assert keys(images) == keys(train.uint8(np.arange(len(train))))
+    assert np.array_equal(soft, np.round(np.asarray(train.soft_labels, dtype=float), 3))
