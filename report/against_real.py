@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fidelity, morphology
+from . import fidelity, label_response, morphology
 
 
 def compare(cfg, folders: list, classifier, real_images: np.ndarray, real_features: np.ndarray,
@@ -126,10 +126,9 @@ def calibrated_reference(images, soft, gen_cond, gen_bins, real_features, real_b
     """Each label bin's Fréchet ratio for training patches standing in for the generated frames, one per frame,
     drawn as a gradual, calibrated generator would render its condition (`fidelity.calibrated_draws`), against the
     same held-out halves as the frames. The soft labels with at least `label_response_min_count` training patches
-    are the ones drawn from. None (and a log line) when fewer than two labels qualify."""
-    soft = np.round(np.asarray(soft, dtype=float), 6)
-    values, counts = np.unique(soft[np.isfinite(soft)], return_counts=True)
-    labels = values[counts >= cfg.label_response_min_count]
+    (`label_response.label_groups`, as the real label-response curve picks them) are the ones drawn from. None
+    (and a log line) when fewer than two labels qualify."""
+    labels, _ = label_response.label_groups(soft, cfg.label_response_min_count)  # the real curve's own labels
     if len(labels) < 2:
         log(f"calibrated reference: skipped (fewer than two soft labels with {cfg.label_response_min_count} "
             "training patches)")
