@@ -1,6 +1,7 @@
 """The whole pipeline on the embedded default, each stage through its real entry point.
 
     make demo            # or: python -m mitosis_ldm.demo [--only data,autoencoder] [--root runs/demo]
+                         #     [--configs configs/demo] [--seeds 256]
 
 Stages, in order: data (synthetic benchmark + real CMU nuclei), autoencoder,
 classifier, latent cache, diffusion, transitions, real2gen, score, report, study
@@ -13,7 +14,6 @@ output folder and replaces earlier results in it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shlex
@@ -27,6 +27,9 @@ from .io import write_json
 from .launch import accelerate_launch
 
 SLIDE = "data/cache/cmu_small_region.svs"
+CONFIGS = Path("configs/demo")
+RECIPES = ("autoencoder", "classifier", "diffusion")  # the stages that read a recipe from the configs folder
+SEEDS = 256
 
 
 def accelerate(module: str, config: str, *extra: str) -> list[str]:
@@ -37,8 +40,8 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mitosis_ldm", *args]
 
 
-def stages(root: Path) -> list[tuple[str, list[list[str]]]]:
-    r = str(root)
+def stages(root: Path, configs: Path = CONFIGS, seeds: int = SEEDS) -> list[tuple[str, list[list[str]]]]:
+    r, c = str(root), str(configs)
     data = f"{r}/data"
     return [
         ("data", [
@@ -48,19 +51,19 @@ def stages(root: Path) -> list[tuple[str, list[list[str]]]]:
             cli("data", "inspect", f"{data}/synth"),
             cli("data", "inspect", f"{data}/cmu"),
         ]),
-        ("autoencoder", [accelerate("autoencoder.train", "configs/demo/autoencoder.yaml", "--set", f"out={r}/autoencoder",
+        ("autoencoder", [accelerate("autoencoder.train", f"{c}/autoencoder.yaml", "--set", f"out={r}/autoencoder",
                                     "--set", f"data.datasets=[{data}/synth,{data}/cmu]", "--overwrite")]),
-        ("classifier", [accelerate("classifier.train", "configs/demo/classifier.yaml", "--set", f"out={r}/classifier",
+        ("classifier", [accelerate("classifier.train", f"{c}/classifier.yaml", "--set", f"out={r}/classifier",
                                    "--set", f"data.dataset={data}/synth", "--overwrite")]),
         # the cache encodes only what diffusion trains on (its train split)
         ("cache", [cli("cache", "--vae", f"{r}/autoencoder/model", "--dataset", f"{data}/synth", "--dataset",
                        f"{data}/cmu", "--split", "train", "--out", f"{r}/latents", "--overwrite")]),
-        ("diffusion", [accelerate("diffusion.train", "configs/demo/diffusion.yaml", "--set", f"out={r}/diffusion",
+        ("diffusion", [accelerate("diffusion.train", f"{c}/diffusion.yaml", "--set", f"out={r}/diffusion",
                                   "--set", f"data.cache={r}/latents", "--overwrite")]),
         # 256 seeds: the mean score per condition then has a 95% CI of at most ±0.043 (64 seeds gave up to
         # ±0.089; docs/diffusion.md); guidance schedule, steps and sampler are the pipeline's defaults
         # (configs/demo/diffusion.yaml `sample`)
-        ("transitions", [cli("transitions", "--pipeline", f"{r}/diffusion/model", "--seeds", "0-255",
+        ("transitions", [cli("transitions", "--pipeline", f"{r}/diffusion/model", "--seeds", f"0-{seeds - 1}",
                              "--conditions", "0:1:11", "--seeds-per-batch", "16",
                              "--out", f"{r}/transitions", "--overwrite")]),
         ("real2gen", [cli("real2gen", "--pipeline", f"{r}/diffusion/model", "--input", f"{data}/cmu",
@@ -89,8 +92,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the whole mitosis-ldm pipeline on the embedded default.")
     parser.add_argument("--root", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--configs", type=Path, default=CONFIGS,
+                        help=f"folder of the training recipes {', '.join(r + '.yaml' for r in RECIPES)} "
+                             f"(default {CONFIGS})")
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help=f"transitions rendered, one per noise seed (default {SEEDS})")
     args = parser.parse_args(argv)
-    plan = stages(args.root)
+    if args.seeds < 2:
+        raise UserError(f"--seeds: {args.seeds}; the report's intervals need at least 2 transitions")
+    for recipe in RECIPES:
+        if not (args.configs / f"{recipe}.yaml").is_file():
+            raise UserError(f"{args.configs / (recipe + '.yaml')}: recipe missing (--configs needs "
+                            f"{', '.join(r + '.yaml' for r in RECIPES)})")
+    plan = stages(args.root, args.configs, args.seeds)
     names = [name for name, _ in plan]
     wanted = names if not args.only else [s.strip() for s in args.only.split(",")]
     for name in wanted:

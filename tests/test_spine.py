@@ -230,3 +230,30 @@ def test_demo_training_uses_every_core(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([*launcher, str(probe)], cwd=REPO, capture_output=True, text=True, env=env, check=True).stdout
     assert f"threads {cpu_threads()}" in out
+
+
+def test_demo_takes_its_recipes_and_seed_count_from_the_command_line(tmp_path):
+    from mitosis_ldm.demo import stages
+
+    plan = dict(stages(tmp_path / "run", configs=tmp_path / "recipes", seeds=64))
+    launch = plan["diffusion"][0]
+    assert launch[launch.index("--config") + 1] == f"{tmp_path / 'recipes'}/diffusion.yaml"
+    render = plan["transitions"][0]
+    assert render[render.index("--seeds") + 1] == "0-63"
+    default = dict(stages(tmp_path / "run"))
+    assert default["autoencoder"][0][default["autoencoder"][0].index("--config") + 1] == "configs/demo/autoencoder.yaml"
+    assert "0-255" in default["transitions"][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "1"], "--seeds: 1; the report's intervals need at least 2 transitions"),
+    (["--configs", "nowhere"], "nowhere/autoencoder.yaml: recipe missing"),
+])
+def test_demo_refuses_bad_options_in_one_line(tmp_path, capsys, args, message):
+    from mitosis_ldm.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main([*args, "--root", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
