@@ -20,6 +20,7 @@ and the peer's rate. Every run is a whole demo: minutes each (the demo's recipe 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -33,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_budget import matmul_rate  # noqa: E402
+from mitosis_ldm.demo import CONFIGS, RECIPES  # noqa: E402
 
-RECIPES = ("autoencoder", "classifier", "diffusion")
 # (section, key) of every field counted in training steps, per recipe
 STEP_FIELDS = {
     "autoencoder": [("train", "max_steps"), ("train", "lr_warmup_steps"), ("train", "checkpoint_every")],
@@ -49,7 +50,7 @@ def scale_recipe(recipe: dict, name: str, scale: float) -> dict:
     """A copy of one stage's recipe with every step count (and the EMA's horizon) times `scale`."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    out = json.loads(json.dumps(recipe))
+    out = copy.deepcopy(recipe)
     for section, key in STEP_FIELDS[name]:
         if section in out and out[section].get(key) is not None:
             out[section][key] = max(1, round(out[section][key] * scale))
@@ -60,7 +61,7 @@ def scale_recipe(recipe: dict, name: str, scale: float) -> dict:
     return out
 
 
-def write_recipes(scale: float, folder: Path, source: Path = ROOT / "configs" / "demo") -> dict:
+def write_recipes(scale: float, folder: Path, source: Path = ROOT / CONFIGS) -> dict:
     """The three scaled recipes under `folder`; returns {stage: max_steps}."""
     folder.mkdir(parents=True, exist_ok=True)
     steps = {}
