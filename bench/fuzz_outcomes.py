@@ -3,7 +3,8 @@
     python bench/fuzz_outcomes.py --cases 100 --seed 0 [--only midog,pipeline] > outcomes.json
     PYTHONPATH=/tmp/before python bench/fuzz_outcomes.py ...    # the same harness on an older checkout
 
-The mutations and targets are tests/fuzz_targets.py (what tests/test_fuzz.py runs under hypothesis).
+The targets are tests/fuzz_targets.py and the mutations tests/fuzz_mutations.py (what tests/test_fuzz.py runs
+under hypothesis).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 
 Readers: MIDOG JSON, SlideRunner SQLite, points CSV, folder labels + images, the stage configs.
 Folder loaders: VAE (`vae encode`), classifier and patch dataset and transitions (`score`), pipeline
-(`transitions`). The targets and mutations live in tests/fuzz_targets.py; bench/fuzz_outcomes.py counts the
-same cases without hypothesis. CI: derandomised, fixed budgets below; `make fuzz`: >= 500 random cases each.
+(`transitions`). The targets live in tests/fuzz_targets.py, the mutations in tests/fuzz_mutations.py;
+bench/fuzz_outcomes.py counts the same cases without hypothesis. CI: derandomised, fixed budgets below;
+`make fuzz`: >= 500 random cases each.
 """
 
 from __future__ import annotations
