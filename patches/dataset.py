@@ -13,7 +13,8 @@ Folder layout (DESIGN.md, "Artifacts"):
 Writing: `build_dataset(out, jobs, ...)` runs one job per source slide (in
 worker processes), keeps each finished slide in a hidden `.OUT.partial/`
 folder so a killed run resumes per slide, then assembles, assigns splits and
-renames the finished folder into place.
+renames the finished folder into place. The splits and the rows' shared checks are
+patches/splits.py.
 
 Reading: `PatchDataset(root, split="train", augment=AugmentConfig())` is a
 torch Dataset over the memory-map; items are dicts with `image` (float32
@@ -42,27 +43,10 @@ from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, save_npy, write_json
 
 from .augment import AugmentConfig, augment_patch
+from .splits import SplitConfig, assign_splits, validate_rows
 
 BASE_COLUMNS = ["id", "source", "slide", "x", "y", "label", "votes", "hard_label", "split", "true_degree"]
 SPLITS = ("train", "val", "test")
-
-
-# -- configuration -----------------------------------------------------------
-
-@dataclass
-class SplitConfig:
-    """How patches are assigned to train/val/test.
-
-    `slide`: whole slides go to one split (no slide leaks across splits);
-    `y`: within each slide by y-coordinate percentile, as in the seed paper
-    (top rows train, then val, bottom rows test: a region training never saw);
-    `random`: per patch (synthetic data, where there are no slides).
-    """
-
-    mode: str = "slide"  # slide | y | random
-    val: float = 0.1
-    test: float = 0.2
-    seed: int = 0
 
 
 @dataclass
@@ -192,63 +176,6 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
         raise
     shutil.rmtree(partial, ignore_errors=True)
     return out
-
-
-def validate_rows(rows: list[dict], where: str) -> None:
-    """Backstop checks every source shares: unique ids, labels in [0, 1]."""
-    seen = set()
-    for row in rows:
-        pid = str(row.get("id", ""))
-        if pid == "":
-            raise UserError(f"{where}: field 'id' is empty")
-        if pid in seen:
-            raise UserError(f"{where}: field 'id' has duplicate value '{pid}'")
-        seen.add(pid)
-        label = row.get("label")
-        if label not in (None, ""):
-            value = float(label)
-            if not (0.0 <= value <= 1.0):  # also rejects NaN
-                raise UserError(f"{where}: field 'label' of id '{pid}' is {label}, expected a number in [0, 1]")
-
-
-def assign_splits(rows: list[dict], split: SplitConfig) -> None:
-    """Fill the `split` column in place (rows that already have one keep it)."""
-    if not 0 <= split.val + split.test < 1:
-        raise UserError(f"split: val + test must be in [0, 1), got {split.val} + {split.test}")
-    rng = np.random.default_rng(split.seed)
-    if split.mode == "random":
-        draws = rng.random(len(rows))
-        for row, u in zip(rows, draws):
-            row.setdefault("split", _bucket(u, split))
-    elif split.mode == "slide":
-        slides = sorted({str(r.get("slide", "")) for r in rows})
-        order = rng.permutation(len(slides))
-        n = len(slides)
-        n_test = int(round(split.test * n)) if n >= 3 else 0
-        n_val = int(round(split.val * n)) if n >= 3 else 0
-        if n >= 3:
-            n_test, n_val = max(1, n_test), max(1, n_val) if split.val > 0 else 0
-        chosen = {}
-        for rank, idx in enumerate(order):
-            chosen[slides[idx]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-        for row in rows:
-            row.setdefault("split", chosen[str(row.get("slide", ""))])
-    elif split.mode == "y":
-        by_slide: dict[str, list[dict]] = {}
-        for row in rows:
-            by_slide.setdefault(str(row.get("slide", "")), []).append(row)
-        for slide_rows in by_slide.values():
-            ys = np.array([float(r["y"]) for r in slide_rows])
-            ranks = ys.argsort().argsort() / max(1, len(ys))
-            for row, q in zip(slide_rows, ranks):
-                row.setdefault("split", "train" if q < 1 - split.val - split.test
-                               else "val" if q < 1 - split.test else "test")
-    else:
-        raise UserError(f"split: field 'mode' must be slide, y or random, got '{split.mode}'")
-
-
-def _bucket(u: float, split: SplitConfig) -> str:
-    return "test" if u < split.test else "val" if u < split.test + split.val else "train"
 
 
 def write_labels(path, rows: list[dict]) -> None:

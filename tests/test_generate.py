@@ -44,8 +44,9 @@ def read_rows(folder):
 
 def test_generated_dataset_passes_the_dataset_checks(world, tmp_path):
     from diffusion.generate import main as gen_main
-    from patches.dataset import PatchDataset, validate_rows
+    from patches.dataset import PatchDataset
     from patches.inspect import summarise
+    from patches.splits import validate_rows
 
     out = tmp_path / "gen"
     gen_main(gen_args(world, out, "--labels", f"match:{world['labelled']}"))
