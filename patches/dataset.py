@@ -13,8 +13,8 @@ Folder layout (DESIGN.md, "Artifacts"):
 Writing: `build_dataset(out, jobs, ...)` runs one job per source slide (in
 worker processes), keeps each finished slide in a hidden `.OUT.partial/`
 folder so a killed run resumes per slide, then assembles, assigns splits and
-renames the finished folder into place. The splits and the rows' shared checks are
-patches/splits.py.
+renames the finished folder into place. The split assignment and the checks every
+source's rows share live in patches/splits.py.
 
 Reading: `PatchDataset(root, split="train", augment=AugmentConfig())` is a
 torch Dataset over the memory-map; items are dicts with `image` (float32
