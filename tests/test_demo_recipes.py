@@ -66,6 +66,17 @@ def test_written_recipes_pass_each_stages_checks(recipes, tmp_path, scale):
     assert 0 < cfg.sample.guide_snapshot_step < cfg.train.max_steps
 
 
+def test_bf16_recipes_train_in_bf16_and_change_nothing_else(recipes, tmp_path):
+    recipes.write_recipes(1.0, tmp_path / "fp32")
+    recipes.write_recipes(1.0, tmp_path / "bf16", mixed_precision="bf16")
+    for name in recipes.RECIPES:
+        fp32 = load_config(config_class(name), tmp_path / "fp32" / f"{name}.yaml")
+        bf16 = load_config(config_class(name), tmp_path / "bf16" / f"{name}.yaml")
+        assert (fp32.train.mixed_precision, bf16.train.mixed_precision) == ("no", "bf16")
+        bf16.train.mixed_precision = "no"
+        assert bf16 == fp32
+
+
 def test_a_finished_run_is_read_back_target_by_target(recipes, tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "demo_timings.json").write_text(json.dumps(
