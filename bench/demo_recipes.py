@@ -1,7 +1,7 @@
 """What a shorter demo recipe buys: the whole demo, end to end, at a fraction of its training steps, and its targets.
 
     python bench/demo_recipes.py [--scale 0.15 --scale 0.4 ...] [--seeds 64] [--root runs/demo_recipes]
-        [--budget 540] [--mixed-precision no|bf16] [--out runs/demo_recipes.json]
+        [--budget 540] [--mixed-precision no|bf16] [--batch-scale 1] [--out runs/demo_recipes.json]
 
 For each `--scale s` it writes the demo's three training recipes (configs/demo: autoencoder, classifier, diffusion)
 with every step count multiplied by s: `max_steps`, the warm-up, checkpoint, evaluation and preview intervals, the
@@ -11,6 +11,8 @@ own folder under `--root`, every stage through its real entry point as `make dem
 stage times and the report's target lines. `--scale 1` is the demo's own recipe (with `--seeds 256`, `make demo`).
 `--mixed-precision bf16` also sets `train.mixed_precision: bf16` in all three recipes: CPU autocast, which hosts with
 AMX or AVX512-BF16 units run faster (docs/diffusion.md has the demo's recipe measured that way).
+`--batch-scale b` also multiplies every recipe's `train.batch_size` by b (rounded, at least 1): each step then costs
+about b of the recipe's, at the same number of steps, where `--scale` keeps the batch and cuts the steps.
 
 The peer, measured in the same run before and after the demos, is a 2048 x 2048 fp32 matmul: how fast this host
 is while the recipes run, since hosts of this kind differ by up to 1.7x and one host from day to day.
@@ -63,14 +65,20 @@ def scale_recipe(recipe: dict, name: str, scale: float) -> dict:
     return out
 
 
-def write_recipes(scale: float, folder: Path, source: Path = ROOT / CONFIGS, mixed_precision: str = "no") -> dict:
-    """The three scaled recipes under `folder`, trained at `mixed_precision`; returns {stage: max_steps}."""
+def write_recipes(scale: float, folder: Path, source: Path = ROOT / CONFIGS, mixed_precision: str = "no",
+                  batch_scale: float = 1.0) -> dict:
+    """The three scaled recipes under `folder`, trained at `mixed_precision` with `batch_scale` x each recipe's batch;
+    returns {stage: max_steps}."""
+    if not 0 < batch_scale <= 1:
+        raise ValueError(f"batch scale must be in (0, 1], got {batch_scale}")
     folder.mkdir(parents=True, exist_ok=True)
     steps = {}
     for name in RECIPES:
         recipe = scale_recipe(yaml.safe_load((source / f"{name}.yaml").read_text()), name, scale)
         if mixed_precision != "no":
             recipe.setdefault("train", {})["mixed_precision"] = mixed_precision
+        if batch_scale != 1:
+            recipe["train"]["batch_size"] = max(1, round(recipe["train"]["batch_size"] * batch_scale))
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         steps[name] = recipe["train"]["max_steps"]
     return steps
@@ -96,6 +104,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=float, default=540.0, help="the demo's budget after set-up, seconds")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="train every recipe at this precision (bf16: CPU autocast; default no, the demo's fp32)")
+    parser.add_argument("--batch-scale", type=float, default=1.0,
+                        help="fraction of every recipe's batch size, at the same steps (default 1, the recipe's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     scales = args.scale or [0.15, 0.4]
@@ -103,11 +113,14 @@ def main(argv=None) -> dict:
     for s in scales:
         if not 0 < s <= 1:
             parser.error(f"--scale {s}: must be in (0, 1]")
+    if not 0 < args.batch_scale <= 1:
+        parser.error(f"--batch-scale {args.batch_scale}: must be in (0, 1]")
     peer_before = matmul_rate()
     runs = {}
     for s in scales:
-        folder = root / f"scale-{s:g}"
-        steps = write_recipes(s, folder / "configs", mixed_precision=args.mixed_precision)
+        folder = root / (f"scale-{s:g}" + (f"-batch-{args.batch_scale:g}" if args.batch_scale != 1 else ""))
+        steps = write_recipes(s, folder / "configs", mixed_precision=args.mixed_precision,
+                              batch_scale=args.batch_scale)
         cmd = [sys.executable, "-m", "mitosis_ldm.demo", "--root", str(folder / "demo"), "--configs",
                str(folder / "configs"), "--seeds", str(args.seeds)]
         print(f"=== scale {s:g}: " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -123,6 +136,7 @@ def main(argv=None) -> dict:
     result = {
         "what": "the whole demo at a fraction of its training steps: time after set-up and the report's targets",
         "seeds": args.seeds, "budget_s": args.budget, "mixed_precision": args.mixed_precision,
+        "batch_scale": args.batch_scale,
         "peer_matmul_gflop_s": {"before": round(peer_before / 1e9, 1), "after": round(peer_after / 1e9, 1)},
         "scales": runs,
     }

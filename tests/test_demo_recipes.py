@@ -77,6 +77,20 @@ def test_bf16_recipes_train_in_bf16_and_change_nothing_else(recipes, tmp_path):
         assert bf16 == fp32
 
 
+def test_half_batch_recipes_halve_every_batch_and_change_nothing_else(recipes, tmp_path):
+    recipes.write_recipes(1.0, tmp_path / "whole")
+    recipes.write_recipes(1.0, tmp_path / "half", batch_scale=0.5)
+    for name in recipes.RECIPES:
+        whole = load_config(config_class(name), tmp_path / "whole" / f"{name}.yaml")
+        half = load_config(config_class(name), tmp_path / "half" / f"{name}.yaml")
+        assert half.train.batch_size == shipped(name)["train"]["batch_size"] // 2 > 0
+        assert half.train.max_steps == whole.train.max_steps
+        half.train.batch_size = whole.train.batch_size
+        assert half == whole
+    with pytest.raises(ValueError, match="batch scale must be in"):
+        recipes.write_recipes(1.0, tmp_path / "none", batch_scale=0)
+
+
 def test_a_finished_run_is_read_back_target_by_target(recipes, tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "demo_timings.json").write_text(json.dumps(
