@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
     peer_before = matmul_rate()
     runs = {}
     for s in scales:
-        folder = root / (f"scale-{s:g}" + (f"-batch-{args.batch_scale:g}" if args.batch_scale != 1 else ""))
+        folder = root / (f"scale-{s:g}" + (f"-batch-{args.batch_scale:g}" if args.batch_scale != 1 else "")
+                         + (f"-{args.mixed_precision}" if args.mixed_precision != "no" else ""))
         steps = write_recipes(s, folder / "configs", mixed_precision=args.mixed_precision,
                               batch_scale=args.batch_scale)
         cmd = [sys.executable, "-m", "mitosis_ldm.demo", "--root", str(folder / "demo"), "--configs",
