@@ -35,7 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, WeightedR
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, write_json
 from mitosis_ldm.launch import release_processes
-from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
 from .losses import (LossConfig, PatchDiscriminator, adaptive_gan_weight, build_lpips, discriminator_step,
@@ -243,8 +243,7 @@ def main(argv=None):
     acc.print(f"autoencoder {('from ' + cfg.model.init_from) if cfg.model.init_from else 'preset ' + cfg.model.preset}: "
               f"{count_parameters(raw) / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
               f"trained), {raw.config.latent_channels} latent channels; {len(dataset)} training patches")
-    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                            weight_decay=cfg.train.weight_decay)
+    opt = adamw(trainable, cfg.train)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps,
                           num_training_steps=cfg.train.max_steps)
@@ -253,7 +252,7 @@ def main(argv=None):
     disc = disc_opt = None
     if cfg.loss.gan > 0:
         disc = PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9), foreach=True)
         vae, opt, loader, disc, disc_opt = acc.prepare(vae, opt, loader, disc, disc_opt)
     else:
         vae, opt, loader = acc.prepare(vae, opt, loader)

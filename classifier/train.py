@@ -38,7 +38,7 @@ from mitosis_ldm.config import save_config
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import write_json
 from mitosis_ldm.launch import release_processes
-from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
 from .fitting import EarlyStopping, fit_platt, lr_scheduler, val_logits
@@ -155,8 +155,7 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
 
     torch.manual_seed(seed)  # same initial weights on every process
     model = MitosisClassifier(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
-                            weight_decay=tcfg.weight_decay)
+    opt = adamw(model.parameters(), tcfg)
     scheduler = lr_scheduler(opt, tcfg)
     sampler = balanced_sampler(train_ds, cfg.data.balance, seed)
     loader = DataLoader(train_ds, batch_size=tcfg.batch_size, sampler=sampler, shuffle=sampler is None,

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.launch import release_processes
-from mitosis_ldm.training import TrainConfig, TrainingRun, load_stage_config, train_arg_parser
+from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
 
 from .cache import SPLIT_CODES, LatentCache, build_cache, check_cache
 from .export import export, save_guide_snapshot, write_preview
@@ -239,8 +239,7 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
     acc.print(f"UNet preset {cfg.model.preset}: {count_parameters(unet) / 1e6:.2f}M parameters, label embedder "
               f"{count_parameters(embedder) / 1e3:.1f}k; {len(rows)} training latents {cache.latent_shape}")
     noise_scheduler = make_noise_scheduler(cfg.diffusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.train)
     lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer,
                                  num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
                                  num_training_steps=cfg.train.max_steps * acc.num_processes)

@@ -17,7 +17,7 @@ from mitosis_ldm.cli import main as cli_main
 from mitosis_ldm.config import ConfigError, load_config, save_config
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, read_json, write_json
-from mitosis_ldm.training import TrainConfig, TrainingRun
+from mitosis_ldm.training import TrainConfig, TrainingRun, adamw
 
 from conftest import REPO
 
@@ -187,6 +187,30 @@ def test_checkpoints_rotate_and_resume_continues(tmp_path):
     assert steps[:12] == list(range(1, 13)) and steps[12:] == list(range(11, 21))
     start, end, _ = _train(run_dir, 3, overwrite=True)
     assert (start, end) == (0, 3) and not (run_dir / "checkpoints" / "checkpoint-10").exists()
+
+
+def test_adamw_reads_the_train_section_and_steps_like_the_single_tensor_update():
+    """The trainers' AdamW takes lr, betas and weight decay from `train:` and runs the multi-tensor update; its
+    weights equal PyTorch's single-tensor AdamW bit for bit, so the switch leaves every trained model as it was."""
+    tcfg = TrainConfig(lr=2e-3, adam_betas=(0.8, 0.99), weight_decay=0.05)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 4, 1))
+    twin = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    start = [p.detach().clone() for p in net.parameters()]
+    opt = adamw(net.parameters(), tcfg)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["foreach"]) == (2e-3, (0.8, 0.99), 0.05, True)
+    ref = torch.optim.AdamW(twin, lr=2e-3, betas=(0.8, 0.99), weight_decay=0.05, foreach=False)
+    grads = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        for p, q in zip(net.parameters(), twin):
+            p.grad = torch.randn(p.shape, generator=grads)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(net.parameters(), twin))
+    assert not any(torch.equal(p.detach(), s) for p, s in zip(net.parameters(), start))  # every tensor moved
+    assert adamw(net.parameters(), tcfg, lr=1e-4).param_groups[0]["lr"] == 1e-4
 
 
 # -- dispatcher --------------------------------------------------------------------
