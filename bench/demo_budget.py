@@ -6,7 +6,7 @@
 For each training stage of `make demo` (configs/demo/*.yaml: autoencoder, classifier, diffusion) it builds the
 stage's model at the recipe's sizes, counts one training step's floating-point work with
 `torch.utils.flop_counter.FlopCounterMode` (forward and backward), and times `--steps` real steps (forward, loss,
-backward, AdamW) on random inputs of the recipe's shape, on every core. The stage's projected time is steps x
+backward, the trainers' AdamW) on random inputs of the recipe's shape, on every core. The stage's projected time is steps x
 measured seconds per step: data loading, evaluation and export come on top. The peer, measured in the same run,
 is a 2048 x 2048 fp32 matmul, the host's best sustained rate: it gives each stage's floor, the time the same
 work would take at that rate. With `--timings` (a demo's `demo_timings.json`), the measured stage times and the
@@ -76,10 +76,11 @@ def autoencoder_stage():
     from autoencoder.train import AutoencoderConfig
     from autoencoder.model import build_autoencoder
     from mitosis_ldm.config import load_config
+    from mitosis_ldm.training import adamw
 
     cfg = load_config(AutoencoderConfig, ROOT / "configs/demo/autoencoder.yaml")
     vae = build_autoencoder(cfg.model.preset, cfg.model.latent_channels).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr)
+    opt = adamw(vae.parameters(), cfg.train)
     images = torch.rand(cfg.train.batch_size, 3, cfg.data.crop, cfg.data.crop) * 2 - 1
 
     def step():
@@ -97,10 +98,11 @@ def classifier_stage():
     from classifier.model import build_network
     from classifier.train import ClassifierConfig
     from mitosis_ldm.config import load_config
+    from mitosis_ldm.training import adamw
 
     cfg = load_config(ClassifierConfig, ROOT / "configs/demo/classifier.yaml")
     net = build_network(cfg.model, pretrained=False).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
+    opt = adamw(net.parameters(), cfg.train)
     size = cfg.model.input_size * cfg.model.upsample
     images = torch.randn(cfg.train.batch_size, 3, size, size)
     targets = torch.rand(cfg.train.batch_size)
@@ -118,12 +120,13 @@ def diffusion_stage():
     from diffusion.model import Denoiser, build_models
     from diffusion.train import DiffusionTrainConfig
     from mitosis_ldm.config import load_config
+    from mitosis_ldm.training import adamw
 
     cfg = load_config(DiffusionTrainConfig, ROOT / "configs/demo/diffusion.yaml")
     channels, size = demo_latent_shape()
     unet, embedder = build_models(cfg.model, channels, size)
     model = Denoiser(unet, embedder).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    opt = adamw(model.parameters(), cfg.train)
     batch = cfg.train.batch_size
     latents, target = torch.randn(batch, channels, size, size), torch.randn(batch, channels, size, size)
     timesteps = torch.randint(0, 1000, (batch,))
