@@ -31,22 +31,28 @@ import numpy as np
 from scipy import linalg
 
 
+# Samples per feature dimension up to which `frechet` takes the singular values of the cross matrix: for
+# D = 256 features, 22 ms against 47 ms for the eigen-decompositions at N = 285, and 61 against 51 at N = 500.
+SVD_UP_TO = 1.75
+
+
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||² + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^½) for features (N, D).
 
     Tr((S_a S_b)^½) is the sum of the square roots of the (non-negative)
     eigenvalues of S_a S_b: the number `scipy.linalg.sqrtm` would give, computed
-    without it. With fewer samples than dimensions (the usual case per label
-    bin) those are the singular values of the small (N_a, N_b) matrix
+    without it. Those are the singular values of the (N_a, N_b) matrix
     A B^T / sqrt((N_a - 1)(N_b - 1)) of centred features, since S_a S_b = A^T A B^T B / c
-    shares its non-zero eigenvalues with (A B^T)(A B^T)^T / c.
+    shares its non-zero eigenvalues with (A B^T)(A B^T)^T / c. That matrix is the cheaper route up to
+    about `SVD_UP_TO` x D samples (every bin of the demo's report); above, two (D, D) symmetric
+    eigen-decompositions are.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     centred_a, centred_b = a - mu_a, b - mu_b                             # (N_a, D), (N_b, D)
     scale = np.sqrt((len(a) - 1) * (len(b) - 1))
     traces = (centred_a ** 2).sum() / (len(a) - 1) + (centred_b ** 2).sum() / (len(b) - 1)
-    if min(len(a), len(b)) < a.shape[1]:
+    if min(len(a), len(b)) < SVD_UP_TO * a.shape[1]:
         trace_sqrt = linalg.svdvals(centred_a @ centred_b.T).sum() / scale
     else:
         # few dimensions: S_a S_b has the eigenvalues of the symmetric S_a^½ S_b S_a^½

@@ -29,6 +29,20 @@ def test_frechet_is_zero_for_equal_sets_and_grows_with_a_shift():
     assert fidelity.frechet(x, x * 3) > fidelity.frechet(x, x * 1.5) > 0.5
 
 
+@pytest.mark.parametrize("n", [12, 24, 40, 80])  # fewer samples than D = 16, up to 1.75 D, and above: both routes
+def test_frechet_equals_the_matrix_square_root_formula(n):
+    from scipy import linalg
+
+    rng = np.random.default_rng(n)
+    a = np.maximum(rng.normal(size=(n, 16)) @ rng.normal(size=(16, 16)), 0)  # ReLU-like, correlated features
+    b = np.maximum(rng.normal(size=(n + 3, 16)) @ rng.normal(size=(16, 16)) + 0.5, 0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+                - 2 * np.trace(linalg.sqrtm(cov_a @ cov_b)).real)
+    assert fidelity.frechet(a, b) == pytest.approx(expected, rel=1e-7)
+    assert fidelity.frechet(b, a) == pytest.approx(expected, rel=1e-7)
+
+
 def test_frechet_per_bin_compares_equal_sample_sizes():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(200, 4))
