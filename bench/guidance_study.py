@@ -94,6 +94,13 @@ def held_out(dataset, classifier, cfg, rng, pipe=None):
 
 
 def measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
+    from report import fidelity
+
+    with fidelity.one_blas_thread():  # as the report measures: its small LAPACK problems run faster on one thread
+        return _measure(frames, conditions, seeds, classifier, real, cfg)
+
+
+def _measure(frames, conditions, seeds, classifier, real, cfg) -> dict:
     from report import consistency, fidelity, label_response, morphology
     from report.build import batched, ensemble_scores
 

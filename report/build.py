@@ -17,7 +17,7 @@ from mitosis_ldm.artifacts import read_transitions
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir
 
-from . import against_real, benchmark, consistency, label_response, morphology
+from . import against_real, benchmark, consistency, fidelity, label_response, morphology
 from .extras import Extra, HeldOut
 from .outputs import write_folder_metrics, write_outputs
 from .stats import bootstrap_ci, curve_ci, spearman
@@ -161,6 +161,7 @@ def held_out_images(dataset_root, cfg, rng):
 
 # -- the report ------------------------------------------------------------
 
+@fidelity.one_blas_thread()
 def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifier, classifier_path,
                  dataset_root, out, overwrite: bool = False, log=print, extras: tuple = ()) -> dict:
     """`extras`: callables `make(held_out: HeldOut) -> Extra`, one per extra judge's folder (see extras.py)."""

@@ -43,6 +43,23 @@ def test_frechet_equals_the_matrix_square_root_formula(n):
     assert fidelity.frechet(b, a) == pytest.approx(expected, rel=1e-7)
 
 
+def test_one_blas_thread_limits_numpy_and_scipy_blas_and_restores_them():
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and set(before.values()) == {2}
+        torch_threads = torch.get_num_threads()
+        with fidelity.one_blas_thread():
+            assert set(blas_threads().values()) == {1}
+            assert torch.get_num_threads() == torch_threads  # torch's own pool is not BLAS's
+        assert blas_threads() == before
+
+
 def test_frechet_per_bin_compares_equal_sample_sizes():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(200, 4))
