@@ -69,7 +69,7 @@ class TrainConfig:
 def adamw(params, tcfg: TrainConfig, **overrides) -> torch.optim.AdamW:
     """AdamW at the `train:` section's learning rate, betas and weight decay, with the multi-tensor (foreach)
     update on every device. PyTorch picks it by itself only for CUDA tensors; on CPU it takes the diffusion
-    demo's optimizer step from 5.9 to 4.5 ms and gives the same weights bit for bit (tests/test_training.py)."""
+    demo's optimizer step from 5.9 to 4.5 ms and gives the same weights bit for bit (tests/test_spine.py)."""
     kwargs = dict(lr=tcfg.lr, betas=tuple(tcfg.adam_betas), weight_decay=tcfg.weight_decay, foreach=True)
     return torch.optim.AdamW(params, **{**kwargs, **overrides})
 
