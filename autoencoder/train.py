@@ -252,7 +252,7 @@ def main(argv=None):
     disc = disc_opt = None
     if cfg.loss.gan > 0:
         disc = PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9), foreach=True)
+        disc_opt = adamw(disc.parameters(), cfg.train, lr=cfg.loss.disc_lr, betas=(0.5, 0.9), weight_decay=0.01)
         vae, opt, loader, disc, disc_opt = acc.prepare(vae, opt, loader, disc, disc_opt)
     else:
         vae, opt, loader = acc.prepare(vae, opt, loader)
