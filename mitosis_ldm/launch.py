@@ -4,7 +4,9 @@
     subprocess.run(cmd, check=True)
 
 One process, every core this process may use (accelerate otherwise gives a
-process launched without `--cpu` one thread), no mixed precision, no dynamo.
+process launched without `--cpu` one thread), no mixed precision, no dynamo, and
+accelerate's `--quiet`: a stage that exits non-zero (a bad recipe's one-line error,
+exit 2) leaves only its own output, not the launcher's traceback of the exit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def cpu_threads() -> int:
 
 def accelerate_launch(module: str, *args: str, threads: int | None = None) -> list[str]:
     """`python -m accelerate.commands.launch ... -m MODULE ARGS...` for one process on `threads` threads."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
             "--num_cpu_threads_per_process", str(threads or cpu_threads()),
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
 

@@ -256,6 +256,20 @@ def test_demo_training_uses_every_core(tmp_path):
     assert f"threads {cpu_threads()}" in out
 
 
+def test_a_bad_recipe_under_the_demos_launcher_prints_its_one_line_and_no_launcher_traceback(tmp_path):
+    # without --quiet, accelerate's launcher raises CalledProcessError on the stage's exit 2 and prints its traceback
+    from mitosis_ldm.demo import accelerate
+
+    out = tmp_path / "diffusion"
+    cmd = accelerate("diffusion.train", "configs/demo/diffusion.yaml", "--set", f"out={out}",
+                     "--set", "train.max_steps=300")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert lines == ["error: sample.guide_snapshot_step: must be an integer in [0, train.max_steps), got 750"], lines
+    assert not out.exists()
+
+
 def test_demo_takes_its_recipes_and_seed_count_from_the_command_line(tmp_path):
     from mitosis_ldm.demo import stages
 
