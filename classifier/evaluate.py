@@ -172,6 +172,9 @@ def main(argv=None):
     parser.add_argument("--bins", type=int, default=10, help="calibration bins (default 10)")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
+    for flag, value in (("--bins", args.bins), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
 
     from mitosis_ldm.io import check_new_output
     from patches.dataset import PatchDataset

@@ -292,6 +292,9 @@ def main(argv=None):
     args = parser().parse_intermixed_args(argv)
     check_args(args)
     grid = parse_conditions(args.grid, "--grid")
+    if len(set(grid)) < 2 or len(set(grid)) < len(grid):
+        # one label is a posterior of 1 everywhere; a repeated one doubles its prior and repeats a CSV column
+        raise UserError(f"--grid: needs at least 2 labels, none repeated, got {args.grid}")
     check_new_output(args.out, args.overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)

@@ -54,6 +54,8 @@ def list_image_files(folder: Path) -> list[Path]:
 
 def gather_images(inputs: list[str], split: str | None = None, limit: int | None = None) -> list[ImageItem]:
     """Expand inputs to images, in order. Errors name the offending input."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: must be >= 1, got {limit}")  # a slice [:-1] would silently drop the last patch
     items: list[ImageItem] = []
     for raw in inputs:
         path = Path(raw)

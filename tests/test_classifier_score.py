@@ -123,6 +123,23 @@ def test_bad_empty_folder(world, tmp_path, capsys):
     assert "empty: folder holds no images" in bad(capsys, world, tmp_path, tmp_path / "empty")
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_bad_limit(world, tmp_path, capsys, limit):
+    # a limit of -1 once sliced the dataset to all patches but its last, silently
+    assert f"--limit: must be >= 1, got {limit}" in bad(capsys, world, tmp_path, world / "toy", "--limit", limit)
+
+
+@pytest.mark.parametrize("flag", ["--bins", "--batch-size"])
+def test_evaluate_bad_counts(world, tmp_path, capsys, flag):
+    out = tmp_path / "ev"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--classifier", str(world / "classifier"), "--dataset", str(world / "toy"), "--out", str(out),
+                       flag, "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [f"error: {flag}: must be at least 1, got 0"]
+    assert not out.exists()
+
+
 def test_bad_autoencoder_folder_as_classifier(world, tmp_path, capsys):
     vae = tmp_path / "vae"
     vae.mkdir()

@@ -298,6 +298,7 @@ def _one_line_error(result, *needles):
     (["--conditions", "0.5:1.2:3"], ["--conditions", "1.2", "outside [0, 1]"]),
     (["--guidance", "-1"], ["--guidance", ">= 0"]),
     (["--steps", "0"], ["--steps", ">= 1"]),
+    (["--seeds-per-batch", "0"], ["--seeds-per-batch", ">= 1, got 0"]),
 ])
 def test_bad_sampling_flags(world, tmp_path, flags, needles):
     out = tmp_path / "t"

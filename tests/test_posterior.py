@@ -265,6 +265,13 @@ def test_grid_outside_zero_one(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("grid", ["0", "0:1:1", "0.5,0.5", "0,0.5,0.5,1"])
+def test_a_grid_of_one_label_or_a_repeated_one(world, tmp_path, grid):
+    result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--grid", grid)
+    one_line_error(result, "--grid", "needs at least 2 labels, none repeated", grid)
+    assert not (tmp_path / "o").exists()
+
+
 def test_draws_below_one(world, tmp_path):
     result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--draws", "0")
     one_line_error(result, "--draws", "must be >= 1")
