@@ -127,7 +127,7 @@ def extract_config(args, split_mode: str):
     label_map = getattr(args, "label_map", None)
     cfg.label_map = parse_label_map(label_map) if label_map else check_label_map(cfg.label_map, where)
     for key, value, low in (("patch_size", cfg.patch_size, 8), ("margin", cfg.margin, 0), ("level", cfg.level, 0),
-                            ("workers", cfg.workers, 1)):
+                            ("workers", cfg.workers, 1), ("split.seed", cfg.split.seed, 0)):
         if value < low:
             raise UserError(f"{where}: key '{key}' must be >= {low}, got {value}")
     return cfg
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive("--n"), default=6000, help="number of patches (default 6000)")
     p.add_argument("--size", type=_positive("--size"), default=64, help="patch size in pixels (default 64)")
     p.add_argument("--experts", type=_positive("--experts"), default=3, help="simulated experts voting (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--margin", type=_nonnegative, default=8, help="context pixels stored around each patch (default 8)")
     p.add_argument("--imposters", type=float, default=0.15, help="fraction of dark round look-alikes (default 0.15)")
     p.add_argument("--workers", type=_positive("--workers"), default=_default_workers())
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--level", type=_nonnegative, help="pyramid level to read (default 0)")
         q.add_argument("--workers", type=_positive("--workers"), help="slides extracted in parallel (default 2)")
         q.add_argument("--split", choices=["slide", "y", "random"], help="split mode (default per source)")
-        q.add_argument("--seed", type=int, help="split (and sampling) seed")
+        q.add_argument("--seed", type=_nonnegative, help="split (and sampling) seed")
         q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         return q
 

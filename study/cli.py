@@ -51,9 +51,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+
+
 def run_make(args) -> None:
     from .make import make_study
 
+    check_seed(args.seed)
     check_new_output(args.out, args.overwrite)
     study = make_study(args.transitions, args.real2gen, args.dataset, args.n_real, args.n_generated, args.seed,
                        args.out, args.overwrite, title=args.title)
@@ -100,6 +106,13 @@ def run_simulate(args) -> None:
     from .answers import read_study
     from .simulate import simulate, write_answers
 
+    check_seed(args.seed)
+    if not args.reader.strip():
+        raise UserError("--reader: must not be empty (`study analyse` refuses answers without a reader)")
+    if not args.noise >= 0:
+        raise UserError(f"--noise: must be >= 0, got {args.noise:g}")
+    if not 0 <= args.accuracy <= 1:
+        raise UserError(f"--accuracy: must be in [0, 1], got {args.accuracy:g}")
     check_new_output(args.out, args.overwrite)
     study = read_study(args.study)
     rows = simulate(study, args.reader, args.strategy, args.seed, args.noise, args.accuracy)

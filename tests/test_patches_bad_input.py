@@ -85,6 +85,20 @@ def test_label_outside_unit_interval_or_nan(tmp_path, capsys, image, value):
           "cells.csv", "line 3", "field 'label'")
 
 
+def test_a_negative_seed(tmp_path, capsys, image):
+    # numpy's generators refuse negative seeds with a traceback; the flag and the config key say so in one line
+    table = points_csv(tmp_path, "slide,x,y,label\nok.png,5,5,1\n")
+    fails(["points", "--csv", table, "--slides", tmp_path, "--out", tmp_path / "ds", "--set", "split.seed=-3"],
+          tmp_path / "ds", capsys, "--set: key 'split.seed' must be >= 0, got -3")
+    for argv in (["points", "--csv", table, "--slides", tmp_path, "--out", tmp_path / "ds", "--seed", "-1"],
+                 ["synth", "--out", tmp_path / "ds", "--n", "3", "--seed=-1"]):
+        with pytest.raises(SystemExit) as exc:  # argparse's refusal: its usage, then the error
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "error: argument --seed: must be >= 0, got -1" in err, err
+        assert "Traceback" not in err and not (tmp_path / "ds").exists()
+
+
 def test_duplicate_ids(tmp_path, capsys, image):
     js = midog_json(tmp_path, [ann(7), ann(7, bbox=(20, 5, 70, 55))])
     fails(["midog", "--json", js, "--images", tmp_path, "--out", tmp_path / "ds"], tmp_path / "ds", capsys,

@@ -108,6 +108,27 @@ def test_make_refuses_what_it_cannot_draw(inputs, tmp_path, capsys):
     assert "--transitions" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("action, flags, message", [
+    ("make", ["--seed", "-1"], "--seed: must be >= 0, got -1"),
+    ("simulate", ["--seed", "-1"], "--seed: must be >= 0, got -1"),
+    ("simulate", ["--reader", " "], "--reader: must not be empty"),
+    ("simulate", ["--strategy", "noisy", "--noise", "-0.5"], "--noise: must be >= 0, got -0.5"),
+    ("simulate", ["--strategy", "noisy", "--accuracy", "1.5"], "--accuracy: must be in [0, 1], got 1.5"),
+])
+def test_bad_seeds_readers_and_rates_are_one_line(inputs, study, tmp_path, capsys, action, flags, message):
+    # a negative seed was a numpy traceback; an empty reader wrote answers that `analyse` then refused
+    out = tmp_path / ("s" if action == "make" else "answers.csv")
+    if action == "make":
+        argv = ["make", "--transitions", str(inputs / "tr"), "--dataset", str(inputs / "ds"), "--out", str(out)]
+    else:
+        argv = ["simulate", "--study", str(study[0]), "--reader", "r1", "--out", str(out)]
+    with pytest.raises(SystemExit) as err:
+        main([*argv, *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert not out.exists()
+
+
 # -- blinding ----------------------------------------------------------------
 
 def template(page: str) -> str:
