@@ -66,6 +66,48 @@ class TrainConfig:
     num_workers: int = 0
 
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def check_train_config(tcfg: TrainConfig, where="train") -> None:
+    """One line naming the key for a `train:` value no stage can run with (before any data or model is built).
+    `where`: what the line names first, or a function of the key (the YAML file, or `--set` for an override).
+
+    0 keeps its documented meaning where it has one: checkpoint_every 0 saves no checkpoints, max_grad_norm <= 0
+    clips nothing, ema_decay 0 keeps no EMA."""
+    import math
+
+    from diffusers.optimization import SchedulerType
+
+    def bad(key, rule, value):
+        source = where(key) if callable(where) else where
+        return UserError(f"{source}: key 'train.{key}' must be {rule}, got {value!r}")
+
+    for key, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("lr_warmup_steps", 0),
+                     ("checkpoint_every", 0), ("keep_checkpoints", 0), ("log_every", 0), ("seed", 0),
+                     ("num_workers", 0)):
+        value = getattr(tcfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, f"an integer >= {low}", value)
+    if not (isinstance(tcfg.lr, (int, float)) and math.isfinite(tcfg.lr) and tcfg.lr > 0):
+        raise bad("lr", "a finite number > 0", tcfg.lr)
+    for key in ("weight_decay", "max_grad_norm"):
+        if not (isinstance(getattr(tcfg, key), (int, float)) and math.isfinite(getattr(tcfg, key))):
+            raise bad(key, "a finite number", getattr(tcfg, key))
+    if tcfg.weight_decay < 0:
+        raise bad("weight_decay", ">= 0", tcfg.weight_decay)
+    if not (isinstance(tcfg.ema_decay, (int, float)) and 0 <= tcfg.ema_decay < 1):
+        raise bad("ema_decay", "in [0, 1) (0: no EMA)", tcfg.ema_decay)
+    betas = list(tcfg.adam_betas) if isinstance(tcfg.adam_betas, (list, tuple)) else None
+    if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise bad("adam_betas", "two numbers in [0, 1)", tcfg.adam_betas)
+    schedules = [s.value for s in SchedulerType]
+    if tcfg.lr_schedule not in schedules:
+        raise bad("lr_schedule", f"one of {', '.join(schedules)}", tcfg.lr_schedule)
+    if tcfg.mixed_precision not in MIXED_PRECISION:
+        raise bad("mixed_precision", f"one of {', '.join(MIXED_PRECISION)}", tcfg.mixed_precision)
+
+
 def adamw(params, tcfg: TrainConfig, **overrides) -> torch.optim.AdamW:
     """AdamW at the `train:` section's learning rate, betas and weight decay, with the multi-tensor (foreach)
     update on every device. PyTorch picks it by itself only for CUDA tensors; on CPU it takes the diffusion
@@ -92,7 +134,11 @@ def load_stage_config(cls, args):
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
-    return load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides)
+    if isinstance(getattr(cfg, "train", None), TrainConfig):
+        overridden = {item.split("=", 1)[0].strip() for item in overrides}
+        check_train_config(cfg.train, lambda key: "--set" if f"train.{key}" in overridden else args.config)
+    return cfg
 
 
 def tensorboard_available() -> bool:
@@ -104,6 +150,7 @@ class TrainingRun:
 
     def __init__(self, run_dir, train: TrainConfig, full_config=None, resume: str | None = None,
                  overwrite: bool = False, project_name: str = "mitosis-ldm"):
+        check_train_config(train)  # callers from Python; the entry points checked it before building anything
         self.run_dir = Path(run_dir)
         self.train = train
         self.ckpt_dir = self.run_dir / "checkpoints"

@@ -35,6 +35,10 @@ def test_each_profile_ships_every_stage(profile):
 @pytest.mark.parametrize("stage", ["autoencoder", "classifier", "data", "diffusion", "report"])
 def test_shipped_recipe_loads(profile, stage):
     cfg = load_config(config_class(stage), REPO / "configs" / profile / f"{stage}.yaml")
+    if stage in ("autoencoder", "classifier", "diffusion"):
+        from mitosis_ldm.training import check_train_config
+
+        check_train_config(cfg.train)
     if stage == "diffusion":
         from diffusion.train import check_config
 
@@ -52,3 +56,53 @@ def test_a_misspelt_key_in_a_recipe_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=r"diffusion\.yaml: unknown key 'sample\.guide_snapshot'"):
         load_config(DiffusionTrainConfig, path)
+
+
+def test_the_long_recipes_train_sections_pass_the_check():
+    from mitosis_ldm.training import check_train_config
+
+    recipes = sorted((REPO / "configs" / "long").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        check_train_config(load_config(config_class(path.stem), path).train)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "--set: key 'train.batch_size' must be an integer >= 1, got 0"),
+    ("train.max_steps=2.5", None),  # the loader's own type check
+    ("train.lr=-1", "--set: key 'train.lr' must be a finite number > 0, got -1.0"),
+    ("train.lr=.nan", "--set: key 'train.lr' must be a finite number > 0, got nan"),
+    ("train.ema_decay=1.5", "--set: key 'train.ema_decay' must be in [0, 1) (0: no EMA), got 1.5"),
+    ("train.lr_warmup_steps=-5", "--set: key 'train.lr_warmup_steps' must be an integer >= 0, got -5"),
+    ("train.lr_schedule=bogus", "--set: key 'train.lr_schedule' must be one of linear, cosine"),
+    ("train.mixed_precision=fp8", "--set: key 'train.mixed_precision' must be one of no, fp16, bf16, got 'fp8'"),
+    ("train.adam_betas=[1.5,0.9]", "--set: key 'train.adam_betas' must be two numbers in [0, 1), got (1.5, 0.9)"),
+    ("train.weight_decay=-1", "--set: key 'train.weight_decay' must be >= 0, got -1.0"),
+    ("train.seed=-1", "--set: key 'train.seed' must be an integer >= 0, got -1"),
+])
+def test_a_train_value_no_stage_can_run_with_is_one_line_before_anything_is_built(tmp_path, capsys, override,
+                                                                                  message):
+    # these were tracebacks from torch's DataLoader or AdamW, from diffusers' scheduler lookup, or (ema_decay 1.5,
+    # a negative warm-up) a run that trained on silently
+    from classifier.train import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs/demo/classifier.yaml"), "--set", override, "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert lines[0].startswith(f"error: {message}" if message else "error: --set: key 'train.max_steps'"), lines
+    assert not out.exists()
+
+
+def test_the_train_check_names_the_recipe_file_for_a_value_it_holds(tmp_path):
+    from mitosis_ldm.errors import UserError
+    from mitosis_ldm.training import load_stage_config, train_arg_parser
+
+    from classifier.train import ClassifierConfig
+
+    path = tmp_path / "classifier.yaml"
+    path.write_text((REPO / "configs/demo/classifier.yaml").read_text().replace("batch_size: 64", "batch_size: 0"))
+    args = train_arg_parser("x").parse_args(["--config", str(path)])
+    with pytest.raises(UserError, match=rf"^{path}: key 'train.batch_size' must be an integer >= 1, got 0$"):
+        load_stage_config(ClassifierConfig, args)
