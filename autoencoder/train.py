@@ -222,12 +222,38 @@ def starting_model(cfg: ModelConfig) -> AutoencoderKL | None:
     return vae
 
 
+def check_config(cfg: AutoencoderConfig) -> None:
+    """One line naming the key for a data, model or loss value the stage cannot train with (the `train:` section
+    has its own check, `mitosis_ldm.training.check_train_config`)."""
+    import math
+
+    from .model import PRESETS
+
+    if not 0 <= cfg.data.stain_jitter < float("inf"):
+        raise UserError(f"data.stain_jitter: must be a finite number >= 0 (0: off), got {cfg.data.stain_jitter}")
+    if cfg.data.crop < 0 or cfg.data.crop % 4:
+        raise UserError(f"data.crop: must be 0 (whole patches) or a positive multiple of 4 (the autoencoder "
+                        f"downsamples by 4), got {cfg.data.crop}")
+    for key in ("scale_patches", "eval_limit"):
+        if getattr(cfg.data, key) < 1:
+            raise UserError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
+    if cfg.data.eval_every < 0:
+        raise UserError(f"data.eval_every: must be >= 0 (0: only at the end), got {cfg.data.eval_every}")
+    if not cfg.model.init_from and cfg.model.preset not in PRESETS:
+        raise UserError(f"model.preset: unknown autoencoder preset '{cfg.model.preset}' (known: {', '.join(PRESETS)})")
+    if cfg.model.latent_channels < 1:
+        raise UserError(f"model.latent_channels: must be >= 1, got {cfg.model.latent_channels}")
+    for key in ("l1", "ssim", "kl", "lpips", "gan", "disc_lr"):
+        value = getattr(cfg.loss, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"loss.{key}: must be a finite weight >= 0, got {value}")
+
+
 @user_errors
 def main(argv=None):
     args = train_arg_parser("Train the histology autoencoder (AutoencoderKL) with accelerate.").parse_args(argv)
     cfg = load_stage_config(AutoencoderConfig, args)
-    if cfg.data.crop and cfg.data.crop % 4:
-        raise UserError(f"data.crop: must be divisible by 4 (the autoencoder downsamples by 4), got {cfg.data.crop}")
+    check_config(cfg)
     dataset = training_set(cfg.data)  # validate inputs before creating the run folder
     if len(dataset) < cfg.train.batch_size:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")

@@ -276,6 +276,25 @@ def prepare_run_root(cfg: ClassifierConfig, args, state) -> None:
     state.wait_for_everyone()
 
 
+def check_config(cfg: ClassifierConfig) -> None:
+    """One line naming the key for an ensemble, model or augmentation value the stage cannot train with."""
+    from patches.augment import check_augment
+
+    if cfg.ensemble.eval_every < 1:
+        raise UserError(f"ensemble.eval_every: must be >= 1, got {cfg.ensemble.eval_every}")
+    if cfg.ensemble.patience < 1:
+        # a patience below 1 ended every member at its first validation pass
+        raise UserError(f"ensemble.patience: must be >= 1, got {cfg.ensemble.patience}")
+    if not 0 <= cfg.ensemble.min_delta < float("inf"):
+        raise UserError(f"ensemble.min_delta: must be a finite number >= 0, got {cfg.ensemble.min_delta}")
+    if isinstance(cfg.model.upsample, bool) or not isinstance(cfg.model.upsample, int) \
+            or not 1 <= cfg.model.upsample <= 16:
+        # the range a classifier folder's config.json is checked against on loading: outside it, training ran
+        # to the end and wrote a folder that `score` and `evaluate` refuse
+        raise UserError(f"model.upsample: must be an integer in [1, 16], got {cfg.model.upsample!r}")
+    check_augment(cfg.data.augment, "data.augment.")
+
+
 @user_errors
 def main(argv=None):
     parser = train_arg_parser("Train the mitosis classifier ensemble (K members, different seeds).")
@@ -288,6 +307,7 @@ def main(argv=None):
         raise UserError(f"--member: {args.member} is outside 0..{cfg.ensemble.members - 1} (ensemble.members)")
     if cfg.data.label_mode not in ("soft", "hard", "binned"):
         raise UserError(f"data.label_mode: must be soft, hard or binned, got '{cfg.data.label_mode}'")
+    check_config(cfg)
     MitosisClassifier(replace(cfg.model, pretrained=False))  # bad model names/kwargs fail before any output
     if cfg.model.pretrained:
         MitosisClassifier(cfg.model)  # an unreachable hub fails here, before any output

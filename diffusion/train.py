@@ -186,6 +186,27 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
             raise UserError(f"data.splits: unknown split '{name}' (train, val, test)")
     if not 0 <= cfg.diffusion.cond_dropout <= 1:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
+    if cfg.data.balance_bins < 1:
+        raise UserError(f"data.balance_bins: must be >= 1, got {cfg.data.balance_bins}")
+    for key, value, note in (("data.label_jitter", cfg.data.label_jitter, ""),
+                             ("data.unlabelled_weight", cfg.data.unlabelled_weight, ""),
+                             ("diffusion.min_snr_gamma", cfg.diffusion.min_snr_gamma, " (0 disables)")):
+        if not 0 <= value < float("inf"):
+            raise UserError(f"{key}: must be a finite number >= 0{note}, got {value}")
+    if cfg.diffusion.num_train_timesteps < 2:
+        raise UserError(f"diffusion.num_train_timesteps: must be >= 2, got {cfg.diffusion.num_train_timesteps}")
+    try:
+        make_noise_scheduler(cfg.diffusion)
+    except (NotImplementedError, ValueError):
+        raise UserError(f"diffusion.beta_schedule: diffusers' DDPMScheduler has no schedule "
+                        f"'{cfg.diffusion.beta_schedule}'") from None
+    if cfg.preview.every < 0:
+        raise UserError(f"preview.every: must be >= 0 (0: no previews), got {cfg.preview.every}")
+    if cfg.preview.every and (cfg.preview.conditions < 1 or not cfg.preview.seeds
+                              or min(cfg.preview.seeds) < 0):
+        # otherwise found only at the first preview step, minutes into the run
+        raise UserError(f"preview: needs conditions >= 1 and one or more seeds >= 0 (or every: 0), got conditions "
+                        f"{cfg.preview.conditions} and seeds {cfg.preview.seeds}")
     from .model import PRESETS
     from .schedulers import SAMPLERS
     from .sampling_args import (GUIDES, check_guidance_schedule, check_null_guidance, check_null_guidance_middle,

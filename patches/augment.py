@@ -20,6 +20,18 @@ class AugmentConfig:
     crop: int = 0                  # random crop of this size (0 = full patch)
 
 
+def check_augment(cfg: AugmentConfig, prefix: str) -> None:
+    """One line naming the key (`prefix` + name) for a negative strength or crop."""
+    from mitosis_ldm.errors import UserError
+
+    for key in ("stain_jitter", "blur"):
+        value = getattr(cfg, key)
+        if not 0 <= value < float("inf"):
+            raise UserError(f"{prefix}{key}: must be a finite number >= 0 (0: off), got {value}")
+    if cfg.crop < 0:
+        raise UserError(f"{prefix}crop: must be >= 0 (0: the whole patch), got {cfg.crop}")
+
+
 def augment_patch(patch: np.ndarray, size: int, margin: int, cfg: AugmentConfig) -> np.ndarray:
     """Augment one stored (S, S, 3) patch and return a (size or crop) centre region, uint8."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))

@@ -39,6 +39,10 @@ def test_shipped_recipe_loads(profile, stage):
         from mitosis_ldm.training import check_train_config
 
         check_train_config(cfg.train)
+    if stage in ("autoencoder", "classifier"):
+        import importlib
+
+        importlib.import_module(f"{stage}.train").check_config(cfg)
     if stage == "diffusion":
         from diffusion.train import check_config
 
@@ -106,3 +110,55 @@ def test_the_train_check_names_the_recipe_file_for_a_value_it_holds(tmp_path):
     args = train_arg_parser("x").parse_args(["--config", str(path)])
     with pytest.raises(UserError, match=rf"^{path}: key 'train.batch_size' must be an integer >= 1, got 0$"):
         load_stage_config(ClassifierConfig, args)
+
+
+def stage_check(stage: str):
+    import importlib
+
+    return importlib.import_module(f"{stage}.train").check_config
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("autoencoder", "data.crop=30", "data.crop: must be 0 (whole patches) or a positive multiple of 4"),
+    ("autoencoder", "data.crop=-4", "data.crop: must be 0 (whole patches) or a positive multiple of 4"),
+    ("autoencoder", "data.scale_patches=0", "data.scale_patches: must be >= 1, got 0"),
+    ("autoencoder", "data.stain_jitter=-1", "data.stain_jitter: must be a finite number >= 0 (0: off), got -1.0"),
+    ("autoencoder", "model.preset=huge", "model.preset: unknown autoencoder preset 'huge' (known: tiny, base)"),
+    ("autoencoder", "model.latent_channels=0", "model.latent_channels: must be >= 1, got 0"),
+    ("autoencoder", "loss.l1=-1", "loss.l1: must be a finite weight >= 0, got -1.0"),
+    ("autoencoder", "loss.kl=.nan", "loss.kl: must be a finite weight >= 0, got nan"),
+    ("autoencoder", "loss.gan=-1", "loss.gan: must be a finite weight >= 0, got -1.0"),
+    ("classifier", "ensemble.eval_every=0", "ensemble.eval_every: must be >= 1, got 0"),
+    ("classifier", "ensemble.patience=0", "ensemble.patience: must be >= 1, got 0"),
+    ("classifier", "model.upsample=0", "model.upsample: must be an integer in [1, 16], got 0"),
+    ("classifier", "data.augment.blur=-1", "data.augment.blur: must be a finite number >= 0 (0: off), got -1.0"),
+    ("classifier", "data.augment.crop=-3", "data.augment.crop: must be >= 0 (0: the whole patch), got -3"),
+    ("diffusion", "data.balance_bins=0", "data.balance_bins: must be >= 1, got 0"),
+    ("diffusion", "data.label_jitter=-0.1", "data.label_jitter: must be a finite number >= 0, got -0.1"),
+    ("diffusion", "diffusion.min_snr_gamma=-1", "diffusion.min_snr_gamma: must be a finite number >= 0 (0 disables)"),
+    ("diffusion", "diffusion.beta_schedule=bogus", "diffusion.beta_schedule: diffusers' DDPMScheduler has no schedule"),
+    ("diffusion", "diffusion.num_train_timesteps=0", "diffusion.num_train_timesteps: must be >= 2, got 0"),
+    ("diffusion", "preview.every=-1", "preview.every: must be >= 0 (0: no previews), got -1"),
+    ("diffusion", "preview.conditions=0", "preview: needs conditions >= 1 and one or more seeds >= 0"),
+    ("diffusion", "preview.seeds=[]", "preview: needs conditions >= 1 and one or more seeds >= 0"),
+])
+def test_a_stage_value_it_cannot_train_with_is_named(stage, override, message):
+    # each of these was a traceback, a run that trained on nonsense (negative loss weights, NaN), a run that failed
+    # minutes in (a preview with no conditions) or a classifier folder its own loader refuses (upsample 0)
+    from mitosis_ldm.errors import UserError
+
+    cfg = load_config(config_class(stage), REPO / "configs" / "demo" / f"{stage}.yaml", [override])
+    with pytest.raises(UserError) as error:
+        stage_check(stage)(cfg)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_the_autoencoder_entry_point_checks_before_writing(tmp_path, capsys):
+    from autoencoder.train import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs/demo/autoencoder.yaml"), "--set", "loss.ssim=-1", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines == ["error: loss.ssim: must be a finite weight >= 0, got -1.0"], lines
+    assert not out.exists()
