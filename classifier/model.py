@@ -100,6 +100,9 @@ def _check_hub_reachable(name: str, timeout: float = 5.0) -> None:
                         f"and set HF_HUB_OFFLINE=1") from None
 
 
+UPSAMPLE_RANGE = (1, 16)  # model.upsample: what training accepts and a classifier folder's config.json may hold
+
+
 class Preprocess(nn.Module):
     """uint8-range images (B, 3, H, W) float in [0, 255] -> the network's input."""
 
@@ -308,7 +311,8 @@ def _parse_config(meta, where: Path) -> tuple[ModelConfig, list[int], list[tuple
     need(isinstance(meta["model_name"], str), "model_name", "a timm model name (a string)")
     need(isinstance(meta.get("model_kwargs", {}), dict), "model_kwargs", "an object")
     need(is_int(meta["input_size"]) and 8 <= meta["input_size"] <= 4096, "input_size", "an integer in [8, 4096]")
-    need(is_int(meta["upsample"]) and 1 <= meta["upsample"] <= 16, "upsample", "an integer in [1, 16]")
+    low, high = UPSAMPLE_RANGE
+    need(is_int(meta["upsample"]) and low <= meta["upsample"] <= high, "upsample", f"an integer in [{low}, {high}]")
     need(isinstance(norm, dict) and norm.get("kind") in ("percentile", "meanstd"), "normalisation.kind",
          "percentile or meanstd")
     need(is_num(norm.get("percentile", 99.0)) and 0 < norm.get("percentile", 99.0) <= 100, "normalisation.percentile",

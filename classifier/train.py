@@ -280,6 +280,12 @@ def check_config(cfg: ClassifierConfig) -> None:
     """One line naming the key for an ensemble, model or augmentation value the stage cannot train with."""
     from patches.augment import check_augment
 
+    from .model import UPSAMPLE_RANGE
+
+    if cfg.ensemble.members < 1:
+        raise UserError(f"ensemble.members: must be at least 1, got {cfg.ensemble.members}")
+    if cfg.data.label_mode not in ("soft", "hard", "binned"):
+        raise UserError(f"data.label_mode: must be soft, hard or binned, got '{cfg.data.label_mode}'")
     if cfg.ensemble.eval_every < 1:
         raise UserError(f"ensemble.eval_every: must be >= 1, got {cfg.ensemble.eval_every}")
     if cfg.ensemble.patience < 1:
@@ -287,11 +293,12 @@ def check_config(cfg: ClassifierConfig) -> None:
         raise UserError(f"ensemble.patience: must be >= 1, got {cfg.ensemble.patience}")
     if not 0 <= cfg.ensemble.min_delta < float("inf"):
         raise UserError(f"ensemble.min_delta: must be a finite number >= 0, got {cfg.ensemble.min_delta}")
+    low, high = UPSAMPLE_RANGE
     if isinstance(cfg.model.upsample, bool) or not isinstance(cfg.model.upsample, int) \
-            or not 1 <= cfg.model.upsample <= 16:
+            or not low <= cfg.model.upsample <= high:
         # the range a classifier folder's config.json is checked against on loading: outside it, training ran
         # to the end and wrote a folder that `score` and `evaluate` refuse
-        raise UserError(f"model.upsample: must be an integer in [1, 16], got {cfg.model.upsample!r}")
+        raise UserError(f"model.upsample: must be an integer in [{low}, {high}], got {cfg.model.upsample!r}")
     check_augment(cfg.data.augment, "data.augment.")
 
 
@@ -301,13 +308,9 @@ def main(argv=None):
     parser.add_argument("--member", type=int, help="train only member k (0-based), e.g. one job of a job array")
     args = parser.parse_args(argv)
     cfg = load_stage_config(ClassifierConfig, args)
-    if cfg.ensemble.members < 1:
-        raise UserError(f"ensemble.members: must be at least 1, got {cfg.ensemble.members}")
+    check_config(cfg)
     if args.member is not None and not 0 <= args.member < cfg.ensemble.members:
         raise UserError(f"--member: {args.member} is outside 0..{cfg.ensemble.members - 1} (ensemble.members)")
-    if cfg.data.label_mode not in ("soft", "hard", "binned"):
-        raise UserError(f"data.label_mode: must be soft, hard or binned, got '{cfg.data.label_mode}'")
-    check_config(cfg)
     MitosisClassifier(replace(cfg.model, pretrained=False))  # bad model names/kwargs fail before any output
     if cfg.model.pretrained:
         MitosisClassifier(cfg.model)  # an unreachable hub fails here, before any output
