@@ -62,6 +62,15 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1, h, w) logits
         return self.net(x)
 
+    def output_size(self, size: int) -> int:
+        """The side of the logit map for a `size`-pixel input (< 1: the input is too small for this depth)."""
+        for m in self.net:
+            if isinstance(m, nn.Conv2d):
+                size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+                if size < 1:
+                    return size
+        return size
+
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())

@@ -247,6 +247,13 @@ def check_config(cfg: AutoencoderConfig) -> None:
         value = getattr(cfg.loss, key)
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"loss.{key}: must be a finite weight >= 0, got {value}")
+    if cfg.loss.gan_start < 0:
+        raise UserError(f"loss.gan_start: must be >= 0 (the step the discriminator joins), got {cfg.loss.gan_start}")
+    if cfg.loss.disc_layers < 0:
+        raise UserError(f"loss.disc_layers: must be >= 0, got {cfg.loss.disc_layers}")
+    if cfg.loss.disc_channels < 4 or cfg.loss.disc_channels % 4:
+        raise UserError(f"loss.disc_channels: must be a positive multiple of 4 (its group norms have 8 groups), "
+                        f"got {cfg.loss.disc_channels}")
 
 
 @user_errors
@@ -257,6 +264,11 @@ def main(argv=None):
     dataset = training_set(cfg.data)  # validate inputs before creating the run folder
     if len(dataset) < cfg.train.batch_size:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset)} training patches")
+    if cfg.loss.gan > 0:
+        side = dataset[0]["image"].shape[-1]
+        if PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers).output_size(side) < 1:
+            raise UserError(f"loss.disc_layers: {cfg.loss.disc_layers} layers leave no logits for the {side}-pixel "
+                            f"training images; use fewer layers or a larger data.crop")
     lpips = build_lpips(cfg.loss.lpips_net) if cfg.loss.lpips > 0 else None
     raw = starting_model(cfg.model)  # checked before the run folder exists
     run = TrainingRun(cfg.out, cfg.train, cfg, resume=args.resume, overwrite=args.overwrite)

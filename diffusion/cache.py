@@ -218,6 +218,8 @@ def main(argv=None):
                         help="encode only this split (repeatable; default: all rows)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {args.seed}")
     out = build_cache(args.vae, args.dataset, args.out, args.mode, args.dihedral, args.overwrite, args.seed,
                       splits=args.split)
     info = read_json(out / "cache.json")

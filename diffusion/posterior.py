@@ -271,6 +271,8 @@ def parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.draws < 1:
         raise UserError(f"--draws: must be >= 1, got {args.draws}")
+    if args.seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {args.seed}")
     for flag in ("limit", "calibrate_limit", "patches_per_call", "t_bands", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:

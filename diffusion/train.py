@@ -186,6 +186,8 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
             raise UserError(f"data.splits: unknown split '{name}' (train, val, test)")
     if not 0 <= cfg.diffusion.cond_dropout <= 1:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
+    if cfg.data.cache_mode not in ("mean", "sample"):
+        raise UserError(f"data.cache_mode: must be mean or sample, got '{cfg.data.cache_mode}'")
     if cfg.data.balance_bins < 1:
         raise UserError(f"data.balance_bins: must be >= 1, got {cfg.data.balance_bins}")
     for key, value, note in (("data.label_jitter", cfg.data.label_jitter, ""),

@@ -192,6 +192,25 @@ def test_refuses_existing_run_and_bad_config(tmp_path, tiny_data, trained):
                         "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "loss.lpips=0.1",
                         env={"TORCH_HOME": str(tmp_path / "empty-hub")})
     assert result.returncode == 2 and "loss.lpips" in result.stderr and not (tmp_path / "z").exists()
+    # 3 discriminator layers shrink a 16-pixel crop to nothing: was a conv RuntimeError at gan_start, after training
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "d",
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "loss.gan=0.5", "--set",
+                        "loss.disc_layers=3", *TINY_TRAIN)
+    assert result.returncode == 2 and not (tmp_path / "d").exists()
+    assert result.stderr.strip() == ("error: loss.disc_layers: 3 layers leave no logits for the 16-pixel training "
+                                     "images; use fewer layers or a larger data.crop"), result.stderr
+
+
+def test_the_discriminators_logit_map_size_matches_its_forward_pass():
+    for layers in range(5):
+        disc = PatchDiscriminator(8, layers)
+        for side in (16, 17, 32, 64):
+            expected = disc.output_size(side)
+            if expected < 1:
+                with pytest.raises(RuntimeError):
+                    disc(torch.zeros(1, 3, side, side))
+            else:
+                assert disc(torch.zeros(1, 3, side, side)).shape[-2:] == (expected, expected)
 
 
 @pytest.mark.parametrize("name", ["demo", "full", "long"])

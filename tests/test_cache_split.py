@@ -36,3 +36,17 @@ def test_cache_with_an_unknown_split_is_refused(tmp_path, capsys):
                     "--out", str(tmp_path / "c")])
     assert exit_info.value.code == 2 and "--split" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_cache_with_a_negative_seed_is_refused(tmp_path, capsys):
+    # was accepted, unlike every other command's --seed
+    from diffusion.cache import main as cache_main
+
+    synth = make_dataset(tmp_path / "synth", n=8, seed=0)
+    vae = make_vae(tmp_path / "vae")
+    with pytest.raises(SystemExit) as exit_info:
+        cache_main(["--vae", str(vae), "--dataset", str(synth), "--mode", "sample", "--seed", "-1",
+                    "--out", str(tmp_path / "c")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --seed: must be >= 0, got -1"
+    assert not (tmp_path / "c").exists()

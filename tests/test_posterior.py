@@ -277,6 +277,13 @@ def test_draws_below_one(world, tmp_path):
     one_line_error(result, "--draws", "must be >= 1")
 
 
+def test_a_negative_seed(world, tmp_path):
+    # was accepted (torch takes negative seeds), unlike every other command's --seed
+    result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--seed", "-1")
+    one_line_error(result, "--seed", "must be >= 0, got -1")
+    assert not (tmp_path / "o").exists()
+
+
 def test_classifier_folder_as_pipeline(world, tmp_path):
     folder = tmp_path / "classifier"
     folder.mkdir()
