@@ -179,10 +179,12 @@ def load_latents(path: Path, latent_channels: int) -> tuple[list[torch.Tensor], 
         if not keys:
             raise UserError(f"{path}: field 'latents' is missing (keys: {', '.join(sorted(tensors)) or 'none'})")
         latents = [tensors[k] for k in keys]
-    for z in latents:
+    for i, z in enumerate(latents):
         if z.ndim != 4 or z.shape[1] != latent_channels:
             raise UserError(f"{path}: latents have {z.shape[1] if z.ndim == 4 else '?'} channels (shape "
                             f"{tuple(z.shape)}), but the autoencoder expects {latent_channels}")
+        if not torch.isfinite(z).all():
+            raise UserError(f"{path}: latent {i} holds NaN or inf values; it would decode to a blank image")
     names = [str(i) for i in range(len(latents))]
     meta_path = sidecar(path)
     if meta_path.exists():

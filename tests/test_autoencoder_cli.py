@@ -121,6 +121,18 @@ def test_bad_latent_channel_count(tmp_path, model_dir):
     assert "3 channels" in line and "expects 4" in line
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_bad_latents_that_are_not_finite(tmp_path, model_dir, value):
+    # were decoded to black PNGs without a word
+    from safetensors.torch import save_file
+
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[1, 2, 3, 4] = value
+    save_file({"latents": latents}, tmp_path / "z.safetensors")
+    line = _bad(tmp_path, model_dir, tmp_path / "z.safetensors", command="decode")
+    assert line.endswith("z.safetensors: latent 1 holds NaN or inf values; it would decode to a blank image"), line
+
+
 def test_bad_size_not_divisible_by_four(tmp_path, model_dir):
     Image.fromarray(np.zeros((30, 32, 3), np.uint8)).save(tmp_path / "odd.png")
     assert "not divisible by 4" in _bad(tmp_path, model_dir, tmp_path / "odd.png", command="reconstruct")
