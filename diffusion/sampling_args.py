@@ -27,6 +27,15 @@ def check_conditions(conditions, flag: str = "--conditions") -> list[float]:
     return values
 
 
+def check_distinct(values, flag: str, text: str) -> None:
+    """A repeated seed or condition renders the same frames twice and counts them twice in every mean and CI."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise UserError(f"{flag}: {v:g} appears more than once in '{text}'; give each once")
+        seen.add(v)
+
+
 def check_sampling_args(guidance: float, steps: int) -> None:
     if not (guidance >= 0):
         raise UserError(f"--guidance: must be >= 0, got {guidance:g}")
@@ -159,6 +168,7 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds: expected e.g. 0-15 or 0,3,7, got '{text}'") from None
     if not seeds or min(seeds) < 0:
         raise UserError(f"--seeds: expected non-negative seeds such as 0-15, got '{text}'")
+    check_distinct(seeds, "--seeds", text)
     return seeds
 
 
@@ -176,4 +186,6 @@ def parse_conditions(text: str, flag: str = "--conditions") -> list[float]:
     except ValueError:
         raise UserError(f"{flag}: expected START:STOP:COUNT such as 0:1:11, or a list such as 0,0.5,1; "
                         f"got '{text}'") from None
-    return check_conditions(values, flag)
+    values = check_conditions(values, flag)
+    check_distinct(values, flag, text)
+    return values

@@ -299,6 +299,10 @@ def _one_line_error(result, *needles):
     (["--guidance", "-1"], ["--guidance", ">= 0"]),
     (["--steps", "0"], ["--steps", ">= 1"]),
     (["--seeds-per-batch", "0"], ["--seeds-per-batch", ">= 1, got 0"]),
+    # a repeat rendered the same transition twice, wrote one strip for both and counted it twice in the report
+    (["--seeds", "0-2,1"], ["--seeds", "1 appears more than once in '0-2,1'"]),
+    (["--conditions", "0,0.5,0.5,1"], ["--conditions", "0.5 appears more than once"]),
+    (["--conditions", "0:0:3"], ["--conditions", "0 appears more than once"]),
 ])
 def test_bad_sampling_flags(world, tmp_path, flags, needles):
     out = tmp_path / "t"

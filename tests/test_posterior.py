@@ -265,10 +265,13 @@ def test_grid_outside_zero_one(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("grid", ["0", "0:1:1", "0.5,0.5", "0,0.5,0.5,1"])
-def test_a_grid_of_one_label_or_a_repeated_one(world, tmp_path, grid):
+@pytest.mark.parametrize("grid, message", [("0", "needs at least 2 labels, none repeated"),
+                                           ("0:1:1", "needs at least 2 labels, none repeated"),
+                                           ("0.5,0.5", "0.5 appears more than once"),
+                                           ("0,0.5,0.5,1", "0.5 appears more than once")])
+def test_a_grid_of_one_label_or_a_repeated_one(world, tmp_path, grid, message):
     result = run_module("diffusion.posterior", *posterior_args(world, tmp_path / "o"), "--grid", grid)
-    one_line_error(result, "--grid", "needs at least 2 labels, none repeated", grid)
+    one_line_error(result, "--grid", message, grid)
     assert not (tmp_path / "o").exists()
 
 
