@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mitosis_ldm.errors import UserError, user_errors
 
+MIN_BODY = 1024  # the smallest --max-body: the page's JSON requests stay well under it
+
 
 def load_datasets(paths: list[str]) -> dict:
     from patches.dataset import PatchDataset
@@ -48,8 +50,15 @@ def build(args):
         raise UserError(f"--port: must be in 1..65535, got {args.port}")
     if args.queue < 1:
         raise UserError(f"--queue: must be >= 1, got {args.queue}")
+    if args.max_body < MIN_BODY:
+        raise UserError(f"--max-body: must be >= {MIN_BODY} bytes (the page's own requests are a few hundred), "
+                        f"got {args.max_body}")
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        if args.threads < 1:
+            raise UserError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if Path(args.exports).exists() and not Path(args.exports).is_dir():
+        raise UserError(f"--exports: {args.exports} exists and is not a folder")
     slides = SlideRegistry(args.slides or [])
     datasets = load_datasets(args.dataset or [])
     pipeline = MitosisPipeline.from_pretrained(args.pipeline)
@@ -59,6 +68,26 @@ def build(args):
     if explorer.eager_reason not in (None, "not asked"):
         print(f"warning: rendering eagerly: {explorer.eager_reason}", file=sys.stderr)
     return create_app(explorer, ModelWorker(args.queue), max_body=args.max_body)
+
+
+def listen(host: str, port: int):
+    """The server's socket, bound before the start-up banner: a busy port or an unknown host is one line, not
+    uvicorn's log record after the banner."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host: cannot resolve '{host}' ({err.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"--port: cannot listen on {host}:{port} ({err.strerror})") from None
+    return sock
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,13 +114,14 @@ def main(argv=None):
 
     args = parser().parse_args(argv)
     app = build(args)
+    sock = listen(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: anyone who can reach this machine can browse the slides",
               file=sys.stderr)
     explorer = app.state.explorer
     print(f"explorer: http://{args.host}:{args.port}/  ({len(explorer.slides.names())} slides, "
           f"{len(explorer.datasets)} datasets; exports to {args.exports})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -194,9 +194,20 @@ def test_full_model_queue_answers_503(world, tmp_path):
     (["--dataset", "{pipeline}"], "not a patch dataset"),
     (["--slides", "{slide}", "--port", "0"], "--port"),
     ([], "--slides: give at least one"),
+    # each of these started a server that refused every request, or failed at the first export
+    (["--slides", "{slide}", "--max-body", "0"], "--max-body: must be >= 1024 bytes"),
+    (["--slides", "{slide}", "--threads", "0"], "--threads: must be >= 1, got 0"),
+    (["--slides", "{slide}", "--exports", "{slide}"], "exists and is not a folder"),
 ])
-def test_cli_bad_input_is_one_line(world, capsys, extra, needle):
+def test_cli_bad_input_is_one_line(world, capsys, monkeypatch, extra, needle):
+    import uvicorn
+
     from serve.cli import main
+
+    def started(*args, **kwargs):  # a check that let the input through would otherwise serve until killed
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
 
     extra = [e.format(pipeline=world["pipeline"], slide=world["slide"]) for e in extra]
     with pytest.raises(SystemExit) as exit_info:
@@ -204,6 +215,35 @@ def test_cli_bad_input_is_one_line(world, capsys, extra, needle):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
+def test_cli_a_busy_port_is_one_line_before_the_banner(world, capsys):
+    # was uvicorn's `ERROR: [Errno 98] ...` after the banner had announced the address, exit 3
+    import socket
+
+    from serve.cli import main
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--pipeline", str(world["pipeline"]), "--classifier", str(world["classifier"]),
+                  "--slides", str(world["slide"]), "--port", str(port)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == "", captured.out
+    assert captured.err.strip() == f"error: --port: cannot listen on 127.0.0.1:{port} (Address already in use)"
+
+
+def test_cli_an_unknown_host_is_one_line(world, capsys):
+    from serve.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pipeline", str(world["pipeline"]), "--classifier", str(world["classifier"]),
+              "--slides", str(world["slide"]), "--host", "no-such-host.invalid"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: --host: cannot resolve 'no-such-host.invalid'"), err
+    assert "\n" not in err
 
 
 def test_cli_refuses_a_classifier_folder_as_pipeline(world, capsys):
