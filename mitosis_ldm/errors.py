@@ -3,6 +3,8 @@
 Raise `UserError("FILE: FIELD ...")` for anything the user can fix (bad input
 files, bad flags, missing artifacts). Entry points wrap `main` with
 `@user_errors`, which prints the message on one line and exits with status 2.
+An OSError that names a path (not a folder, permission denied, disk full) gets
+the same treatment as a last resort: `error: PATH: REASON`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def user_errors(main_fn):
         except UserError as err:
             text = " ".join(str(err).split())  # always exactly one line
             print(f"error: {text}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except OSError as err:
+            if err.filename is None:  # not about a path the user gave: a bug's traceback stays visible
+                raise
+            # a path the user gave that the system refused (not a folder, permission denied, disk full, ...)
+            where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+            print(f"error: {where}: {err.strerror or err}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper

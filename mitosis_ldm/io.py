@@ -21,10 +21,18 @@ from .errors import UserError
 
 
 def check_new_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:
-    """Refuse to touch an existing output unless the user asked for it."""
+    """Refuse to touch an existing output unless the user asked for it, and one that cannot be created (a file
+    where a folder on its path should be, or a folder that is not writable) before any work is done."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass {flag} to replace it")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{path}: cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be created: folder {ancestor} is not writable")
     return path
 
 

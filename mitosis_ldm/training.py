@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import load_config, save_config
 from .errors import UserError
-from .io import write_json
+from .io import check_new_output, write_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -194,6 +194,9 @@ class TrainingRun:
 
     # -- set-up -----------------------------------------------------------
     def _prepare_run_dir(self, resume, overwrite):
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir}: is a file; the run folder must be a folder")
+        check_new_output(self.run_dir, overwrite=True)  # a file on its path, or an unwritable folder
         has_content = self.run_dir.exists() and any(self.run_dir.iterdir())
         if has_content and not resume and not overwrite:
             raise UserError(f"{self.run_dir}: run folder already exists; pass --resume latest to continue it "

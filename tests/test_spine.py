@@ -117,6 +117,47 @@ def test_user_errors_print_one_line_and_exit_2(capsys):
     assert err.count("\n") == 1 and "x.csv: field 'label' is bad" in err
 
 
+def test_user_errors_turn_an_os_error_on_a_path_into_one_line_and_leave_others_alone(capsys):
+    @user_errors
+    def path_refused():
+        open("/proc/version/x.csv", "w")  # NotADirectoryError, naming the path
+
+    with pytest.raises(SystemExit) as exit_info:
+        path_refused()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: /proc/version/x.csv: Not a directory\n"
+
+    @user_errors
+    def no_path():
+        raise OSError(24, "Too many open files")  # not about a path the user gave: stays a traceback
+
+    with pytest.raises(OSError, match="Too many open files"):
+        no_path()
+
+
+def test_an_output_under_a_file_or_in_an_unwritable_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    from mitosis_ldm.io import check_new_output
+
+    (tmp_path / "slide.svs").write_text("x")
+    with pytest.raises(UserError, match=r"out/x.csv: cannot be created: .*slide.svs is a file, not a folder"):
+        check_new_output(tmp_path / "slide.svs" / "out" / "x.csv", overwrite=False)
+    check_new_output(tmp_path / "new" / "deeper" / "x.csv", overwrite=False)  # missing folders are made later
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root every folder is writable
+    with pytest.raises(UserError, match=f"cannot be created: folder {tmp_path} is not writable"):
+        check_new_output(tmp_path / "x.csv", overwrite=False)
+
+
+def test_a_cli_output_under_a_file_is_one_line_and_writes_nothing(tmp_path):
+    # was a FileExistsError traceback from mkdir, after the work was done
+    (tmp_path / "a.png").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "mitosis_ldm", "data", "synth", "--n", "4", "--out",
+                             str(tmp_path / "a.png" / "synth")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/a.png/synth: cannot be created: "
+                                                  f"{tmp_path}/a.png is a file, not a folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
 # -- artifacts -----------------------------------------------------------------
 
 def test_expect_artifact_names_what_was_given(tmp_path):
@@ -187,6 +228,15 @@ def test_checkpoints_rotate_and_resume_continues(tmp_path):
     assert steps[:12] == list(range(1, 13)) and steps[12:] == list(range(11, 21))
     start, end, _ = _train(run_dir, 3, overwrite=True)
     assert (start, end) == (0, 3) and not (run_dir / "checkpoints" / "checkpoint-10").exists()
+
+
+def test_a_run_folder_that_is_a_file_or_lies_under_one_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="notes.txt: is a file; the run folder must be a folder"):
+        _train(tmp_path / "notes.txt", 1)
+    with pytest.raises(UserError, match="notes.txt/run: cannot be created: .*notes.txt is a file, not a folder"):
+        _train(tmp_path / "notes.txt" / "run", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_adamw_reads_the_train_section_and_steps_like_the_single_tensor_update():
