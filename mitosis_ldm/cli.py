@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .errors import EXIT_INTERRUPTED
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("patches.cli", "make and inspect patch datasets (synth, midog, sliderunner, points, folder, annotators, detect, inspect)"),
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int | None:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])  # torch and friends: seconds, before any work
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return module.main(rest)
 
 

@@ -4,7 +4,8 @@ Raise `UserError("FILE: FIELD ...")` for anything the user can fix (bad input
 files, bad flags, missing artifacts). Entry points wrap `main` with
 `@user_errors`, which prints the message on one line and exits with status 2.
 An OSError that names a path (not a folder, permission denied, disk full) gets
-the same treatment as a last resort: `error: PATH: REASON`.
+the same treatment as a last resort: `error: PATH: REASON`. Ctrl-C prints
+`interrupted` and exits 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 
 
 class UserError(Exception):
@@ -35,6 +37,10 @@ def user_errors(main_fn):
             text = " ".join(str(err).split())  # always exactly one line
             print(f"error: {text}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            # Ctrl-C: output folders under way were already removed on the way out (resumable runs keep theirs)
+            print("interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: a bug's traceback stays visible
                 raise

@@ -135,6 +135,48 @@ def test_user_errors_turn_an_os_error_on_a_path_into_one_line_and_leave_others_a
         no_path()
 
 
+def test_ctrl_c_prints_one_word_and_exits_130(capsys):
+    @user_errors
+    def main():
+        raise KeyboardInterrupt
+
+    try:
+        main()
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("Ctrl-C went through user_errors")
+    except SystemExit as exit_info:
+        assert exit_info.code == 130 and capsys.readouterr().err == "interrupted\n"
+    else:
+        pytest.fail("no exit")
+
+
+def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceback(tmp_path):
+    # the terminal sends SIGINT to the whole process group: the command and its slide workers
+    import re
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm", "data", "synth", "--n", "200000", "--out",
+                             str(tmp_path / "synth")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    # wait for the first finished slide: the workers exist and the work has begun (a SIGINT while the pool forks
+    # lands in Python's at-fork hooks, which swallow it)
+    seen, deadline = b"", time.time() + 300
+    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen) and time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+             if line.strip() and "slides ->" not in line]
+    assert proc.returncode == 130 and lines == ["interrupted"], lines
+    assert not (tmp_path / "synth").exists()  # only the resumable .synth.partial stays
+
+
 def test_an_output_under_a_file_or_in_an_unwritable_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     from mitosis_ldm.io import check_new_output
 
