@@ -76,8 +76,10 @@ def listen(host: str, port: int):
     import socket
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        # IPv4 unless the host is an IPv6 address, as uvicorn binds (so `localhost` stays 127.0.0.1)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, family=socket.AF_INET6 if ":" in host else socket.AF_INET, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as err:
         raise UserError(f"--host: cannot resolve '{host}' ({err.strerror})") from None
     sock = socket.socket(family, kind, proto)
