@@ -110,11 +110,13 @@ def extract_config(args, split_mode: str):
     from .extract import ExtractConfig
 
     overrides = list(args.set or [])
+    given = {}  # config key -> the flag that set it, so an error names what the user typed
     for flag, key in (("size", "patch_size"), ("margin", "margin"), ("level", "level"), ("workers", "workers"),
                       ("split", "split.mode"), ("seed", "split.seed")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+            given[key] = f"--{flag}"
     cfg = load_config(ExtractConfig, args.config, overrides)
     if cfg.split.mode == "auto":
         cfg.split.mode = split_mode
@@ -129,6 +131,8 @@ def extract_config(args, split_mode: str):
     for key, value, low in (("patch_size", cfg.patch_size, 8), ("margin", cfg.margin, 0), ("level", cfg.level, 0),
                             ("workers", cfg.workers, 1), ("split.seed", cfg.split.seed, 0)):
         if value < low:
+            if key in given:
+                raise UserError(f"{given[key]}: must be >= {low}, got {value}")
             raise UserError(f"{where}: key '{key}' must be >= {low}, got {value}")
     return cfg
 

@@ -85,6 +85,14 @@ def test_label_outside_unit_interval_or_nan(tmp_path, capsys, image, value):
           "cells.csv", "line 3", "field 'label'")
 
 
+def test_a_patch_size_too_small_names_the_flag_or_the_key_that_set_it(tmp_path, capsys, image):
+    # was "--set: key 'patch_size'" for `--size 7`, a key the user never typed
+    table = points_csv(tmp_path, "slide,x,y,label\nok.png,5,5,1\n")
+    base = ["points", "--csv", table, "--slides", tmp_path, "--out", tmp_path / "ds"]
+    fails([*base, "--size", "7"], tmp_path / "ds", capsys, "error: --size: must be >= 8, got 7")
+    fails([*base, "--set", "patch_size=7"], tmp_path / "ds", capsys, "--set: key 'patch_size' must be >= 8, got 7")
+
+
 def test_a_negative_seed(tmp_path, capsys, image):
     # numpy's generators refuse negative seeds with a traceback; the flag and the config key say so in one line
     table = points_csv(tmp_path, "slide,x,y,label\nok.png,5,5,1\n")
