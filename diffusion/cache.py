@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact, load_part, strict_loader
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.hashing import hash_folder
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json
 
@@ -218,8 +218,7 @@ def main(argv=None):
                         help="encode only this split (repeatable; default: all rows)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     args = parser.parse_args(argv)
-    if args.seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     out = build_cache(args.vae, args.dataset, args.out, args.mode, args.dihedral, args.overwrite, args.seed,
                       splits=args.split)
     info = read_json(out / "cache.json")

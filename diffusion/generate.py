@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.io import check_new_output
 from mitosis_ldm.launch import release_processes
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
@@ -167,8 +167,7 @@ def main(argv=None):
     # validate everything before loading or rendering anything
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
-    if args.seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import PATCHES, artifact_kind
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json, write_text
 from mitosis_ldm.launch import release_processes
 
@@ -271,8 +271,7 @@ def parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.draws < 1:
         raise UserError(f"--draws: must be >= 1, got {args.draws}")
-    if args.seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     for flag in ("limit", "calibrate_limit", "patches_per_call", "t_bands", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -294,8 +293,7 @@ def main(argv=None):
     args = parser().parse_intermixed_args(argv)
     check_args(args)
     grid = parse_conditions(args.grid, "--grid")
-    if len(set(grid)) < 2 or len(set(grid)) < len(grid):
-        # one label is a posterior of 1 everywhere; a repeated one doubles its prior and repeats a CSV column
+    if len(grid) < 2:  # one label is a posterior of 1 everywhere (parse_conditions refuses a repeated one)
         raise UserError(f"--grid: needs at least 2 labels, none repeated, got {args.grid}")
     check_new_output(args.out, args.overwrite)
     threads = torch.get_num_threads()

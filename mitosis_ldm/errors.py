@@ -26,6 +26,12 @@ def fail(where, message: str) -> "UserError":
     return UserError(f"{where}: {message}")
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """numpy's generators refuse negative seeds with a traceback, torch's take them: every command refuses them."""
+    if seed < 0:
+        raise UserError(f"{flag}: must be >= 0, got {seed}")
+
+
 def user_errors(main_fn):
     """Turn UserError into one line on stderr and exit 2 (the documented contract)."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output
 
 
@@ -49,11 +49,6 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, type=Path, metavar="CSV")
     sim.add_argument("--overwrite", action="store_true")
     return p
-
-
-def check_seed(seed: int) -> None:
-    if seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {seed}")
 
 
 def run_make(args) -> None:
