@@ -6,12 +6,19 @@ files, bad flags, missing artifacts). Entry points wrap `main` with
 An OSError that names a path (not a folder, permission denied, disk full) gets
 the same treatment as a last resort: `error: PATH: REASON`. Ctrl-C prints
 `interrupted` and exits 130.
+
+Under a multi-process launch (`accelerate launch --multi_gpu`), every rank
+meets the same bad recipe: a line that one rank has printed is not printed
+again by the others, so the user still reads it once.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
@@ -32,6 +39,31 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise UserError(f"{flag}: must be >= 0, got {seed}")
 
 
+def first_to_say(line: str) -> bool:
+    """False when another process of this launch has already printed `line` (a launch of one process: True).
+
+    torchrun gives each rank its own error file under one folder per launch attempt; the first rank to create
+    the line's marker there prints it. Ranks that fail differently still print each of their lines.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return True
+    marker = Path(error_file).parent.parent / f"said-{hashlib.sha256(line.encode()).hexdigest()[:16]}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # the launch folder is gone or unwritable: better twice than never
+        return True
+    return True
+
+
+def say(line: str) -> None:
+    """Print one line on stderr, once per launch."""
+    if first_to_say(line):
+        print(line, file=sys.stderr, flush=True)
+
+
 def user_errors(main_fn):
     """Turn UserError into one line on stderr and exit 2 (the documented contract)."""
 
@@ -41,18 +73,18 @@ def user_errors(main_fn):
             return main_fn(*args, **kwargs)
         except UserError as err:
             text = " ".join(str(err).split())  # always exactly one line
-            print(f"error: {text}", file=sys.stderr, flush=True)
+            say(f"error: {text}")
             raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             # Ctrl-C: output folders under way were already removed on the way out (resumable runs keep theirs)
-            print("interrupted", file=sys.stderr, flush=True)
+            say("interrupted")
             raise SystemExit(EXIT_INTERRUPTED) from None
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: a bug's traceback stays visible
                 raise
             # a path the user gave that the system refused (not a folder, permission denied, disk full, ...)
             where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-            print(f"error: {where}: {err.strerror or err}", file=sys.stderr, flush=True)
+            say(f"error: {where}: {err.strerror or err}")
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper

@@ -19,7 +19,7 @@ from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, read_json, write_json
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw
 
-from conftest import REPO
+from conftest import REPO, accelerate_cmd
 
 
 @dataclass
@@ -133,6 +133,37 @@ def test_user_errors_turn_an_os_error_on_a_path_into_one_line_and_leave_others_a
 
     with pytest.raises(OSError, match="Too many open files"):
         no_path()
+
+
+def test_ranks_of_one_launch_print_a_shared_error_once_and_different_ones_each(tmp_path, monkeypatch, capsys):
+    @user_errors
+    def main(message):
+        raise UserError(message)
+
+    def as_rank(rank, message, attempt="attempt_0"):
+        # torchrun's layout: one error file per rank under one folder per launch attempt
+        (tmp_path / attempt / str(rank)).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / attempt / str(rank) / "error.json"))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit) as exit_info:
+            main(message)
+        assert exit_info.value.code == 2  # every rank still fails
+        return capsys.readouterr().err
+
+    assert as_rank(0, "x.yaml: key 'a' is bad") == "error: x.yaml: key 'a' is bad\n"
+    assert as_rank(1, "x.yaml: key 'a' is bad") == ""
+    assert as_rank(1, "shard-1.npy: truncated") == "error: shard-1.npy: truncated\n"  # a rank's own error
+    assert as_rank(0, "x.yaml: key 'a' is bad", attempt="attempt_1") == "error: x.yaml: key 'a' is bad\n"
+
+
+def test_a_bad_recipe_under_a_two_process_launch_prints_its_line_once(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(accelerate_cmd("diffusion.train", "--config", "configs/demo/diffusion.yaml", "--set",
+                                         "train.batch_size=0", "--set", f"out={out}", processes=2),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --set: key 'train.batch_size' must be an integer >= 1, got 0") == 1, proc.stderr
+    assert not out.exists()
 
 
 def test_ctrl_c_prints_one_word_and_exits_130(capsys):
