@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact, load_part, strict_loader
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.images import contact_sheet, save_png
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_json, write_json
 
@@ -326,8 +326,7 @@ def parser() -> argparse.ArgumentParser:
 @user_errors
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.batch < 1:
-        raise UserError(f"--batch: must be >= 1, got {args.batch}")
+    check_at_least(args.batch, "--batch")
     model = expect_artifact(args.model, AUTOENCODER, "--model")
     vae = load_autoencoder(model, tile=args.tile)
     commands = {"encode": cmd_encode, "decode": cmd_decode, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate}

@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, WeightedRandomSampler
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import atomic_dir, write_json
 from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
@@ -235,14 +235,12 @@ def check_config(cfg: AutoencoderConfig) -> None:
         raise UserError(f"data.crop: must be 0 (whole patches) or a positive multiple of 4 (the autoencoder "
                         f"downsamples by 4), got {cfg.data.crop}")
     for key in ("scale_patches", "eval_limit"):
-        if getattr(cfg.data, key) < 1:
-            raise UserError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
+        check_at_least(getattr(cfg.data, key), f"data.{key}")
     if cfg.data.eval_every < 0:
         raise UserError(f"data.eval_every: must be >= 0 (0: only at the end), got {cfg.data.eval_every}")
     if not cfg.model.init_from and cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: unknown autoencoder preset '{cfg.model.preset}' (known: {', '.join(PRESETS)})")
-    if cfg.model.latent_channels < 1:
-        raise UserError(f"model.latent_channels: must be >= 1, got {cfg.model.latent_channels}")
+    check_at_least(cfg.model.latent_channels, "model.latent_channels")
     for key in ("l1", "ssim", "kl", "lpips", "gan", "disc_lr"):
         value = getattr(cfg.loss, key)
         if not (math.isfinite(value) and value >= 0):

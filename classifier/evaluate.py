@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import atomic_dir, write_json
 
 from .model import ClassifierEnsemble
@@ -173,8 +173,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     for flag, value in (("--bins", args.bins), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
+        check_at_least(value, flag)
 
     from mitosis_ldm.io import check_new_output
     from patches.dataset import PatchDataset

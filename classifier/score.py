@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mitosis_ldm.artifacts import TRANSITIONS, artifact_kind, read_transitions
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import check_new_output, write_text
 from mitosis_ldm.launch import release_processes
 
@@ -131,8 +131,7 @@ def main(argv=None):
         from mitosis_ldm import integrity
 
         integrity.verify_fully()
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    check_at_least(args.batch_size, "--batch-size")
 
     ensemble = ClassifierEnsemble.from_pretrained(args.classifier)
     out = check_new_output(args.out, args.overwrite)

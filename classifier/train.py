@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from mitosis_ldm.config import save_config
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import write_json
 from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
@@ -282,15 +282,12 @@ def check_config(cfg: ClassifierConfig) -> None:
 
     from .model import UPSAMPLE_RANGE
 
-    if cfg.ensemble.members < 1:
-        raise UserError(f"ensemble.members: must be at least 1, got {cfg.ensemble.members}")
+    check_at_least(cfg.ensemble.members, "ensemble.members")
     if cfg.data.label_mode not in ("soft", "hard", "binned"):
         raise UserError(f"data.label_mode: must be soft, hard or binned, got '{cfg.data.label_mode}'")
-    if cfg.ensemble.eval_every < 1:
-        raise UserError(f"ensemble.eval_every: must be >= 1, got {cfg.ensemble.eval_every}")
-    if cfg.ensemble.patience < 1:
-        # a patience below 1 ended every member at its first validation pass
-        raise UserError(f"ensemble.patience: must be >= 1, got {cfg.ensemble.patience}")
+    check_at_least(cfg.ensemble.eval_every, "ensemble.eval_every")
+    # a patience below 1 ended every member at its first validation pass
+    check_at_least(cfg.ensemble.patience, "ensemble.patience")
     if not 0 <= cfg.ensemble.min_delta < float("inf"):
         raise UserError(f"ensemble.min_delta: must be a finite number >= 0, got {cfg.ensemble.min_delta}")
     low, high = UPSAMPLE_RANGE

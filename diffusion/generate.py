@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitosis_ldm.errors import UserError, check_seed, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, check_seed, user_errors
 from mitosis_ldm.io import check_new_output
 from mitosis_ldm.launch import release_processes
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
@@ -165,12 +165,10 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     # validate everything before loading or rendering anything
-    if args.n < 1:
-        raise UserError(f"--n: must be at least 1, got {args.n}")
+    check_at_least(args.n, "--n")
     check_seed(args.seed)
     for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
+        check_at_least(value, flag)
     if not (0 <= args.val and 0 <= args.test and args.val + args.test < 1):
         raise UserError(f"--val/--test: must be >= 0 with a sum below 1, got {args.val:g} + {args.test:g}")
     if args.guidance is not None or args.steps is not None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import PATCHES, artifact_kind
-from mitosis_ldm.errors import UserError, check_seed, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, check_seed, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json, write_text
 from mitosis_ldm.launch import release_processes
 
@@ -269,13 +269,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    if args.draws < 1:
-        raise UserError(f"--draws: must be >= 1, got {args.draws}")
+    check_at_least(args.draws, "--draws")
     check_seed(args.seed)
     for flag in ("limit", "calibrate_limit", "patches_per_call", "t_bands", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+        check_at_least(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.temperature is not None and not args.temperature > 0:
         raise UserError(f"--temperature: must be > 0, got {args.temperature:g}")
     if not args.guidance >= 0:

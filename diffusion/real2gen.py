@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import write_transitions
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import check_new_output, save_npy
 
 from .pipeline import MitosisPipeline
@@ -110,8 +110,7 @@ def main(argv=None):
         raise UserError(f"--strength: must be in (0, 1], got {args.strength:g}")
     if not 0 <= args.inversion_iters <= MAX_INVERSION_ITERS:
         raise UserError(f"--inversion-iters: must be in 0..{MAX_INVERSION_ITERS}, got {args.inversion_iters}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit: must be >= 1, got {args.limit}")
+    check_at_least(args.limit, "--limit")
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
     items = gather_images(args.input, split=args.split, limit=args.limit)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mitosis_ldm.artifacts import write_transitions
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import check_at_least, user_errors
 from mitosis_ldm.io import check_new_output
 from mitosis_ldm.launch import release_processes
 
@@ -88,8 +88,7 @@ def main(argv=None):
     # validate everything before loading or rendering anything
     seeds = parse_seeds(args.seeds)
     conditions = parse_conditions(args.conditions)
-    if args.seeds_per_batch < 1:
-        raise UserError(f"--seeds-per-batch: must be >= 1, got {args.seeds_per_batch}")
+    check_at_least(args.seeds_per_batch, "--seeds-per-batch")
     if args.guidance is not None or args.steps is not None:
         check_sampling_args(0.0 if args.guidance is None else args.guidance, 1 if args.steps is None else args.steps)
     schedule = check_schedule_flags(args)

@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.launch import release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
 
@@ -188,8 +188,7 @@ def check_config(cfg: DiffusionTrainConfig) -> None:
         raise UserError(f"diffusion.cond_dropout: must be in [0, 1], got {cfg.diffusion.cond_dropout}")
     if cfg.data.cache_mode not in ("mean", "sample"):
         raise UserError(f"data.cache_mode: must be mean or sample, got '{cfg.data.cache_mode}'")
-    if cfg.data.balance_bins < 1:
-        raise UserError(f"data.balance_bins: must be >= 1, got {cfg.data.balance_bins}")
+    check_at_least(cfg.data.balance_bins, "data.balance_bins")
     for key, value, note in (("data.label_jitter", cfg.data.label_jitter, ""),
                              ("data.unlabelled_weight", cfg.data.unlabelled_weight, ""),
                              ("diffusion.min_snr_gamma", cfg.diffusion.min_snr_gamma, " (0 disables)")):

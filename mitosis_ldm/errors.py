@@ -33,6 +33,12 @@ def fail(where, message: str) -> "UserError":
     return UserError(f"{where}: {message}")
 
 
+def check_at_least(value, flag: str, floor: int = 1) -> None:
+    """A count, size or period below its floor: `FLAG: must be >= FLOOR, got VALUE` (None: not given, allowed)."""
+    if value is not None and value < floor:
+        raise UserError(f"{flag}: must be >= {floor}, got {value}")
+
+
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """numpy's generators refuse negative seeds with a traceback, torch's take them: every command refuses them."""
     if seed < 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mitosis_ldm.artifacts import PATCHES, artifact_kind
-from mitosis_ldm.errors import UserError
+from mitosis_ldm.errors import UserError, check_at_least
 from mitosis_ldm.images import IMAGE_SUFFIXES, read_image
 
 from .dataset import PatchDataset
@@ -54,8 +54,7 @@ def list_image_files(folder: Path) -> list[Path]:
 
 def gather_images(inputs: list[str], split: str | None = None, limit: int | None = None) -> list[ImageItem]:
     """Expand inputs to images, in order. Errors name the offending input."""
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit: must be >= 1, got {limit}")  # a slice [:-1] would silently drop the last patch
+    check_at_least(limit, "--limit")  # a slice [:-1] would silently drop the last patch
     items: list[ImageItem] = []
     for raw in inputs:
         path = Path(raw)

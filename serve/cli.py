@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mitosis_ldm.errors import UserError, user_errors
+from mitosis_ldm.errors import UserError, check_at_least, user_errors
 
 MIN_BODY = 1024  # the smallest --max-body: the page's JSON requests stay well under it
 
@@ -48,14 +48,12 @@ def build(args):
         raise UserError("--slides: give at least one slide (or folder of slides) or a --dataset")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: must be in 1..65535, got {args.port}")
-    if args.queue < 1:
-        raise UserError(f"--queue: must be >= 1, got {args.queue}")
+    check_at_least(args.queue, "--queue")
     if args.max_body < MIN_BODY:
         raise UserError(f"--max-body: must be >= {MIN_BODY} bytes (the page's own requests are a few hundred), "
                         f"got {args.max_body}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads: must be >= 1, got {args.threads}")
+        check_at_least(args.threads, "--threads")
         torch.set_num_threads(args.threads)
     if Path(args.exports).exists() and not Path(args.exports).is_dir():
         raise UserError(f"--exports: {args.exports} exists and is not a folder")

@@ -136,7 +136,7 @@ def test_evaluate_bad_counts(world, tmp_path, capsys, flag):
         evaluate.main(["--classifier", str(world / "classifier"), "--dataset", str(world / "toy"), "--out", str(out),
                        flag, "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err == [f"error: {flag}: must be at least 1, got 0"]
+    assert exit_info.value.code == 2 and err == [f"error: {flag}: must be >= 1, got 0"]
     assert not out.exists()
 
 

@@ -201,7 +201,7 @@ def _one_line_error(capsys, call, *needles):
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--n", "0"], ["--n", "at least 1"]),
+    (["--n", "0"], ["--n", "must be >= 1, got 0"]),
     (["--labels", "0,1.5"], ["--labels", "1.5", "outside [0, 1]"]),
     (["--labels", "0,abc"], ["--labels", "expected"]),
     (["--null-guidance", "-1"], ["--null-guidance", ">= 0"]),

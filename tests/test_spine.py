@@ -166,6 +166,17 @@ def test_a_bad_recipe_under_a_two_process_launch_prints_its_line_once(tmp_path):
     assert not out.exists()
 
 
+def test_check_at_least_names_the_flag_its_floor_and_the_value_and_lets_an_absent_value_pass():
+    from mitosis_ldm.errors import check_at_least
+
+    check_at_least(1, "--n")
+    check_at_least(None, "--limit")  # an optional flag left out
+    with pytest.raises(UserError, match=r"^--n: must be >= 1, got 0$"):
+        check_at_least(0, "--n")
+    with pytest.raises(UserError, match=r"^--size: must be >= 8, got 7$"):
+        check_at_least(7, "--size", 8)
+
+
 def test_ctrl_c_prints_one_word_and_exits_130(capsys):
     @user_errors
     def main():
