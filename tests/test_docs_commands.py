@@ -130,3 +130,23 @@ def test_a_documented_command_exists_and_takes_its_flags(where, line, tokens, he
         args = tokens[tokens.index("-m") + 2:]  # the launcher's own flags come before -m
     used = {t.split("=", 1)[0] for t in args if FLAG.fullmatch(t.split("=", 1)[0])}
     assert not used - known, f"{where}:{line}: `{what}` has no {', '.join(sorted(used - known))}"
+
+
+RECIPES = {"autoencoder.train": ("autoencoder.train", "AutoencoderConfig"),
+           "classifier.train": ("classifier.train", "ClassifierConfig"),
+           "diffusion.train": ("diffusion.train", "DiffusionTrainConfig")}
+
+
+TRAINING = [c for c in COMMANDS if target(c[2]) and target(c[2])[0] in RECIPES]
+
+
+@pytest.mark.parametrize("where,line,tokens", TRAINING, ids=[f"{f}:{n}" for f, n, _ in TRAINING])
+def test_a_documented_recipe_override_names_a_key_the_recipe_has(where, line, tokens):
+    module, name = RECIPES[target(tokens)[0]]
+    defaults = getattr(importlib.import_module(module), name)()
+    keys = [tokens[i + 1].split("=", 1)[0] for i, t in enumerate(tokens[:-1]) if t == "--set"]
+    for key in keys:
+        node = defaults
+        for part in key.split("."):
+            assert hasattr(node, part), f"{where}:{line}: {module} has no recipe key '{key}'"
+            node = getattr(node, part)
