@@ -5,7 +5,10 @@ files, bad flags, missing artifacts). Entry points wrap `main` with
 `@user_errors`, which prints the message on one line and exits with status 2.
 An OSError that names a path (not a folder, permission denied, disk full) gets
 the same treatment as a last resort: `error: PATH: REASON`. Ctrl-C prints
-`interrupted` and exits 130.
+`interrupted` and exits 130; SIGTERM (`kill`, a job scheduler, the launcher
+of `accelerate launch` passing on a Ctrl-C) stops a command the same way,
+clean-up included, and prints `terminated` (exit 143) unless a Ctrl-C came
+first.
 
 Under a multi-process launch (`accelerate launch --multi_gpu`), every rank
 meets the same bad recipe: a line that one rank has printed is not printed
@@ -17,7 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -64,10 +69,63 @@ def first_to_say(line: str) -> bool:
     return True
 
 
+def end_progress_bars() -> None:
+    """Close the progress bars still open, so that a message after them starts a line of its own."""
+    bars = set()
+    for module in ("tqdm.std", "tqdm.auto"):  # tqdm.auto's class keeps its own set of live bars
+        if module in sys.modules:
+            bars.update(getattr(sys.modules[module].tqdm, "_instances", ()))
+    for bar in bars:
+        bar.close()
+
+
 def say(line: str) -> None:
-    """Print one line on stderr, once per launch."""
+    """Print one line on stderr, once per launch, after any progress bar still drawn."""
+    end_progress_bars()
     if first_to_say(line):
         print(line, file=sys.stderr, flush=True)
+
+
+class _Stop:
+    """The signal that began stopping this process (None: none yet)."""
+
+    signum: int | None = None
+
+
+def _stop_handler(owner: int):
+    def on_signal(signum, frame):
+        if os.getpid() != owner:  # a forked worker inherited this handler: behave as if none were set
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if _Stop.signum is not None and signum == signal.SIGTERM:
+            return  # already stopping (the launcher's SIGTERM after the terminal's Ctrl-C): let the clean-up finish
+        _Stop.signum = _Stop.signum or signum
+        raise KeyboardInterrupt
+
+    return on_signal
+
+
+def stop_on_signals():
+    """Make SIGTERM stop like Ctrl-C (KeyboardInterrupt, so clean-up runs); returns a function restoring the old.
+
+    Only in the main thread, and only where the signal has its default action: an ignored SIGINT (a background job)
+    stays ignored, and a handler someone else set stays.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    handler, previous = _stop_handler(os.getpid()), {}
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, handler)
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
 
 
 def user_errors(main_fn):
@@ -75,6 +133,7 @@ def user_errors(main_fn):
 
     @functools.wraps(main_fn)
     def wrapper(*args, **kwargs):
+        restore = stop_on_signals()
         try:
             return main_fn(*args, **kwargs)
         except UserError as err:
@@ -82,7 +141,11 @@ def user_errors(main_fn):
             say(f"error: {text}")
             raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            # Ctrl-C: output folders under way were already removed on the way out (resumable runs keep theirs)
+            # Ctrl-C or SIGTERM: output folders under way were already removed on the way out (resumable runs keep
+            # theirs)
+            if _Stop.signum == signal.SIGTERM:
+                say("terminated")
+                raise SystemExit(128 + signal.SIGTERM) from None
             say("interrupted")
             raise SystemExit(EXIT_INTERRUPTED) from None
         except OSError as err:
@@ -92,5 +155,7 @@ def user_errors(main_fn):
             where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
             say(f"error: {where}: {err.strerror or err}")
             raise SystemExit(EXIT_USER_ERROR) from None
+        finally:
+            restore()
 
     return wrapper

@@ -19,7 +19,7 @@ from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import atomic_dir, read_json, write_json
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw
 
-from conftest import REPO, accelerate_cmd
+from conftest import REPO, accelerate_cmd, run_module
 
 
 @dataclass
@@ -217,6 +217,101 @@ def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceb
              if line.strip() and "slides ->" not in line]
     assert proc.returncode == 130 and lines == ["interrupted"], lines
     assert not (tmp_path / "synth").exists()  # only the resumable .synth.partial stays
+
+
+SIGNALS = """
+import multiprocessing, os, signal, sys, time
+from mitosis_ldm.errors import user_errors
+
+cleaned = []
+
+@user_errors
+def main(first, then):
+    try:
+        os.kill(os.getpid(), first)
+        time.sleep(10)  # stopped here
+    finally:
+        if then:
+            os.kill(os.getpid(), then)  # the launcher's SIGTERM, during the clean-up
+            time.sleep(0.1)
+        cleaned.append(True)
+        print("cleaned", flush=True)
+
+@user_errors
+def worker_check():
+    # a forked worker inherits the handler but must still die of SIGTERM as before (a pool's terminate())
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(10,))
+    child.start()
+    time.sleep(0.2)
+    child.terminate()
+    child.join()
+    print("worker exit", child.exitcode, flush=True)
+
+if sys.argv[1] == "worker":
+    worker_check()
+else:
+    main(*(getattr(signal, name) if name else 0 for name in sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("first,then,code,word", [
+    ("SIGTERM", "", 143, "terminated"),
+    ("SIGINT", "", 130, "interrupted"),
+    ("SIGINT", "SIGTERM", 130, "interrupted"),  # Ctrl-C under accelerate launch: the launcher terminates the child
+])
+def test_sigterm_stops_a_command_like_ctrl_c_with_its_clean_up_and_one_word(first, then, code, word):
+    result = subprocess.run([sys.executable, "-c", SIGNALS, first, then], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (code, "cleaned\n", word + "\n")
+
+
+def test_a_forked_worker_still_dies_of_sigterm():
+    result = subprocess.run([sys.executable, "-c", SIGNALS, "worker"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "worker exit -15\n", "")
+
+
+def test_the_signal_handlers_are_restored_after_a_command(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    @user_errors
+    def main():
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+
+    main()
+    assert seen[0] != before  # both were replaced while it ran
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_path):
+    import signal
+    import time
+
+    synth = tmp_path / "synth"
+    made = run_module("mitosis_ldm", "data", "synth", "--out", synth, "--n", "64", "--size", "32", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    cmd = accelerate_cmd("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "run",
+                         "--set", f"data.datasets=[{synth}]", "--set", "train.batch_size=8", "--set", "data.crop=16",
+                         "--set", "data.scale_patches=16", "--set", "data.eval_limit=8")
+    proc = subprocess.Popen([*cmd[:3], "--quiet", *cmd[3:]], cwd=REPO,  # as the README launches: no launcher traceback
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen, deadline = b"", time.time() + 300
+    while b"it/s" not in seen and time.time() < deadline:  # the first training steps are done
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the launcher and the training process
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    lines = (seen + rest).decode().replace("\r", "\n").splitlines()
+    assert proc.returncode == 130
+    assert lines[-1] == "interrupted", lines[-3:]  # on a line of its own, after the bar
+    assert "Traceback" not in "\n".join(lines)
 
 
 def test_an_output_under_a_file_or_in_an_unwritable_folder_is_refused_before_any_work(tmp_path, monkeypatch):
