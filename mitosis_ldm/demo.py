@@ -17,12 +17,13 @@ import argparse
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .errors import UserError, user_errors
+from .errors import EXIT_INTERRUPTED, UserError, stopping_signal, user_errors
 from .io import write_json
 from .launch import accelerate_launch
 
@@ -30,6 +31,7 @@ SLIDE = "data/cache/cmu_small_region.svs"
 CONFIGS = Path("configs/demo")
 RECIPES = ("autoencoder", "classifier", "diffusion")  # the stages that read a recipe from the configs folder
 SEEDS = 256
+STOP_GRACE_S = 30  # seconds a stopped stage gets to clean up before it is killed
 
 
 def accelerate(module: str, config: str, *extra: str) -> list[str]:
@@ -82,6 +84,40 @@ def stages(root: Path, configs: Path = CONFIGS, seeds: int = SEEDS) -> list[tupl
     ]
 
 
+def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
+    """Run one stage command; on Ctrl-C or SIGTERM let it clean up and stop, then stop the demo quietly.
+
+    The terminal's Ctrl-C reaches the stage too; a SIGTERM sent to the demo (or a SIGINT sent to it alone) does
+    not, so it is passed on as SIGTERM, which a stage already stopping ignores. The stage prints its own word.
+    """
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        signum = stopping_signal() or signal.SIGINT
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=STOP_GRACE_S)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a stage that hangs
+            proc.kill()
+            proc.wait()
+        print(f"demo: stopped in stage '{name}'; to go on from it: {again}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum) from None
+
+
+def again_from(name: str, wanted: list[str], names: list[str], args) -> str:
+    """The command that runs this stage and the wanted ones after it, with the demo's other options."""
+    rest = [n for n in wanted if names.index(n) >= names.index(name)]
+    parts = ["python", "-m", "mitosis_ldm.demo", "--only", ",".join(rest)]
+    if args.root != Path("runs/demo"):
+        parts += ["--root", str(args.root)]
+    if args.configs != CONFIGS:
+        parts += ["--configs", str(args.configs)]
+    if args.seeds != SEEDS:
+        parts += ["--seeds", str(args.seeds)]
+    return shlex.join(parts)
+
+
 def peak_child_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux: the largest resident set of any finished child
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -123,10 +159,10 @@ def main(argv=None):
         t0 = time.time()
         for cmd in commands:
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            result = subprocess.run(cmd, env=env)
-            if result.returncode != 0:
-                print(f"demo: stage '{name}' failed (exit {result.returncode})", file=sys.stderr)
-                raise SystemExit(result.returncode)
+            returncode = run_stage(name, cmd, env, again_from(name, wanted, names, args))
+            if returncode != 0:
+                print(f"demo: stage '{name}' failed (exit {returncode})", file=sys.stderr)
+                raise SystemExit(returncode)
         timings[name] = round(time.time() - t0, 1)
         print(f"=== stage {name}: {timings[name]:.1f} s, peak child memory so far {peak_child_rss_mb():.0f} MB ===",
               flush=True)

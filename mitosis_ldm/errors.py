@@ -92,6 +92,11 @@ class _Stop:
     signum: int | None = None
 
 
+def stopping_signal() -> int | None:
+    """The signal (SIGINT or SIGTERM) that is stopping this process, or None."""
+    return _Stop.signum
+
+
 def _stop_handler(owner: int):
     def on_signal(signum, frame):
         if os.getpid() != owner:  # a forked worker inherited this handler: behave as if none were set

@@ -524,3 +524,42 @@ def test_demo_refuses_bad_options_in_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signame,to_group,code,word", [
+    ("SIGINT", True, 130, "interrupted"),   # Ctrl-C at the terminal: the demo and its stage
+    ("SIGTERM", False, 143, "terminated"),  # `kill` of the demo alone: its stage must not run on as an orphan
+])
+def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame, to_group, code, word):
+    import re
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm.demo", "--root", str(tmp_path / "demo"), "--only",
+                             "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    seen, deadline = b"", time.time() + 300
+    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen) and time.time() < deadline:  # a slide of the data stage
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    sig = getattr(signal, signame)
+    os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    proc.stdout.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+             if line.strip() and "slides ->" not in line]
+    try:
+        assert proc.returncode == code
+        assert lines[-2:] == [word, "demo: stopped in stage 'data'; to go on from it: python -m mitosis_ldm.demo "
+                                    f"--only data,autoencoder --root {tmp_path / 'demo'}"], lines[-4:]
+        time.sleep(1)
+        with pytest.raises(ProcessLookupError):  # nothing of the demo runs on
+            os.killpg(proc.pid, 0)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
