@@ -108,7 +108,9 @@ def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
 def again_from(name: str, wanted: list[str], names: list[str], args) -> str:
     """The command that runs this stage and the wanted ones after it, with the demo's other options."""
     rest = [n for n in wanted if names.index(n) >= names.index(name)]
-    parts = ["python", "-m", "mitosis_ldm.demo", "--only", ",".join(rest)]
+    python = os.path.relpath(sys.executable)  # `make demo` runs .venv/bin/python, which a bare `python` may not be
+    parts = [python if not python.startswith("..") else sys.executable, "-m", "mitosis_ldm.demo", "--only",
+             ",".join(rest)]
     if args.root != Path("runs/demo"):
         parts += ["--root", str(args.root)]
     if args.configs != CONFIGS:

@@ -553,7 +553,8 @@ def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame,
              if line.strip() and "slides ->" not in line]
     try:
         assert proc.returncode == code
-        assert lines[-2:] == [word, "demo: stopped in stage 'data'; to go on from it: python -m mitosis_ldm.demo "
+        python = os.path.relpath(sys.executable, REPO)
+        assert lines[-2:] == [word, f"demo: stopped in stage 'data'; to go on from it: {python} -m mitosis_ldm.demo "
                                     f"--only data,autoencoder --root {tmp_path / 'demo'}"], lines[-4:]
         time.sleep(1)
         with pytest.raises(ProcessLookupError):  # nothing of the demo runs on
