@@ -31,7 +31,8 @@ SLIDE = "data/cache/cmu_small_region.svs"
 CONFIGS = Path("configs/demo")
 RECIPES = ("autoencoder", "classifier", "diffusion")  # the stages that read a recipe from the configs folder
 SEEDS = 256
-STOP_GRACE_S = 30  # seconds a stopped stage gets to clean up before it is killed
+SELF_STOP_S = 30  # seconds a stage that saw the terminal's Ctrl-C gets to stop by itself before a SIGTERM
+STOP_GRACE_S = 30  # seconds a stage gets to clean up after a SIGTERM before it is killed
 
 
 def accelerate(module: str, config: str, *extra: str) -> list[str]:
@@ -87,8 +88,10 @@ def stages(root: Path, configs: Path = CONFIGS, seeds: int = SEEDS) -> list[tupl
 def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
     """Run one stage command; on Ctrl-C or SIGTERM let it clean up and stop, then stop the demo quietly.
 
-    The terminal's Ctrl-C reaches the stage too; a SIGTERM sent to the demo (or a SIGINT sent to it alone) does
-    not, so it is passed on as SIGTERM, which a stage already stopping ignores. The stage prints its own word.
+    The terminal's Ctrl-C reaches the stage too, and it is left to stop by itself: a SIGTERM on top would reach
+    `accelerate launch` in the middle of stopping its own child, and it kills a child it is still waiting for. A
+    SIGTERM sent to the demo (or a SIGINT sent to it alone) does not reach the stage, so it is passed on as SIGTERM.
+    The stage prints its own word.
     """
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -96,12 +99,19 @@ def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
     except KeyboardInterrupt:
         signum = stopping_signal() or signal.SIGINT
         try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=STOP_GRACE_S)
+            if signum == signal.SIGINT:
+                try:
+                    proc.wait(timeout=SELF_STOP_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=STOP_GRACE_S)
         except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a stage that hangs
             proc.kill()
             proc.wait()
-        print(f"demo: stopped in stage '{name}'; to go on from it: {again}", file=sys.stderr, flush=True)
+        # after a blank line: a stage killed mid-bar leaves no line end of its own
+        print(f"\ndemo: stopped in stage '{name}'; to go on from it: {again}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum) from None
 
 

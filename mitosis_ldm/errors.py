@@ -129,6 +129,8 @@ def stop_on_signals():
     def restore():
         for signum, old in previous.items():
             signal.signal(signum, old)
+        if previous:  # the outermost command is done: a later one in this process starts unstopped
+            _Stop.signum = None
 
     return restore
 
