@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, load_bench
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PACKAGES = {"autoencoder", "classifier", "diffusion", "mitosis_ldm", "patches", "report", "serve", "study"}
 SUBCOMMANDS = {"data", "vae", "study"}  # mitosis-ldm commands whose first argument picks a subcommand
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -65,7 +66,7 @@ def target(tokens: list[str]) -> tuple[str, list[str]] | None:
         return "mitosis-ldm " + " ".join(path), path
     if "-m" in tokens:
         module = tokens[tokens.index("-m") + 1]
-        return module, []
+        return (module, []) if module.split(".")[0] in PACKAGES else None  # not pip, pytest, ...
     script = tokens[1]
     if script.startswith("bench/") and script.endswith(".py"):
         return script, []
