@@ -1,0 +1,83 @@
+"""User errors: one line per error (once per launch, not once per rank), and the shared range checks."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from mitosis_ldm.errors import UserError, user_errors
+
+from conftest import REPO, accelerate_cmd
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys):
+    @user_errors
+    def main():
+        raise UserError("x.csv: field 'label'\nis bad")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.csv: field 'label' is bad" in err
+
+
+def test_user_errors_turn_an_os_error_on_a_path_into_one_line_and_leave_others_alone(capsys):
+    @user_errors
+    def path_refused():
+        open("/proc/version/x.csv", "w")  # NotADirectoryError, naming the path
+
+    with pytest.raises(SystemExit) as exit_info:
+        path_refused()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: /proc/version/x.csv: Not a directory\n"
+
+    @user_errors
+    def no_path():
+        raise OSError(24, "Too many open files")  # not about a path the user gave: stays a traceback
+
+    with pytest.raises(OSError, match="Too many open files"):
+        no_path()
+
+
+def test_ranks_of_one_launch_print_a_shared_error_once_and_different_ones_each(tmp_path, monkeypatch, capsys):
+    @user_errors
+    def main(message):
+        raise UserError(message)
+
+    def as_rank(rank, message, attempt="attempt_0"):
+        # torchrun's layout: one error file per rank under one folder per launch attempt
+        (tmp_path / attempt / str(rank)).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / attempt / str(rank) / "error.json"))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit) as exit_info:
+            main(message)
+        assert exit_info.value.code == 2  # every rank still fails
+        return capsys.readouterr().err
+
+    assert as_rank(0, "x.yaml: key 'a' is bad") == "error: x.yaml: key 'a' is bad\n"
+    assert as_rank(1, "x.yaml: key 'a' is bad") == ""
+    assert as_rank(1, "shard-1.npy: truncated") == "error: shard-1.npy: truncated\n"  # a rank's own error
+    assert as_rank(0, "x.yaml: key 'a' is bad", attempt="attempt_1") == "error: x.yaml: key 'a' is bad\n"
+
+
+def test_a_bad_recipe_under_a_two_process_launch_prints_its_line_once(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(accelerate_cmd("diffusion.train", "--config", "configs/demo/diffusion.yaml", "--set",
+                                         "train.batch_size=0", "--set", f"out={out}", processes=2),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --set: key 'train.batch_size' must be an integer >= 1, got 0") == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_check_at_least_names_the_flag_its_floor_and_the_value_and_lets_an_absent_value_pass():
+    from mitosis_ldm.errors import check_at_least
+
+    check_at_least(1, "--n")
+    check_at_least(None, "--limit")  # an optional flag left out
+    with pytest.raises(UserError, match=r"^--n: must be >= 1, got 0$"):
+        check_at_least(0, "--n")
+    with pytest.raises(UserError, match=r"^--size: must be >= 8, got 7$"):
+        check_at_least(7, "--size", 8)

@@ -1,0 +1,204 @@
+"""Stopping a command: Ctrl-C and SIGTERM clean up and print one word, alone, under accelerate's launcher, and in
+the demo, which lets its running stage stop and says how to go on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mitosis_ldm.errors import user_errors
+
+from conftest import REPO, accelerate_cmd, run_module
+
+
+def test_ctrl_c_prints_one_word_and_exits_130(capsys):
+    @user_errors
+    def main():
+        raise KeyboardInterrupt
+
+    try:
+        main()
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("Ctrl-C went through user_errors")
+    except SystemExit as exit_info:
+        assert exit_info.code == 130 and capsys.readouterr().err == "interrupted\n"
+    else:
+        pytest.fail("no exit")
+
+
+def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceback(tmp_path):
+    # the terminal sends SIGINT to the whole process group: the command and its slide workers
+    import re
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm", "data", "synth", "--n", "200000", "--out",
+                             str(tmp_path / "synth")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    # wait for the first finished slide: the workers exist and the work has begun (a SIGINT while the pool forks
+    # lands in Python's at-fork hooks, which swallow it)
+    seen, deadline = b"", time.time() + 300
+    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen) and time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+             if line.strip() and "slides ->" not in line]
+    assert proc.returncode == 130 and lines == ["interrupted"], lines
+    assert not (tmp_path / "synth").exists()  # only the resumable .synth.partial stays
+
+
+SIGNALS = """
+import multiprocessing, os, signal, sys, time
+from mitosis_ldm.errors import user_errors
+
+cleaned = []
+
+@user_errors
+def main(first, then):
+    try:
+        os.kill(os.getpid(), first)
+        time.sleep(10)  # stopped here
+    finally:
+        if then:
+            os.kill(os.getpid(), then)  # the launcher's SIGTERM, during the clean-up
+            time.sleep(0.1)
+        cleaned.append(True)
+        print("cleaned", flush=True)
+
+@user_errors
+def worker_check():
+    # a forked worker inherits the handler but must still die of SIGTERM as before (a pool's terminate())
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(10,))
+    child.start()
+    time.sleep(0.2)
+    child.terminate()
+    child.join()
+    print("worker exit", child.exitcode, flush=True)
+
+if sys.argv[1] == "worker":
+    worker_check()
+else:
+    main(*(getattr(signal, name) if name else 0 for name in sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("first,then,code,word", [
+    ("SIGTERM", "", 143, "terminated"),
+    ("SIGINT", "", 130, "interrupted"),
+    ("SIGINT", "SIGTERM", 130, "interrupted"),  # Ctrl-C under accelerate launch: the launcher terminates the child
+])
+def test_sigterm_stops_a_command_like_ctrl_c_with_its_clean_up_and_one_word(first, then, code, word):
+    result = subprocess.run([sys.executable, "-c", SIGNALS, first, then], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (code, "cleaned\n", word + "\n")
+
+
+def test_a_forked_worker_still_dies_of_sigterm():
+    result = subprocess.run([sys.executable, "-c", SIGNALS, "worker"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "worker exit -15\n", "")
+
+
+def test_the_signal_handlers_are_restored_after_a_command(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    @user_errors
+    def main():
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+
+    main()
+    assert seen[0] != before  # both were replaced while it ran
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_path):
+    import signal
+    import time
+
+    synth = tmp_path / "synth"
+    made = run_module("mitosis_ldm", "data", "synth", "--out", synth, "--n", "64", "--size", "32", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    cmd = accelerate_cmd("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", tmp_path / "run",
+                         "--set", f"data.datasets=[{synth}]", "--set", "train.batch_size=8", "--set", "data.crop=16",
+                         "--set", "data.scale_patches=16", "--set", "data.eval_limit=8")
+    proc = subprocess.Popen([*cmd[:3], "--quiet", *cmd[3:]], cwd=REPO,  # as the README launches: no launcher traceback
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TQDM_MININTERVAL": "5"})
+    seen, deadline = b"", time.time() + 300
+    while b"it/s" not in seen and time.time() < deadline:  # the first training steps are done
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    # Between two bar updates. Sent right as a bar update was written, the stage's last lines were now and then
+    # missing from the demo's output (2 runs in about 20); accelerate's launcher copies its child's output in the
+    # thread the Ctrl-C interrupts, the suspected place. Not reproduced away from the updates.
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the launcher and the training process
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    lines = (seen + rest).decode().replace("\r", "\n").splitlines()
+    assert proc.returncode == 130
+    assert lines[-1] == "interrupted", lines[-3:]  # on a line of its own, after the bar
+    assert "Traceback" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize("signame,to_group,stage,code,word", [
+    ("SIGINT", True, "data", 130, "interrupted"),   # Ctrl-C at the terminal: the demo and its stage
+    ("SIGTERM", False, "data", 143, "terminated"),  # `kill` of the demo alone: its stage must not run on as an orphan
+    # a training stage runs under accelerate's launcher, which stops its own child on Ctrl-C
+    ("SIGINT", True, "autoencoder", 130, "interrupted"),
+])
+def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame, to_group, stage, code, word):
+    import re
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm.demo", "--root", str(tmp_path / "demo"), "--only",
+                             "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    header = f"=== stage {stage} ===".encode()
+    seen, deadline = b"", time.time() + 300
+    # a slide of the data stage done, or the first steps of the autoencoder
+    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen.partition(header)[2]) and time.time() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    time.sleep(1.5)  # between two bar updates (5 s apart in the demo): see the launcher test above
+    sig = getattr(signal, signame)
+    os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    proc.stdout.close()
+    text = (seen + rest).decode()
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    try:
+        assert proc.returncode == code
+        python = os.path.relpath(sys.executable, REPO)
+        assert lines[-1] == (f"demo: stopped in stage '{stage}'; to go on from it: {python} -m mitosis_ldm.demo "
+                             f"--only {'data,' if stage == 'data' else ''}autoencoder --root {tmp_path / 'demo'}")
+        # the stage's own word (a Ctrl-C that lands as the last bar is drawn leaves it on the bar's line)
+        assert lines[-2].endswith(word), lines[-3:]
+        assert "Traceback" not in text
+        time.sleep(1)
+        with pytest.raises(ProcessLookupError):  # nothing of the demo runs on
+            os.killpg(proc.pid, 0)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
