@@ -4,14 +4,30 @@ the demo, which lets its running stage stop and says how to go on."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from mitosis_ldm.errors import user_errors
 
 from conftest import REPO, accelerate_cmd, run_module
+
+BAR_STEP = re.compile(rb"\| *[1-9][0-9]*/[0-9]+ ")  # a progress bar past its first item
+
+
+def read_until(stream, done, timeout: float = 300) -> bytes:
+    """What a running command has written to `stream` so far, read until `done(output)` (or its end, or timeout)."""
+    seen, deadline = b"", time.time() + timeout
+    while not done(seen) and time.time() < deadline:
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
 
 
 def test_ctrl_c_prints_one_word_and_exits_130(capsys):
@@ -31,21 +47,12 @@ def test_ctrl_c_prints_one_word_and_exits_130(capsys):
 
 def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceback(tmp_path):
     # the terminal sends SIGINT to the whole process group: the command and its slide workers
-    import re
-    import signal
-    import time
-
     proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm", "data", "synth", "--n", "200000", "--out",
                              str(tmp_path / "synth")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     # wait for the first finished slide: the workers exist and the work has begun (a SIGINT while the pool forks
     # lands in Python's at-fork hooks, which swallow it)
-    seen, deadline = b"", time.time() + 300
-    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen) and time.time() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_until(proc.stderr, BAR_STEP.search)
     os.killpg(proc.pid, signal.SIGINT)
     rest = proc.stderr.read()
     proc.wait(timeout=120)
@@ -109,7 +116,6 @@ def test_a_forked_worker_still_dies_of_sigterm():
 
 
 def test_the_signal_handlers_are_restored_after_a_command(capsys):
-    import signal
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     seen = []
@@ -124,8 +130,6 @@ def test_the_signal_handlers_are_restored_after_a_command(capsys):
 
 
 def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_path):
-    import signal
-    import time
 
     synth = tmp_path / "synth"
     made = run_module("mitosis_ldm", "data", "synth", "--out", synth, "--n", "64", "--size", "32", "--seed", "3")
@@ -136,12 +140,7 @@ def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_pat
     proc = subprocess.Popen([*cmd[:3], "--quiet", *cmd[3:]], cwd=REPO,  # as the README launches: no launcher traceback
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "TQDM_MININTERVAL": "5"})
-    seen, deadline = b"", time.time() + 300
-    while b"it/s" not in seen and time.time() < deadline:  # the first training steps are done
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_until(proc.stderr, lambda out: b"it/s" in out)  # the first training steps are done
     # Between two bar updates. Sent right as a bar update was written, the stage's last lines were now and then
     # missing from the demo's output (2 runs in about 20); accelerate's launcher copies its child's output in the
     # thread the Ctrl-C interrupts, the suspected place. Not reproduced away from the updates.
@@ -163,21 +162,13 @@ def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_pat
     ("SIGINT", True, "autoencoder", 130, "interrupted"),
 ])
 def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame, to_group, stage, code, word):
-    import re
-    import signal
-    import time
 
     proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm.demo", "--root", str(tmp_path / "demo"), "--only",
                              "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     header = f"=== stage {stage} ===".encode()
-    seen, deadline = b"", time.time() + 300
     # a slide of the data stage done, or the first steps of the autoencoder
-    while not re.search(rb"\| *[1-9][0-9]*/[0-9]+ ", seen.partition(header)[2]) and time.time() < deadline:
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_until(proc.stdout, lambda out: BAR_STEP.search(out.partition(header)[2]))
     time.sleep(1.5)  # between two bar updates (5 s apart in the demo): see the launcher test above
     sig = getattr(signal, signame)
     os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
