@@ -116,7 +116,6 @@ def test_a_forked_worker_still_dies_of_sigterm():
 
 
 def test_the_signal_handlers_are_restored_after_a_command(capsys):
-
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     seen = []
 
@@ -130,7 +129,6 @@ def test_the_signal_handlers_are_restored_after_a_command(capsys):
 
 
 def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_path):
-
     synth = tmp_path / "synth"
     made = run_module("mitosis_ldm", "data", "synth", "--out", synth, "--n", "64", "--size", "32", "--seed", "3")
     assert made.returncode == 0, made.stderr
@@ -162,7 +160,6 @@ def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_pat
     ("SIGINT", True, "autoencoder", 130, "interrupted"),
 ])
 def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame, to_group, stage, code, word):
-
     proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm.demo", "--root", str(tmp_path / "demo"), "--only",
                              "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
