@@ -10,7 +10,7 @@ sizes included, stays the recipe's. It then runs `python -m mitosis_ldm.demo --c
 own folder under `--root`, every stage through its real entry point as `make demo` runs them, and reads back the
 stage times and the report's target lines. `--scale 1` is the demo's own recipe (with `--seeds 256`, `make demo`).
 `--mixed-precision bf16` also sets `train.mixed_precision: bf16` in all three recipes: CPU autocast, which hosts with
-AMX or AVX512-BF16 units run faster (docs/diffusion.md has the demo's recipe measured that way).
+AMX or AVX512-BF16 units run faster (docs/diffusion-studies.md has the demo's recipe measured that way).
 `--batch-scale b` also multiplies every recipe's `train.batch_size` by b (rounded, at least 1): each step then costs
 about b of the recipe's, at the same number of steps, where `--scale` keeps the batch and cuts the steps.
 

@@ -64,7 +64,7 @@ def stages(root: Path, configs: Path = CONFIGS, seeds: int = SEEDS) -> list[tupl
         ("diffusion", [accelerate("diffusion.train", f"{c}/diffusion.yaml", "--set", f"out={r}/diffusion",
                                   "--set", f"data.cache={r}/latents", "--overwrite")]),
         # 256 seeds: the mean score per condition then has a 95% CI of at most ±0.043 (64 seeds gave up to
-        # ±0.089; docs/diffusion.md); guidance schedule, steps and sampler are the pipeline's defaults
+        # ±0.089; docs/diffusion-studies.md); guidance schedule, steps and sampler are the pipeline's defaults
         # (configs/demo/diffusion.yaml `sample`)
         ("transitions", [cli("transitions", "--pipeline", f"{r}/diffusion/model", "--seeds", f"0-{seeds - 1}",
                              "--conditions", "0:1:11", "--seeds-per-batch", "16",
