@@ -79,6 +79,11 @@ def test_the_generated_curve_is_interpolated_between_conditions():
     assert two["per_label"][0]["generated"] == pytest.approx(0.3) and two["value"] == pytest.approx(0.2)
 
 
+
+def test_a_label_held_by_exactly_min_count_patches_enters_the_curve():
+    values, groups = label_response.label_groups([0.0] * 10 + [1.0] * 9, min_count=10)
+    assert values.tolist() == [0.0] and [len(g) for g in groups] == [10]
+
 def test_no_real_labels_gives_no_value():
     error = label_response.response_error(CONDITIONS, generator(), [], [], n_resamples=10)
     assert error["value"] is None and error["ci"] == [None, None]
