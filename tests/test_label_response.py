@@ -43,6 +43,15 @@ def test_real_curve_groups_the_distinct_soft_labels():
     assert list(curve["n"]) == [40] * 4
 
 
+
+def test_the_generated_curve_keeps_each_column_with_its_condition():
+    scores = np.array([[0.9, 0.1, 0.5], [0.7, 0.3, 0.5]])  # (seeds, conditions): columns at 1, 0 and 0.5
+    curve = label_response.generated_curve([1.0, 0.0, 0.5], scores, n_resamples=50)
+    assert curve["conditions"].tolist() == [0.0, 0.5, 1.0]
+    assert curve["mean"] == pytest.approx([0.2, 0.5, 0.8])
+    # two seeds: a resample's mean at condition 0 is 0.1, 0.2 or 0.3 (0.7, 0.8 or 0.9 at 1); 0.5 is constant
+    assert curve["lo"] == pytest.approx([0.1, 0.5, 0.7]) and curve["hi"] == pytest.approx([0.3, 0.5, 0.9])
+
 def test_a_generator_equal_to_the_real_curve_has_zero_error():
     soft, scores = real_patches()
     _, _, error = label_response.measure(CONDITIONS, generator(0.0), soft, scores, n_resamples=300)
