@@ -61,6 +61,16 @@ def test_a_generator_equal_to_the_real_curve_has_zero_error():
     assert 0.0 <= lo <= hi < 0.06  # sampling noise only: 64 seeds, 40 patches per label
 
 
+
+def test_the_interval_resamples_the_real_patches_as_well_as_the_seeds():
+    """Seeds that agree exactly leave only the real patches' sampling noise, which the interval must still show."""
+    soft, scores = real_patches()  # noise sd 0.05 over 40 patches: each label's mean varies by about 0.008
+    every_seed = np.tile(np.interp(CONDITIONS, REAL_X, REAL_MEANS), (16, 1))
+    _, _, error = label_response.measure(CONDITIONS, every_seed, soft, scores, n_resamples=300)
+    assert error["value"] == pytest.approx(0.0, abs=1e-12)
+    lo, hi = error["ci"]
+    assert 0.0 <= lo and 0.008 < hi < 0.04
+
 @pytest.mark.parametrize("offset", [0.07, -0.12])
 def test_a_known_offset_is_the_error(offset):
     soft, scores = real_patches()
