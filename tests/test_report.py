@@ -81,6 +81,8 @@ def test_transition_metrics_on_known_sequences():
     dip = c.copy()
     dip[5] = 0.3
     assert consistency.transition_metrics(c, dip)["monotone"] == pytest.approx(0.9)
+    # a score that saturates from 0.6 on: its flat steps still follow the condition (ties count)
+    assert consistency.transition_metrics(c, np.minimum(c, 0.6))["monotone"] == 1.0
     step = np.where(c > 0.5, 0.9, 0.1)
     m = consistency.transition_metrics(c, step)
     assert m["flip"] == 1.0 and m["abs_error"] == pytest.approx(np.mean(np.abs(step - c)))
