@@ -114,8 +114,10 @@ def test_morphology_follows_darkness_and_irregularity():
     assert b["irregularity"] > a["irregularity"] + 0.1
     assert b["solidity"] < a["solidity"]
     assert b["contrast"] > a["contrast"] and b["granularity"] > a["granularity"]
-    mask, _ = morphology.segment_nucleus(calm)
+    mask, density = morphology.segment_nucleus(calm)
     assert mask[SIZE // 2, SIZE // 2] and 0.05 < mask.mean() < 0.4  # the central nucleus, not the background
+    # darkness is the mean haematoxylin density over that nucleus, below its darkest pixel
+    assert a["h_mean"] == pytest.approx(density[mask].mean()) and a["h_mean"] < a["h_max"]
     blank = np.full((SIZE, SIZE, 3), 230, np.uint8)
     assert all(np.isnan(v) for v in morphology.measure(blank).values())
 
