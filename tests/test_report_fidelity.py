@@ -74,6 +74,15 @@ def test_frechet_per_bin_compares_equal_sample_sizes():
     assert [r["common_n"] for r in rows] == [50, 50, None]
 
 
+
+def test_a_bin_with_exactly_min_count_frames_to_compare_is_measured():
+    rng = np.random.default_rng(8)
+    real, gen = rng.normal(size=(16, 3)), rng.normal(size=(8, 3))
+    rows = fidelity.frechet_per_bin(gen, np.zeros(8, int), real, np.zeros(16, int), n_bins=1, min_count=8)
+    assert rows[0]["n"] == 8 and rows[0]["ratio"] is not None and rows[0]["common_n"] == 8
+    fewer = fidelity.frechet_per_bin(gen[:7], np.zeros(7, int), real, np.zeros(16, int), n_bins=1, min_count=8)
+    assert fewer[0]["n"] == 7 and fewer[0]["ratio"] is None
+
 def test_frechet_ratio_at_common_n_compares_bins_of_different_sizes():
     # the same generator fault (a 0.5 shift in every dimension) in a bin with 600 real patches and in one with 60:
     # at each bin's own n the big bin's ratio is far larger; at one common n the two agree
