@@ -183,6 +183,18 @@ def test_ratio_intervals_are_over_seeds_and_widen_when_seeds_disagree():
     assert widths[1] > 1.8 * widths[0], widths
 
 
+
+def test_the_worst_bin_interval_is_the_interval_of_the_bin_that_is_worst_in_every_resample():
+    rng = np.random.default_rng(9)
+    real = rng.normal(size=(600, 6))
+    real_bins = np.repeat([0, 1], 300)
+    gen, gen_bins, groups = _seeded_frames(rng, 16, (24, 24), 0.3, shift=0.0)
+    gen[gen_bins == 1] += 2.0  # bin 1 far off the real patches in any half of the seeds, bin 0 on them
+    rows = fidelity.frechet_per_bin(gen, gen_bins, real, real_bins, n_bins=2)
+    result = fidelity.ratio_intervals(gen, gen_bins, groups, real, real_bins, rows, n_resamples=40)
+    assert rows[1]["ratio"] > 10 * rows[0]["ratio"]
+    assert result["worst"] == result["bins"][1] and result["worst"] != result["bins"][0]
+
 def test_ratio_intervals_refuse_what_half_the_seeds_cannot_measure():
     rng = np.random.default_rng(7)
     real = rng.normal(size=(600, 6))
