@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from study.analyse import analyse, detection, fleiss_kappa, krippendorff_ordinal
+from study.analyse import agreement, analyse, detection, fleiss_kappa, krippendorff_ordinal
 from study.answers import Answer, Study
 from study.cli import main
 from study.simulate import noisy_rating, simulate
@@ -108,6 +108,22 @@ def test_fleiss_kappa_and_krippendorff_on_known_tables():
     assert krippendorff_ordinal(same) == pytest.approx(1.0)
     assert krippendorff_ordinal(same[:1]) is None  # one reader: no agreement to measure
 
+
+
+def test_agreement_counts_only_the_items_every_reader_answered():
+    study = synthetic_study(n_real=4, n_generated=4)
+    items = study.study["items"]  # four real items, then four generated ones
+
+    def answer(reader, item, called):
+        return Answer(reader, item, called, 2, 2, 1.0, "", "memory", 0)
+
+    first = [answer("r1", item, study.key[item]["kind"]) for item in items]  # all eight, each right
+    second = [answer("r2", item, called) for item, called in
+              zip(items[:6], ["real", "real", "real", "generated", "generated", "real"])]  # the first six only
+    result = agreement(first + second, study)
+    assert result["n_readers"] == 2 and result["items_answered_by_every_reader"] == 6
+    # on those six: four unanimous, two split, 8 of 12 calls real: P = 4/6, P_e = 5/9, kappa = (1/9) / (4/9)
+    assert result["fleiss_kappa_real_vs_generated"] == pytest.approx(0.25)
 
 def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
     root = make_inputs(tmp_path / "inputs")
