@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,6 +93,13 @@ def test_fraction_is_stratified_deterministic_and_nested(data):
     mix, _ = train.load_training_data(cfg)
     assert len(mix.parts[1]) == len(PatchDataset(data["gen"], split="train")) and len(mix.parts[0]) == len(a)
 
+
+
+def test_fraction_strata_split_a_soft_label_by_its_hard_label():
+    # one soft-label bin in which one hard label of 100 disagrees with the rest: a stratum of its own, kept whole
+    ds = SimpleNamespace(soft_labels=np.full(100, 1 / 3), hard_labels=np.r_[1.0, np.zeros(99)])
+    kept = fraction_positions(ds, 0.05, 0)
+    assert 0 in kept and len(kept) == 1 + 5  # max(1, round(0.05 x 1)) + round(0.05 x 99)
 
 @pytest.mark.parametrize("overrides, needles", [
     (["data.weights=[1,1,1]"], ["data.weights", "3 entries", "2"]),
