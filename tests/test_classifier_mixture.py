@@ -10,7 +10,7 @@ import pytest
 from classifier_data import make_toy_dataset, toy_shard
 
 from classifier import train
-from classifier.mixture import Mixture, fraction_positions
+from classifier.mixture import Mixture, fraction_positions, sampling_weights
 from patches.dataset import PatchDataset, SplitConfig, build_dataset
 from test_classifier_train import tiny_args
 
@@ -100,6 +100,11 @@ def test_fraction_strata_split_a_soft_label_by_its_hard_label():
     ds = SimpleNamespace(soft_labels=np.full(100, 1 / 3), hard_labels=np.r_[1.0, np.zeros(99)])
     kept = fraction_positions(ds, 0.05, 0)
     assert 0 in kept and len(kept) == 1 + 5  # max(1, round(0.05 x 1)) + round(0.05 x 99)
+
+
+def test_unbalanced_sampling_still_gives_each_dataset_its_weight():
+    weights = sampling_weights([range(4), range(12)], [0.25, 0.75], balance=0.0)  # data.balance=0: as stored
+    assert weights[:4] == pytest.approx([0.25 / 4] * 4) and weights[4:] == pytest.approx([0.75 / 12] * 12)
 
 @pytest.mark.parametrize("overrides, needles", [
     (["data.weights=[1,1,1]"], ["data.weights", "3 entries", "2"]),
