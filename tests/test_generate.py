@@ -60,6 +60,11 @@ def test_generated_dataset_passes_the_dataset_checks(world, tmp_path):
     assert images.shape == (12, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 0
     rows = read_rows(out)
     validate_rows(rows, where=str(out))
+    from diffusion.generate import patch_seed
+
+    # three shards of 4: row i is patch i, named by i, with patch i's seed
+    assert [r["id"] for r in rows] == [f"gen-{i:07d}" for i in range(12)]
+    assert [int(r["seed"]) for r in rows] == [patch_seed(3, i) for i in range(12)]
     assert {"seed", "guidance", "condition"} <= set(rows[0])
     real = {round(v, 4) for v in PatchDataset(world["labelled"], split="train").soft_labels.tolist()}
     for row in rows:
