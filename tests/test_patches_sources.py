@@ -1,4 +1,5 @@
-"""Slide sources against ground truth: MIDOG++ (real JSON, stand-in TIFFs), SlideRunner SQLite, points, folder, detect."""
+"""Slide sources against ground truth: MIDOG++ (real JSON, stand-in TIFFs), SlideRunner SQLite, points, folder, detect;
+the train/val/test splits they share."""
 
 from __future__ import annotations
 
@@ -348,3 +349,18 @@ def test_shipped_configs_load(profile):
 
     cfg = load_config(ExtractConfig, REPO / "configs" / profile / "data.yaml")
     assert cfg.patch_size == 64
+
+
+def test_slide_split_sends_whole_slides_in_the_configured_numbers():
+    from patches.splits import SplitConfig, assign_splits
+
+    rows = [{"id": f"{s}-{k}", "slide": f"s{s}"} for s in range(10) for k in range(3)]
+    assign_splits(rows, SplitConfig(mode="slide", val=0.1, test=0.2, seed=0))
+    per_slide = defaultdict(set)
+    for row in rows:
+        per_slide[row["slide"]].add(row["split"])
+    assert all(len(splits) == 1 for splits in per_slide.values())  # no slide in two splits
+    counts = defaultdict(int)
+    for (split,) in per_slide.values():
+        counts[split] += 1
+    assert dict(counts) == {"train": 7, "val": 1, "test": 2}  # round(0.1 x 10) and round(0.2 x 10) slides
