@@ -364,3 +364,15 @@ def test_slide_split_sends_whole_slides_in_the_configured_numbers():
     for (split,) in per_slide.values():
         counts[split] += 1
     assert dict(counts) == {"train": 7, "val": 1, "test": 2}  # round(0.1 x 10) and round(0.2 x 10) slides
+
+
+def test_y_split_sends_each_slides_top_rows_to_train_and_its_bottom_rows_to_test():
+    from patches.splits import SplitConfig, assign_splits
+
+    ys = [5, 1, 9, 3, 7, 0, 8, 2, 6, 4]  # rows in no particular order
+    rows = [{"id": f"{slide}{k}", "slide": slide, "y": y + offset} for slide, offset in (("a", 0), ("b", 500))
+            for k, y in enumerate(ys)]
+    assign_splits(rows, SplitConfig(mode="y", val=0.1, test=0.2))
+    expected = ["train"] * 7 + ["val"] + ["test"] * 2  # by y within each slide: 0-6, 7, 8-9
+    for slide in ("a", "b"):
+        assert [r["split"] for r in sorted((r for r in rows if r["slide"] == slide), key=lambda r: r["y"])] == expected
