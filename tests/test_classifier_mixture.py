@@ -94,7 +94,6 @@ def test_fraction_is_stratified_deterministic_and_nested(data):
     assert len(mix.parts[1]) == len(PatchDataset(data["gen"], split="train")) and len(mix.parts[0]) == len(a)
 
 
-
 def test_fraction_strata_split_a_soft_label_by_its_hard_label():
     # one soft-label bin in which one hard label of 100 disagrees with the rest: a stratum of its own, kept whole
     ds = SimpleNamespace(soft_labels=np.full(100, 1 / 3), hard_labels=np.r_[1.0, np.zeros(99)])
@@ -105,6 +104,7 @@ def test_fraction_strata_split_a_soft_label_by_its_hard_label():
 def test_unbalanced_sampling_still_gives_each_dataset_its_weight():
     weights = sampling_weights([range(4), range(12)], [0.25, 0.75], balance=0.0)  # data.balance=0: as stored
     assert weights[:4] == pytest.approx([0.25 / 4] * 4) and weights[4:] == pytest.approx([0.75 / 12] * 12)
+
 
 @pytest.mark.parametrize("overrides, needles", [
     (["data.weights=[1,1,1]"], ["data.weights", "3 entries", "2"]),

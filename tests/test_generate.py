@@ -97,7 +97,6 @@ def test_labels_values_cycle_and_uniform_is_seeded(world, tmp_path):
     assert [patch_seed(4, i) for i in range(3)] != [patch_seed(5, i) for i in range(3)]
 
 
-
 def test_match_labels_draw_every_soft_label_at_its_share():
     from diffusion.generate import draw_conditions
 
@@ -106,6 +105,7 @@ def test_match_labels_draw_every_soft_label_at_its_share():
     shares = [draws.count(v) / 5000 for v in (0.0, 1 / 3, 2 / 3, 1.0)]
     assert shares == pytest.approx([0.4, 0.2, 0.2, 0.2], abs=0.025)  # binomial sd at most 0.007
     assert draws == draw_conditions("match", values, 0, 5000) != draw_conditions("match", values, 1, 5000)
+
 
 def test_mixed_labels_share_one_unet_batch_per_step(world):
     """`uniform` labels are all distinct: they must still go through the UNet together, not one at a time."""

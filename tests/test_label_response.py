@@ -43,7 +43,6 @@ def test_real_curve_groups_the_distinct_soft_labels():
     assert list(curve["n"]) == [40] * 4
 
 
-
 def test_the_generated_curve_keeps_each_column_with_its_condition():
     scores = np.array([[0.9, 0.1, 0.5], [0.7, 0.3, 0.5]])  # (seeds, conditions): columns at 1, 0 and 0.5
     curve = label_response.generated_curve([1.0, 0.0, 0.5], scores, n_resamples=50)
@@ -51,6 +50,7 @@ def test_the_generated_curve_keeps_each_column_with_its_condition():
     assert curve["mean"] == pytest.approx([0.2, 0.5, 0.8])
     # two seeds: a resample's mean at condition 0 is 0.1, 0.2 or 0.3 (0.7, 0.8 or 0.9 at 1); 0.5 is constant
     assert curve["lo"] == pytest.approx([0.1, 0.5, 0.7]) and curve["hi"] == pytest.approx([0.3, 0.5, 0.9])
+
 
 def test_a_generator_equal_to_the_real_curve_has_zero_error():
     soft, scores = real_patches()
@@ -61,7 +61,6 @@ def test_a_generator_equal_to_the_real_curve_has_zero_error():
     assert 0.0 <= lo <= hi < 0.06  # sampling noise only: 64 seeds, 40 patches per label
 
 
-
 def test_the_interval_resamples_the_real_patches_as_well_as_the_seeds():
     """Seeds that agree exactly leave only the real patches' sampling noise, which the interval must still show."""
     soft, scores = real_patches()  # noise sd 0.05 over 40 patches: each label's mean varies by about 0.008
@@ -70,6 +69,7 @@ def test_the_interval_resamples_the_real_patches_as_well_as_the_seeds():
     assert error["value"] == pytest.approx(0.0, abs=1e-12)
     lo, hi = error["ci"]
     assert 0.0 <= lo and 0.008 < hi < 0.04
+
 
 @pytest.mark.parametrize("offset", [0.07, -0.12])
 def test_a_known_offset_is_the_error(offset):
@@ -98,10 +98,10 @@ def test_the_generated_curve_is_interpolated_between_conditions():
     assert two["per_label"][0]["generated"] == pytest.approx(0.3) and two["value"] == pytest.approx(0.2)
 
 
-
 def test_a_label_held_by_exactly_min_count_patches_enters_the_curve():
     values, groups = label_response.label_groups([0.0] * 10 + [1.0] * 9, min_count=10)
     assert values.tolist() == [0.0] and [len(g) for g in groups] == [10]
+
 
 def test_no_real_labels_gives_no_value():
     error = label_response.response_error(CONDITIONS, generator(), [], [], n_resamples=10)

@@ -74,7 +74,6 @@ def test_frechet_per_bin_compares_equal_sample_sizes():
     assert [r["common_n"] for r in rows] == [50, 50, None]
 
 
-
 def test_a_bin_with_exactly_min_count_frames_to_compare_is_measured():
     rng = np.random.default_rng(8)
     real, gen = rng.normal(size=(16, 3)), rng.normal(size=(8, 3))
@@ -82,6 +81,7 @@ def test_a_bin_with_exactly_min_count_frames_to_compare_is_measured():
     assert rows[0]["n"] == 8 and rows[0]["ratio"] is not None and rows[0]["common_n"] == 8
     fewer = fidelity.frechet_per_bin(gen[:7], np.zeros(7, int), real, np.zeros(16, int), n_bins=1, min_count=8)
     assert fewer[0]["n"] == 7 and fewer[0]["ratio"] is None
+
 
 def test_frechet_ratio_at_common_n_compares_bins_of_different_sizes():
     # the same generator fault (a 0.5 shift in every dimension) in a bin with 600 real patches and in one with 60:
@@ -183,7 +183,6 @@ def test_ratio_intervals_are_over_seeds_and_widen_when_seeds_disagree():
     assert widths[1] > 1.8 * widths[0], widths
 
 
-
 def test_the_worst_bin_interval_is_the_interval_of_the_bin_that_is_worst_in_every_resample():
     rng = np.random.default_rng(9)
     real = rng.normal(size=(600, 6))
@@ -194,6 +193,7 @@ def test_the_worst_bin_interval_is_the_interval_of_the_bin_that_is_worst_in_ever
     result = fidelity.ratio_intervals(gen, gen_bins, groups, real, real_bins, rows, n_resamples=40)
     assert rows[1]["ratio"] > 10 * rows[0]["ratio"]
     assert result["worst"] == result["bins"][1] and result["worst"] != result["bins"][0]
+
 
 def test_ratio_intervals_refuse_what_half_the_seeds_cannot_measure():
     rng = np.random.default_rng(7)
@@ -243,6 +243,7 @@ def test_a_calibrated_reference_is_far_from_one_only_in_a_bin_with_in_between_co
     rng = np.random.default_rng(3)
     labels = np.array([0.0, 1 / 3, 2 / 3, 1.0])
     centre = {0.0: 0.0, 1 / 3: 2.0, 2 / 3: 4.0, 1.0: 6.0}
+
     def patches(label, n):
         x = rng.normal(size=(n, 3))
         x[:, 0] += centre[label]

@@ -109,7 +109,6 @@ def test_fleiss_kappa_and_krippendorff_on_known_tables():
     assert krippendorff_ordinal(same[:1]) is None  # one reader: no agreement to measure
 
 
-
 def test_agreement_counts_only_the_items_every_reader_answered():
     study = synthetic_study(n_real=4, n_generated=4)
     items = study.study["items"]  # four real items, then four generated ones
@@ -124,6 +123,7 @@ def test_agreement_counts_only_the_items_every_reader_answered():
     assert result["n_readers"] == 2 and result["items_answered_by_every_reader"] == 6
     # on those six: four unanimous, two split, 8 of 12 calls real: P = 4/6, P_e = 5/9, kappa = (1/9) / (4/9)
     assert result["fleiss_kappa_real_vs_generated"] == pytest.approx(0.25)
+
 
 def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
     root = make_inputs(tmp_path / "inputs")
