@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import MIDOG_JSON
+from patches.cli import main
 from patches.midog import read_midog
 
 
@@ -23,3 +28,17 @@ def test_midog_cells_whose_box_straddles_the_edge_are_centred_on_the_edge_pixel(
     # bbox [4186, -30, 4236, 20]: centre (4211, -5), clamped onto row 0
     assert (rows["midog-15728"]["x"], rows["midog-15728"]["y"]) == (4211, 0)
     assert all(0 <= r["x"] < 6447 and 0 <= r["y"] < 4835 for r in rows.values())
+
+
+def test_points_with_sub_pixel_coordinates_are_centred_on_the_nearest_pixel(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    (tmp_path / "cells.csv").write_text("slide,x,y,label\nimg.png,30.6,20.4,1\nimg.png,40.2,35.7,0\n")
+    main(["points", "--csv", str(tmp_path / "cells.csv"), "--slides", str(tmp_path), "--out", str(tmp_path / "ds"),
+          "--size", "8", "--margin", "0", "--workers", "1"])
+    with open(tmp_path / "ds" / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["x"], r["y"]) for r in rows] == [("31", "20"), ("40", "36")]
+    patches = np.load(tmp_path / "ds" / "patches.npy")
+    assert np.array_equal(patches[0], pixels[20 - 4: 20 + 4, 31 - 4: 31 + 4])
+    assert np.array_equal(patches[1], pixels[36 - 4: 36 + 4, 40 - 4: 40 + 4])
