@@ -92,3 +92,21 @@ def test_text_coordinates_are_an_error_not_zero(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "coordinateX/Y" in err[0] and "annotation 2" in err[0] and "'left'" in err[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
+
+
+def test_a_circle_is_centred_at_the_mean_of_its_coordinates(tmp_path):
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    db = tmp_path / "ccmct.sqlite"
+    make_sliderunner_db(db, {1: "a.png"}, [
+        {"uid": 1, "slide": 1, "x": 40, "y": 50, "agreed": 2, "labels": [(1, 2)]},
+        {"uid": 2, "slide": 1, "x": 100, "y": 30, "agreed": 7, "labels": [(1, 7)]}])
+    con = sqlite3.connect(db)
+    con.execute("UPDATE Annotations SET type = 5 WHERE uid = 1")  # a circle: two corners of its box
+    con.execute("INSERT INTO Annotations_coordinates (coordinateX, coordinateY, slide, annoId, orderIdx) "
+                "VALUES (60, 70, 1, 1, 2)")
+    con.commit()
+    con.close()
+    main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(tmp_path / "ds"), "--size", "16"])
+    rows = rows_of(tmp_path / "ds")
+    assert (rows["sliderunner-1"]["x"], rows["sliderunner-1"]["y"]) == ("50", "60")  # (40 + 60) / 2, (50 + 70) / 2
+    assert (rows["sliderunner-2"]["x"], rows["sliderunner-2"]["y"]) == ("100", "30")  # a spot: its one point
