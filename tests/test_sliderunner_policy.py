@@ -110,3 +110,16 @@ def test_a_circle_is_centred_at_the_mean_of_its_coordinates(tmp_path):
     rows = rows_of(tmp_path / "ds")
     assert (rows["sliderunner-1"]["x"], rows["sliderunner-1"]["y"]) == ("50", "60")  # (40 + 60) / 2, (50 + 70) / 2
     assert (rows["sliderunner-2"]["x"], rows["sliderunner-2"]["y"]) == ("100", "30")  # a spot: its one point
+
+
+def test_an_annotation_without_usable_votes_takes_its_agreed_class_as_the_one_vote(tmp_path):
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    db = tmp_path / "ccmct.sqlite"
+    make_sliderunner_db(db, {1: "a.png"}, [
+        {"uid": 1, "slide": 1, "x": 40, "y": 50, "agreed": 2, "labels": []},
+        {"uid": 2, "slide": 1, "x": 100, "y": 30, "agreed": 7, "labels": []},
+        {"uid": 3, "slide": 1, "x": 120, "y": 90, "agreed": 2, "labels": [(1, 2), (2, 7)]}])
+    main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(tmp_path / "ds"), "--size", "16"])
+    rows = rows_of(tmp_path / "ds")
+    assert {uid: (r["label"], r["votes"], r["hard_label"]) for uid, r in rows.items()} == {
+        "sliderunner-1": ("1", "", "1"), "sliderunner-2": ("0", "", "0"), "sliderunner-3": ("0.5", "1;0", "1")}
