@@ -238,3 +238,17 @@ def test_bad_point_outside_the_slide(setup, capsys):
     run_bad(tmp_path, capsys, ["--slides", slides, "--annotator", f"a={good}", "--annotator", f"b={outside}",
                                "--radius-px", "8", "--label-map", "MITE=1"],
             "outside.geojson", "features[1].geometry.coordinates", "outside slide s1.tif", "400x300")
+
+
+def test_an_even_split_of_votes_is_a_hard_label_of_1(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    mpp_tiff(slides / "s1.tif")
+    alice = geojson(tmp_path / "alice.geojson", [(50, 50, "MITE"), (150, 100, "MITE"), (250, 200, "NOT")])
+    bob = geojson(tmp_path / "bob.geojson", [(52, 50, "NOT"), (152, 100, "MITE"), (252, 200, "NOT")])
+    main(["annotators", "--slides", str(slides), "--annotator", f"alice={alice}", "--annotator", f"bob={bob}",
+          "--radius-px", "8", "--label-map", "NOT=0,MITE=1", "--out", str(tmp_path / "ds"), "--size", "16",
+          "--margin", "0", "--workers", "1"])
+    got = {(r["x"], r["y"]): (r["votes"], r["label"], r["hard_label"]) for r in rows_of(tmp_path / "ds")}
+    assert got == {("51", "50"): ("1;0", "0.5", "1"), ("151", "100"): ("1;1", "1", "1"),
+                   ("251", "200"): ("0;0", "0", "0")}  # ties count as mitotic
