@@ -90,6 +90,10 @@ def test_label_map_syntax(text, needle):
     assert needle in str(err.value)
 
 
+def test_label_map_names_and_values_are_read_without_surrounding_spaces():
+    assert parse_label_map("NOT = 0, INDET=0.5 , MITE =1") == {"NOT": 0.0, "INDET": 0.5, "MITE": 1.0}
+
+
 def test_config_label_map_value_checked():
     with pytest.raises(UserError, match="label_map.MITE"):
         check_label_map({"NOT": 0, "MITE": 1.5}, "data.yaml")
