@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO
-from patches.dataset import SplitConfig, build_dataset
+from patches.dataset import SplitConfig, build_dataset, pending_jobs
 from patches.extract import cut_points
 
 
@@ -128,3 +128,10 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     main([a if a != str(out) else str(clean) for a in args])
     assert content_hash(out) == content_hash(clean)
+
+
+def test_a_slide_whose_npy_was_written_but_not_its_json_is_redone(tmp_path):
+    for name in ("a.npy", "a.json", "b.npy", "c.json"):  # a finished, b killed between its two writes, c half gone
+        (tmp_path / name).write_text("")
+    jobs = [(key, cut_points, {}) for key in "abcd"]
+    assert [job[0] for job in pending_jobs(tmp_path, jobs)] == ["b", "c", "d"]
