@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
@@ -135,3 +136,26 @@ def test_a_slide_whose_npy_was_written_but_not_its_json_is_redone(tmp_path):
         (tmp_path / name).write_text("")
     jobs = [(key, cut_points, {}) for key in "abcd"]
     assert [job[0] for job in pending_jobs(tmp_path, jobs)] == ["b", "c", "d"]
+
+
+def test_a_rerun_with_changed_annotations_redoes_the_finished_slides(tmp_path):
+    make_slides(tmp_path, "abcd")
+    log, flag = tmp_path / "calls.log", tmp_path / "fail.flag"
+    flag.touch()
+    out = tmp_path / "ds"
+    build = functools.partial(build_dataset, patch_size=16, margin=4, meta={"source": "points"},
+                              split=SplitConfig(mode="slide"), progress=False)
+    try:
+        build(out, jobs_for(tmp_path, log, flag))
+        raise AssertionError("the crash did not happen")
+    except RuntimeError:
+        pass
+    flag.unlink()
+    log.write_text("")
+    jobs = jobs_for(tmp_path, log, flag)
+    jobs[0][2]["rows"][0].update(label=1.0, hard_label=1)  # slide a, finished before the crash, is relabelled
+    build(out, jobs)
+    assert log.read_text().split() == ["a", "b", "c", "d"]  # the kept shards were made from other rows
+    with open(out / "labels.csv", newline="") as handle:
+        rows = {r["id"]: r for r in csv.DictReader(handle)}
+    assert (rows["a-0"]["label"], rows["a-0"]["hard_label"]) == ("1", "1")
