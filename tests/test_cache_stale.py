@@ -1,0 +1,47 @@
+"""A latent cache is refused when a dataset it was made from has changed since (`check_cache`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffusion.cache import check_cache
+from mitosis_ldm.errors import UserError
+from patches.dataset import Shard, SplitConfig, build_dataset
+
+
+def shard(first_label: float) -> Shard:
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    rows = [{"id": f"p{i}", "source": "test", "slide": "s", "x": i, "y": i, "label": first_label if i == 0 else 0.0,
+             "votes": "", "hard_label": int((first_label if i == 0 else 0.0) >= 0.5)} for i in range(4)]
+    return Shard(images, rows)
+
+
+def dataset(out, first_label: float = 0.0, overwrite: bool = False):
+    return build_dataset(out, [("s", shard, {"first_label": first_label})], patch_size=8, margin=0,
+                         meta={"source": "test"}, split=SplitConfig(mode="random"), overwrite=overwrite,
+                         progress=False)
+
+
+def cache_of(folder, datasets):
+    """A cache folder's cache.json, recording each dataset's path and content hash as `build_cache` does."""
+    folder.mkdir()
+    entries = [{"path": str(d), "content_hash": json.loads((d / "dataset.json").read_text())["content_hash"]}
+               for d in datasets]
+    (folder / "cache.json").write_text(json.dumps({"format": "mitosis-ldm/latents", "datasets": entries}))
+    return folder
+
+
+def test_a_cache_is_refused_for_a_dataset_that_changed_or_that_it_does_not_hold(tmp_path):
+    a, b = dataset(tmp_path / "a"), dataset(tmp_path / "b", first_label=1.0)
+    cache = cache_of(tmp_path / "latents", [a])
+    check_cache(cache, datasets=[a])  # the same dataset: accepted
+    with pytest.raises(UserError, match="does not hold dataset"):
+        check_cache(cache, datasets=[a, b])
+    meta = json.loads((a / "dataset.json").read_text())
+    meta["content_hash"] = "0" * 64  # what another extraction into the same folder records
+    (a / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="changed since the latent cache was made"):
+        check_cache(cache, datasets=[a])
