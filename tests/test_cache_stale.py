@@ -45,3 +45,13 @@ def test_a_cache_is_refused_for_a_dataset_that_changed_or_that_it_does_not_hold(
     (a / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="changed since the latent cache was made"):
         check_cache(cache, datasets=[a])
+
+
+def test_relabelling_a_dataset_changes_its_content_hash_so_its_cache_is_refused(tmp_path):
+    a = dataset(tmp_path / "a")
+    cache = cache_of(tmp_path / "latents", [a])
+    patches = (a / "patches.npy").read_bytes()
+    dataset(a, first_label=1.0, overwrite=True)  # the same patches, one label changed
+    assert (a / "patches.npy").read_bytes() == patches
+    with pytest.raises(UserError, match="changed since the latent cache was made"):
+        check_cache(cache, datasets=[a])
