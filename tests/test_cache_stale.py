@@ -1,7 +1,8 @@
-"""A latent cache is refused when a dataset it was made from has changed since (`check_cache`)."""
+"""A latent cache is refused when the VAE or a dataset it was made from has changed since (`check_cache`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -55,3 +56,19 @@ def test_relabelling_a_dataset_changes_its_content_hash_so_its_cache_is_refused(
     assert (a / "patches.npy").read_bytes() == patches
     with pytest.raises(UserError, match="changed since the latent cache was made"):
         check_cache(cache, datasets=[a])
+
+
+def test_the_vae_hash_sees_a_byte_changed_past_the_first_mebibyte(tmp_path):
+    from diffusion.cache import vae_hash
+    from mitosis_ldm.hashing import hash_files
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    weights = bytearray(3 << 20)  # three read chunks
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    before = vae_hash(vae)
+    weights[-1] = 1  # the last byte of the last chunk
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    assert vae_hash(vae) != before
+    assert hash_files([vae / "diffusion_pytorch_model.safetensors"], chunk=4) == hashlib.sha256(weights).hexdigest()
