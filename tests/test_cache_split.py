@@ -23,6 +23,7 @@ def test_cache_of_the_train_split_only(tmp_path):
     assert set(cache.splits.tolist()) == {SPLIT_CODES["train"]}
     assert np.array_equal(np.load(tmp_path / "train" / "rows.npy"), train.indices)
     assert np.allclose(cache.labels, train.soft_labels, equal_nan=True)
+    assert np.array_equal(cache.hard_labels, train.hard_labels) and set(train.hard_labels.tolist()) == {0.0, 1.0}
     info = json.loads((tmp_path / "train" / "cache.json").read_text())
     assert info["splits"] == ["train"] and info["count"] == len(train)
 
