@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import tiny_artifacts
+from mitosis_ldm import integrity
 from mitosis_ldm.check import main as check_main
 from mitosis_ldm.config import ConfigError, load_config
 
@@ -154,3 +155,25 @@ def test_autoencoder_encode_with_a_text_scaling_factor_leaves_nothing(world, tmp
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "field 'scaling_factor'" in err[0], err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def posterior_folder(folder, extra_bytes: int = 0):
+    """A recorded folder `check` recognises (posterior.csv + posterior.json), with a large file when asked."""
+    folder.mkdir()
+    (folder / "posterior.csv").write_text("id,posterior_mean\np0,0.25\n")
+    (folder / "posterior.json").write_text("{}")
+    if extra_bytes:
+        (folder / "weights.bin").write_bytes(bytes(extra_bytes))
+    integrity.record(folder)
+    return folder
+
+
+def test_check_hashes_files_too_large_to_hash_on_every_load(tmp_path, capsys):
+    folder = posterior_folder(tmp_path / "post", extra_bytes=integrity.CHEAP_BYTES + 1000)
+    weights = folder / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the hash can tell
+    weights.write_bytes(bytes(data))
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and lines == [f"{weights}: content differs from the sha256 recorded at export (corrupted or "
+                                   f"edited)"]
