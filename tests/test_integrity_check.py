@@ -177,3 +177,12 @@ def test_check_hashes_files_too_large_to_hash_on_every_load(tmp_path, capsys):
     code, lines, _ = check(capsys, folder)
     assert code == 2 and lines == [f"{weights}: content differs from the sha256 recorded at export (corrupted or "
                                    f"edited)"]
+
+
+def test_loading_names_a_large_recorded_file_whose_size_changed(tmp_path):
+    folder = posterior_folder(tmp_path / "post", extra_bytes=integrity.CHEAP_BYTES + 1000)
+    weights = folder / "weights.bin"
+    weights.write_bytes(bytes(integrity.CHEAP_BYTES + 999))  # one byte short: too large to hash on load
+    assert integrity.findings(folder, full=False) == [
+        f"{weights}: {integrity.CHEAP_BYTES + 999} bytes, recorded {integrity.CHEAP_BYTES + 1000} at export "
+        f"(truncated or replaced)"]
