@@ -186,3 +186,15 @@ def test_loading_names_a_large_recorded_file_whose_size_changed(tmp_path):
     assert integrity.findings(folder, full=False) == [
         f"{weights}: {integrity.CHEAP_BYTES + 999} bytes, recorded {integrity.CHEAP_BYTES + 1000} at export "
         f"(truncated or replaced)"]
+
+
+def test_a_file_the_project_writes_into_a_recorded_folder_updates_the_record(tmp_path, capsys):
+    from mitosis_ldm.io import write_text
+
+    folder = posterior_folder(tmp_path / "post")
+    write_text(folder / "posterior.csv", "id,posterior_mean\np0,0.75\n")  # replaced (e.g. --overwrite)
+    write_text(folder / "scores.csv", "name,mean\np0,0.5\n")  # added, as `score` adds scores.csv
+    files = integrity.read_manifest(folder)["files"]
+    assert files["posterior.csv"]["size"] == 26 and files["scores.csv"]["size"] == 17
+    code, lines, _ = check(capsys, folder)
+    assert code == 0 and lines == [f"{folder}: clean (posterior)"]
