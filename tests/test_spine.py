@@ -200,6 +200,38 @@ def test_checkpoints_rotate_and_resume_continues(tmp_path):
     assert (start, end) == (0, 3) and not (run_dir / "checkpoints" / "checkpoint-10").exists()
 
 
+def _train_adamw(run_dir, max_steps, resume=None):
+    """8 AdamW steps an epoch over shuffled data, a checkpoint at each epoch's end; (start step, weights, batches)."""
+    cfg = TrainConfig(max_steps=max_steps, batch_size=4, checkpoint_every=8, log_every=1)
+    run = TrainingRun(run_dir, cfg, StageConfig(train=cfg), resume=resume)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(torch.arange(96.0).reshape(32, 3) / 96, batch_size=4, shuffle=True)
+    model, opt, loader = run.accelerator.prepare(model, opt, loader)
+    step = start = run.resume()
+    batches = []
+    for x in run.batches(loader, step):
+        run.accelerator.backward((model(x) - 1).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+        batches.append(x.sum().item())
+        step += 1
+        run.step_done(step)
+        if step >= max_steps:
+            break
+    run.finish()
+    return start, torch.cat([p.detach().flatten() for p in model.parameters()]), batches
+
+
+def test_resume_continues_with_the_saved_weights_optimizer_and_shuffle_state(tmp_path):
+    _, straight, straight_batches = _train_adamw(tmp_path / "straight", 16)
+    _train_adamw(tmp_path / "stopped", 8)
+    start, resumed, resumed_batches = _train_adamw(tmp_path / "stopped", 16, resume="latest")
+    assert start == 8 and resumed_batches == straight_batches[8:]  # the second epoch's batches, in the same order
+    assert torch.equal(resumed, straight)  # bit for bit: weights, Adam moments and RNG all came back
+
+
 def test_a_run_folder_that_is_a_file_or_lies_under_one_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="notes.txt: is a file; the run folder must be a folder"):
