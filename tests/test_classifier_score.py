@@ -74,8 +74,10 @@ def test_scores_files_folders_datasets_and_transitions(world, tmp_path, capsys):
     assert list(scored[0]) == ["name", "seed", "frame", "condition", "mean", "std", "member_0", "member_1"]
     assert [(r["seed"], r["frame"], r["condition"]) for r in scored] == [
         (s, f, c) for s in ("7", "8") for f, c in (("0", "0"), ("1", "0.5"), ("2", "1"))]
-    frame_scores = ens.predict(np.asarray(t.frames).reshape(6, 32, 32, 3)).mean(1)
-    np.testing.assert_allclose([float(r["mean"]) for r in scored], frame_scores, rtol=1e-4)
+    frame_scores = ens.predict(np.asarray(t.frames).reshape(6, 32, 32, 3))
+    np.testing.assert_allclose([float(r["mean"]) for r in scored], frame_scores.mean(1), rtol=1e-4)
+    np.testing.assert_allclose([[float(r["member_0"]), float(r["member_1"])] for r in scored], frame_scores, rtol=1e-4)
+    assert (np.abs(frame_scores[:, 0] - frame_scores[:, 1]) > 1e-3).all()  # the members disagree: order shows
     # scoring again needs --overwrite, for the CSV and for the transitions' scores.csv
     code, err = run_score(capsys, "--classifier", world / "classifier", world / "transitions", "--out",
                           tmp_path / "other.csv")
