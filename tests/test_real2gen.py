@@ -1,4 +1,5 @@
-"""real2gen's wiring, on a stand-in pipeline whose results are known by hand: which frame gets which condition."""
+"""real2gen's wiring, on a stand-in pipeline whose results are known by hand: which frame gets which condition
+and the own-label round trip."""
 
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ def test_each_frame_is_rendered_at_its_own_condition():
     out = render(ShiftPipeline(), images, own, conditions, "invert", guidance=2.0, steps=4, strength=0.5)
     # frame (i, j) = input i + 20 x (own label i - condition j)
     assert np.array_equal(out["frames"], np.stack([images_of(100, 90, 80), images_of(170, 160, 150)]))
+
+
+def test_the_own_label_frame_of_a_partial_inversion_reproduces_the_input():
+    images, own = images_of(100, 150), np.array([0.0, 1.0], np.float32)
+    out = render(ShiftPipeline(), images, own, [0.0, 1.0], "invert", guidance=2.0, steps=4, strength=0.5)
+    assert np.array_equal(out["own_recon"], images)  # back at the same strength and label: the input itself
+    assert np.array_equal(out["vae_recon"], images)
+    assert np.allclose(out["psnr_inversion"], 10 * np.log10(255.0 ** 2 / 1e-10))  # the PSNR of identical images
