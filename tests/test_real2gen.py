@@ -1,11 +1,12 @@
-"""real2gen's wiring, on a stand-in pipeline whose results are known by hand: which frame gets which condition
-and the own-label round trip."""
+"""real2gen's wiring, on stand-in pipelines whose results are known by hand: which frame gets which condition,
+the own-label round trip, and where SDEdit starts in the schedule."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from diffusion.inversion import RealToGenerated
 from diffusion.real2gen import render
 
 
@@ -42,3 +43,27 @@ def test_the_own_label_frame_of_a_partial_inversion_reproduces_the_input():
     assert np.array_equal(out["own_recon"], images)  # back at the same strength and label: the input itself
     assert np.array_equal(out["vae_recon"], images)
     assert np.allclose(out["psnr_inversion"], 10 * np.log10(255.0 ** 2 / 1e-10))  # the PSNR of identical images
+
+
+class DenoiseRecorder(RealToGenerated):
+    """SDEdit's own noising on a 1000-step schedule; `denoise` records what it is given and returns it unchanged."""
+
+    def __init__(self):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.calls = []
+
+    def denoise(self, latents, labels, guidance, scheduler, timesteps, generators=None):
+        self.calls.append((latents, [int(t) for t in timesteps]))
+        return latents
+
+
+def test_sdedit_at_strength_0_3_noises_to_the_level_of_its_first_step_of_the_last_three():
+    pipe = DenoiseRecorder()
+    pipe.sdedit(torch.zeros(2, 4, 8, 8), torch.tensor([0.0, 1.0]), 2.0, steps=10, strength=0.3, seed=5)
+    (noisy, timesteps), = pipe.calls
+    assert timesteps == [299, 199, 99]  # DDIM over 10 trailing steps is 999, 899, ..., 99: the last 3
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    level = (1 - pipe.scheduler.alphas_cumprod[299]).sqrt()  # clean latents are zero: only the noise is left
+    assert torch.allclose(noisy, (level * noise).expand(2, 4, 8, 8), atol=1e-6)
