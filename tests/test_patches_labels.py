@@ -156,3 +156,15 @@ def test_points_from_geojson(tmp_path, capsys, slide):
         ("10", "12", "1", "MITE"), ("35", "35", "0.5", "INDET"), ("79", "5", "", "")]
     fails(["points", "--geojson", path, "--slides", tmp_path, "--out", tmp_path / "ds2"], tmp_path / "ds2", capsys,
           "--geojson", "--slide")
+
+
+def test_binned_label_mode_rounds_soft_labels_to_the_nearest_of_0_half_and_1(tmp_path, slide):
+    from patches.dataset import PatchDataset
+
+    soft = ["0", "0.2", "0.333333", "0.5", "0.666667", "0.8", "1"]
+    table = tmp_path / "cells.csv"
+    table.write_text("slide,x,y,label\n" + "".join(f"s.png,{10 + 8 * i},30,{v}\n" for i, v in enumerate(soft)))
+    points(tmp_path, table)
+    data = PatchDataset(tmp_path / "ds", label_mode="binned")
+    assert data.labels().tolist() == [0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert [float(data[i]["label"]) for i in range(7)] == [0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
