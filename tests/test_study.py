@@ -242,3 +242,12 @@ def test_malformed_csv(study, tmp_path, capsys, content, expected):
     path.write_text(content)
     message = analyse_fails(study[0], [path], tmp_path, capsys)
     assert str(path) in message and "malformed CSV" in message and expected in message
+
+
+def test_ids_are_dealt_to_the_draw_in_shuffled_order(study):
+    out, key, page = study
+    # the draw lists the real patches first; ids handed out in draw order would put all 12 real items
+    # first in the page's id order (one change of kind), so the id order would give the answer away
+    kinds = [key[item]["kind"] for item in sorted(key)]
+    changes = sum(a != b for a, b in zip(kinds, kinds[1:]))
+    assert changes > 2, kinds
