@@ -143,3 +143,14 @@ def test_pipeline_method_refuses_a_bad_schedule(pipeline):
         pipe.transitions([0], [0.5], steps=2, guidance_rescale=2.0)
     with pytest.raises(UserError, match="guidance-interval"):
         pipe.transitions([0], [0.5], steps=2, guidance_interval=(0.9, 0.1))
+
+
+def test_the_interval_holds_both_its_ends(pipeline):
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(pipeline)
+    # [0, 1] guides every step, the first at t = T - 1 (noise level 1) and the last at t = 0 (level 0)
+    assert pipe.in_interval(999, (0.0, 1.0)) and pipe.in_interval(0, (0.0, 1.0))
+    # a step that lands exactly on an end of the interval is inside it
+    assert pipe.in_interval(333, (333 / 999, 0.5)) and pipe.in_interval(666, (0.5, 666 / 999))
+    assert not pipe.in_interval(332, (333 / 999, 0.5)) and not pipe.in_interval(667, (0.5, 666 / 999))
