@@ -86,3 +86,17 @@ def test_existing_run_folder_needs_overwrite_or_resume(small, tmp_path):
     (run / "something").write_text("x")
     result = run_module("diffusion.train", *tiny_train_args(run, tmp_path / "nocache"))
     assert result.returncode == 2 and "already exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_balance_weights_give_every_label_bin_and_the_unlabelled_rows_equal_draws():
+    import numpy as np
+
+    from diffusion.train import balance_weights
+
+    nan = float("nan")
+    # 5 bins: 0 and 0.1 share bin 0, 0.5 is alone in bin 2, 1.0 falls in the last bin with 0.9
+    labels = np.array([0.0, 0.1, 0.5, 0.9, 1.0, nan, nan, nan, nan])
+    weights = balance_weights(labels, 5, 1.0)
+    assert weights.tolist() == [0.5, 0.5, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]
+    # unlabelled_weight 2: the unlabelled group draws twice as often as one label bin
+    assert balance_weights(labels, 5, 2.0)[5:].tolist() == [0.5] * 4
