@@ -282,3 +282,18 @@ def test_explorer_default_strength_starts_at_real2gen_noise_level():
         top8 = (run_steps(8, ours) - 1) * 1000 // 8
         assert top8 <= top20 < top8 + 1000 // 8
     assert same_start(0.8, 20, 8) == 0.875 and same_start(0.8, 20, 20) == 0.8
+
+
+@pytest.mark.parametrize("col, row", [(2, 0), (0, 1)])
+def test_a_full_resolution_tile_shows_its_column_and_row_of_the_slide(client, world, col, row):
+    from PIL import Image
+
+    # 254 px tiles with 1 px overlap: tile (col, row) covers x from 254 col - 1 to 254 (col + 1) + 1, clipped
+    x0, y0 = max(0, 254 * col - 1), max(0, 254 * row - 1)
+    x1, y1 = min(SLIDE_SIZE[0], 254 * (col + 1) + 1), min(SLIDE_SIZE[1], 254 * (row + 1) + 1)
+    res = client.get(f"/slides/{SLIDE}_files/10/{col}_{row}.jpeg")
+    assert res.status_code == 200
+    tile = np.asarray(Image.open(io.BytesIO(res.content)).convert("RGB")).astype(float)
+    expected = np.asarray(Image.open(world["slide"]).convert("RGB"))[y0:y1, x0:x1].astype(float)
+    assert tile.shape == expected.shape
+    assert np.abs(tile - expected).mean() < 8  # JPEG at quality 85
