@@ -100,3 +100,27 @@ def test_balance_weights_give_every_label_bin_and_the_unlabelled_rows_equal_draw
     assert weights.tolist() == [0.5, 0.5, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]
     # unlabelled_weight 2: the unlabelled group draws twice as often as one label bin
     assert balance_weights(labels, 5, 2.0)[5:].tolist() == [0.5] * 4
+
+
+def test_cond_dropout_one_replaces_every_training_label_by_the_null_label(small, monkeypatch):
+    import torch
+
+    from diffusion.cache import build_cache
+    from diffusion.model import LabelEmbedder
+    from diffusion.train import main as train_main
+
+    seen = []
+    forward = LabelEmbedder.forward
+
+    def recording(self, labels):
+        if self.training:
+            seen.append(labels.detach().cpu().clone())
+        return forward(self, labels)
+
+    monkeypatch.setattr(LabelEmbedder, "forward", recording)
+    root = small["root"]
+    cache = build_cache(small["vae"], [small["synth"]], root / "latents-labelled", progress=False)  # all labelled
+    train_main([*tiny_train_args(root / "dropout-all", cache, steps=2), "--set", "preview.every=0",
+                "--set", "diffusion.cond_dropout=1.0"])
+    labels = torch.cat(seen)
+    assert len(labels) == 2 * 8 and bool(torch.isnan(labels).all()), labels
