@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO, accelerate_cmd
@@ -124,3 +125,31 @@ def test_cond_dropout_one_replaces_every_training_label_by_the_null_label(small,
                 "--set", "diffusion.cond_dropout=1.0"])
     labels = torch.cat(seen)
     assert len(labels) == 2 * 8 and bool(torch.isnan(labels).all()), labels
+
+
+def test_label_jitter_moves_training_labels_and_keeps_them_in_the_unit_interval(small, monkeypatch):
+    import torch
+
+    from diffusion.cache import build_cache
+    from diffusion.model import LabelEmbedder
+    from diffusion.train import main as train_main
+    from patches.dataset import PatchDataset
+
+    seen = []
+    forward = LabelEmbedder.forward
+
+    def recording(self, labels):
+        if self.training:
+            seen.append(labels.detach().cpu().clone())
+        return forward(self, labels)
+
+    monkeypatch.setattr(LabelEmbedder, "forward", recording)
+    root = small["root"]
+    cache = build_cache(small["vae"], [small["synth"]], root / "latents-jitter", progress=False)  # all labelled
+    train_main([*tiny_train_args(root / "jitter", cache, steps=2), "--set", "preview.every=0",
+                "--set", "diffusion.cond_dropout=0.0", "--set", "data.label_jitter=0.5"])
+    labels = torch.cat(seen).numpy()
+    data_labels = set(np.round(PatchDataset(small["synth"]).soft_labels, 5).tolist())
+    assert len(labels) == 2 * 8 and np.isfinite(labels).all()  # cond_dropout 0: no null label
+    assert labels.min() >= 0 and labels.max() <= 1, labels
+    assert not set(np.round(labels, 5).tolist()) <= data_labels  # jittered off the dataset's labels
