@@ -154,3 +154,14 @@ def test_the_interval_holds_both_its_ends(pipeline):
     # a step that lands exactly on an end of the interval is inside it
     assert pipe.in_interval(333, (333 / 999, 0.5)) and pipe.in_interval(666, (0.5, 666 / 999))
     assert not pipe.in_interval(332, (333 / 999, 0.5)) and not pipe.in_interval(667, (0.5, 666 / 999))
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.5), (0.8, 0.3), (-0.1, 0.5), (0.2, 1.1)])
+def test_an_interval_must_have_low_below_high_inside_zero_one(interval):
+    from diffusion.sampling_args import check_guidance_schedule
+    from mitosis_ldm.errors import UserError
+
+    # an empty interval (LOW = HIGH) would guide almost no step without a word
+    with pytest.raises(UserError, match="0 <= LOW < HIGH <= 1"):
+        check_guidance_schedule(interval, 0.0)
+    assert check_guidance_schedule((0.0, 1.0), 1.0) == ((0.0, 1.0), 1.0)
