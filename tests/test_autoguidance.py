@@ -172,3 +172,20 @@ def test_bad_guide_settings_in_the_training_config_are_refused(sets, needle):
     cfg = load_config(DiffusionTrainConfig, None, sets)
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("field, value", [("prediction_type", "epsilon"), ("beta_schedule", "linear"),
+                                          ("num_train_timesteps", 500)])
+def test_a_weak_model_of_another_noise_schedule_is_refused(pair, field, value):
+    from diffusers import DDPMScheduler
+
+    from diffusion.guide import attach
+    from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.errors import UserError
+
+    strong, weak, root = pair
+    strong_pipe, weak_pipe = MitosisPipeline.from_pretrained(strong), MitosisPipeline.from_pretrained(weak)
+    weak_pipe.scheduler = DDPMScheduler.from_config({**weak_pipe.scheduler.config, field: value})
+    with pytest.raises(UserError, match=f"field '{field}'"):
+        attach(strong_pipe, weak_pipe)
+    attach(strong_pipe, MitosisPipeline.from_pretrained(weak))  # the same schedule is accepted
