@@ -165,3 +165,21 @@ def test_an_interval_must_have_low_below_high_inside_zero_one(interval):
     with pytest.raises(UserError, match="0 <= LOW < HIGH <= 1"):
         check_guidance_schedule(interval, 0.0)
     assert check_guidance_schedule((0.0, 1.0), 1.0) == ((0.0, 1.0), 1.0)
+
+
+def test_steps_outside_the_interval_take_the_conditional_prediction(pipeline):
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(pipeline)
+    seen = []
+    guided = pipe.guided
+
+    def recording(latents, t, labels, guidance, *args):
+        seen.append((pipe.noise_level(t), guidance))
+        return guided(latents, t, labels, guidance, *args)
+
+    pipe.guided = recording
+    pipe.transitions([0], [0.5], 4.0, 3, "ddim", 1, guidance_interval=(0.3, 0.8))
+    # guidance 1 is the conditional prediction alone; 0 would be the unconditional one
+    assert {g for level, g in seen if 0.3 <= level <= 0.8} == {4.0}
+    assert {g for level, g in seen if not 0.3 <= level <= 0.8} == {1.0}
