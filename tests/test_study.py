@@ -251,3 +251,12 @@ def test_ids_are_dealt_to_the_draw_in_shuffled_order(study):
     kinds = [key[item]["kind"] for item in sorted(key)]
     changes = sum(a != b for a, b in zip(kinds, kinds[1:]))
     assert changes > 2, kinds
+
+
+def test_label_bins_keep_up_to_eleven_distinct_values_apart():
+    from study.make import label_bins
+
+    eleven = np.linspace(0, 1, 11)  # the conditions 0:1:11: one bin each
+    assert label_bins(eleven).tolist() == list(range(11))
+    # twelve distinct values fall into 5 equal-width bins on [0, 1]
+    assert label_bins(np.linspace(0, 1, 12)).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
