@@ -103,7 +103,8 @@ def test_balance_weights_give_every_label_bin_and_the_unlabelled_rows_equal_draw
     assert balance_weights(labels, 5, 2.0)[5:].tolist() == [0.5] * 4
 
 
-def test_cond_dropout_one_replaces_every_training_label_by_the_null_label(small, monkeypatch):
+def labels_seen_in_training(small, monkeypatch, name, *overrides):
+    """The labels the label embedder sees in training mode over a 2-step run on the labelled dataset's cache."""
     import torch
 
     from diffusion.cache import build_cache
@@ -120,35 +121,24 @@ def test_cond_dropout_one_replaces_every_training_label_by_the_null_label(small,
 
     monkeypatch.setattr(LabelEmbedder, "forward", recording)
     root = small["root"]
-    cache = build_cache(small["vae"], [small["synth"]], root / "latents-labelled", progress=False)  # all labelled
-    train_main([*tiny_train_args(root / "dropout-all", cache, steps=2), "--set", "preview.every=0",
-                "--set", "diffusion.cond_dropout=1.0"])
-    labels = torch.cat(seen)
+    cache = build_cache(small["vae"], [small["synth"]], root / f"latents-{name}", progress=False)  # all labelled
+    train_main([*tiny_train_args(root / name, cache, steps=2), "--set", "preview.every=0",
+                *[a for o in overrides for a in ("--set", o)]])
+    return torch.cat(seen)
+
+
+def test_cond_dropout_one_replaces_every_training_label_by_the_null_label(small, monkeypatch):
+    import torch
+
+    labels = labels_seen_in_training(small, monkeypatch, "dropout-all", "diffusion.cond_dropout=1.0")
     assert len(labels) == 2 * 8 and bool(torch.isnan(labels).all()), labels
 
 
 def test_label_jitter_moves_training_labels_and_keeps_them_in_the_unit_interval(small, monkeypatch):
-    import torch
-
-    from diffusion.cache import build_cache
-    from diffusion.model import LabelEmbedder
-    from diffusion.train import main as train_main
     from patches.dataset import PatchDataset
 
-    seen = []
-    forward = LabelEmbedder.forward
-
-    def recording(self, labels):
-        if self.training:
-            seen.append(labels.detach().cpu().clone())
-        return forward(self, labels)
-
-    monkeypatch.setattr(LabelEmbedder, "forward", recording)
-    root = small["root"]
-    cache = build_cache(small["vae"], [small["synth"]], root / "latents-jitter", progress=False)  # all labelled
-    train_main([*tiny_train_args(root / "jitter", cache, steps=2), "--set", "preview.every=0",
-                "--set", "diffusion.cond_dropout=0.0", "--set", "data.label_jitter=0.5"])
-    labels = torch.cat(seen).numpy()
+    labels = labels_seen_in_training(small, monkeypatch, "jitter", "diffusion.cond_dropout=0.0",
+                                     "data.label_jitter=0.5").numpy()
     data_labels = set(np.round(PatchDataset(small["synth"]).soft_labels, 5).tolist())
     assert len(labels) == 2 * 8 and np.isfinite(labels).all()  # cond_dropout 0: no null label
     assert labels.min() >= 0 and labels.max() <= 1, labels

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -50,18 +51,21 @@ def content_hash(path: Path) -> str:
     return json.loads((path / "dataset.json").read_text())["content_hash"]
 
 
-def test_resume_after_a_crash(tmp_path):
+def crash_after_two_slides(tmp_path):
+    """Four slides built with a crash at the third: (build, out, log, flag), the flag still set."""
     make_slides(tmp_path, "abcd")
     log, flag = tmp_path / "calls.log", tmp_path / "fail.flag"
     flag.touch()
     out = tmp_path / "ds"
     build = functools.partial(build_dataset, patch_size=16, margin=4, meta={"source": "points"},
                               split=SplitConfig(mode="slide"), progress=False)
-    try:
+    with pytest.raises(RuntimeError):
         build(out, jobs_for(tmp_path, log, flag))
-        raise AssertionError("the crash did not happen")
-    except RuntimeError:
-        pass
+    return build, out, log, flag
+
+
+def test_resume_after_a_crash(tmp_path):
+    build, out, log, flag = crash_after_two_slides(tmp_path)
     assert not out.exists()
     partial = tmp_path / ".ds.partial"
     assert sorted(p.stem for p in partial.glob("*.npy")) == ["a", "b"]  # finished slides kept
@@ -139,17 +143,7 @@ def test_a_slide_whose_npy_was_written_but_not_its_json_is_redone(tmp_path):
 
 
 def test_a_rerun_with_changed_annotations_redoes_the_finished_slides(tmp_path):
-    make_slides(tmp_path, "abcd")
-    log, flag = tmp_path / "calls.log", tmp_path / "fail.flag"
-    flag.touch()
-    out = tmp_path / "ds"
-    build = functools.partial(build_dataset, patch_size=16, margin=4, meta={"source": "points"},
-                              split=SplitConfig(mode="slide"), progress=False)
-    try:
-        build(out, jobs_for(tmp_path, log, flag))
-        raise AssertionError("the crash did not happen")
-    except RuntimeError:
-        pass
+    build, out, log, flag = crash_after_two_slides(tmp_path)
     flag.unlink()
     log.write_text("")
     jobs = jobs_for(tmp_path, log, flag)
