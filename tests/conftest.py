@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# A script that starts the tests in the background (`make test &`, `nohup ... &`) hands them SIGINT ignored, and
+# every command a test starts would inherit that: the Ctrl-C tests need SIGINT delivered as a terminal does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SLIDE = REPO / "data" / "cache" / "cmu_small_region.svs"
