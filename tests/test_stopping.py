@@ -180,8 +180,12 @@ def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame,
         python = os.path.relpath(sys.executable, REPO)
         assert lines[-1] == (f"demo: stopped in stage '{stage}'; to go on from it: {python} -m mitosis_ldm.demo "
                              f"--only {'data,' if stage == 'data' else ''}autoencoder --root {tmp_path / 'demo'}")
-        # the stage's own word (a Ctrl-C that lands as the last bar is drawn leaves it on the bar's line)
-        assert lines[-2].endswith(word), lines[-3:]
+        # the stage's own word (a Ctrl-C that lands as the last bar is drawn leaves it on the bar's line). A training
+        # stage runs under accelerate's launcher, which kills its child 5 s after passing the stop on and can drop
+        # what it was copying: there the word went missing in one full test run (five runs of this test alone kept
+        # it), the bar left as the line before the demo's. Nothing else may take its place.
+        assert lines[-2].endswith(word) or (stage == "autoencoder" and lines[-2].startswith("autoencoder:")), \
+            lines[-3:]
         assert "Traceback" not in text
         time.sleep(1)
         with pytest.raises(ProcessLookupError):  # nothing of the demo runs on
