@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from diffusion.cache import check_cache
+import tiny_artifacts
+from diffusion.cache import build_cache, check_cache
 from mitosis_ldm.errors import UserError
-from patches.dataset import Shard, SplitConfig, build_dataset
+from patches.dataset import Shard, SplitConfig, build_dataset, read_meta
 
 
 def shard(first_label: float) -> Shard:
@@ -27,12 +28,9 @@ def dataset(out, first_label: float = 0.0, overwrite: bool = False):
 
 
 def cache_of(folder, datasets):
-    """A cache folder's cache.json, recording each dataset's path and content hash as `build_cache` does."""
-    folder.mkdir()
-    entries = [{"path": str(d), "content_hash": json.loads((d / "dataset.json").read_text())["content_hash"]}
-               for d in datasets]
-    (folder / "cache.json").write_text(json.dumps({"format": "mitosis-ldm/latents", "datasets": entries}))
-    return folder
+    """A latent cache of the datasets, made by `build_cache` with a tiny VAE."""
+    return build_cache(tiny_artifacts.autoencoder(folder.with_name(folder.name + "-vae")), datasets, folder,
+                       progress=False)
 
 
 def test_a_cache_is_refused_for_a_dataset_that_changed_or_that_it_does_not_hold(tmp_path):
@@ -41,7 +39,7 @@ def test_a_cache_is_refused_for_a_dataset_that_changed_or_that_it_does_not_hold(
     check_cache(cache, datasets=[a])  # the same dataset: accepted
     with pytest.raises(UserError, match="does not hold dataset"):
         check_cache(cache, datasets=[a, b])
-    meta = json.loads((a / "dataset.json").read_text())
+    meta = read_meta(a)
     meta["content_hash"] = "0" * 64  # what another extraction into the same folder records
     (a / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="changed since the latent cache was made"):
