@@ -13,13 +13,15 @@ import io
 import re
 import shlex
 import sys
+import tomllib
 
 import pytest
 
 from conftest import REPO, load_bench
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-PACKAGES = {"autoencoder", "classifier", "diffusion", "mitosis_ldm", "patches", "report", "serve", "study"}
+PACKAGES = {pattern.rstrip("*") for pattern in  # the project's packages, as pyproject.toml installs them
+            tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]}
 SUBCOMMANDS = {"data", "vae", "study"}  # mitosis-ldm commands whose first argument picks a subcommand
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
