@@ -251,7 +251,9 @@ def cmd_decode(args, vae, model: Path):
 
 
 def reconstruct_inputs(args, vae):
-    """The gathered inputs, their images and their encode-decode reconstructions (shared by reconstruct and evaluate)."""
+    """The gathered inputs, their images and their encode-decode reconstructions.
+
+    Shared by reconstruct and evaluate."""
     items = gather(args)
     images = [im for _, im in items]
     return items, images, run_decode(vae, run_encode(vae, images, args.batch), args.batch)

@@ -76,7 +76,8 @@ class AutoencoderConfig:
 
 def training_set(cfg: DataConfig) -> ConcatDataset:
     if not cfg.datasets:
-        raise UserError("data.datasets: empty; give one or more patch dataset folders, e.g. --set data.datasets=[runs/demo/data/synth]")
+        raise UserError("data.datasets: empty; give one or more patch dataset folders, "
+                        "e.g. --set data.datasets=[runs/demo/data/synth]")
     augment = AugmentConfig(dihedral=cfg.dihedral, crop=cfg.crop, stain_jitter=cfg.stain_jitter)
     parts = [PatchDataset(root, split="train", augment=augment) for root in cfg.datasets]
     sizes = {min(p.patch_size, cfg.crop) if cfg.crop else p.patch_size for p in parts}
@@ -276,7 +277,8 @@ def main(argv=None):
         raw = build_autoencoder(cfg.model.preset, cfg.model.latent_channels)
     vae = SampledAutoencoder(raw)
     trainable = [p for p in raw.parameters() if p.requires_grad]
-    acc.print(f"autoencoder {('from ' + cfg.model.init_from) if cfg.model.init_from else 'preset ' + cfg.model.preset}: "
+    origin = ('from ' + cfg.model.init_from) if cfg.model.init_from else 'preset ' + cfg.model.preset
+    acc.print(f"autoencoder {origin}: "
               f"{count_parameters(raw) / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
               f"trained), {raw.config.latent_channels} latent channels; {len(dataset)} training patches")
     opt = adamw(trainable, cfg.train)

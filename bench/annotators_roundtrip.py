@@ -1,4 +1,5 @@
-"""Round trip from real votes: MIDOG++ experts -> one QuPath GeoJSON per expert -> `data annotators` -> the JSON's labels.
+"""Round trip from real votes: MIDOG++ experts -> one QuPath GeoJSON per expert -> `data annotators` -> the
+JSON's labels.
 
     python bench/annotators_roundtrip.py [--images 361,146,484] [--out runs/annotators/roundtrip] [--overwrite]
 
@@ -108,7 +109,8 @@ def feature(x: float, y: float, polygon: bool, name: str = CLASS) -> dict:
 
 def write_experts(folder: Path, images: dict, cells: dict, experts: int, jitter: float, seed: int,
                   all_votes: bool = False) -> list[Path]:
-    """experts/expert-k/IMAGE.geojson: the cells expert k called mitotic (or voted on), jittered by up to `jitter` px."""
+    """experts/expert-k/IMAGE.geojson: the cells expert k called mitotic (or voted on), jittered by up to
+    `jitter` px."""
     rng = np.random.default_rng(seed)
     dirs = []
     for k in range(experts):
@@ -208,7 +210,8 @@ def main(argv=None) -> None:
     command += ["--out", str(folder / "dataset")]
     print("mitosis-ldm data " + shlex.join(command), file=sys.stderr)
     data_main(command)
-    result = {"command": "mitosis-ldm data " + shlex.join(command), **compare(folder / "dataset", images, cells, all_votes)}
+    result = {"command": "mitosis-ldm data " + shlex.join(command),
+              **compare(folder / "dataset", images, cells, all_votes)}
     result["dataset_matching"] = json.loads((folder / "dataset" / "dataset.json").read_text())["matching"]
     print(json.dumps(result, indent=1))
 

@@ -60,7 +60,8 @@ def measure(vae, real: dict, classifier, cfg, repeats: int, other_residuals: boo
 
     images = real["images"]
     rebuilt = round_trip(vae, images, cfg.batch_size)
-    out = {"psnr_db": round(float(psnr(rebuilt, images).mean()), 2), "floor_by_bin": floors(real, rebuilt, classifier, cfg, repeats)}
+    out = {"psnr_db": round(float(psnr(rebuilt, images).mean()), 2),
+           "floor_by_bin": floors(real, rebuilt, classifier, cfg, repeats)}
     if other_residuals:
         rng = np.random.default_rng(seed)
         residual = images.astype(np.float32) - rebuilt.astype(np.float32)

@@ -33,7 +33,8 @@ def main(argv=None):
     parser.add_argument("--split", default="test", help="held-out split measured (test: never seen in training)")
     parser.add_argument("--limit", type=int, default=256, help="held-out patches per dataset")
     parser.add_argument("--out", help="run folder to keep (default: a temporary one)")
-    parser.add_argument("--threads", type=int, default=cpu_threads(), help="CPU threads for training (default: every core)")
+    parser.add_argument("--threads", type=int, default=cpu_threads(),
+                        help="CPU threads for training (default: every core)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

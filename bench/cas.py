@@ -186,7 +186,8 @@ def main(argv=None):
                         "patches: a stratified subset (default: the whole train split)")
     parser.add_argument("--quick", action="store_true", help="CI sizes: 40 training steps, a small pool")
     parser.add_argument("--generated-per-real", type=int, default=4,
-                        help="generated training patches per real label in the real+generated@F settings (the issue's 4)")
+                        help="generated training patches per real label in the real+generated@F settings "
+                             "(the issue's 4)")
     parser.add_argument("--few-labels-only", action="store_true",
                         help="train only the real@F and real+generated@F pairs, not (a)-(c)")
     args = parser.parse_args(argv)
@@ -206,7 +207,8 @@ def main(argv=None):
         fractions = [0.02]
     counts = {(f, s): len(fraction_positions(real_train, f, s)) for f in fractions for s in seeds}
     pool_n = pool_size(None if args.few_labels_only else n_train, list(counts.values()), args.generated_per_real)
-    tag = f"{args.labels.replace(':', '_').replace('/', '_')}-g{args.guidance if args.guidance is not None else 'default'}"
+    guidance = args.guidance if args.guidance is not None else 'default'
+    tag = f"{args.labels.replace(':', '_').replace('/', '_')}-g{guidance}"
     pool = args.out / f"gen-{tag}-n{pool_n}"
     log(f"generating {pool_n} patches into {pool}")
     t0 = time.time()

@@ -6,9 +6,9 @@
 For each training stage of `make demo` (configs/demo/*.yaml: autoencoder, classifier, diffusion) it builds the
 stage's model at the recipe's sizes, counts one training step's floating-point work with
 `torch.utils.flop_counter.FlopCounterMode` (forward and backward), and times `--steps` real steps (forward, loss,
-backward, the trainers' AdamW) on random inputs of the recipe's shape, on every core. The stage's projected time is steps x
-measured seconds per step: data loading, evaluation and export come on top. The peer, measured in the same run,
-is a 2048 x 2048 fp32 matmul, the host's best sustained rate: it gives each stage's floor, the time the same
+backward, the trainers' AdamW) on random inputs of the recipe's shape, on every core. The stage's projected time
+is steps x measured seconds per step: data loading, evaluation and export come on top. The peer, measured in the
+same run, is a 2048 x 2048 fp32 matmul, the host's best sustained rate: it gives each stage's floor, the time the same
 work would take at that rate. With `--timings` (a demo's `demo_timings.json`), the measured stage times and the
 other stages' seconds go beside the projection.
 

@@ -163,8 +163,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0-63")
     parser.add_argument("--conditions", default="0:1:11")
     parser.add_argument("--setting", action="append",
-                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N][,middle=M][,below=L] "
-                             "(repeatable)")
+                        help="guidance=G[,interval=LOW:HIGH][,rescale=PHI][,guide=null|weak][,null=N]"
+                             "[,middle=M][,below=L] (repeatable)")
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--sampler", help="default: the pipeline's")
     parser.add_argument("--report-config", default="configs/demo/report.yaml")

@@ -52,7 +52,8 @@ def main(argv=None):
     clf = ClassifierEnsemble.from_pretrained(args.classifier)
     seeds = parse_seeds(args.seeds)
     conditions = np.linspace(0, 1, 11)
-    out = {"pipeline": args.pipeline, "seeds": len(seeds), "steps": args.steps, "sampler": args.sampler, "by_guidance": {}}
+    out = {"pipeline": args.pipeline, "seeds": len(seeds), "steps": args.steps, "sampler": args.sampler,
+           "by_guidance": {}}
     for g in [float(v) for v in args.guidance.split(",")]:
         t0 = time.time()
         frames = pipe.transitions(seeds, conditions.tolist(), g, args.steps, args.sampler, seeds_per_batch=8)

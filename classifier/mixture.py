@@ -26,7 +26,8 @@ SOFT_BINS = np.array([0.2, 0.4, 0.6, 0.8])  # soft-label bin edges for the strat
 
 def is_generated(ds: PatchDataset) -> bool:
     meta = ds.meta
-    return bool(meta.get("generated")) or str(meta.get("source", "")).lower() in {"generated", "transitions", "real2gen"}
+    source = str(meta.get("source", "")).lower()
+    return bool(meta.get("generated")) or source in {"generated", "transitions", "real2gen"}
 
 
 def check_mixture(datasets: list[str], weights: list[float], fraction: float) -> list[float]:

@@ -249,7 +249,8 @@ def assemble(cfg: ClassifierConfig, train_ds: PatchDataset) -> Path:
         if not cfg.data.datasets and cfg.data.fraction == 1 else
         {"datasets": list(cfg.data.datasets or [cfg.data.dataset]), "weights": list(cfg.data.weights),
          "fraction": cfg.data.fraction, "fraction_seed": cfg.data.fraction_seed, "patches": len(train_ds),
-         "content_hashes": train_ds.meta["parts"] if isinstance(train_ds, Mixture) else [train_ds.meta.get("content_hash")]},
+         "content_hashes": (train_ds.meta["parts"] if isinstance(train_ds, Mixture)
+                            else [train_ds.meta.get("content_hash")])},
         "val_loss": [r["calibrated_val_loss"] for r in info],
         "best_step": [r["best_step"] for r in info],
     }

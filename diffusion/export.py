@@ -18,6 +18,7 @@ from mitosis_ldm.images import contact_sheet, save_png
 
 from .model import Denoiser
 
+
 def build_pipeline(unet, embedder, noise_scheduler, vae_dir: Path, info: dict, guide=None):
     from diffusers import AutoencoderKL
 

@@ -2,7 +2,8 @@
 
     mitosis-ldm generate --pipeline runs/demo/diffusion/model --n 4000 --labels match:runs/demo/data/synth \
         [--guidance G] [--guidance-interval LOW,HIGH] [--guidance-rescale PHI] [--guide null|weak]
-        [--null-guidance N] [--null-guidance-middle M] [--null-guidance-middle-below L] [--steps S] [--sampler dpm++] [--seed 0] --out runs/gen
+        [--null-guidance N] [--null-guidance-middle M] [--null-guidance-middle-below L] [--steps S] [--sampler dpm++]
+        [--seed 0] --out runs/gen
         [--resume] [--overwrite]
     accelerate launch --num_processes 2 -m diffusion.generate ...   (shards split across processes)
 
@@ -81,7 +82,10 @@ def draw_conditions(kind: str, values: list[float] | None, seed: int, n: int) ->
     out = []
     for i in range(n):
         u = np.random.default_rng([seed, i, 1]).random()  # stream 1: the label (the noise seed uses none)
-        out.append(round(float(u), 6) if kind == "uniform" else float(values[min(int(u * len(values)), len(values) - 1)]))
+        if kind == "uniform":
+            out.append(round(float(u), 6))
+        else:
+            out.append(float(values[min(int(u * len(values)), len(values) - 1)]))
     return out
 
 

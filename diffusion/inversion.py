@@ -65,7 +65,8 @@ class RealToGenerated:
                       strength: float = 1.0) -> torch.Tensor:
         """DDIM from `invert`'s output (made with the same `steps` and `strength`) under `labels`."""
         scheduler = self._inversion_grid(steps)
-        return self.denoise(noise, labels, guidance, scheduler, scheduler.timesteps[steps - run_steps(steps, strength):])
+        timesteps = scheduler.timesteps[steps - run_steps(steps, strength):]
+        return self.denoise(noise, labels, guidance, scheduler, timesteps)
 
     @torch.no_grad()
     def sdedit(self, latents: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int, strength: float,

@@ -348,7 +348,8 @@ class MitosisPipeline(RealToGenerated):
         shape = self.latent_shape
         scheduler = sampler_scheduler(self.scheduler.config, sampler)
         scheduler.set_timesteps(steps)
-        noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in row_seeds])
+        noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))
+                           for s in row_seeds])
         # stochastic samplers: one step-noise stream per row, the same for every row of one seed
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in row_seeds]
         labels = torch.tensor(list(row_labels), dtype=torch.float32, device=self.device)
@@ -359,6 +360,7 @@ class MitosisPipeline(RealToGenerated):
     def image_shape(self) -> tuple[int, int, int]:
         size = int(self.info.get("image_size", self.unet.config.sample_size * vae_factor(self.vae)))
         return (size, size, 3)
+
 
 def null_term_scale(labels: torch.Tensor, null_guidance: float, middle: float = 1.0):
     """The null-label term's scale per row: n at y = 0 and y = 1, `middle` x n at y = 0.5, following

@@ -67,7 +67,8 @@ def render(pipe: MitosisPipeline, images: np.ndarray, own_labels: np.ndarray, co
         vae_recon = pipe.decode(z0)
         out.update(vae_recon=vae_recon, psnr_vae=psnr(images, vae_recon))
     if mode == "invert":
-        noise = pipe.invert(z0, own, guidance, steps, fixed_point_iters=inversion_iters, strength=strength)  # (N, C, h, w)
+        noise = pipe.invert(z0, own, guidance, steps, fixed_point_iters=inversion_iters,
+                            strength=strength)  # (N, C, h, w)
         latents = pipe.from_inverted(noise.repeat_interleave(k, 0), targets, guidance, steps, strength=strength)
         if reconstruct:
             own_recon = pipe.decode(pipe.from_inverted(noise, own, guidance, steps, strength=strength))

@@ -10,8 +10,8 @@ Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
 and flags give bit-identical frames on CPU. `--guidance`, the guidance
 schedule (`--guidance-interval`, `--guidance-rescale`, `--guide`,
-`--null-guidance`, `--null-guidance-middle`, `--null-guidance-middle-below`), `--steps` and `--sampler` default to the values stored in
-the pipeline's pipeline.json.
+`--null-guidance`, `--null-guidance-middle`, `--null-guidance-middle-below`), `--steps` and `--sampler`
+default to the values stored in the pipeline's pipeline.json.
 Writes a transitions folder: frames.npy (seeds, conditions, H, W, 3),
 manifest.json and one PNG strip per seed.
 """
@@ -79,7 +79,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="transitions folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--verify", action="store_true",
-                        help="hash every file of the pipeline folder against its record (loads check sizes and configs)")
+                        help="hash every file of the pipeline folder against its record "
+                             "(loads check sizes and configs)")
     args = parser.parse_args(argv)
     if args.verify:
         from mitosis_ldm import integrity

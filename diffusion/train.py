@@ -252,7 +252,8 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
     weights = balance_weights(labels, cfg.data.balance_bins, cfg.data.unlabelled_weight) if cfg.data.balanced \
         else np.ones(len(labels))
     sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(rows), replacement=True)
-    loader = DataLoader(rows, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(rows) >= cfg.train.batch_size,
+    loader = DataLoader(rows, batch_size=cfg.train.batch_size, sampler=sampler,
+                        drop_last=len(rows) >= cfg.train.batch_size,
                         num_workers=cfg.train.num_workers)
 
     channels, size, _ = cache.latent_shape

@@ -263,7 +263,8 @@ def read_transitions(path) -> Transitions:
     except (OSError, ValueError, EOFError) as err:  # truncated file, bad header
         raise UserError(f"{frames_path}: not a readable .npy array ({' '.join(str(err).split())[:120]})") from None
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise UserError(f"{frames_path}: expected uint8 (seeds, conditions, H, W, 3), got {frames.dtype} {frames.shape}")
+        raise UserError(f"{frames_path}: expected uint8 (seeds, conditions, H, W, 3), "
+                        f"got {frames.dtype} {frames.shape}")
     if frames.shape[0] != len(manifest["seeds"]) or frames.shape[1] != len(manifest["conditions"]):
         raise UserError(f"{manifest_path}: field 'seeds'/'conditions' ({len(manifest['seeds'])} x "
                         f"{len(manifest['conditions'])}) does not match frames.npy {frames.shape[:2]}")

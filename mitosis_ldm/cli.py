@@ -14,7 +14,9 @@ from .errors import EXIT_INTERRUPTED
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("patches.cli", "make and inspect patch datasets (synth, midog, sliderunner, points, folder, annotators, detect, inspect)"),
+    "data": ("patches.cli",
+             "make and inspect patch datasets "
+             "(synth, midog, sliderunner, points, folder, annotators, detect, inspect)"),
     "vae": ("autoencoder.cli", "the autoencoder as a tool: encode, decode, reconstruct, evaluate"),
     "score": ("classifier.score", "score images, folders, patch datasets or transitions with the classifier ensemble"),
     "evaluate": ("classifier.evaluate", "evaluate the classifier against hard and soft labels"),
@@ -23,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "real2gen": ("diffusion.real2gen", "render a real patch at target labels (SDEdit or DDIM inversion)"),
     "generate": ("diffusion.generate", "generate a labelled patch dataset (training data for downstream classifiers)"),
     "guide": ("diffusion.guide", "attach a weaker model of the same latents to a pipeline, for autoguidance"),
-    "posterior": ("diffusion.posterior", "the diffusion model's posterior over the label of real patches (a second judge)"),
+    "posterior": ("diffusion.posterior",
+                  "the diffusion model's posterior over the label of real patches (a second judge)"),
     "report": ("report.cli", "label consistency, morphology, fidelity and the HTML report"),
     "study": ("study.cli", "a blinded reader study: make the page, simulate readers, analyse the answers"),
     "serve": ("serve.cli", "local slide explorer: click a nucleus, watch it turn mitotic (FastAPI + OpenSeadragon)"),

@@ -28,7 +28,8 @@ def read_image(path) -> np.ndarray:
                 img.load()
                 array = np.asarray(img)
     except Exception as err:  # PIL and tifffile raise many types for corrupt files
-        raise UserError(f"{path}: cannot read image ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+        reason = ' '.join(str(err).split())[:120]
+        raise UserError(f"{path}: cannot read image ({type(err).__name__}: {reason})") from None
     if array.ndim == 3 and array.shape[-1] == 4 and array.dtype == np.uint8 and (array[..., 3] == 255).all():
         array = array[..., :3]
     if array.ndim != 3 or array.shape[-1] != 3:

@@ -22,7 +22,8 @@ def cpu_threads() -> int:
 
 def accelerate_launch(module: str, *args: str, threads: int | None = None) -> list[str]:
     """`python -m accelerate.commands.launch ... -m MODULE ARGS...` for one process on `threads` threads."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet",
+            "--num_processes", "1", "--num_machines", "1",
             "--num_cpu_threads_per_process", str(threads or cpu_threads()),
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
 

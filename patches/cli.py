@@ -257,7 +257,8 @@ def cmd_detect(args, argv) -> None:
             mpps[str(path)] = slide.mpp
         jobs.append((safe_key(str(path)), detect_slide, {
             "slide_path": str(path), "patch_size": cfg.patch_size, "margin": cfg.margin, "level": cfg.level,
-            "max_patches": args.max, "seed": cfg.split.seed, "cfg": asdict(cfg.detect), "source_name": Path(path).stem}))
+            "max_patches": args.max, "seed": cfg.split.seed, "cfg": asdict(cfg.detect),
+            "source_name": Path(path).stem}))
     _build(args, argv, jobs, cfg, {
         "source": "detect", "source_file": ",".join(names), "mpp": next(iter(mpps.values())),
         "label_definition": "unlabelled: nuclei found by haematoxylin thresholding and region properties"})

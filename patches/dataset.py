@@ -146,7 +146,8 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
         stored = patch_size + 2 * margin
         for key_images, (key, _, _) in zip(images, jobs):
             if len(key_images) and key_images.shape[1:] != (stored, stored, 3):
-                raise RuntimeError(f"source job {key}: patches of shape {key_images.shape[1:]}, expected {(stored, stored, 3)}")
+                raise RuntimeError(f"source job {key}: patches of shape {key_images.shape[1:]}, "
+                                   f"expected {(stored, stored, 3)}")
         validate_rows(rows, where=str(meta.get("source_file", out)))
         assign_splits(rows, split)
         with atomic_dir(out, overwrite) as tmp:

@@ -156,9 +156,11 @@ def geojson_points(geojson_path, slides_dir, slide_name: str, label_map: dict[st
         check_inside(geojson_path, mark, slide_name, size)
         label = None
         if mark.class_name is not None:
+            feature = mark.field.split('.geometry')[0]
             label = class_value(label_map, mark.class_name,
-                                f"{geojson_path}: field '{mark.field.split('.geometry')[0]}.properties.classification.name'")
+                                f"{geojson_path}: field '{feature}.properties.classification.name'")
         rows.append({"id": f"{slide_name}:{i}", "source": "points", "slide": slide_name,
-                     "x": min(int(round(mark.x)), size[0] - 1), "y": min(int(round(mark.y)), size[1] - 1), "label": label, "votes": "",
+                     "x": min(int(round(mark.x)), size[0] - 1), "y": min(int(round(mark.y)), size[1] - 1),
+                     "label": label, "votes": "",
                      "hard_label": None if label is None else int(label >= 0.5), "class": mark.class_name or ""})
     return {slide_name: (slide_path, rows)}

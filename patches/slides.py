@@ -115,7 +115,8 @@ class OpenSlideSlide(Slide):
 
     def level_size(self, level: int) -> tuple[int, int]:
         if not 0 <= level < self.handle.level_count:
-            raise UserError(f"{self.path}: field 'level' {level} does not exist (levels 0..{self.handle.level_count - 1})")
+            raise UserError(f"{self.path}: field 'level' {level} does not exist "
+                            f"(levels 0..{self.handle.level_count - 1})")
         return tuple(self.handle.level_dimensions[level])
 
     def level_downsample(self, level: int) -> float:

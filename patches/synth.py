@@ -138,8 +138,8 @@ def _outline(angle_bin: np.ndarray, amps: np.ndarray, phases: np.ndarray, orders
     Evaluated on a (B, 360) table and gathered: the harmonics cost per angle, not per pixel.
     """
     angles = np.linspace(-np.pi, np.pi, ANGLE_BINS, endpoint=False, dtype=np.float32)
-    table = 1 + (amps[:, :, None] * np.cos(orders[None, :, None] * angles[None, None]
-                                             + phases[:, :, None])).sum(axis=1)  # (B, 360)
+    waves = np.cos(orders[None, :, None] * angles[None, None] + phases[:, :, None])  # (B, K, 360)
+    table = 1 + (amps[:, :, None] * waves).sum(axis=1)  # (B, 360)
     b = len(table)
     return np.take_along_axis(table.astype(np.float32), angle_bin.reshape(b, -1), axis=1).reshape(angle_bin.shape)
 

@@ -82,7 +82,8 @@ def label_cells(path, line: int, row: dict, label_map: dict[str, float] | None =
         try:
             votes = [int(v) for v in votes_text.replace(",", ";").split(";")]
         except ValueError:
-            raise UserError(f"{path}: line {line} field 'votes' is '{votes_text}', expected 0/1 votes like 1;0;1") from None
+            raise UserError(f"{path}: line {line} field 'votes' is '{votes_text}', "
+                            "expected 0/1 votes like 1;0;1") from None
         if any(v not in (0, 1) for v in votes):
             raise UserError(f"{path}: line {line} field 'votes' is '{votes_text}', votes must be 0 or 1")
         out["votes"] = ";".join(map(str, votes))

@@ -51,8 +51,9 @@ class ReportConfig:
     frechet_min_count: int = 8
     noise_top: int = 50              # label-noise finder: how many top disagreements are checked
     label_response_min_count: int = 10  # real patches a soft-label value needs to enter the label-response curve
-    calibrated_reference: bool = True  # each bin's ratio for training patches drawn as a gradual, calibrated
-                                       # transition would render them (fidelity.calibrated_draws)
+    # each bin's ratio for training patches drawn as a gradual, calibrated transition would render them
+    # (fidelity.calibrated_draws)
+    calibrated_reference: bool = True
     batch_size: int = 128            # classifier batch
     seed: int = 0
 

@@ -94,7 +94,8 @@ def section(tmp: Path, data: dict) -> str:
     for name, entry in data["table"].items():
         a, s, b = entry["auroc"], entry["spearman_true_degree"], entry.get("balanced_accuracy")
         rows.append([name, describe(name), entry.get("train_patches"), f"{a['mean']:.3f} ± {a['spread'] / 2:.3f}",
-                     f"{b['mean']:.3f} ± {b['spread'] / 2:.3f}" if b else "", f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
+                     f"{b['mean']:.3f} ± {b['spread'] / 2:.3f}" if b else "",
+                     f"{s['mean']:.3f} ± {s['spread'] / 2:.3f}"])
     target_rows = []
     for name, t in data["targets"].items():
         wanted = t["target"]

@@ -63,7 +63,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
  padding:16px 24px;color:#222;background:#fbfaf8}
 h1{font-size:1.5em;margin-bottom:0}h2{border-bottom:2px solid #b03a8c;padding-bottom:2px;margin-top:2em}
 .sub{color:#666;margin-top:4px}table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0ecf2}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0ecf2}
+td:first-child,th:first-child{text-align:left}
 .met{color:#1a7f37;font-weight:600}.miss{color:#c62828;font-weight:600}
 .seed-row{display:flex;gap:18px;align-items:center;background:#fff;border:1px solid #e3dde6;border-radius:6px;
  padding:8px 12px;margin:8px 0}
@@ -139,7 +140,8 @@ def render(page: dict) -> str:
     sections = "\n".join(f"<section><h2>{esc(heading)}</h2>\n{body}</section>" for heading, body in page["sections"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>{esc(page["title"])}</title><style>{STYLE}</style></head>
 <body><h1>{esc(page["title"])}</h1><p class="sub">{esc(page["subtitle"])}</p>
 {sections}

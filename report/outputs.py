@@ -73,22 +73,23 @@ def write_outputs(tmp: Path, cfg, folders, metrics, morph_generated, morph_real,
     write_text(tmp / "fidelity.csv", csv_text(fd_columns, [[r[c] for c in fd_columns] for r in fd_rows]))
     by_condition = metrics["fidelity"].get("by_condition", [])
     cond_columns = ["condition", "label_bin", "n_generated", "n_real", "n", "frechet", "yardstick", "ratio"]
-    write_text(tmp / "fidelity-conditions.csv", csv_text(cond_columns, [[r[c] for c in cond_columns]
-                                                                         for r in by_condition]))
+    write_text(tmp / "fidelity-conditions.csv",
+               csv_text(cond_columns, [[r[c] for c in cond_columns] for r in by_condition]))
     if response_curves and "real" in response_curves:
         real = response_curves["real"]
-        rows = [["real", x, m, lo, hi, n] for x, m, lo, hi, n in zip(real["x"], real["mean"], real["lo"], real["hi"],
-                                                                    real["n"])]
+        rows = [["real", x, m, lo, hi, n]
+                for x, m, lo, hi, n in zip(real["x"], real["mean"], real["lo"], real["hi"], real["n"])]
         for key, g in response_curves["generated"].items():
             rows += [[key, c, m, lo, hi, g["error"]["n_seeds"]]
                      for c, m, lo, hi in zip(g["conditions"], g["mean"], g["lo"], g["hi"])]
-        write_text(tmp / "label_response.csv", csv_text(["curve", "label", "mean_score", "ci_low", "ci_high", "n"],
-                                                       rows))
+        write_text(tmp / "label_response.csv",
+                   csv_text(["curve", "label", "mean_score", "ci_low", "ci_high", "n"], rows))
     by_key = {f.key: f for f in folders}
     for space, result in atypical.items():
         write_text(tmp / f"atypical-{space}.csv", csv_text(
             ["folder", "seed", "frame", "condition", "distance", "score"],
-            [[r["folder"], r["seed"], r["frame"], r["condition"], r["distance"], r["score"]] for r in result["frames"]]))
+            [[r["folder"], r["seed"], r["frame"], r["condition"], r["distance"], r["score"]]
+             for r in result["frames"]]))
         if space == "pixels":
             shown = result["frames"][:ATYPICAL_SHEET]
             images = [np.asarray(by_key[r["folder"]].frames[r["row"], r["frame"]]) for r in shown]

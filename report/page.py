@@ -94,8 +94,8 @@ def label_response_section(tmp: Path, metrics: dict) -> str:
             rows.append([key, f"{r['soft_label']:.3f}", r["n_real"], r["real"], r["generated"], r["difference"]])
         err = entry["error"]
         if err["value"] is not None:
-            rows.append([key, "largest |difference|", "", "", "", Markup(f"<b>{err['value']:.3f}</b> "
-                                                                           f"{esc(ci_cell(err))}")])
+            largest = Markup(f"<b>{err['value']:.3f}</b> {esc(ci_cell(err))}")
+            rows.append([key, "largest |difference|", "", "", "", largest])
     return ("<p class='note'>The yardstick is not score = y: a calibrated classifier regresses toward the mean. "
             "It is the <b>real label-response curve</b>, the mean score of held-out real patches at each soft label "
             "(grey squares, 95% CI). The generated curve (mean over seeds at each condition, 95% CI band) is read at "
@@ -133,7 +133,8 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
     inputs = metrics["inputs"]
     listing = "".join(f"<li><b>{esc(k)}</b>: {esc(', '.join(map(str, v)) if isinstance(v, list) else v)}</li>"
                       for k, v in inputs.items())
-    sections.append(("Summary", table(["metric", "value", "95% bootstrap CI", "target", "verdict"], rows) + f"<ul class='note'>{listing}</ul>"
+    sections.append(("Summary", table(["metric", "value", "95% bootstrap CI", "target", "verdict"], rows)
+                     + f"<ul class='note'>{listing}</ul>"
                      + "<p class='note'>Scores are the mean P(mitotic) of an independent classifier ensemble; "
                        "the condition y is the fraction of experts the generator was asked to imitate. "
                        "Morphology is measured on the nucleus segmented on the haematoxylin channel.</p>"))
@@ -150,7 +151,8 @@ def page(tmp: Path, folders, metrics, fd_rows, memo, bench, real_images, atypica
                 "rendering of it at each target label. " if f.role == "real2gen" else
                 "Each row is one seed: the same noise rendered at each condition. ")
         body = (f"<p class='note'>{esc(str(f.path))} — {s['n_seeds']} rows; scores from {esc(f.score_source)}. "
-                f"{esc(sampling_note(f.manifest) if f.role != 'real2gen' else '')}{esc(note)}Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
+                f"{esc(sampling_note(f.manifest) if f.role != 'real2gen' else '')}{esc(note)}"
+                "Move a slider (or click a thumbnail) to walk the nucleus through the conditions.</p>"
                 + table(["metric", "statistic", "value", "95% bootstrap CI"], rows)
                 + img(file_data_uri(tmp / f"consistency-{f.key}.png"), f"score vs condition for {f.key}", "plot")
                 + seed_rows(f.key, data[f.key]))

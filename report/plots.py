@@ -169,8 +169,8 @@ def degree(path: Path, generated: dict, real: dict) -> None:
         ax.fill_between(data["conditions"], data["lo"], data["hi"], color=colour, alpha=0.2, lw=0)
         ax.plot(data["conditions"], data["mean"], "o-", color=colour, ms=3,
                 label=f"generated ({folder}): estimated degree")
-    ax.errorbar(real["x"], real["true"]["mean"], yerr=[real["true"]["mean"] - real["true"]["lo"],
-                                                        real["true"]["hi"] - real["true"]["mean"]],
+    truth = real["true"]
+    ax.errorbar(real["x"], truth["mean"], yerr=[truth["mean"] - truth["lo"], truth["hi"] - truth["mean"]],
                 fmt="s-", color="k", capsize=3, label="real: true degree per soft-label bin")
     ax.plot(real["x"], real["estimated"]["mean"], "^:", color=REAL, label="real: estimated degree per bin")
     ax.axhline(real["threshold"], color="grey", lw=0.6, ls="--")

@@ -333,7 +333,8 @@ class Explorer:
         command = ["mitosis-ldm", "real2gen", "--pipeline", self.pipeline_path, "--input", real2gen_input,
                    "--conditions", ",".join(f"{c:g}" for c in settings["conditions"]), "--mode", settings["mode"],
                    "--strength", f"{settings['strength']:g}", "--guidance", f"{settings['guidance']:g}",
-                   "--steps", str(settings["steps"]), "--inversion-iters", str(settings["inversion_iters"]), "--out", str(self.exports / f"{stem}-real2gen")]
+                   "--steps", str(settings["steps"]), "--inversion-iters", str(settings["inversion_iters"]),
+                   "--out", str(self.exports / f"{stem}-real2gen")]
         write_json(self.exports / f"{stem}.json", {
             "source": source.describe, "settings": settings, "pipeline": self.pipeline_path,
             "classifier": self.classifier_path, "model_hash": getattr(self.pipeline, "model_hash", None),

@@ -66,11 +66,13 @@ BODY = """
    <button type="button" class="choice" id="kind-generated">Generated (<kbd>G</kbd>)</button></div>
   <div class="row" id="row-rating"><h3>2. How mitotic does it look? <span id="rating-text"></span></h3>
    <input type="range" id="rating" min="0" max="4" step="1" value="2" class="unset" aria-label="mitotic rating">
-   <div class="scale"><span>0 not</span><span>1 unlikely</span><span>2 uncertain</span><span>3 probably</span><span>4 certainly</span></div>
+   <div class="scale"><span>0 not</span><span>1 unlikely</span><span>2 uncertain</span><span>3 probably</span>
+    <span>4 certainly</span></div>
    <div class="hint">keys <kbd>0</kbd>–<kbd>4</kbd> or the slider</div></div>
   <div class="row" id="row-confidence"><h3>3. Confidence</h3>
-   <button type="button" class="choice" data-confidence="1">1 unsure</button> <button type="button" class="choice" data-confidence="2">2 fairly
-   sure</button> <button type="button" class="choice" data-confidence="3">3 sure</button>
+   <button type="button" class="choice" data-confidence="1">1 unsure</button>
+   <button type="button" class="choice" data-confidence="2">2 fairly sure</button>
+   <button type="button" class="choice" data-confidence="3">3 sure</button>
    <div class="hint">keys <kbd>1</kbd>–<kbd>3</kbd> once the rating is set (<kbd>↑</kbd> <kbd>↓</kbd> choose the
    row that digits answer)</div></div>
   <div class="nav"><button type="button" id="back">← Back</button>
@@ -106,7 +108,9 @@ function mulberry32(a){ return function(){ a = (a + 0x6D2B79F5) | 0; let t = Mat
 function orderFor(reader){
  const rand = mulberry32(hash32(reader + '|' + STUDY.order_seed));
  const ids = STUDY.items.map(function(it){ return it.id; });
- for (let i = ids.length - 1; i > 0; i--){ const j = Math.floor(rand() * (i + 1)); const t = ids[i]; ids[i] = ids[j]; ids[j] = t; }
+ for (let i = ids.length - 1; i > 0; i--){
+  const j = Math.floor(rand() * (i + 1)); const t = ids[i]; ids[i] = ids[j]; ids[j] = t;
+ }
  return ids;
 }
 let state = null, draft = null, active = 'rating', shownAt = 0;
@@ -120,7 +124,9 @@ function load(reader){
 }
 function start(){
  const reader = $('reader').value.trim();
- if (!/^[A-Za-z0-9._-]{1,40}$/.test(reader)){ $('msg').textContent = 'Enter a reader id of letters, digits, . _ or -'; return; }
+ if (!/^[A-Za-z0-9._-]{1,40}$/.test(reader)){
+  $('msg').textContent = 'Enter a reader id of letters, digits, . _ or -'; return;
+ }
  state = load(reader) || {reader: reader, order: orderFor(reader), pos: 0, answers: {}};
  save();
  $('reader').blur(); $('start').hidden = true; $('who').textContent = 'reader ' + reader;
@@ -157,7 +163,9 @@ function paint(){
  const r = $('rating'); r.classList.toggle('unset', draft.rating === undefined);
  if (draft.rating !== undefined) r.value = draft.rating;
  $('rating-text').textContent = draft.rating === undefined ? '(not rated yet)' : String(draft.rating);
- document.querySelectorAll('[data-confidence]').forEach(function(b){ b.classList.toggle('on', +b.dataset.confidence === draft.confidence); });
+ document.querySelectorAll('[data-confidence]').forEach(function(b){
+  b.classList.toggle('on', +b.dataset.confidence === draft.confidence);
+ });
  $('row-rating').classList.toggle('active', active === 'rating');
  $('row-confidence').classList.toggle('active', active === 'confidence');
 }
@@ -179,7 +187,8 @@ function exportCsv(){
  if (!state) return;
  const lines = [COLUMNS.join(',')];
  state.order.forEach(function(id){ const a = state.answers[id]; if (!a) return;
-  lines.push([STUDY.study_id, state.reader, id, a.kind, a.rating, a.confidence, a.seconds.toFixed(3), a.answered_at].join(',')); });
+  lines.push([STUDY.study_id, state.reader, id, a.kind, a.rating, a.confidence, a.seconds.toFixed(3),
+              a.answered_at].join(',')); });
  const blob = new Blob([lines.join('\n') + '\n'], {type: 'text/csv'});
  const link = document.createElement('a'); link.href = URL.createObjectURL(blob);
  link.download = 'answers-' + state.reader + '.csv'; document.body.appendChild(link); link.click();
@@ -194,7 +203,9 @@ $('pixelated').addEventListener('change', function(){ setPixelated($('pixelated'
 $('kind-real').addEventListener('click', function(){ setKind('real'); });
 $('kind-generated').addEventListener('click', function(){ setKind('generated'); });
 $('rating').addEventListener('input', function(){ setRating(+$('rating').value); });
-document.querySelectorAll('[data-confidence]').forEach(function(b){ b.addEventListener('click', function(){ setConfidence(+b.dataset.confidence); }); });
+document.querySelectorAll('[data-confidence]').forEach(function(b){
+ b.addEventListener('click', function(){ setConfidence(+b.dataset.confidence); });
+});
 $('row-rating').addEventListener('click', function(){ active = 'rating'; paint(); });
 $('row-confidence').addEventListener('click', function(){ active = 'confidence'; paint(); });
 $('next').addEventListener('click', next);
@@ -209,7 +220,9 @@ document.addEventListener('keydown', function(e){
  if (key === 'r'){ setKind('real'); }
  else if (key === 'g'){ setKind('generated'); }
  else if (key === 'enter' || key === 'arrowright' && !onSlider){ e.preventDefault(); next(); }
- else if ((key === 'arrowup' || key === 'arrowdown') && !onSlider){ e.preventDefault(); active = key === 'arrowup' ? 'rating' : 'confidence'; paint(); }
+ else if ((key === 'arrowup' || key === 'arrowdown') && !onSlider){
+  e.preventDefault(); active = key === 'arrowup' ? 'rating' : 'confidence'; paint();
+ }
  else if (/^[0-9]$/.test(key)){
   const v = +key;
   if (active === 'rating' && v <= 4){ e.preventDefault(); setRating(v); }
@@ -231,7 +244,8 @@ def render(study_id: str, title: str, order_seed: int, items: list[dict]) -> str
     script = SCRIPT.replace("COLUMNS_JSON", json.dumps(ANSWER_COLUMNS))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>{body}
 <script type="application/json" id="study-data">{data}</script>

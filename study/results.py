@@ -95,4 +95,3 @@ def write_results(tmp: Path, results: dict, title: str) -> None:
 <p class="sub">real against generated, and the mitotic rating against the label, from the readers' answers</p>
 <section><h2>Summary</h2>{body}</section></body></html>
 """)
-

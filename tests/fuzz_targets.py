@@ -37,6 +37,7 @@ from fuzz_mutations import mutate_bytes, mutate_csv, mutate_folder, mutate_json_
 
 # -- valid inputs -----------------------------------------------------------------------------------------
 
+
 def _image(path: Path, h: int = 100, w: int = 120) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
 
@@ -168,7 +169,8 @@ def _score(classifier: Path, inputs: Path, out: Path) -> None:
 
 TARGETS = {
     "midog": Target("midog", _build_midog, mutate_json_file,
-                    lambda p, s, out: _data_main("midog", "--json", p, "--images", p.parent, "--out", out, *DATA_FLAGS)),
+                    lambda p, s, out: _data_main("midog", "--json", p, "--images", p.parent, "--out", out,
+                                                 *DATA_FLAGS)),
     "sliderunner": Target("sliderunner", _build_sliderunner, mutate_sqlite,
                           lambda p, s, out: _data_main("sliderunner", "--db", p, "--slides", p.parent, "--out", out,
                                                        "--include-class", "3", *DATA_FLAGS)),

@@ -87,7 +87,8 @@ def test_fraction_is_stratified_deterministic_and_nested(data):
     assert abs(hard[a].mean() - hard.mean()) < 0.03
     cfg = config(f"data.dataset={data['real']}", "data.fraction=0.2", "data.fraction_seed=7")
     train_ds, val_ds = train.load_training_data(cfg)
-    assert np.array_equal(train_ds.ids(), np.array(ds.ids())[a]) and len(val_ds) == len(PatchDataset(data["real"], split="val"))
+    assert np.array_equal(train_ds.ids(), np.array(ds.ids())[a])
+    assert len(val_ds) == len(PatchDataset(data["real"], split="val"))
     # the generated part of a mixture is never subsampled: the fraction is of the real labels
     cfg = config(f"data.datasets=[{data['real']},{data['gen']}]", "data.fraction=0.2", "data.allow_generated=true")
     mix, _ = train.load_training_data(cfg)

@@ -17,4 +17,3 @@ def test_step_rate_is_the_slope_of_the_first_time_each_step_was_logged(tmp_path)
     assert profile.step_rate(tmp_path, first=10) == (64.0 - 60.0) / 20  # start-up and evaluation left out
     assert profile.step_rate(tmp_path, first=10, last=20) == 0.2
     assert profile.step_rate(tmp_path, first=30) is None  # one logged step gives no rate
-

@@ -86,7 +86,8 @@ def test_each_setting_renders_and_records_the_schedule_the_pipeline_resolves(stu
                 "--conditions", "0:1:3", "--setting", setting, "--threads", "1", "--frames-out", str(tmp_path / "fr"),
                 "--out", str(tmp_path / "study.json")])
 
-    folder = read_transitions(tmp_path / "fr" / "guidance2_interval0.2-0.9_rescale0.5_guidenull_null1_middle0.5_below0.85")
+    name = "guidance2_interval0.2-0.9_rescale0.5_guidenull_null1_middle0.5_below0.85"
+    folder = read_transitions(tmp_path / "fr" / name)
     manifest = folder.manifest
     assert manifest["guidance"] == 2.0 and manifest["guidance_interval"] == [0.2, 0.9]
     assert manifest["guidance_rescale"] == 0.5 and manifest["guide"] == "null" and manifest["null_guidance"] == 1.0

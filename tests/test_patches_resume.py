@@ -1,4 +1,5 @@
-"""Extraction resumes per slide: after a failure or a SIGKILL, finished slides are not redone and the result equals a clean run."""
+"""Extraction resumes per slide: after a failure or a SIGKILL, finished slides are not redone, and the result
+equals a clean run."""
 
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def test_determinism_and_workers(tmp_path):
     main(["synth", "--out", str(a), "--n", "300", "--seed", "5", "--workers", "1"])
     main(["synth", "--out", str(b), "--n", "300", "--seed", "5", "--workers", "2"])
     main(["synth", "--out", str(c), "--n", "300", "--seed", "6", "--workers", "1"])
-    hash_of = lambda p: json.loads((p / "dataset.json").read_text())["content_hash"]  # noqa: E731
-    assert hash_of(a) == hash_of(b) != hash_of(c)
+    a_hash, b_hash, c_hash = (json.loads((p / "dataset.json").read_text())["content_hash"] for p in (a, b, c))
+    assert a_hash == b_hash != c_hash
 
 
 def test_ties_round_half_up():

@@ -169,7 +169,9 @@ def test_fitted_temperature_recovers_the_one_that_made_the_votes():
 def test_the_lowest_finite_start_is_kept():
     from diffusion.posterior_fit import lowest_finite
 
-    run = lambda fun: SimpleNamespace(fun=fun)  # noqa: E731
+    def run(fun):
+        return SimpleNamespace(fun=fun)
+
     starts = [run(float("nan")), run(2.0), run(float("inf")), run(1.5), run(1.5)]
     assert lowest_finite(starts) is starts[3]  # a run-away first start is not kept; ties keep the first
     assert lowest_finite([run(3.0), run(float("nan"))]).fun == 3.0

@@ -29,8 +29,8 @@ def make_inputs(root, size: int = SIZE, n_seeds: int = 5, seeds_names=None):
                   split=SplitConfig(mode="random", val=0.1, test=0.3), progress=False)
     frames = np.stack([np.stack([draw_nucleus(c, 7000 + s, size) for c in CONDITIONS]) for s in range(n_seeds)])
     write_transitions(root / "tr", frames, {"seeds": list(range(n_seeds)), "conditions": CONDITIONS.tolist()})
-    real = np.stack([np.stack([draw_nucleus(0.2, 9000 + s, size)] + [draw_nucleus(c, 9100 + s, size)
-                                                                      for c in (0, 0.5, 1)]) for s in range(3)])
+    real = np.stack([np.stack([draw_nucleus(0.2, 9000 + s, size)]
+                              + [draw_nucleus(c, 9100 + s, size) for c in (0, 0.5, 1)]) for s in range(3)])
     manifest = {"seeds": [0, 1, 2], "conditions": [None, 0, 0.5, 1], "has_input_frame": True, "kind": "real2gen",
                 "input_labels": [0.33, None, 1.0], "psnr_inversion_db": [24.5, 22.25, 30.0]}
     if seeds_names:

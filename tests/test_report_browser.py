@@ -15,7 +15,6 @@ from report_helpers import FakeEnsemble
 from test_report import SIZE, make_inputs
 
 
-
 @pytest.fixture
 def browser(tmp_path):
     driver = chromium(tmp_path / "profile", "1280,1000")

@@ -301,7 +301,8 @@ def test_report_flags_a_frame_from_another_domain(tmp_path):
     with open(out / "atypical-pixels.csv") as handle:
         first = next(csv.DictReader(handle))
     assert (first["seed"], first["frame"], float(first["condition"])) == ("2", "3", pytest.approx(CONDITIONS[3]))
-    assert (out / "atypical-pixels.png").is_file() and "Frames outside the real data" in (out / "report.html").read_text()
+    assert (out / "atypical-pixels.png").is_file()
+    assert "Frames outside the real data" in (out / "report.html").read_text()
 
 
 def test_label_noise_finder_ranks_true_mislabels_first():

@@ -281,7 +281,8 @@ def test_unknown_command_fails(capsys):
 
 def test_help_imports_no_stage():
     code = ("import sys; from mitosis_ldm.cli import main; main(['--help']); "
-            "print(sorted(m for m in ('autoencoder','classifier','diffusion','report','patches','torch') if m in sys.modules))")
+            "print(sorted(m for m in ('autoencoder','classifier','diffusion','report','patches','torch') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 

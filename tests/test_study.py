@@ -1,4 +1,5 @@
-"""`mitosis-ldm study make` and `analyse`: the balanced draw, the blinding of the page, and every documented bad input."""
+"""`mitosis-ldm study make` and `analyse`: the balanced draw, the blinding of the page, and every documented
+bad input."""
 
 from __future__ import annotations
 
