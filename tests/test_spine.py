@@ -128,6 +128,15 @@ def test_a_cli_output_under_a_file_is_one_line_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
+def test_an_existing_file_output_may_be_replaced_with_overwrite(tmp_path):
+    from mitosis_ldm.io import check_new_output
+
+    (tmp_path / "z.safetensors").write_text("old")
+    assert check_new_output(tmp_path / "z.safetensors", overwrite=True) == tmp_path / "z.safetensors"
+    with pytest.raises(UserError, match="z.safetensors: already exists; pass --overwrite to replace it"):
+        check_new_output(tmp_path / "z.safetensors", overwrite=False)
+
+
 # -- artifacts -----------------------------------------------------------------
 
 def test_expect_artifact_names_what_was_given(tmp_path):
