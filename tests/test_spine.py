@@ -137,6 +137,18 @@ def test_an_existing_file_output_may_be_replaced_with_overwrite(tmp_path):
         check_new_output(tmp_path / "z.safetensors", overwrite=False)
 
 
+def test_outputs_are_written_beside_their_target_under_a_hidden_name(tmp_path):
+    # beside it, so the final rename never crosses file systems
+    from mitosis_ldm.io import atomic_file
+
+    with atomic_file(tmp_path / "a.json") as handle:
+        handle.write("{}")
+        assert [p.name.startswith(".a.json.tmp-") for p in tmp_path.iterdir()] == [True]
+    with atomic_dir(tmp_path / "out") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "out"]
+
+
 # -- artifacts -----------------------------------------------------------------
 
 def test_expect_artifact_names_what_was_given(tmp_path):
