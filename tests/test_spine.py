@@ -149,6 +149,20 @@ def test_outputs_are_written_beside_their_target_under_a_hidden_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "out"]
 
 
+def test_ctrl_c_while_writing_leaves_no_partial_output(tmp_path):
+    from mitosis_ldm.io import atomic_file
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(tmp_path / "a.json") as handle:
+            handle.write("{")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "partial.txt").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- artifacts -----------------------------------------------------------------
 
 def test_expect_artifact_names_what_was_given(tmp_path):
