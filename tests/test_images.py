@@ -1,0 +1,21 @@
+"""mitosis_ldm/images.py: what read_image accepts and refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.images import read_image
+
+
+def test_an_opaque_rgba_image_is_read_as_rgb_and_a_translucent_one_is_refused(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 12, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert np.array_equal(read_image(tmp_path / "opaque.png"), rgba[..., :3])
+    rgba[2, 3, 3] = 128  # one half-transparent pixel: dropping the alpha would change what the image shows
+    Image.fromarray(rgba).save(tmp_path / "translucent.png")
+    with pytest.raises(UserError, match=r"translucent.png: expected an RGB image with 3 channels, got 4"):
+        read_image(tmp_path / "translucent.png")
