@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from mitosis_ldm.errors import UserError
@@ -19,3 +20,9 @@ def test_an_opaque_rgba_image_is_read_as_rgb_and_a_translucent_one_is_refused(tm
     Image.fromarray(rgba).save(tmp_path / "translucent.png")
     with pytest.raises(UserError, match=r"translucent.png: expected an RGB image with 3 channels, got 4"):
         read_image(tmp_path / "translucent.png")
+
+
+def test_a_16_bit_image_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "deep.tif", np.full((8, 8, 3), 1000, np.uint16))
+    with pytest.raises(UserError, match=r"deep.tif: expected 8-bit pixels, got uint16"):
+        read_image(tmp_path / "deep.tif")
