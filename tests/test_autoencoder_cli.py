@@ -59,6 +59,17 @@ def test_encode_then_decode_equals_reconstruct(tmp_path, model_dir, images):
     assert (tmp_path / "rec" / "sheet.png").exists()
 
 
+def test_pixels_survive_the_trip_to_model_range_and_back_and_out_of_range_outputs_clip():
+    from autoencoder.cli import to_tensor, to_uint8
+
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    x = to_tensor(levels)
+    assert x.min() == -1 and x.max() == 1
+    assert np.array_equal(to_uint8(x), levels)  # every 8-bit level back unchanged
+    over = torch.tensor([-3.0, -1.01, 1.01, 3.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    assert to_uint8(over)[0, 0, :, 0].tolist() == [0, 0, 255, 255]  # a decoder overshoot saturates, never wraps
+
+
 def test_dataset_and_large_tiled_slide_region(tmp_path, model_dir, sample_slide):
     out = tmp_path / "region.safetensors"
     # 400x300 is larger than the 128-pixel tile: encoded in blended tiles, still exactly /4
