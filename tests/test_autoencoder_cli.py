@@ -12,6 +12,7 @@ from PIL import Image
 
 from autoencoder.cli import main
 from autoencoder.model import build_autoencoder
+from mitosis_ldm.errors import UserError
 from mitosis_ldm.images import read_image
 
 from conftest import run_module
@@ -81,6 +82,23 @@ def test_dataset_and_large_tiled_slide_region(tmp_path, model_dir, sample_slide)
     main(["decode", "--model", str(model_dir), str(out), "--out", str(tmp_path / "dec")])
     (png,) = (tmp_path / "dec").glob("*.png")
     assert read_image(png).shape == (300, 400, 3)
+
+
+def test_a_slide_region_is_read_at_x_y_and_may_touch_the_slides_edge(sample_slide):
+    import openslide
+
+    from autoencoder.cli import read_slide_region
+
+    slide = openslide.OpenSlide(str(sample_slide))
+    width, height = slide.dimensions
+    name, image = read_slide_region(str(sample_slide), "100,700,40,32")
+    expected = np.asarray(slide.read_region((100, 700), 0, (40, 32)).convert("RGB"))
+    assert name.endswith("@100,700,40,32") and np.array_equal(image, expected)
+    _, corner = read_slide_region(str(sample_slide), f"{width - 8},{height - 12},8,12")  # the last pixels
+    assert corner.shape == (12, 8, 3)
+    for region in (f"{width - 7},0,8,8", f"0,{height - 7},8,8"):
+        with pytest.raises(UserError, match="runs outside"):
+            read_slide_region(str(sample_slide), region)
 
 
 def test_evaluate_writes_per_image_and_aggregate_metrics(tmp_path, model_dir, images):
