@@ -101,6 +101,16 @@ def test_a_slide_region_is_read_at_x_y_and_may_touch_the_slides_edge(sample_slid
             read_slide_region(str(sample_slide), region)
 
 
+def test_latents_of_many_shapes_decode_in_their_own_order(tmp_path, model_dir):
+    from safetensors.torch import save_file
+
+    # eleven shapes: stored one tensor each, latents.0 ... latents.10; latent i is 4 * (i + 1) pixels wide
+    save_file({f"latents.{i}": torch.zeros(1, 4, 2, i + 1) for i in range(11)}, tmp_path / "z.safetensors")
+    main(["decode", "--model", str(model_dir), str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "dec")])
+    for i in range(11):
+        assert read_image(tmp_path / "dec" / f"{i:05d}-{i}.png").shape == (8, 4 * (i + 1), 3)
+
+
 def test_evaluate_writes_per_image_and_aggregate_metrics(tmp_path, model_dir, images):
     main(["evaluate", "--model", str(model_dir), str(images / "p0.png"), str(images / "p1.png"),
           "--out", str(tmp_path / "ev")])
