@@ -136,6 +136,21 @@ def test_refuses_to_overwrite(tmp_path, model_dir, images):
     assert result.returncode == 2 and "--overwrite" in result.stderr and out.read_text() == "mine"
 
 
+def test_every_command_replaces_its_output_with_overwrite(tmp_path, model_dir, images):
+    z = tmp_path / "z.safetensors"
+    z.write_text("old")
+    main(["encode", "--model", str(model_dir), str(images / "p0.png"), "--out", str(z), "--overwrite"])
+    assert json.loads(z.with_suffix(".json").read_text())["count"] == 1
+    for command, inputs, made in (("decode", [str(z)], "00000-p0.png"),  # named by the sidecar
+                                  ("reconstruct", [str(images / "p1.png")], "00000-p1.png"),
+                                  ("evaluate", [str(images / "p1.png")], "metrics.csv")):
+        out = tmp_path / command
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+        main([command, "--model", str(model_dir), *inputs, "--out", str(out), "--overwrite"])
+        assert not (out / "old.txt").exists() and (out / made).exists()
+
+
 def _bad(tmp_path, model, *inputs, command="encode"):
     out = tmp_path / ("out.safetensors" if command == "encode" else "out")
     result = run_module("mitosis_ldm", "vae", command, "--model", model, *inputs, "--out", out)
