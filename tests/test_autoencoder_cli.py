@@ -119,6 +119,8 @@ def test_evaluate_writes_per_image_and_aggregate_metrics(tmp_path, model_dir, im
     assert [r["name"].endswith(f"p{i}.png") for i, r in enumerate(rows)] == [True, True]
     psnr = [float(r["psnr"]) for r in rows]
     assert summary["psnr_mean"] == pytest.approx(np.mean(psnr), abs=1e-3)
+    ssim = [float(r["ssim"]) for r in rows]
+    assert summary["ssim_mean"] == pytest.approx(np.mean(ssim), abs=1e-4) and all(-1 <= s <= 1 for s in ssim)
     assert summary["count"] == 2
     # an identity check of the metric: PSNR of the decoder output against itself is infinite, so we
     # compare against skimage on one image instead
