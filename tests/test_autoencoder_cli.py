@@ -213,3 +213,11 @@ def test_bad_model_folder_of_another_stage(tmp_path, images, kind, marker, text)
 def test_bad_empty_folder(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     assert "empty: folder holds no images" in _bad(tmp_path, model_dir, tmp_path / "empty")
+
+
+def test_bad_latents_output_not_safetensors(tmp_path, model_dir, images, capsys):
+    # a .json --out would be overwritten by its own sidecar
+    with pytest.raises(SystemExit):
+        main(["encode", "--model", str(model_dir), str(images / "p0.png"), "--out", str(tmp_path / "z.json")])
+    assert capsys.readouterr().err.strip().endswith("--out: must end in .safetensors, got '" f"{tmp_path / 'z.json'}'")
+    assert list(tmp_path.iterdir()) == []
