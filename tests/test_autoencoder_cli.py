@@ -221,3 +221,12 @@ def test_bad_latents_output_not_safetensors(tmp_path, model_dir, images, capsys)
         main(["encode", "--model", str(model_dir), str(images / "p0.png"), "--out", str(tmp_path / "z.json")])
     assert capsys.readouterr().err.strip().endswith("--out: must end in .safetensors, got '" f"{tmp_path / 'z.json'}'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sidecar_naming_more_latents_than_the_file_holds(tmp_path, model_dir):
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.zeros(2, 4, 8, 8)}, tmp_path / "z.safetensors")
+    (tmp_path / "z.json").write_text(json.dumps({"names": ["a", "b", "c"]}))
+    line = _bad(tmp_path, model_dir, tmp_path / "z.safetensors", command="decode")
+    assert line.endswith("z.json: field 'names' lists 3 names for 2 latents"), line
