@@ -230,3 +230,7 @@ def test_bad_sidecar_naming_more_latents_than_the_file_holds(tmp_path, model_dir
     (tmp_path / "z.json").write_text(json.dumps({"names": ["a", "b", "c"]}))
     line = _bad(tmp_path, model_dir, tmp_path / "z.safetensors", command="decode")
     assert line.endswith("z.json: field 'names' lists 3 names for 2 latents"), line
+
+
+def test_bad_tile_not_divisible_by_four(tmp_path, model_dir, images):
+    assert _bad(tmp_path, model_dir, images, "--tile", "130").endswith("--tile: must be divisible by 4, got 130")
