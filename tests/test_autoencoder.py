@@ -88,6 +88,8 @@ def test_losses():
     # hinge: confident correct logits give zero loss, wrong ones a positive loss
     assert hinge_d_loss(torch.full((2, 1), 2.0), torch.full((2, 1), -2.0)).item() == 0.0
     assert hinge_d_loss(torch.full((2, 1), -1.0), torch.full((2, 1), 1.0)).item() == pytest.approx(2.0)
+    # the autoencoder's adversarial term falls as the discriminator calls its reconstructions real
+    assert generator_gan_loss(disc, x).item() == pytest.approx(-logits.mean().item())
     layer = torch.nn.Parameter(torch.randn(4, 4))
     rec = (layer ** 2).sum()
     gan = (10 * layer).sum()
