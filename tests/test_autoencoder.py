@@ -265,3 +265,15 @@ def test_decoder_only_needs_a_starting_autoencoder(tmp_path, tiny_data):
                             "--set", f"data.datasets=[{tiny_data[0]}]", *extra, *TINY_TRAIN)
         assert result.returncode == 2 and field in result.stderr and not out.exists(), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_balance_draws_each_dataset_equally_often():
+    from torch.utils.data import ConcatDataset, RandomSampler, TensorDataset
+
+    from autoencoder.train import DataConfig, sampler
+
+    data = ConcatDataset([TensorDataset(torch.zeros(10)), TensorDataset(torch.ones(30))])
+    balanced = sampler(data, DataConfig(balance=True))
+    assert balanced.weights[:10].sum().item() == pytest.approx(balanced.weights[10:].sum().item())
+    assert len(balanced) == 40  # an epoch is still one draw per patch
+    assert isinstance(sampler(data, DataConfig(balance=False)), RandomSampler)
