@@ -277,3 +277,17 @@ def test_balance_draws_each_dataset_equally_often():
     assert balanced.weights[:10].sum().item() == pytest.approx(balanced.weights[10:].sum().item())
     assert len(balanced) == 40  # an epoch is still one draw per patch
     assert isinstance(sampler(data, DataConfig(balance=False)), RandomSampler)
+
+
+def test_held_out_patches_are_scored_in_model_range(tiny_data, monkeypatch):
+    """The held-out images are the split's first patches in [-1, 1], and a perfect reconstruction scores SSIM 1 and
+    a PSNR that only 8-bit rounding limits."""
+    from autoencoder import train
+    from autoencoder.cli import to_tensor
+
+    held_out = train.held_out_images(train.DataConfig(datasets=[str(tiny_data[0])]), "val", 4)
+    expected = to_tensor(PatchDataset(tiny_data[0], split="val").uint8(np.arange(4)))
+    assert list(held_out) == ["synth0"] and torch.equal(held_out["synth0"], expected)
+    monkeypatch.setattr(train, "reconstruct", lambda vae, images: images)
+    psnr, ssim_value = train.psnr_ssim(None, expected)
+    assert psnr > 60 and ssim_value == pytest.approx(1.0, abs=1e-5)
