@@ -291,3 +291,28 @@ def test_held_out_patches_are_scored_in_model_range(tiny_data, monkeypatch):
     monkeypatch.setattr(train, "reconstruct", lambda vae, images: images)
     psnr, ssim_value = train.psnr_ssim(None, expected)
     assert psnr > 60 and ssim_value == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fine_tuning_a_whole_autoencoder_on_one_full_batch(tmp_path, tiny_data, trained):
+    """model.init_from without decoder_only, one step on a batch of the whole train split (a batch as large as the
+    split is allowed): the logged KL is the starting model's posterior KL summed over latent elements, averaged over
+    the images and divided by one image's pixels, and the latent scale of the changed encoder is measured anew."""
+    from autoencoder.cli import to_tensor
+
+    train_set = PatchDataset(tiny_data[0], split="train")
+    out = tmp_path / "tuned"
+    result = run_module("autoencoder.train", "--config", "configs/demo/autoencoder.yaml", "--out", out,
+                        "--set", f"data.datasets=[{tiny_data[0]}]", "--set", "train.max_steps=1",
+                        "--set", f"model.init_from={trained}", *TINY_TRAIN,
+                        "--set", f"train.batch_size={len(train_set)}",
+                        "--set", "data.crop=0", "--set", "data.dihedral=false", "--set", "train.lr_warmup_steps=0",
+                        "--set", "train.checkpoint_every=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+                 if '"kl"' in line]
+    old = AutoencoderKL.from_pretrained(trained / "model")
+    with torch.no_grad():
+        kl = old.encode(to_tensor(train_set.uint8())).latent_dist.kl()  # (N,)
+    assert record["kl"] == pytest.approx(kl.mean().item() / (3 * 32 * 32), rel=1e-4)
+    assert "(measured)" in result.stdout
+    assert AutoencoderKL.from_pretrained(out / "model").config.scaling_factor != old.config.scaling_factor
