@@ -1,0 +1,52 @@
+"""`data detect` on painted slides: tiles, pyramid levels, areas in microns, and the --max sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from patches.cli import main
+from test_patches_sources import rows_of
+
+STROMA, NUCLEUS = (235, 170, 205), (75, 55, 140)
+
+
+def painted(h: int, w: int, discs, seed: int = 0) -> np.ndarray:
+    """Pink stroma with dark purple discs [(x, y, radius), ...], (h, w, 3) uint8."""
+    pixels = np.empty((h, w, 3), np.float32)
+    pixels[:] = STROMA
+    pixels += np.random.default_rng(seed).normal(0, 4, pixels.shape)
+    yy, xx = np.mgrid[:h, :w]
+    for x, y, r in discs:
+        pixels[(xx - x) ** 2 + (yy - y) ** 2 <= r * r] = NUCLEUS
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def found(out) -> np.ndarray:
+    return np.array([[int(r["x"]), int(r["y"])] for r in rows_of(out)]).reshape(-1, 2)
+
+
+def assert_each_found_once(points: np.ndarray, centres, tolerance: int = 2) -> None:
+    assert len(points) == len(centres), (len(points), len(centres))
+    for x, y in centres:
+        assert np.abs(points - [x, y]).sum(1).min() <= tolerance, (x, y)
+
+
+def test_nuclei_on_and_between_tile_borders_are_each_found_once(tmp_path):
+    """128-pixel tiles: discs straddle the borders at x, y = 128 and 256 and lie in the overlaps around them."""
+    xs, ys = (30, 70, 110, 128, 146, 190, 230, 256, 274, 330), (30, 100, 128, 146, 200, 256, 274)
+    centres = [(x, y) for y in ys for x in xs]
+    Image.fromarray(painted(300, 380, [(x, y, 6) for x, y in centres])).save(tmp_path / "tissue.png")
+    main(["detect", "--slide", str(tmp_path / "tissue.png"), "--out", str(tmp_path / "ds"), "--size", "16",
+          "--set", "detect.tile=128"])
+    assert_each_found_once(found(tmp_path / "ds"), centres)
+
+
+def write_pyramid(path, level0: np.ndarray, mpp: float) -> None:
+    """A tiled TIFF with a half-size second level, which OpenSlide reads as a two-level pyramid with its mpp."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(128, 128), photometric="rgb", compression="zlib",
+                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        tif.write(np.ascontiguousarray(level0[::2, ::2]), tile=(128, 128), photometric="rgb", compression="zlib",
+                  subfiletype=1)
