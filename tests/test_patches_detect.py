@@ -50,3 +50,16 @@ def write_pyramid(path, level0: np.ndarray, mpp: float) -> None:
                   resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
         tif.write(np.ascontiguousarray(level0[::2, ::2]), tile=(128, 128), photometric="rgb", compression="zlib",
                   subfiletype=1)
+
+
+def test_level_1_detects_with_its_own_microns_per_pixel_and_reports_level_0_centres(tmp_path):
+    """0.25 um/px at level 0, so 0.5 at level 1: a disc of radius 6 px there (28 um^2) is a nucleus, and its row
+    gives the level-0 centre."""
+    centres = [(x, y) for y in range(60, 560, 100) for x in range(60, 760, 100)]  # level 0, even
+    write_pyramid(tmp_path / "slide.tiff", painted(600, 800, [(x, y, 12) for x, y in centres]), mpp=0.25)
+    out = tmp_path / "ds"
+    main(["detect", "--slide", str(tmp_path / "slide.tiff"), "--out", str(out), "--level", "1", "--size", "16",
+          "--margin", "0"])
+    assert_each_found_once(found(out), centres, tolerance=3)
+    patches = np.load(out / "patches.npy")
+    assert (patches[:, 6:10, 6:10].mean(axis=(1, 2, 3)) < 120).all()  # a nucleus at every centre
