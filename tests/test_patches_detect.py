@@ -63,3 +63,13 @@ def test_level_1_detects_with_its_own_microns_per_pixel_and_reports_level_0_cent
     assert_each_found_once(found(out), centres, tolerance=3)
     patches = np.load(out / "patches.npy")
     assert (patches[:, 6:10, 6:10].mean(axis=(1, 2, 3)) < 120).all()  # a nucleus at every centre
+
+
+def test_area_limits_are_square_microns(tmp_path):
+    """0.5 um/px: a disc of 11 px radius (95 um^2) is a nucleus, one of 15 px (177 um^2) is over max_area_um2."""
+    small = [(x, 60) for x in range(60, 400, 80)]
+    large = [(x, 200) for x in range(60, 400, 80)]
+    discs = [(x, y, 11) for x, y in small] + [(x, y, 15) for x, y in large]
+    Image.fromarray(painted(280, 440, discs)).save(tmp_path / "tissue.png")
+    main(["detect", "--slide", str(tmp_path / "tissue.png"), "--out", str(tmp_path / "ds"), "--size", "16"])
+    assert_each_found_once(found(tmp_path / "ds"), small)
