@@ -73,3 +73,19 @@ def test_area_limits_are_square_microns(tmp_path):
     Image.fromarray(painted(280, 440, discs)).save(tmp_path / "tissue.png")
     main(["detect", "--slide", str(tmp_path / "tissue.png"), "--out", str(tmp_path / "ds"), "--size", "16"])
     assert_each_found_once(found(tmp_path / "ds"), small)
+
+
+def test_max_keeps_a_seeded_sample_from_the_whole_slide(tmp_path):
+    centres = [(x, y) for y in range(40, 400, 70) for x in range(40, 480, 80)]  # 6 rows of 6
+    Image.fromarray(painted(420, 500, [(x, y, 7) for x, y in centres])).save(tmp_path / "tissue.png")
+    picks = {}
+    for seed in (0, 1):
+        out = tmp_path / f"ds{seed}"
+        main(["detect", "--slide", str(tmp_path / "tissue.png"), "--out", str(out), "--size", "16", "--max", "8",
+              "--seed", str(seed)])
+        picks[seed] = {(int(r["x"]), int(r["y"])) for r in rows_of(out)}
+        assert len(picks[seed]) == 8
+        near = [min(abs(x - cx) + abs(y - cy) for cx, cy in centres) for x, y in picks[seed]]
+        assert max(near) <= 2
+        assert max(y for _, y in picks[seed]) > 110  # not only the first rows in reading order
+    assert picks[0] != picks[1]
