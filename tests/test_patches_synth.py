@@ -183,3 +183,10 @@ def test_hard_label_probability_is_the_panels_majority_rate():
     imposter = np.array([0, 1, 0, 1, 0], float)
     rate = np.mean([panel.vote(degree, imposter, rng).mean(1) >= 0.5 for _ in range(4000)], axis=0)
     assert np.allclose(panel.hard_label_probability(degree, imposter, draws=4000, seed=2), rate, atol=0.03)
+
+
+def test_a_lapse_flips_the_expert_s_vote():
+    """Noiseless experts at threshold 0.5; the first always lapses: it calls 0.9 not mitotic and 0.1 mitotic."""
+    panel = Experts(thresholds=[0.5, 0.5], noise=[1e-9, 1e-9], lapse=[1.0, 0.0], imposter_bias=0.0)
+    votes = panel.vote(np.array([0.1, 0.9]), np.zeros(2), np.random.default_rng(0))
+    assert votes.tolist() == [[1, 0], [0, 1]]
