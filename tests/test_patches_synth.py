@@ -190,3 +190,10 @@ def test_a_lapse_flips_the_expert_s_vote():
     panel = Experts(thresholds=[0.5, 0.5], noise=[1e-9, 1e-9], lapse=[1.0, 0.0], imposter_bias=0.0)
     votes = panel.vote(np.array([0.1, 0.9]), np.zeros(2), np.random.default_rng(0))
     assert votes.tolist() == [[1, 0], [0, 1]]
+
+
+def test_hard_label_probability_counts_a_tied_panel_as_mitotic():
+    """Two noiseless experts with thresholds 0.3 and 0.7 split 1:0 on m = 0.5: a tie, hard label 1 as in the rows."""
+    panel = Experts(thresholds=[0.3, 0.7], noise=[1e-9, 1e-9], lapse=[0.0, 0.0], imposter_bias=0.0)
+    p = panel.hard_label_probability(np.array([0.1, 0.5, 0.9]), np.zeros(3), draws=20)
+    assert p.tolist() == [0.0, 1.0, 1.0]
