@@ -197,3 +197,15 @@ def test_hard_label_probability_counts_a_tied_panel_as_mitotic():
     panel = Experts(thresholds=[0.3, 0.7], noise=[1e-9, 1e-9], lapse=[0.0, 0.0], imposter_bias=0.0)
     p = panel.hard_label_probability(np.array([0.1, 0.5, 0.9]), np.zeros(3), draws=20)
     assert p.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_chunks_hold_different_patches():
+    """Two chunks of one dataset draw their own degrees, votes and images (a seed shared by every chunk fails)."""
+    from patches.synth import synth_jobs
+
+    jobs = synth_jobs(20, seed=0, patch_size=16, margin=0, experts=Experts.draw(3, seed=0), chunk=10)
+    (_, fn, first), (_, _, second) = jobs
+    a, b = fn(**first), fn(**second)
+    assert [r["id"] for r in a.rows + b.rows] == [f"synth-{i:07d}" for i in range(20)]
+    assert not {r["true_degree"] for r in a.rows} & {r["true_degree"] for r in b.rows}
+    assert not any(np.array_equal(x, y) for x in a.images for y in b.images)
