@@ -209,3 +209,15 @@ def test_chunks_hold_different_patches():
     assert [r["id"] for r in a.rows + b.rows] == [f"synth-{i:07d}" for i in range(20)]
     assert not {r["true_degree"] for r in a.rows} & {r["true_degree"] for r in b.rows}
     assert not any(np.array_equal(x, y) for x in a.images for y in b.images)
+
+
+@pytest.mark.parametrize("sigma", [0.6, 2.0])
+def test_band_noise_has_unit_std_and_the_correlation_of_its_gaussian_blur(sigma):
+    """White noise blurred by a Gaussian of std s correlates as exp(-d^2 / (4 s^2)) at a lag of d pixels."""
+    from patches.synth import band_noise
+
+    field = band_noise(np.random.default_rng(0), 64, 64, sigma).astype(np.float64)  # (B, S, S)
+    assert field.std() == pytest.approx(1.0, abs=0.05)
+    for lag in (1, 2):
+        corr = (field * np.roll(field, lag, axis=2)).mean() / field.var()
+        assert corr == pytest.approx(np.exp(-lag ** 2 / (4 * sigma ** 2)), abs=0.04)
