@@ -221,3 +221,21 @@ def test_band_noise_has_unit_std_and_the_correlation_of_its_gaussian_blur(sigma)
     for lag in (1, 2):
         corr = (field * np.roll(field, lag, axis=2)).mean() / field.var()
         assert corr == pytest.approx(np.exp(-lag ** 2 / (4 * sigma ** 2)), abs=0.04)
+
+
+def test_the_cytoplasm_clears_and_turns_granular_with_the_degree():
+    """The same cells (same draws) at m = 0 and m = 1: the ring just outside the nucleus holds less eosin, and
+    eosin that changes more from one pixel to the next, at m = 1."""
+    from skimage.color import rgb2hed
+
+    n = 40
+    grid = np.hypot(*np.mgrid[:80, :80] - 39.5)
+    ring = (grid > 14) & (grid < 18)
+    eosin = {}
+    for m in (0.0, 1.0):
+        images = render(np.full(n, m, np.float32), np.zeros(n, bool), 80, 64, np.random.default_rng(4))
+        eosin[m] = np.stack([rgb2hed(image)[..., 1] for image in images])  # (n, 80, 80)
+    level = {m: e[:, ring].mean(1) for m, e in eosin.items()}
+    grain = {m: np.abs(np.diff(e, axis=2))[:, ring[:, 1:]].mean(1) for m, e in eosin.items()}
+    assert (level[1.0] < level[0.0]).mean() >= 0.9
+    assert (grain[1.0] > grain[0.0]).mean() >= 0.75
