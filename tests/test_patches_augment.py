@@ -1,0 +1,21 @@
+"""Training augmentations of stored patches: centre crop, rotation, the dihedral group, random crops and blur."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patches.augment import AugmentConfig, augment_patch
+
+OFF = dict(dihedral=False, rotate=False)
+
+
+def stored_patch(size: int = 8, margin: int = 2) -> np.ndarray:
+    """(S, S, 3) uint8 with a different value at every pixel and channel."""
+    side = size + 2 * margin
+    return (np.arange(side * side * 3) % 251).reshape(side, side, 3).astype(np.uint8)
+
+
+def test_all_off_gives_the_stored_centre_crop():
+    patch = stored_patch()
+    assert np.array_equal(augment_patch(patch, 8, 2, AugmentConfig(**OFF)), patch[2:10, 2:10])
