@@ -19,3 +19,12 @@ def stored_patch(size: int = 8, margin: int = 2) -> np.ndarray:
 def test_all_off_gives_the_stored_centre_crop():
     patch = stored_patch()
     assert np.array_equal(augment_patch(patch, 8, 2, AugmentConfig(**OFF)), patch[2:10, 2:10])
+
+
+def test_rotation_keeps_a_colour():
+    torch.manual_seed(0)
+    patch = np.empty((12, 12, 3), np.uint8)
+    patch[:] = (200, 30, 90)
+    for _ in range(5):
+        out = augment_patch(patch, 8, 2, AugmentConfig(dihedral=False, rotate=True))
+        assert out.shape == (8, 8, 3) and (out == (200, 30, 90)).all()
