@@ -28,3 +28,11 @@ def test_rotation_keeps_a_colour():
     for _ in range(5):
         out = augment_patch(patch, 8, 2, AugmentConfig(dihedral=False, rotate=True))
         assert out.shape == (8, 8, 3) and (out == (200, 30, 90)).all()
+
+
+def test_dihedral_draws_all_eight_flips_and_rotations():
+    torch.manual_seed(0)
+    patch = stored_patch(2, 0)
+    seen = {augment_patch(patch, 2, 0, AugmentConfig(dihedral=True)).tobytes() for _ in range(200)}
+    group = {np.ascontiguousarray(np.rot90(p, k)).tobytes() for p in (patch, patch[:, ::-1]) for k in range(4)}
+    assert seen == group and len(group) == 8
