@@ -36,3 +36,11 @@ def test_dihedral_draws_all_eight_flips_and_rotations():
     seen = {augment_patch(patch, 2, 0, AugmentConfig(dihedral=True)).tobytes() for _ in range(200)}
     group = {np.ascontiguousarray(np.rot90(p, k)).tobytes() for p in (patch, patch[:, ::-1]) for k in range(4)}
     assert seen == group and len(group) == 8
+
+
+def test_random_crops_reach_every_offset():
+    torch.manual_seed(0)
+    patch = stored_patch(8, 0)
+    windows = {(y, x): patch[y: y + 7, x: x + 7].tobytes() for y in (0, 1) for x in (0, 1)}
+    seen = {augment_patch(patch, 8, 0, AugmentConfig(**OFF, crop=7)).tobytes() for _ in range(100)}
+    assert seen == set(windows.values())
