@@ -44,3 +44,12 @@ def test_random_crops_reach_every_offset():
     windows = {(y, x): patch[y: y + 7, x: x + 7].tobytes() for y in (0, 1) for x in (0, 1)}
     seen = {augment_patch(patch, 8, 0, AugmentConfig(**OFF, crop=7)).tobytes() for _ in range(100)}
     assert seen == set(windows.values())
+
+
+def test_blur_stays_within_each_colour_channel():
+    torch.manual_seed(0)
+    patch = np.zeros((8, 8, 3), np.uint8)
+    patch[::2, ::2, 0] = 255  # red dots on black
+    outs = [augment_patch(patch, 8, 0, AugmentConfig(**OFF, blur=2.0)) for _ in range(40)]
+    assert any(not np.array_equal(out, patch) for out in outs)  # some draws are blurred
+    assert all((out[..., 1:] == 0).all() for out in outs)
