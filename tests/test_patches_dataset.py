@@ -1,0 +1,51 @@
+"""Reading a patch dataset: centre crops and items, the labelled-only view, and the checks of a damaged folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mitosis_ldm.errors import UserError
+from patches.dataset import PatchDataset, Shard, SplitConfig, build_dataset
+
+
+def shard(n: int, side: int) -> Shard:
+    images = (np.arange(n * side * side * 3) % 253).reshape(n, side, side, 3).astype(np.uint8)
+    rows = [{"id": f"p{i}", "source": "test", "slide": "s", "x": i, "y": i, "label": 0.5, "votes": "",
+             "hard_label": 1} for i in range(n)]
+    return Shard(images, rows)
+
+
+def dataset(out, n: int = 3, size: int = 6, margin: int = 2):
+    return build_dataset(out, [("s", shard, {"n": n, "side": size + 2 * margin})], patch_size=size, margin=margin,
+                         meta={"source": "test"}, split=SplitConfig(mode="random"), progress=False)
+
+
+def _fewer_rows(root):
+    with open(root / "labels.csv", newline="") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    (root / "labels.csv").write_text("".join(lines[:-1]))
+
+
+def _four_channels(root):
+    np.save(root / "patches.npy", np.zeros((3, 10, 10, 4), np.uint8))
+
+
+def _other_format(root):
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "format": "mitosis-ldm/transitions"}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_fewer_rows, "labels.csv: has 2 rows but patches.npy holds 3 patches"),
+    (_four_channels, "patches.npy: expected uint8 (N, S, S, 3), got uint8 (3, 10, 10, 4)"),
+    (_other_format, "dataset.json: field 'format' is 'mitosis-ldm/transitions'"),
+])
+def test_a_damaged_folder_is_refused_naming_the_file(tmp_path, damage, message):
+    root = dataset(tmp_path / "ds")
+    damage(root)
+    with pytest.raises(UserError) as err:
+        PatchDataset(root)
+    assert message in str(err.value)
