@@ -23,6 +23,16 @@ def dataset(out, n: int = 3, size: int = 6, margin: int = 2):
                          meta={"source": "test"}, split=SplitConfig(mode="random"), progress=False)
 
 
+def test_crops_and_items_are_the_stored_centre(tmp_path):
+    root = dataset(tmp_path / "ds")
+    stored = np.load(root / "patches.npy")
+    data = PatchDataset(root)
+    assert np.array_equal(data.uint8(), stored[:, 2:8, 2:8])
+    for i in range(len(data)):
+        image = data[i]["image"].numpy()  # (3, P, P) in [-1, 1]
+        assert np.allclose(image, stored[i, 2:8, 2:8].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+
+
 def _fewer_rows(root):
     with open(root / "labels.csv", newline="") as handle:
         lines = handle.read().splitlines(keepends=True)
