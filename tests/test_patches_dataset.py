@@ -33,6 +33,21 @@ def test_crops_and_items_are_the_stored_centre(tmp_path):
         assert np.allclose(image, stored[i, 2:8, 2:8].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
 
 
+def test_labelled_only_keeps_the_rows_with_a_soft_label(tmp_path):
+    """A points row with a hard_label but no label or votes has no soft label: labelled_only leaves it out."""
+    from PIL import Image
+
+    from patches.cli import main
+
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "s.png")
+    (tmp_path / "cells.csv").write_text("slide,x,y,label,hard_label\ns.png,10,10,0.5,\ns.png,20,20,,1\n"
+                                        "s.png,30,30,,\n")
+    main(["points", "--csv", str(tmp_path / "cells.csv"), "--slides", str(tmp_path), "--out", str(tmp_path / "ds"),
+          "--size", "8", "--margin", "0", "--workers", "1"])
+    data = PatchDataset(tmp_path / "ds", labelled_only=True)
+    assert data.ids() == ["s.png:2"] and data.soft_labels.tolist() == [0.5]
+
+
 def _fewer_rows(root):
     with open(root / "labels.csv", newline="") as handle:
         lines = handle.read().splitlines(keepends=True)
