@@ -1,4 +1,5 @@
-"""Reading a patch dataset: centre crops and items, the labelled-only view, and the checks of a damaged folder."""
+"""Reading a patch dataset: centre crops and items, the labelled-only view, the checks of a damaged folder, and the
+summary `data inspect` prints."""
 
 from __future__ import annotations
 
@@ -74,3 +75,26 @@ def test_a_damaged_folder_is_refused_naming_the_file(tmp_path, damage, message):
     with pytest.raises(UserError) as err:
         PatchDataset(root)
     assert message in str(err.value)
+
+
+def voted_shard() -> Shard:
+    panels = [("1;1;0", 0.8), ("1;0", 0.3), ("0;0", 0.1), ("1;1", 0.9)]  # votes, true degree
+    rows = []
+    for i, (votes, degree) in enumerate(panels):
+        soft = np.mean([int(v) for v in votes.split(";")])
+        rows.append({"id": f"p{i}", "source": "test", "slide": "s", "x": i, "y": 0, "label": float(soft),
+                     "votes": votes, "hard_label": int(soft >= 0.5), "true_degree": degree})
+    return Shard(np.zeros((4, 8, 8, 3), np.uint8), rows)
+
+
+def test_inspect_summarises_panels_of_two_and_three_and_the_truth(tmp_path):
+    """Votes 1;1;0, 1;0, 0;0 and 1;1 with true degrees 0.8, 0.3, 0.1 and 0.9: 3 of 6 voter pairs agree, and the hard
+    labels 1, 1, 0, 1 match the truth (m >= 0.5) on 3 of 4 patches."""
+    from patches.inspect import summarise
+
+    root = build_dataset(tmp_path / "ds", [("s", voted_shard, {})], patch_size=8, margin=0, meta={"source": "test"},
+                         split=SplitConfig(mode="random"), progress=False)
+    summary = summarise(root)
+    assert summary["votes"] == {"patches_with_votes": 4, "experts_per_patch": {"2": 3, "3": 1}, "unanimous": 0.5,
+                                "disagree": 0.5, "pairwise_agreement": 0.5}
+    assert summary["true_degree"]["truly_mitotic"] == 2 and summary["true_degree"]["hard_label_accuracy"] == 0.75
