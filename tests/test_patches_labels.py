@@ -168,3 +168,12 @@ def test_binned_label_mode_rounds_soft_labels_to_the_nearest_of_0_half_and_1(tmp
     data = PatchDataset(tmp_path / "ds", label_mode="binned")
     assert data.labels().tolist() == [0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
     assert [float(data[i]["label"]) for i in range(7)] == [0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
+
+
+def test_a_geojson_class_mapped_to_one_half_has_hard_label_1(tmp_path, slide):
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps([feature({"type": "Point", "coordinates": [10, 12]}, name)
+                                for name in ("NOT", "INDET", "MITE")]))
+    main(["points", "--geojson", str(path), "--slide", "s.png", "--slides", str(tmp_path), "--out",
+          str(tmp_path / "ds"), "--label-map", SEED_MAP, "--size", "16", "--margin", "0"])
+    assert [(r["label"], r["hard_label"]) for r in rows_of(tmp_path / "ds")] == [("0", "0"), ("0.5", "1"), ("1", "1")]
