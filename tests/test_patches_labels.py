@@ -177,3 +177,12 @@ def test_a_geojson_class_mapped_to_one_half_has_hard_label_1(tmp_path, slide):
     main(["points", "--geojson", str(path), "--slide", "s.png", "--slides", str(tmp_path), "--out",
           str(tmp_path / "ds"), "--label-map", SEED_MAP, "--size", "16", "--margin", "0"])
     assert [(r["label"], r["hard_label"]) for r in rows_of(tmp_path / "ds")] == [("0", "0"), ("0.5", "1"), ("1", "1")]
+
+
+def test_a_tab_separated_csv_with_comma_separated_votes(tmp_path, slide):
+    """A .csv whose header has tabs and no commas is read as tab-separated; its votes may be written 1,1,0."""
+    table = tmp_path / "cells.csv"
+    table.write_text("slide\tx\ty\tvotes\ns.png\t10\t10\t1,1,0\ns.png\t20\t20\t0,1\n")
+    rows = points(tmp_path, table)
+    assert [(r["votes"], r["label"], r["hard_label"]) for r in rows] == [
+        ("1;1;0", "0.666667", "1"), ("0;1", "0.5", "1")]
