@@ -155,6 +155,7 @@ BAD_BODIES = [
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [0, 2]}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:x"}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [' + b"0.5," * 40 + b"1]}"),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:22"}'),  # one over the limit
     ("/transition", b'{"dataset": "patches", "index": 10000}'),
     ("/transition", b'{"dataset": "patches"}'),
     ("/transition", b'{"dataset": "../patches", "index": 0}'),
