@@ -157,6 +157,7 @@ BAD_BODIES = [
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [' + b"0.5," * 40 + b"1]}"),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:22"}'),  # one over the limit
     ("/transition", b'{"dataset": "patches", "index": 10000}'),
+    ("/transition", b'{"dataset": "patches", "index": 24}'),  # one past the last of 24 patches
     ("/transition", b'{"dataset": "patches"}'),
     ("/transition", b'{"dataset": "../patches", "index": 0}'),
     ("/transition", b'{"x": 5, "y": 5}'),
