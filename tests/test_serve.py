@@ -151,6 +151,7 @@ BAD_BODIES = [
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "strength": 0}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "guidance": -1}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "steps": 100000}'),
+    ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "steps": 0}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "inversion_iters": 11}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": [0, 2]}'),
     ("/transition", b'{"slide": "slide.png", "x": 5, "y": 5, "conditions": "0:1:x"}'),
