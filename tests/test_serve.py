@@ -300,3 +300,10 @@ def test_a_full_resolution_tile_shows_its_column_and_row_of_the_slide(client, wo
     expected = np.asarray(Image.open(world["slide"]).convert("RGB"))[y0:y1, x0:x1].astype(float)
     assert tile.shape == expected.shape
     assert np.abs(tile - expected).mean() < 8  # JPEG at quality 85
+
+
+def test_a_tile_one_past_the_last_column_or_row_is_404(client):
+    # the full-resolution level of 560 x 420 px holds 3 x 2 tiles of 254 px
+    assert client.get(f"/slides/{SLIDE}_files/10/2_1.jpeg").status_code == 200
+    one_line_error(client.get(f"/slides/{SLIDE}_files/10/3_0.jpeg"), 404)
+    one_line_error(client.get(f"/slides/{SLIDE}_files/10/0_2.jpeg"), 404)
