@@ -307,3 +307,13 @@ def test_a_tile_one_past_the_last_column_or_row_is_404(client):
     assert client.get(f"/slides/{SLIDE}_files/10/2_1.jpeg").status_code == 200
     one_line_error(client.get(f"/slides/{SLIDE}_files/10/3_0.jpeg"), 404)
     one_line_error(client.get(f"/slides/{SLIDE}_files/10/0_2.jpeg"), 404)
+
+
+def test_the_same_tile_position_on_another_level_is_another_tile(client):
+    from PIL import Image
+
+    sizes = []
+    for level in (10, 9, 8):  # 560 x 420, 280 x 210, 140 x 105 px: tile 0_0 is cut to the level's size
+        res = client.get(f"/slides/{SLIDE}_files/{level}/0_0.jpeg")
+        sizes.append(Image.open(io.BytesIO(res.content)).size)
+    assert sizes == [(255, 255), (255, 210), (140, 105)]
