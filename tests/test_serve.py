@@ -317,3 +317,8 @@ def test_the_same_tile_position_on_another_level_is_another_tile(client):
         res = client.get(f"/slides/{SLIDE}_files/{level}/0_0.jpeg")
         sizes.append(Image.open(io.BytesIO(res.content)).size)
     assert sizes == [(255, 255), (255, 210), (140, 105)]
+
+
+def test_a_strength_above_one_is_refused(client):
+    res = client.post("/transition", json={"slide": SLIDE, "x": 5, "y": 5, "strength": 1.5})
+    assert "field 'strength': must be in (0, 1]" in one_line_error(res, 400)
