@@ -322,3 +322,8 @@ def test_the_same_tile_position_on_another_level_is_another_tile(client):
 def test_a_strength_above_one_is_refused(client):
     res = client.post("/transition", json={"slide": SLIDE, "x": 5, "y": 5, "strength": 1.5})
     assert "field 'strength': must be in (0, 1]" in one_line_error(res, 400)
+
+
+def test_zero_inversion_iterations_are_a_setting_like_any_other(client):
+    settings = client.app.state.explorer.settings(strength=1.0, inversion_iters=0)
+    assert (settings.strength, settings.inversion_iters) == (1.0, 0)
