@@ -327,3 +327,21 @@ def test_a_strength_above_one_is_refused(client):
 def test_zero_inversion_iterations_are_a_setting_like_any_other(client):
     settings = client.app.state.explorer.settings(strength=1.0, inversion_iters=0)
     assert (settings.strength, settings.inversion_iters) == (1.0, 0)
+
+
+@pytest.fixture(scope="module")
+def fake_client(world, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    app = make_explorer(world, tmp_path_factory.mktemp("fake-exports"), fake=True)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def test_each_frames_score_is_its_own(fake_client):
+    res = fake_client.post("/transition", json={"slide": SLIDE, "x": 300, "y": 140, **FAST}).json()
+    frames = np.stack([decode(uri) for uri in res["frames"]])
+    mean, std = fake_client.app.state.explorer.score(frames)
+    assert res["scores"] == pytest.approx(mean.tolist(), abs=1e-5)
+    assert res["scores_std"] == pytest.approx(std.tolist(), abs=1e-5)
+    assert res["scores"][0] < res["scores"][1] < res["scores"][2]  # the fake render darkens with the condition
