@@ -345,3 +345,20 @@ def test_each_frames_score_is_its_own(fake_client):
     assert res["scores"] == pytest.approx(mean.tolist(), abs=1e-5)
     assert res["scores_std"] == pytest.approx(std.tolist(), abs=1e-5)
     assert res["scores"][0] < res["scores"][1] < res["scores"][2]  # the fake render darkens with the condition
+
+
+def test_a_click_between_two_nuclei_goes_to_the_nearer(world, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    yy, xx = np.mgrid[:200, :240]
+    image = np.empty((200, 240, 3), np.uint8)
+    image[:] = (232, 186, 212)
+    for x in (100, 128):
+        image[(xx - x) ** 2 + (yy - 100) ** 2 < 64] = (150, 100, 170)
+    Image.fromarray(image).save(tmp_path / "twins.png")
+    app = make_explorer({**world, "slide": tmp_path / "twins.png"}, tmp_path / "exports", fake=True)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        for click, centre in ((108, 100), (121, 128)):
+            res = test_client.post("/nucleus", json={"slide": "twins.png", "x": click, "y": 100}).json()
+            assert res["detected"] and abs(res["centre"][0] - centre) <= 1, (click, res["centre"])
