@@ -362,3 +362,24 @@ def test_a_click_between_two_nuclei_goes_to_the_nearer(world, tmp_path):
         for click, centre in ((108, 100), (121, 128)):
             res = test_client.post("/nucleus", json={"slide": "twins.png", "x": click, "y": 100}).json()
             assert res["detected"] and abs(res["centre"][0] - centre) <= 1, (click, res["centre"])
+
+
+def test_a_label_on_a_bin_edge_is_in_one_grid_bin():
+    from types import SimpleNamespace
+
+    from serve.explorer import Explorer
+
+    class Patches:
+        soft_labels = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.8, 1.0, np.nan])  # 9 labels: five bins
+        patch_size = 64
+
+        def ids(self):
+            return [f"p{i}" for i in range(10)]
+
+        def __len__(self):
+            return 10
+
+    grid = Explorer.dataset_grid(SimpleNamespace(datasets={"d": ("d", Patches())}), "d")
+    counts = {b["title"]: b["count"] for b in grid["bins"]}
+    assert counts == {"label 0.0-0.2": 2, "label 0.2-0.4": 2, "label 0.4-0.6": 2, "label 0.6-0.8": 1,
+                      "label 0.8-1.0": 2, "unlabelled": 1}
