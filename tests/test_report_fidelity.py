@@ -358,3 +358,11 @@ def test_report_measures_the_autoencoder_floor_through_the_transitions_pipeline(
     assert all(r["floor"] is None for r in plain["fidelity"]["bins"])
     assert "autoencoder floor" not in (tmp_path / "plain" / "report.html").read_text()
     assert [r["ratio"] for r in plain["fidelity"]["bins"]] == [r["ratio"] for r in metrics["fidelity"]["bins"]]
+
+
+def test_label_noise_finder_with_fewer_patches_than_its_top_checks_them_all():
+    degree = np.array([0.1, 0.2, 0.9, 0.8, 0.3, 0.7])
+    soft = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 1.0])  # patches 1 and 3 are mislabelled
+    result = benchmark.label_noise([f"p{i}" for i in range(6)], soft, soft, degree, degree, 0.5, top=50)
+    assert result["top"] == 6 and result["truly_mislabelled_in_top"] == 2
+    assert result["precision_at_top"] == pytest.approx(2 / 6)
