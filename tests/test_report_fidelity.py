@@ -366,3 +366,12 @@ def test_label_noise_finder_with_fewer_patches_than_its_top_checks_them_all():
     result = benchmark.label_noise([f"p{i}" for i in range(6)], soft, soft, degree, degree, 0.5, top=50)
     assert result["top"] == 6 and result["truly_mislabelled_in_top"] == 2
     assert result["precision_at_top"] == pytest.approx(2 / 6)
+
+
+def test_label_noise_base_rate_is_over_the_labelled_scored_patches():
+    degree = np.array([0.1, 0.2, 0.9, 0.8, 0.3, 0.7, 0.9, 0.95])
+    soft = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, np.nan, 1.0])  # an unlabelled patch, then an unscored one
+    scores = np.append(degree[:7], np.nan)
+    result = benchmark.label_noise([f"p{i}" for i in range(8)], soft, np.full(8, np.nan), scores, degree, 0.5)
+    assert result["n_labelled"] == 6 and result["n_mislabelled"] == 2
+    assert result["base_rate"] == pytest.approx(2 / 6)
