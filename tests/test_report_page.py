@@ -1,0 +1,70 @@
+"""What the report's page and files show of its metrics: the summary, the tables, the CSVs, the sliders, and the
+escaping of the page's text (the numbers themselves: test_report.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mitosis_ldm.artifacts import read_transitions, write_transitions
+from patches.dataset import PatchDataset
+from report.build import ReportConfig, build_report
+from report.html import esc, fmt, png_data_uri, render, table
+from report.stats import spearman
+
+from report_helpers import FakeEnsemble
+from test_report import CONDITIONS, SIZE, make_inputs
+
+SEEDS = [7, 8, 9, 10, 11]
+
+
+def scores_csv(path, scores: np.ndarray) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "seed", "frame", "condition", "mean", "std", "member_0"])
+        for s, row in enumerate(scores):
+            for f, (c, v) in enumerate(zip(CONDITIONS, row)):
+                writer.writerow([f"tr:{s}:{f}", s, f, c, v, 0.0, v])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A report over transitions whose seeds are not their row numbers, with one frame off the real data and
+    scores that flip in three seeds of five and rise in four."""
+    root = make_inputs(tmp_path_factory.mktemp("page-inputs"))
+    source = read_transitions(root / "tr")
+    frames = np.array(source.frames)
+    frames[2, 3] = np.array([110, 60, 120], np.uint8)  # no nucleus: flagged as outside the real data
+    write_transitions(root / "seeds", frames, {**source.manifest, "seeds": SEEDS})
+    scores = np.tile(CONDITIONS, (5, 1))
+    scores[0], scores[1] = 1 - CONDITIONS, 0.4 * CONDITIONS
+    scores_csv(root / "seeds" / "scores.csv", scores)
+    out = tmp_path_factory.mktemp("page-out") / "report"
+    metrics = build_report(ReportConfig(bootstrap=100, max_train_features=16), [root / "seeds"], [root / "r2g"],
+                           FakeEnsemble(SIZE), "fake-classifier", root / "ds", out, log=lambda *_: None)
+    return {"root": root, "out": out, "metrics": metrics, "html": (out / "report.html").read_text()}
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def html_table(html: str, first_header: str) -> list[list[str]]:
+    """The body rows of the page's table whose first header cell is `first_header`, cells as raw HTML."""
+    for match in re.finditer(r"<table[^>]*><thead><tr><th>(.*?)</th>.*?<tbody>(.*?)</tbody></table>", html, re.S):
+        if match[1] == first_header:
+            return [re.findall(r"<td>(.*?)</td>", row, re.S) for row in re.findall(r"<tr>(.*?)</tr>", match[2], re.S)]
+    raise AssertionError(f"no table starting with {first_header!r}")
+
+
+def test_summary_shows_the_flip_rate_with_its_own_interval(report):
+    metrics = report["metrics"]
+    flip = metrics["consistency"]["transitions"]["flip"]
+    assert flip["value"] == pytest.approx(3 / 5)
+    assert metrics["targets"]["flip_rate"]["ci"] == flip["ci"]
+    assert metrics["targets"]["median_spearman"]["ci"] == metrics["consistency"]["transitions"]["spearman"]["ci"]
