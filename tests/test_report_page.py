@@ -68,3 +68,11 @@ def test_summary_shows_the_flip_rate_with_its_own_interval(report):
     assert flip["value"] == pytest.approx(3 / 5)
     assert metrics["targets"]["flip_rate"]["ci"] == flip["ci"]
     assert metrics["targets"]["median_spearman"]["ci"] == metrics["consistency"]["transitions"]["spearman"]["ci"]
+
+
+def test_summary_verdicts_say_met_missed_or_nothing(report):
+    rows = {cells[0]: cells for cells in html_table(report["html"], "metric")}
+    for name, target in report["metrics"]["targets"].items():
+        verdict = "–" if target["met"] is None else "met" if target["met"] else "missed"
+        assert re.sub(r"<[^>]+>", "", rows[name.replace("_", " ")][4]) == verdict, name
+    assert report["metrics"]["targets"]["flip_rate"]["met"] is False  # flips in 3 of 5 seeds
