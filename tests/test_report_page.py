@@ -76,3 +76,10 @@ def test_summary_verdicts_say_met_missed_or_nothing(report):
         verdict = "–" if target["met"] is None else "met" if target["met"] else "missed"
         assert re.sub(r"<[^>]+>", "", rows[name.replace("_", " ")][4]) == verdict, name
     assert report["metrics"]["targets"]["flip_rate"]["met"] is False  # flips in 3 of 5 seeds
+
+
+def test_summary_interval_reads_low_then_high(report):
+    rows = {cells[0]: cells for cells in html_table(report["html"], "metric")}
+    low, high = report["metrics"]["targets"]["flip_rate"]["ci"]
+    assert low < high
+    assert rows["flip rate"][2] == f"[{low:.3f}, {high:.3f}]"
