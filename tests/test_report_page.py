@@ -83,3 +83,13 @@ def test_summary_interval_reads_low_then_high(report):
     low, high = report["metrics"]["targets"]["flip_rate"]["ci"]
     assert low < high
     assert rows["flip rate"][2] == f"[{low:.3f}, {high:.3f}]"
+
+
+def test_morphology_median_over_seeds_is_the_median_of_each_seeds_spearman(report):
+    rows = [r for r in read_csv(report["out"] / "frames.csv") if r["folder"] == "transitions"]
+    conditions = np.array([float(r["condition"]) for r in rows if r["seed"] == str(SEEDS[0])])
+    for name, entry in report["metrics"]["morphology"]["transitions"].items():
+        per_seed = [spearman(conditions, np.array([float(r[name]) if r[name] else np.nan
+                                                   for r in rows if r["seed"] == str(seed)]))
+                    for seed in SEEDS]
+        assert entry["median_seed_spearman"] == pytest.approx(np.nanmedian(per_seed)), name
