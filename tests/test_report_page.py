@@ -93,3 +93,15 @@ def test_morphology_median_over_seeds_is_the_median_of_each_seeds_spearman(repor
                                                    for r in rows if r["seed"] == str(seed)]))
                     for seed in SEEDS]
         assert entry["median_seed_spearman"] == pytest.approx(np.nanmedian(per_seed)), name
+
+
+def test_morphology_table_puts_the_mean_curve_then_the_median_per_seed(report):
+    from report.morphology import FEATURES
+
+    rows = {cells[0]: cells for cells in html_table(report["html"], "feature")}
+    differ = 0
+    for name, entry in report["metrics"]["morphology"]["transitions"].items():
+        curve, median = fmt(entry["spearman_mean_curve"]), fmt(entry["median_seed_spearman"])
+        assert rows[esc(FEATURES[name])][1:3] == [curve, median], name
+        differ += curve != median
+    assert differ  # some feature tells the two columns apart
