@@ -105,3 +105,11 @@ def test_morphology_table_puts_the_mean_curve_then_the_median_per_seed(report):
         assert rows[esc(FEATURES[name])][1:3] == [curve, median], name
         differ += curve != median
     assert differ  # some feature tells the two columns apart
+
+
+def test_real_morphology_bins_sit_at_their_patches_mean_soft_label(report):
+    soft = np.array([float(r["soft_label"]) for r in read_csv(report["out"] / "real_patches.csv")])
+    edges = ReportConfig().label_bins
+    inside = [(soft >= lo) & ((soft < hi) | (hi == edges[-1])) for lo, hi in zip(edges[:-1], edges[1:])]
+    expected = [soft[m].mean() for m in inside if m.any()]
+    assert report["metrics"]["morphology"]["real"]["h_mean"]["bin_mean_label"] == pytest.approx(expected)
