@@ -113,3 +113,14 @@ def test_real_morphology_bins_sit_at_their_patches_mean_soft_label(report):
     inside = [(soft >= lo) & ((soft < hi) | (hi == edges[-1])) for lo, hi in zip(edges[:-1], edges[1:])]
     expected = [soft[m].mean() for m in inside if m.any()]
     assert report["metrics"]["morphology"]["real"]["h_mean"]["bin_mean_label"] == pytest.approx(expected)
+
+
+def test_real_patches_csv_gives_each_patch_its_soft_and_hard_label(report):
+    ds = PatchDataset(report["root"] / "ds", split=None)
+    where = {pid: i for i, pid in enumerate(ds.ids())}
+    rows = read_csv(report["out"] / "real_patches.csv")
+    assert {r["soft_label"] for r in rows} >= {"0.333333", "0.666667"}
+    for r in rows:
+        i = where[r["id"]]
+        assert float(r["soft_label"]) == pytest.approx(ds.soft_labels[i], abs=1e-6)
+        assert float(r["hard_label"]) == ds.hard_labels[i]
