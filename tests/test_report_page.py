@@ -124,3 +124,8 @@ def test_real_patches_csv_gives_each_patch_its_soft_and_hard_label(report):
         i = where[r["id"]]
         assert float(r["soft_label"]) == pytest.approx(ds.soft_labels[i], abs=1e-6)
         assert float(r["hard_label"]) == ds.hard_labels[i]
+
+
+def test_frames_csv_names_each_transition_by_its_seed(report):
+    rows = [r for r in read_csv(report["out"] / "frames.csv") if r["folder"] == "transitions"]
+    assert [r["seed"] for r in rows] == [str(s) for s in SEEDS for _ in CONDITIONS]
