@@ -129,3 +129,11 @@ def test_real_patches_csv_gives_each_patch_its_soft_and_hard_label(report):
 def test_frames_csv_names_each_transition_by_its_seed(report):
     rows = [r for r in read_csv(report["out"] / "frames.csv") if r["folder"] == "transitions"]
     assert [r["seed"] for r in rows] == [str(s) for s in SEEDS for _ in CONDITIONS]
+
+
+def test_a_frame_outside_the_real_data_is_named_by_its_seed(report):
+    flagged = report["metrics"]["atypical"]["pixels"]["seeds_flagged"]["transitions"]
+    assert SEEDS[2] in flagged and set(flagged) <= set(SEEDS)
+    rows = read_csv(report["out"] / "atypical-pixels.csv")
+    assert (str(SEEDS[2]), "3") in {(r["seed"], r["frame"]) for r in rows if r["folder"] == "transitions"}
+    assert {r["seed"] for r in rows} <= {str(s) for s in SEEDS}
