@@ -137,3 +137,9 @@ def test_a_frame_outside_the_real_data_is_named_by_its_seed(report):
     rows = read_csv(report["out"] / "atypical-pixels.csv")
     assert (str(SEEDS[2]), "3") in {(r["seed"], r["frame"]) for r in rows if r["folder"] == "transitions"}
     assert {r["seed"] for r in rows} <= {str(s) for s in SEEDS}
+
+
+def test_feature_memorisation_searches_max_train_features_patches(report):
+    memorisation = report["metrics"]["memorisation"]
+    assert memorisation["features"]["n_train"] == 16
+    assert memorisation["pixels"]["n_train"] == report["metrics"]["inputs"]["n_train_searched"] > 16
