@@ -143,3 +143,9 @@ def test_feature_memorisation_searches_max_train_features_patches(report):
     memorisation = report["metrics"]["memorisation"]
     assert memorisation["features"]["n_train"] == 16
     assert memorisation["pixels"]["n_train"] == report["metrics"]["inputs"]["n_train_searched"] > 16
+
+
+def test_fidelity_ratio_is_the_mean_distance_over_the_mean_yardstick(report):
+    fid = report["metrics"]["fidelity"]
+    assert fid["ratio"] == pytest.approx(fid["frechet_mean"] / fid["yardstick_mean"])
+    assert report["metrics"]["targets"]["frechet_ratio"]["value"] == fid["ratio"]
