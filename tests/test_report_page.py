@@ -149,3 +149,13 @@ def test_fidelity_ratio_is_the_mean_distance_over_the_mean_yardstick(report):
     fid = report["metrics"]["fidelity"]
     assert fid["ratio"] == pytest.approx(fid["frechet_mean"] / fid["yardstick_mean"])
     assert report["metrics"]["targets"]["frechet_ratio"]["value"] == fid["ratio"]
+
+
+def test_label_noise_thumbnails_show_the_ranked_patches(report):
+    ds = PatchDataset(report["root"] / "ds", split=None)
+    where = {pid: i for i, pid in enumerate(ds.ids())}
+    rows = html_table(report["html"], "rank")
+    assert len(rows) == 20
+    for cells in rows:
+        src = re.search(r'src="([^"]+)"', cells[1])[1]
+        assert src == png_data_uri(ds.uint8(np.array([where[cells[2]]]))[0]), cells[2]
