@@ -159,3 +159,8 @@ def test_label_noise_thumbnails_show_the_ranked_patches(report):
     for cells in rows:
         src = re.search(r'src="([^"]+)"', cells[1])[1]
         assert src == png_data_uri(ds.uint8(np.array([where[cells[2]]]))[0]), cells[2]
+
+
+def test_each_slider_ends_at_the_last_frame(report):
+    sliders = re.findall(r'data-folder="([^"]+)".*?type="range" min="0" max="(\d+)"', report["html"])
+    assert sliders == [("transitions", "5")] * 5 + [("real2gen", "3")] * 3
