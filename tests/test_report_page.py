@@ -164,3 +164,9 @@ def test_label_noise_thumbnails_show_the_ranked_patches(report):
 def test_each_slider_ends_at_the_last_frame(report):
     sliders = re.findall(r'data-folder="([^"]+)".*?type="range" min="0" max="(\d+)"', report["html"])
     assert sliders == [("transitions", "5")] * 5 + [("real2gen", "3")] * 3
+
+
+def test_memorisation_target_is_the_pixel_share(report):
+    memorisation = report["metrics"]["memorisation"]
+    assert memorisation["pixels"]["share"] != memorisation["features"]["share"]
+    assert report["metrics"]["targets"]["memorisation_share"]["value"] == memorisation["pixels"]["share"]
