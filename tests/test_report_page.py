@@ -170,3 +170,15 @@ def test_memorisation_target_is_the_pixel_share(report):
     memorisation = report["metrics"]["memorisation"]
     assert memorisation["pixels"]["share"] != memorisation["features"]["share"]
     assert report["metrics"]["targets"]["memorisation_share"]["value"] == memorisation["pixels"]["share"]
+
+
+# -- the page's pieces ----------------------------------------------------------------
+
+def test_a_closing_script_tag_in_the_frame_data_stays_inside_the_data_block():
+    hostile = "</script><script>alert(1)</script>"
+    folder = {"seeds": [{"title": "t", "frames": ["data:,"], "captions": [hostile], "is_input": [False],
+                         "scores": [0.5], "stds": [0.0], "features": [[]]}], "feature_names": []}
+    text = render({"title": "t", "subtitle": "s", "sections": [], "folders": {"f": folder}})
+    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)[1]
+    assert json.loads(block)["f"]["seeds"][0]["captions"] == [hostile]
+    assert "alert" not in text.replace(block, "")
