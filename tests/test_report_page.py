@@ -182,3 +182,10 @@ def test_a_closing_script_tag_in_the_frame_data_stays_inside_the_data_block():
     block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)[1]
     assert json.loads(block)["f"]["seeds"][0]["captions"] == [hostile]
     assert "alert" not in text.replace(block, "")
+
+
+def test_table_cells_are_escaped_unless_already_html():
+    from report.html import Markup
+
+    html = table(["id"], [["<b>a & b</b>"], [Markup("<i>x</i>")]])
+    assert "<td>&lt;b&gt;a &amp; b&lt;/b&gt;</td>" in html and "<td><i>x</i></td>" in html
