@@ -189,3 +189,7 @@ def test_table_cells_are_escaped_unless_already_html():
 
     html = table(["id"], [["<b>a & b</b>"], [Markup("<i>x</i>")]])
     assert "<td>&lt;b&gt;a &amp; b&lt;/b&gt;</td>" in html and "<td><i>x</i></td>" in html
+
+
+def test_booleans_read_yes_and_no():
+    assert (fmt(True), fmt(False), fmt(3), fmt(0.5), fmt(None)) == ("yes", "no", "3", "0.500", "–")
