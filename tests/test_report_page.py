@@ -193,3 +193,9 @@ def test_table_cells_are_escaped_unless_already_html():
 
 def test_booleans_read_yes_and_no():
     assert (fmt(True), fmt(False), fmt(3), fmt(0.5), fmt(None)) == ("yes", "no", "3", "0.500", "–")
+
+
+def test_missing_values_are_empty_csv_cells():
+    from report.outputs import csv_text
+
+    assert csv_text(["a", "b"], [[float("nan"), None], [np.float64("inf"), 0.25]]) == "a,b\n,\n,0.25\n"
