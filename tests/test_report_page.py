@@ -199,3 +199,16 @@ def test_missing_values_are_empty_csv_cells():
     from report.outputs import csv_text
 
     assert csv_text(["a", "b"], [[float("nan"), None], [np.float64("inf"), 0.25]]) == "a,b\n,\n,0.25\n"
+
+
+def test_a_folders_own_metrics_json_is_kept_without_overwrite(tmp_path):
+    from types import SimpleNamespace
+
+    from report.outputs import write_folder_metrics
+
+    (tmp_path / "metrics.json").write_text("mine")
+    folder = SimpleNamespace(path=tmp_path, summary={"n_seeds": 1}, per_seed=[], score_source="x")
+    write_folder_metrics(folder, tmp_path / "report", overwrite=False)
+    assert (tmp_path / "metrics.json").read_text() == "mine"
+    write_folder_metrics(folder, tmp_path / "report", overwrite=True)
+    assert json.loads((tmp_path / "metrics.json").read_text())["consistency"] == {"n_seeds": 1}
