@@ -24,3 +24,13 @@ def test_datasets_without_a_content_hash_are_not_the_same_dataset(tmp_path):
     assert not same_dataset(str(tmp_path / "a"), tmp_path / "b")
     assert same_dataset(str(tmp_path / "c"), tmp_path / "d")
     assert not same_dataset(str(tmp_path / "a"), tmp_path / "c")
+
+
+def test_a_judges_auroc_is_against_the_hard_label():
+    from report.posterior_section import judge_metrics
+
+    score = np.array([0.1, 0.4, 0.6, 0.9, 0.5])
+    soft = np.array([0.0, 1 / 3, 2 / 3, 1.0, 0.5])
+    hard = np.array([0.0, 0.0, 1.0, 1.0, np.nan])  # no hard label for the last patch
+    metrics = judge_metrics(score, soft, hard, np.full(5, np.nan))
+    assert metrics["auroc_hard"] == 1.0
