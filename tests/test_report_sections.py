@@ -34,3 +34,28 @@ def test_a_judges_auroc_is_against_the_hard_label():
     hard = np.array([0.0, 0.0, 1.0, 1.0, np.nan])  # no hard label for the last patch
     metrics = judge_metrics(score, soft, hard, np.full(5, np.nan))
     assert metrics["auroc_hard"] == 1.0
+
+
+def test_the_combined_finder_is_judged_against_the_better_single_judge(tmp_path):
+    from report.posterior_section import extra
+
+    (tmp_path / "ds").mkdir()  # the report reads only the dataset's true_threshold
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"format": "mitosis-ldm/patches",
+                                                             "true_threshold": 0.5}))
+    for name in ("patches.npy", "labels.csv"):
+        (tmp_path / "ds" / name).touch()
+    degree = np.delete(np.linspace(0.05, 0.95, 21), 10)  # 20 patches, none at the threshold
+    soft = (degree >= 0.5).astype(float)
+    wrong = [0, 5, 14, 19]
+    soft[wrong] = 1 - soft[wrong]
+    # the posterior knows the degree and finds every wrong label; the ensemble agrees with exactly those
+    ensemble = np.where(np.isin(np.arange(20), wrong), soft, 1 - soft)
+    ids = [f"p{i}" for i in range(20)]
+    folder = write_posterior_folder(tmp_path / "post", ids, [f"{tmp_path / 'ds'}:{i}" for i in ids], degree,
+                                    np.full(20, 0.1))
+    held_out = HeldOut(None, tmp_path / "ds", "test", ids, np.zeros((20, 1, 1, 3), np.uint8), soft, soft, degree,
+                       ensemble, np.zeros(20), ReportConfig(noise_top=4), lambda *_: None)
+    noise = extra(folder)(held_out).metrics["label_noise"]
+    assert noise["generative"]["precision_at_top"] == 1.0 and noise["discriminative"]["precision_at_top"] == 0.0
+    assert noise["combined"]["precision_at_top"] < 1.0
+    assert noise["combined_at_least_best_single"] is False
