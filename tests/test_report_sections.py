@@ -59,3 +59,23 @@ def test_the_combined_finder_is_judged_against_the_better_single_judge(tmp_path)
     assert noise["generative"]["precision_at_top"] == 1.0 and noise["discriminative"]["precision_at_top"] == 0.0
     assert noise["combined"]["precision_at_top"] < 1.0
     assert noise["combined_at_least_best_single"] is False
+
+
+def cas_result() -> dict:
+    def entry(mean, values):
+        spread = max(values) - min(values)
+        return {"auroc": {"mean": mean, "spread": spread, "values": values},
+                "spearman_true_degree": {"mean": 0.5, "spread": 0.0, "values": [0.5, 0.5]},
+                "balanced_accuracy": {"mean": 0.5, "spread": 0.0, "values": [0.5, 0.5]}, "train_patches": 10}
+
+    table = {"real": entry(0.95, [0.94, 0.96]), "real+generated": entry(0.97, [0.96, 0.98]),
+             "real@0.05": entry(0.85, [0.83, 0.87]), "real+generated@0.05": entry(0.9, [0.89, 0.91])}
+    return {"bench": "cas", "fractions": [0.05], "seeds": [0, 1], "table": table, "targets": {}}
+
+
+def test_cas_table_gives_auroc_as_mean_plus_minus_half_the_seed_range(tmp_path):
+    from report.cas_section import extra
+
+    (tmp_path / "cas.json").write_text(json.dumps(cas_result()))
+    html = extra(tmp_path / "cas.json")(None).write(tmp_path)
+    assert "0.950 ± 0.010" in html and "0.850 ± 0.020" in html and "0.900 ± 0.010" in html
