@@ -79,3 +79,15 @@ def test_cas_table_gives_auroc_as_mean_plus_minus_half_the_seed_range(tmp_path):
     (tmp_path / "cas.json").write_text(json.dumps(cas_result()))
     html = extra(tmp_path / "cas.json")(None).write(tmp_path)
     assert "0.950 ± 0.010" in html and "0.850 ± 0.020" in html and "0.900 ± 0.010" in html
+
+
+def test_cas_plot_ends_at_all_the_real_labels(tmp_path, monkeypatch):
+    from report import cas_section
+
+    figures = []
+    monkeypatch.setattr(cas_section, "_save", lambda fig, path: figures.append(fig))
+    cas_section.auroc_vs_fraction(tmp_path / "cas.png", cas_result())
+    real, both = figures[0].axes[0].containers[:2]
+    assert real.lines[0].get_xdata().tolist() == [0.05, 1.0]
+    assert real.lines[0].get_ydata().tolist() == [0.85, 0.95]
+    assert both.lines[0].get_xdata().tolist() == [0.05, 1.0]
