@@ -35,7 +35,7 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
-        writer.writerow(["" if v is None or (isinstance(v, float) and not np.isfinite(v)) else
+        writer.writerow(["" if v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)) else
                          (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for v in row])
     return buffer.getvalue()
 

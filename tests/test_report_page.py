@@ -201,6 +201,14 @@ def test_missing_values_are_empty_csv_cells():
     assert csv_text(["a", "b"], [[float("nan"), None], [np.float64("inf"), 0.25]]) == "a,b\n,\n,0.25\n"
 
 
+def test_a_float32_nan_is_an_empty_csv_cell_too():
+    from report.outputs import csv_text
+
+    # the dataset's labels and true degree are float32: an unlabelled patch's were written as "nan"
+    assert csv_text(["soft_label", "true_degree"], [[np.float32("nan"), np.float32(0.5)]]) == \
+        "soft_label,true_degree\n,0.5\n"
+
+
 def test_a_folders_own_metrics_json_is_kept_without_overwrite(tmp_path):
     from types import SimpleNamespace
 
