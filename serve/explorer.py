@@ -368,7 +368,7 @@ class Explorer:
         if len(values) <= 6:
             groups = [(f"label {v:g}", labelled & (np.abs(soft - v) < 1e-4)) for v in values]
         else:
-            edges = np.linspace(0, 1, 6)
+            edges = np.arange(6) / 5  # 0.2, 0.4, 0.6, 0.8 exactly as written (np.linspace gives 0.6000000000000001)
             for lo, hi in zip(edges[:-1], edges[1:]):
                 inside = labelled & (soft >= lo) & ((soft < hi) | (hi == 1.0))
                 groups.append((f"label {lo:.1f}-{hi:.1f}", inside))
