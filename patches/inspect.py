@@ -80,6 +80,18 @@ def summarise(root) -> dict:
     return summary
 
 
+def label_groups(soft: np.ndarray) -> list[np.ndarray]:
+    """The contact sheet's rows: a mask per distinct soft label when there are at most 11, else per tenth of [0, 1].
+
+    The tenths' edges are 0.1, 0.2, ... exactly as written, and the last tenth holds 1.
+    """
+    values = np.unique(soft[~np.isnan(soft)])
+    if len(values) <= 11:
+        return [soft == v for v in values]
+    edges = np.arange(11) / 10
+    return [(soft >= lo) & ((soft < hi) | (hi == 1.0)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def sheet(root, out, per_group: int = 12, seed: int = 0) -> Path:
     """Contact sheet grouped by soft label (one row per label value or bin), captions = label (and m)."""
     ds = PatchDataset(root)
@@ -89,10 +101,7 @@ def sheet(root, out, per_group: int = 12, seed: int = 0) -> Path:
     if np.isnan(soft).all():
         chosen = sorted(rng.choice(len(ds), size=min(len(ds), per_group * 8), replace=False).tolist())
     else:
-        values = np.unique(soft[~np.isnan(soft)])
-        groups = [soft == v for v in values] if len(values) <= 11 else \
-            [(soft >= lo) & (soft < hi) for lo, hi in zip(np.linspace(0, 1, 11)[:-1], np.linspace(0, 1, 11)[1:])]
-        for mask in groups + [np.isnan(soft)]:
+        for mask in label_groups(soft) + [np.isnan(soft)]:
             idx = np.flatnonzero(mask)
             if len(idx):
                 pick = rng.choice(idx, size=min(per_group, len(idx)), replace=False)

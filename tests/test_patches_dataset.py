@@ -98,3 +98,15 @@ def test_inspect_summarises_panels_of_two_and_three_and_the_truth(tmp_path):
     assert summary["votes"] == {"patches_with_votes": 4, "experts_per_patch": {"2": 3, "3": 1}, "unanimous": 0.5,
                                 "disagree": 0.5, "pairwise_agreement": 0.5}
     assert summary["true_degree"]["truly_mitotic"] == 2 and summary["true_degree"]["hard_label_accuracy"] == 0.75
+
+
+def test_contact_sheet_rows_hold_every_label_once_with_1_in_the_last_tenth():
+    from patches.inspect import label_groups
+
+    few = np.array([0.0, 1 / 3, 1 / 3, 1.0, np.nan])
+    assert [m.nonzero()[0].tolist() for m in label_groups(few)] == [[0], [1, 2], [3]]
+    many = np.array([0.0, 0.05, 0.1, 0.3, 0.35, 0.6, 0.7, 0.72, 0.9, 0.95, 0.99, 1.0, np.nan])  # 12 labels: tenths
+    rows = [many[m].tolist() for m in label_groups(many)]
+    assert len(rows) == 10 and sum(len(r) for r in rows) == 12  # every labelled patch in exactly one row
+    assert rows[3] == [0.3, 0.35] and rows[6] == [0.6] and rows[7] == [0.7, 0.72]  # 0.3, 0.6, 0.7 open theirs
+    assert rows[9] == [0.9, 0.95, 0.99, 1.0]
