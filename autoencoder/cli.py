@@ -234,6 +234,7 @@ def cmd_encode(args, vae, model: Path):
     out = check_new_output(args.out, args.overwrite)
     if out.suffix != ".safetensors":
         raise UserError(f"--out: must end in .safetensors, got '{out}'")
+    check_new_output(sidecar(out), args.overwrite)  # the names go beside the latents, in OUT.json
     items = gather(args)
     latents = run_encode(vae, [im for _, im in items], args.batch)
     save_latents(out, latents, [n for n, _ in items], vae, model, args.overwrite)

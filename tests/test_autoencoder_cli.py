@@ -138,6 +138,15 @@ def test_refuses_to_overwrite(tmp_path, model_dir, images):
     assert result.returncode == 2 and "--overwrite" in result.stderr and out.read_text() == "mine"
 
 
+def test_refuses_to_overwrite_the_sidecar_of_a_new_latents_file(tmp_path, model_dir, images):
+    sidecar = tmp_path / "z.json"
+    sidecar.write_text("mine")
+    result = run_module("autoencoder", "encode", "--model", model_dir, images, "--out", tmp_path / "z.safetensors")
+    assert result.returncode == 2 and result.stderr.strip().endswith(f"{sidecar}: already exists; pass --overwrite "
+                                                                     "to replace it")
+    assert sidecar.read_text() == "mine" and not (tmp_path / "z.safetensors").exists()
+
+
 def test_every_command_replaces_its_output_with_overwrite(tmp_path, model_dir, images):
     z = tmp_path / "z.safetensors"
     z.write_text("old")
