@@ -80,6 +80,13 @@ class Folder:
 
 # -- scoring ---------------------------------------------------------------
 
+def verdict(value, op: str, bound: float) -> bool | None:
+    """Whether `value` meets the target `op bound` (a value on the bound meets it); None when there is no value."""
+    if value is None or not np.isfinite(value):
+        return None
+    return bool(value >= bound if op == ">=" else value <= bound)
+
+
 def batched(fn, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(np.array(images[i: i + batch])))  # a writable copy
                            for i in range(0, len(images), batch)], axis=0)
@@ -335,8 +342,8 @@ def build_report(cfg: ReportConfig, transitions: list, real2gen: list, classifie
     metrics["targets"] = {}
     for name, (op, bound) in TARGETS.items():
         v = values[name]
-        met = None if v is None or not np.isfinite(v) else bool(v >= bound if op == ">=" else v <= bound)
-        metrics["targets"][name] = {"value": v, "ci": intervals.get(name), "target": f"{op} {bound}", "met": met,
+        metrics["targets"][name] = {"value": v, "ci": intervals.get(name), "target": f"{op} {bound}",
+                                    "met": verdict(v, op, bound),
                                     "folder": main.key}
 
     held_out = HeldOut(classifier, Path(dataset_root), real_split, real_ids, real_images, real_soft, real_hard,

@@ -12,7 +12,7 @@ import pytest
 
 from mitosis_ldm.artifacts import read_transitions, write_transitions
 from patches.dataset import PatchDataset
-from report.build import ReportConfig, build_report
+from report.build import ReportConfig, build_report, verdict
 from report.html import esc, fmt, png_data_uri, render, table
 from report.stats import spearman
 
@@ -220,3 +220,9 @@ def test_a_folders_own_metrics_json_is_kept_without_overwrite(tmp_path):
     assert (tmp_path / "metrics.json").read_text() == "mine"
     write_folder_metrics(folder, tmp_path / "report", overwrite=True)
     assert json.loads((tmp_path / "metrics.json").read_text())["consistency"] == {"n_seeds": 1}
+
+
+def test_a_value_on_its_bound_meets_the_target_and_a_missing_one_has_no_verdict():
+    assert verdict(0.05, "<=", 0.05) is True and verdict(0.9, ">=", 0.9) is True  # e.g. 1 frame of 20 memorised
+    assert verdict(0.0501, "<=", 0.05) is False and verdict(0.8999, ">=", 0.9) is False
+    assert verdict(None, "<=", 2.0) is None and verdict(float("nan"), ">=", 0.9) is None
