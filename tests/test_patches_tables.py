@@ -1,0 +1,36 @@
+"""Label tables of `data folder` (and the CSV cells every source reads): line numbers, splits, slides, cell text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patches.cli import main
+from test_patches_bad_input import fails
+from test_patches_labels import rows_of
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder of three 16-pixel patches: a.png, b.png and caseA/c.png."""
+    folder = tmp_path / "images"
+    (folder / "caseA").mkdir(parents=True)
+    for name in ("a.png", "b.png", "caseA/c.png"):
+        Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(folder / name)
+    return folder
+
+
+def folder_argv(tmp_path, images, text, out="ds"):
+    table = tmp_path / "labels.csv"
+    table.write_text(text)
+    return ["folder", "--images", images, "--labels", table, "--out", tmp_path / out, "--size", "16",
+            "--margin", "0"]
+
+
+def test_folder_errors_name_the_csv_line_of_the_bad_row(tmp_path, capsys, images):
+    """Line 1 is the header, so the second data row is line 3."""
+    argv = folder_argv(tmp_path, images, "file,label\na.png,1\nabsent.png,0\n")
+    fails(argv, tmp_path / "ds", capsys, "absent.png", "line 3 field 'file'")
+    argv = folder_argv(tmp_path, images, "file,label\na.png,1\nb.png,0\ncaseA/c.png,1.5\n")
+    fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 4 field 'label'", "[0, 1]")
