@@ -34,3 +34,9 @@ def test_folder_errors_name_the_csv_line_of_the_bad_row(tmp_path, capsys, images
     fails(argv, tmp_path / "ds", capsys, "absent.png", "line 3 field 'file'")
     argv = folder_argv(tmp_path, images, "file,label\na.png,1\nb.png,0\ncaseA/c.png,1.5\n")
     fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 4 field 'label'", "[0, 1]")
+
+
+def test_folder_refuses_a_split_other_than_train_val_or_test(tmp_path, capsys, images):
+    """A row kept with split 'training' would be in no split: PatchDataset(split="train") would drop it silently."""
+    argv = folder_argv(tmp_path, images, "file,label,split\na.png,1,train\nb.png,0,training\n")
+    fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 3 field 'split'", "'training'")
