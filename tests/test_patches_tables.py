@@ -40,3 +40,10 @@ def test_folder_refuses_a_split_other_than_train_val_or_test(tmp_path, capsys, i
     """A row kept with split 'training' would be in no split: PatchDataset(split="train") would drop it silently."""
     argv = folder_argv(tmp_path, images, "file,label,split\na.png,1,train\nb.png,0,training\n")
     fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 3 field 'split'", "'training'")
+
+
+def test_folder_rows_take_their_slide_from_the_slide_column(tmp_path, images):
+    """The `slide` cell groups patches (slide-wise splits); an empty cell falls back to the sub-folder."""
+    text = "id,file,label,slide\n1,a.png,1,P1\n2,b.png,0,P2\n3,caseA/c.png,1,P1\n4,caseA/c.png,0,\n"
+    main([str(a) for a in folder_argv(tmp_path, images, text)])
+    assert {r["id"]: r["slide"] for r in rows_of(tmp_path / "ds")} == {"1": "P1", "2": "P2", "3": "P1", "4": "caseA"}
