@@ -47,3 +47,8 @@ def test_folder_rows_take_their_slide_from_the_slide_column(tmp_path, images):
     text = "id,file,label,slide\n1,a.png,1,P1\n2,b.png,0,P2\n3,caseA/c.png,1,P1\n4,caseA/c.png,0,\n"
     main([str(a) for a in folder_argv(tmp_path, images, text)])
     assert {r["id"]: r["slide"] for r in rows_of(tmp_path / "ds")} == {"1": "P1", "2": "P2", "3": "P1", "4": "caseA"}
+
+
+def test_a_label_that_disagrees_with_its_votes_is_refused(tmp_path, capsys, images):
+    argv = folder_argv(tmp_path, images, "file,label,votes\na.png,0.5,1;0\nb.png,1,0;0;1\n")
+    fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 3 field 'label'", "disagrees", "'0;0;1'")
