@@ -52,3 +52,11 @@ def test_folder_rows_take_their_slide_from_the_slide_column(tmp_path, images):
 def test_a_label_that_disagrees_with_its_votes_is_refused(tmp_path, capsys, images):
     argv = folder_argv(tmp_path, images, "file,label,votes\na.png,0.5,1;0\nb.png,1,0;0;1\n")
     fails(argv, tmp_path / "ds", capsys, "labels.csv", "line 3 field 'label'", "disagrees", "'0;0;1'")
+
+
+def test_cells_are_read_without_surrounding_spaces(tmp_path, images):
+    """A table written as `a.png , 1;0 , 0` (spaces after the commas): file, votes and hard label all parse."""
+    main([str(a) for a in folder_argv(tmp_path, images, "file, votes, hard_label, split\n a.png , 1;0 , 0 , val \n")])
+    row, = rows_of(tmp_path / "ds")
+    assert (row["id"], row["file"], row["votes"], row["label"], row["hard_label"], row["split"]) == (
+        "a.png", "a.png", "1;0", "0.5", "0", "val")
