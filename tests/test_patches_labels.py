@@ -130,6 +130,20 @@ def test_geojson_geometries_and_classes(tmp_path):
     assert len(read_geojson(path)) == 3
 
 
+def test_an_empty_geojson_classification_is_unclassified(tmp_path, slide):
+    """QuPath may write `"classification": ""` or a class named ""; neither is a class the label map must name."""
+    point = {"type": "Point", "coordinates": [10, 12]}
+    features = [{"type": "Feature", "geometry": point, "properties": {"classification": ""}},
+                {"type": "Feature", "geometry": point, "properties": {"classification": {"name": ""}}},
+                feature(point, "MITE")]
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps(features))
+    assert [m.class_name for m in read_geojson(path)] == [None, None, "MITE"]
+    main(["points", "--geojson", str(path), "--slide", "s.png", "--slides", str(tmp_path), "--out",
+          str(tmp_path / "ds"), "--label-map", SEED_MAP, "--size", "16", "--margin", "0"])
+    assert [(r["label"], r["class"]) for r in rows_of(tmp_path / "ds")] == [("", ""), ("", ""), ("1", "MITE")]
+
+
 @pytest.mark.parametrize("geometry, needle", [
     ({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "expected Point, MultiPoint, Polygon"),
     ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}, "not a valid Polygon"),
