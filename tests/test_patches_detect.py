@@ -1,4 +1,4 @@
-"""`data detect` on painted slides: tiles, pyramid levels, areas in microns, and the --max sample."""
+"""`data detect` on painted slides: tiles, pyramid levels (and `data points --level`), areas in microns, --max."""
 
 from __future__ import annotations
 
@@ -63,6 +63,17 @@ def test_level_1_detects_with_its_own_microns_per_pixel_and_reports_level_0_cent
     assert_each_found_once(found(out), centres, tolerance=3)
     patches = np.load(out / "patches.npy")
     assert (patches[:, 6:10, 6:10].mean(axis=(1, 2, 3)) < 120).all()  # a nucleus at every centre
+
+
+def test_points_at_level_1_are_cut_from_the_half_size_level_around_the_halved_centre(tmp_path):
+    level0 = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    write_pyramid(tmp_path / "slide.tiff", level0, mpp=0.25)
+    (tmp_path / "cells.csv").write_text("slide,x,y,label\nslide.tiff,120,80,1\n")
+    out = tmp_path / "ds"
+    main(["points", "--csv", str(tmp_path / "cells.csv"), "--slides", str(tmp_path), "--out", str(out),
+          "--level", "1", "--size", "16", "--margin", "2"])
+    level1 = level0[::2, ::2]
+    assert np.array_equal(np.load(out / "patches.npy")[0], level1[40 - 10: 40 + 10, 60 - 10: 60 + 10])
 
 
 def test_area_limits_are_square_microns(tmp_path):
