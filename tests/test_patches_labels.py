@@ -200,3 +200,12 @@ def test_a_tab_separated_csv_with_comma_separated_votes(tmp_path, slide):
     rows = points(tmp_path, table)
     assert [(r["votes"], r["label"], r["hard_label"]) for r in rows] == [
         ("1;1;0", "0.666667", "1"), ("0;1", "0.5", "1")]
+
+
+def test_a_geojson_mark_on_the_slides_far_edge_is_outside():
+    from patches.geojson import Mark, check_inside
+
+    check_inside("cells.geojson", Mark(99.5, 0.0, None, "features[0].geometry"), "s", (100, 80))  # the last column
+    for x, y in ((100.0, 10.0), (10.0, 80.0), (-0.5, 10.0)):
+        with pytest.raises(UserError, match=r"cells.geojson: field 'features\[1\].geometry' .* lies outside slide s"):
+            check_inside("cells.geojson", Mark(x, y, None, "features[1].geometry"), "s", (100, 80))
