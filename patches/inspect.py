@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mitosis_ldm.images import contact_sheet, save_png
+from mitosis_ldm.label_groups import group_soft_labels
 
 from .dataset import SPLITS, PatchDataset
 
@@ -81,15 +82,9 @@ def summarise(root) -> dict:
 
 
 def label_groups(soft: np.ndarray) -> list[np.ndarray]:
-    """The contact sheet's rows: a mask per distinct soft label when there are at most 11, else per tenth of [0, 1].
-
-    The tenths' edges are 0.1, 0.2, ... exactly as written, and the last tenth holds 1.
-    """
-    values = np.unique(soft[~np.isnan(soft)])
-    if len(values) <= 11:
-        return [soft == v for v in values]
-    edges = np.arange(11) / 10
-    return [(soft >= lo) & ((soft < hi) | (hi == 1.0)) for lo, hi in zip(edges[:-1], edges[1:])]
+    """The contact sheet's rows: a mask per distinct soft label when there are at most 11, else per tenth of [0, 1]."""
+    index, groups = group_soft_labels(soft, max_distinct=11, bins=10)
+    return [index == k for k in range(len(groups))]
 
 
 def sheet(root, out, per_group: int = 12, seed: int = 0) -> Path:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from mitosis_ldm.errors import UserError
+from mitosis_ldm.label_groups import group_soft_labels
 from serve.tiles import NotFound, SlideRegistry
 
 DEFAULT_CONDITIONS = tuple(np.linspace(0, 1, 11).round(6).tolist())
@@ -362,17 +363,9 @@ class Explorer:
             raise NotFound(f"dataset '{name[:80]}' is not served")
         _, ds = entry
         soft = np.asarray(ds.soft_labels, float)
-        labelled = np.isfinite(soft)
-        values = np.unique(soft[labelled].round(4))
-        groups = []
-        if len(values) <= 6:
-            groups = [(f"label {v:g}", labelled & (np.abs(soft - v) < 1e-4)) for v in values]
-        else:
-            edges = np.arange(6) / 5  # 0.2, 0.4, 0.6, 0.8 exactly as written (np.linspace gives 0.6000000000000001)
-            for lo, hi in zip(edges[:-1], edges[1:]):
-                inside = labelled & (soft >= lo) & ((soft < hi) | (hi == 1.0))
-                groups.append((f"label {lo:.1f}-{hi:.1f}", inside))
-        groups.append(("unlabelled", ~labelled))
+        index, described = group_soft_labels(soft, max_distinct=6, bins=5)
+        titles = [f"label {g:g}" if isinstance(g, float) else f"label {g[0]:.1f}-{g[1]:.1f}" for g in described]
+        groups = [(title, index == k) for k, title in enumerate(titles)] + [("unlabelled", index < 0)]
         bins = []
         ids = ds.ids()
         for title, mask in groups:

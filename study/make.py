@@ -24,6 +24,7 @@ from PIL import Image
 from mitosis_ldm.artifacts import PATCHES, TRANSITIONS, expect_artifact, read_transitions
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir, write_json, write_text
+from mitosis_ldm.label_groups import group_soft_labels
 
 from . import CONFIDENCES, RATINGS, STUDY_FORMAT
 from .page import render
@@ -86,11 +87,7 @@ def generated_candidates(folders: list) -> list[Candidate]:
 
 def label_bins(values: np.ndarray) -> np.ndarray:
     """Bin index per value: each distinct value when there are few, else equal-width bins on [0, 1]."""
-    rounded = np.round(values, 4)
-    distinct = np.unique(rounded)
-    if len(distinct) <= MAX_GROUPS:
-        return np.searchsorted(distinct, rounded)
-    return np.minimum((values * FALLBACK_BINS).astype(int), FALLBACK_BINS - 1)
+    return group_soft_labels(values, MAX_GROUPS, FALLBACK_BINS)[0]
 
 
 def spread_draw(candidates: list[Candidate], n: int, rng: np.random.Generator, what: str,
