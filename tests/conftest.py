@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -41,6 +42,12 @@ def accelerate_cmd(module: str, *args: str, processes: int = 1) -> list[str]:
     mode = ["--multi_gpu"] if processes > 1 else []
     return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV the project wrote, as dicts by header."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.fixture

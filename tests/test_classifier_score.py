@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 
 import numpy as np
 import pytest
 from classifier_data import make_toy_dataset
-from conftest import REPO, accelerate_cmd
+from conftest import REPO, accelerate_cmd, read_csv
 from test_classifier import tiny_ensemble
 
 from classifier import evaluate, score
@@ -32,11 +31,6 @@ def world(tmp_path_factory):
     write_transitions(root / "transitions", frames, {"seeds": [7, 8], "conditions": [0.0, 0.5, 1.0],
                                                      "guidance": 3.0, "sampler": "ddim", "steps": 5})
     return root
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def run_score(capsys, *args):

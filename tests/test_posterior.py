@@ -3,7 +3,6 @@ two processes, and each documented bad input."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cmd, run_module
+from conftest import REPO, accelerate_cmd, read_csv, run_module
 
 GRID = "0:1:5"
 
@@ -47,11 +46,6 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("posterior")
     return {"root": root, "pipeline": tiny_pipeline(root / "pipe" / "model"),
             "data": make_dataset(root / "data", n=40, seed=0)}
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def posterior_args(world, out, *extra) -> list[str]:

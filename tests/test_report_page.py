@@ -16,6 +16,7 @@ from report.build import ReportConfig, build_report, verdict
 from report.html import esc, fmt, png_data_uri, render, table
 from report.stats import spearman
 
+from conftest import read_csv
 from report_helpers import FakeEnsemble
 from test_report import CONDITIONS, SIZE, make_inputs
 
@@ -47,11 +48,6 @@ def report(tmp_path_factory):
     metrics = build_report(ReportConfig(bootstrap=100, max_train_features=16), [root / "seeds"], [root / "r2g"],
                            FakeEnsemble(SIZE), "fake-classifier", root / "ds", out, log=lambda *_: None)
     return {"root": root, "out": out, "metrics": metrics, "html": (out / "report.html").read_text()}
-
-
-def read_csv(path) -> list[dict]:
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
 
 
 def html_table(html: str, first_header: str) -> list[list[str]]:
