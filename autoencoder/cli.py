@@ -142,8 +142,10 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def save_latents(out: Path, latents: list[torch.Tensor], names: list[str], vae, model: Path, overwrite: bool) -> None:
-    """`latents` (N, C, h, w) when all shapes agree, else `latents.{i}` (1, C, h, w); names in OUT.json."""
+def save_latents(out: Path, latents: list[torch.Tensor], names: list[str], vae, model: Path) -> None:
+    """`latents` (N, C, h, w) when all shapes agree, else `latents.{i}` (1, C, h, w); names in OUT.json.
+
+    The caller has checked both outputs against --overwrite before any work."""
     from safetensors.torch import save
 
     shapes = {tuple(z.shape) for z in latents}
@@ -237,7 +239,7 @@ def cmd_encode(args, vae, model: Path):
     check_new_output(sidecar(out), args.overwrite)  # the names go beside the latents, in OUT.json
     items = gather(args)
     latents = run_encode(vae, [im for _, im in items], args.batch)
-    save_latents(out, latents, [n for n, _ in items], vae, model, args.overwrite)
+    save_latents(out, latents, [n for n, _ in items], vae, model)
     print(f"encoded {len(items)} image(s) -> {out} (+ {sidecar(out).name}); latent shape {tuple(latents[0].shape[1:])}")
 
 
