@@ -154,7 +154,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="mitosis-ldm generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="diffusion pipeline folder (or its run folder)")
     parser.add_argument("--n", type=int, required=True, help="patches to generate")
-    parser.add_argument("--labels", default="uniform", help="uniform | match:DATASET | a list such as 0,0.5,1")
+    parser.add_argument("--labels", default="uniform",
+                        help="uniform | match:DATASET | a list such as 0,0.5,1, cycled (a value listed twice comes "
+                             "twice as often)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     add_schedule_flags(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")

@@ -88,9 +88,12 @@ def test_generated_dataset_passes_the_dataset_checks(world, tmp_path):
 
 
 def test_labels_values_cycle_and_uniform_is_seeded(world, tmp_path):
-    from diffusion.generate import draw_conditions, patch_seed
+    from diffusion.generate import draw_conditions, parse_labels, patch_seed
 
     assert draw_conditions("values", [0.0, 0.5, 1.0], 0, 7) == [0, 0.5, 1, 0, 0.5, 1, 0]
+    # a value listed twice is a weight, as under match: (docs/generate.md), not a typo to drop
+    assert parse_labels("0,0,1") == ("values", [0.0, 0.0, 1.0])
+    assert draw_conditions("values", [0.0, 0.0, 1.0], 0, 6) == [0, 0, 1, 0, 0, 1]
     a, b = draw_conditions("uniform", None, 1, 50), draw_conditions("uniform", None, 1, 80)
     assert a == b[:50] and 0 <= min(b) and max(b) <= 1 and len(set(b)) > 40
     assert draw_conditions("uniform", None, 2, 50) != a
