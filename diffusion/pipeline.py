@@ -278,7 +278,8 @@ class MitosisPipeline(RealToGenerated):
 
         `guidance`, `guidance_interval`, `guidance_rescale`, `guide` ("null": classifier-free, "weak":
         autoguidance), `null_guidance`, `null_guidance_middle` and `null_guidance_middle_below` default to the
-        pipeline's (pipeline.json).
+        pipeline's (pipeline.json). A repeated condition renders its frame again from the same noise (a check of
+        that sharing); the command line refuses repeats, since its means would count them twice.
         """
         conditions = check_conditions(conditions)
         guidance, schedule = self.schedule(
