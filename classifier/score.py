@@ -82,11 +82,14 @@ def gather_inputs(inputs: list[str], size: int, overwrite: bool, split: str | No
 def score_images(ensemble: ClassifierEnsemble, images: np.ndarray, batch_size: int = 256,
                  progress: bool = True) -> np.ndarray:
     """(N, K) probabilities; split across accelerate processes when launched with several."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    # without cpu=True, `accelerate launch --num_processes 2` on a machine without GPUs gives each process a
+    # state of its own: both scored every image and both wrote --out
+    state = PartialState(cpu=not torch.cuda.is_available())
     order = np.arange(len(images))
     with state.split_between_processes(order.tolist()) as mine:
         mine = np.asarray(mine, dtype=int)
@@ -142,7 +145,7 @@ def main(argv=None):
 
     from accelerate import PartialState
 
-    is_main = PartialState().is_main_process
+    is_main = PartialState().is_main_process  # the state score_images set up
     release_processes()  # the scores are gathered: no more collectives
     if not is_main:
         return
