@@ -107,6 +107,14 @@ def test_unbalanced_sampling_still_gives_each_dataset_its_weight():
     assert weights[:4] == pytest.approx([0.25 / 4] * 4) and weights[4:] == pytest.approx([0.75 / 12] * 12)
 
 
+def test_balance_sets_the_mitotic_share_of_each_datasets_draws():
+    # 2 of 8 patches mitotic (one by its hard label, one without a hard label by its soft label), balance 0.25
+    part = SimpleNamespace(hard_labels=np.r_[1.0, np.nan, np.zeros(6)], soft_labels=np.r_[0.0, 2 / 3, np.zeros(6)])
+    weights = sampling_weights([part, part], [0.5, 0.5], balance=0.25)
+    assert weights[:2].sum() == pytest.approx(0.5 * 0.25) and weights[2:8].sum() == pytest.approx(0.5 * 0.75)
+    assert weights[:8] == pytest.approx(weights[8:])
+
+
 @pytest.mark.parametrize("overrides, needles", [
     (["data.weights=[1,1,1]"], ["data.weights", "3 entries", "2"]),
     (["data.fraction=0"], ["data.fraction", "(0, 1]"]),
