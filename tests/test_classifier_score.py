@@ -82,14 +82,29 @@ def test_scores_files_folders_datasets_and_transitions(world, tmp_path, capsys):
     assert code == 0
 
 
+def test_scoring_to_an_existing_csv_needs_overwrite_and_keeps_the_first(world, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert run_score(capsys, "--classifier", world / "classifier", world / "pngs", "--out", out)[0] == 0
+    first = out.read_text()
+    code, err = run_score(capsys, "--classifier", world / "classifier", world / "pngs" / "p0.png", "--out", out)
+    assert code == 2 and len(err) == 1 and f"{out}: already exists; pass --overwrite" in err[0]
+    assert out.read_text() == first
+    code, _ = run_score(capsys, "--classifier", world / "classifier", world / "pngs" / "p0.png", "--out", out,
+                        "--overwrite")
+    assert code == 0 and len(read_csv(out)) == 1
+
+
 def test_larger_images_are_centre_cropped(world, tmp_path, capsys):
     rng = np.random.default_rng(1)
     big = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
     save_png(tmp_path / "big.png", big)
     save_png(tmp_path / "crop.png", big[8:40, 4:36])
+    frames = rng.integers(0, 256, (2, 1, 40, 40, 3), dtype=np.uint8)  # transitions frames count in the note too
+    write_transitions(tmp_path / "big-frames", frames, {"seeds": [0, 1], "conditions": [0.5], "guidance": 3.0,
+                                                        "sampler": "ddim", "steps": 5})
     code, err = run_score(capsys, "--classifier", world / "classifier", tmp_path / "big.png", tmp_path / "crop.png",
-                          "--out", tmp_path / "s.csv")
-    assert code == 0 and "1 larger images centre-cropped to 32x32" in err[-1]
+                          tmp_path / "big-frames", "--out", tmp_path / "s.csv")
+    assert code == 0 and "3 larger images centre-cropped to 32x32" in err[-1]
     rows = read_csv(tmp_path / "s.csv")
     assert rows[0]["mean"] == rows[1]["mean"]
 
@@ -160,6 +175,14 @@ def test_evaluate_writes_metrics_and_reliability_diagram(world, tmp_path, capsys
             assert set(metrics[block][kind]) == {"auroc", "average_precision", "balanced_accuracy", "brier", "ece"}
         assert -1 <= metrics[block]["spearman_true_degree"] <= 1
     assert metrics["ensemble_std"]["mean"] > 0
+    # the ensemble block scores the member mean, and member k's block member k's column
+    ds = PatchDataset(world / "toy", labelled_only=True)
+    probs = ClassifierEnsemble.from_pretrained(world / "classifier").predict(ds.uint8())
+    labels = (ds.soft_labels, ds.hard_labels, ds.true_degree, 10)
+    for got, prob in [(metrics["ensemble"], probs.mean(1))] + [(metrics["member"][k], probs[:, k]) for k in (0, 1)]:
+        expected = evaluate.all_metrics(prob, *labels)
+        for kind in ("hard", "soft"):
+            assert got[kind] == pytest.approx(expected[kind], rel=1e-4, abs=1e-6)
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["auroc_hard"] == pytest.approx(metrics["ensemble"]["hard"]["auroc"], abs=1e-4)
@@ -170,7 +193,8 @@ def test_evaluate_writes_metrics_and_reliability_diagram(world, tmp_path, capsys
 
 
 def test_two_processes_score_exactly_like_one(world, tmp_path):
-    args = ["--classifier", world / "classifier", world / "toy", world / "pngs", "--quiet"]
+    # batches smaller than each share of 32 (and aligned with it, so that both runs batch the same rows)
+    args = ["--classifier", world / "classifier", world / "toy", world / "pngs", "--quiet", "--batch-size", "8"]
     one = subprocess.run(accelerate_cmd("classifier.score", *args, "--out", tmp_path / "one.csv"), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     two = subprocess.run(accelerate_cmd("classifier.score", *args, "--out", tmp_path / "two.csv", processes=2),
