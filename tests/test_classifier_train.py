@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from classifier_data import make_toy_dataset
 from conftest import REPO, accelerate_cmd
 
 from classifier import train
-from classifier.model import ClassifierEnsemble
+from classifier.model import ClassifierEnsemble, MitosisClassifier
 
 TINY = ["--set", "model.name=resnet10t", "--set", "model.model_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
         "--set", "model.input_size=32", "--set", "model.upsample=1", "--set", "train.batch_size=16",
@@ -61,6 +62,81 @@ def test_one_launch_trains_every_member_and_exports_the_folder(trained, toy):
 
     order = np.argsort(test.indices)
     assert spearmanr(probs.mean(1), test.true_degree[order]).statistic > 0.5
+
+
+def check_exported_member(run, toy, k: int) -> dict:
+    """Member k of RUN/model/ holds the weights early stopping judged best, with its own Platt calibration."""
+    import torch
+    import torch.nn.functional as F
+    from patches.dataset import PatchDataset
+
+    from classifier.fitting import fit_platt
+
+    record = json.loads((run / "members" / f"member-{k}" / "member.json").read_text())
+    assert json.loads((run / "model" / "config.json").read_text())["calibration"][k] == record["calibration"]
+    val = PatchDataset(toy, split="val")
+    targets = torch.from_numpy(val.labels()).double()  # soft labels
+    calibrated = torch.from_numpy(ClassifierEnsemble.from_pretrained(run).logits(val.uint8())[:, k]).double()
+    assert F.binary_cross_entropy_with_logits(calibrated, targets).item() == pytest.approx(
+        record["calibrated_val_loss"], rel=1e-4)
+    scale, bias = record["calibration"]["scale"], record["calibration"]["bias"]
+    raw = (calibrated - bias) / scale
+    assert F.binary_cross_entropy_with_logits(raw, targets).item() == pytest.approx(record["best_val_loss"], rel=1e-4)
+    # Platt scaling is fitted to the soft labels the member was judged on
+    assert fit_platt(raw.float(), targets.float()) == pytest.approx((scale, bias), rel=1e-2, abs=1e-3)
+    assert record["calibrated_val_loss"] <= record["best_val_loss"] + 1e-6  # Platt can keep scale 1, bias 0
+    return record
+
+
+def test_exported_members_are_the_best_weights_with_their_own_calibration(trained, toy):
+    for k in range(2):
+        check_exported_member(trained, toy, k)
+
+
+def test_an_early_stopped_member_exports_its_best_weights_not_its_last(toy, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(toy, out, 40, 1, 2, "--set", "ensemble.patience=1"))
+    record = check_exported_member(out, toy, 0)
+    assert record["stopped_early"] and record["best_step"] < record["steps"] < 40
+
+
+def test_a_training_step_sees_soft_targets_and_images_in_the_scoring_range(toy, tmp_path, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    targets, pixels = [], []
+
+    def recording_bce(logits, target, *args, **kwargs):
+        if logits.requires_grad:  # a training step, not a validation pass
+            targets.append(target.detach().clone())
+        return F.binary_cross_entropy_with_logits(logits, target, *args, **kwargs)
+
+    class Recording(MitosisClassifier):
+        def forward(self, images):
+            if torch.is_grad_enabled():
+                pixels.append((float(images.min()), float(images.max())))
+            return super().forward(images)
+
+    monkeypatch.setattr(train, "F", SimpleNamespace(binary_cross_entropy_with_logits=recording_bce))
+    monkeypatch.setattr(train, "MitosisClassifier", Recording)
+    train.main(tiny_args(toy, tmp_path / "run", 4, 1, 2))
+    seen = torch.cat(targets)
+    assert len(seen) == 4 * 16 and ((seen > 0) & (seen < 1)).any()  # votes 1/3 and 2/3 stay soft
+    # uint8 range, as score and evaluate feed the network (the toy background is about 230)
+    assert len(pixels) == 4 and min(lo for lo, _ in pixels) >= 0 and max(hi for _, hi in pixels) > 200
+
+
+def test_overwrite_starts_a_finished_run_again(toy, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(toy, out, 4, 2, 2))
+    train.main(tiny_args(toy, out, 7, 1, 5, "--overwrite"))
+    assert not (out / "members" / "member-1").exists()  # nothing of the first run is left to be mixed in
+    assert json.loads((out / "model" / "config.json").read_text())["members"] == 1
+    record = json.loads((out / "members" / "member-0" / "member.json").read_text())
+    assert record["steps"] == 7
+    logged = [json.loads(line) for line in open(out / "members" / "member-0" / "logs" / "metrics.jsonl")]
+    # judged at step 5 and at the last step, 7, which is off the eval_every grid
+    assert [rec["step"] for rec in logged if "val_loss" in rec] == [5, 7]
 
 
 def test_existing_run_needs_resume_or_overwrite(trained, toy, capsys):
