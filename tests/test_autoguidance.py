@@ -189,3 +189,50 @@ def test_a_weak_model_of_another_noise_schedule_is_refused(pair, field, value):
     with pytest.raises(UserError, match=f"field '{field}'"):
         attach(strong_pipe, weak_pipe)
     attach(strong_pipe, MitosisPipeline.from_pretrained(weak))  # the same schedule is accepted
+
+
+def test_guide_default_null_keeps_classifier_free_guidance_by_default(pair, tmp_path):
+    from diffusion.guide import main as guide_main
+    from diffusion.pipeline import MitosisPipeline
+
+    strong, weak, _ = pair
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--default", "null", "--out", str(tmp_path / "auto")])
+    assert json.loads((tmp_path / "auto" / "pipeline.json").read_text())["default_guide"] == "null"
+    pipe = MitosisPipeline.from_pretrained(tmp_path / "auto")
+    assert pipe.guide is not None and pipe.schedule(None, 2)[1]["guide"] == "null"
+
+
+def test_a_weak_model_of_another_latent_shape_is_refused(pair):
+    from diffusion.guide import attach
+    from diffusion.model import ModelConfig, build_models
+    from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.errors import UserError
+
+    strong, weak, _ = pair
+    weak_pipe = MitosisPipeline.from_pretrained(weak)
+    weak_pipe.unet, weak_pipe.label_embedder = build_models(ModelConfig(preset="tiny"), 4, 8)  # 4x8x8 latents
+    with pytest.raises(UserError, match=r"--weak: .* denoises \(4, 8, 8\) latents"):
+        attach(MitosisPipeline.from_pretrained(strong), weak_pipe)
+
+
+def test_exported_snapshot_keeps_the_configured_default_guide(tmp_path):
+    """`sample.guide=null` with a kept snapshot: the folder holds guide/ but transitions stay classifier-free."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from diffusion.export import export, save_guide_snapshot
+    from diffusion.model import Denoiser, ModelConfig, build_models
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.train import DiffusionTrainConfig
+    from mitosis_ldm.config import load_config
+
+    cfg = load_config(DiffusionTrainConfig, None, ["sample.guide_snapshot_step=2"])  # guide: null
+    run = SimpleNamespace(run_dir=tmp_path / "run", model_dir=tmp_path / "run" / "model",
+                          accelerator=SimpleNamespace(print=lambda *_: None))
+    model = Denoiser(*build_models(ModelConfig(preset="tiny"), 4, 16))
+    save_guide_snapshot(run, model, None, 2)
+    info = {"image_size": 64, "latent_shape": [4, 16, 16], "prediction_type": "v_prediction"}
+    export(run, model, None, DDPMScheduler(prediction_type="v_prediction"), make_vae(tmp_path / "vae"), info, cfg, 4)
+    pipe = MitosisPipeline.from_pretrained(run.model_dir)
+    assert pipe.guide is not None and pipe.default_guide == "null" and pipe.info["guide"]["snapshot_step"] == 2
