@@ -183,3 +183,23 @@ def test_steps_outside_the_interval_take_the_conditional_prediction(pipeline):
     # guidance 1 is the conditional prediction alone; 0 would be the unconditional one
     assert {g for level, g in seen if 0.3 <= level <= 0.8} == {4.0}
     assert {g for level, g in seen if not 0.3 <= level <= 0.8} == {1.0}
+
+
+@pytest.mark.parametrize("field, value", [("default_guidance_interval", [0.5, 0.5]),
+                                          ("default_guidance_interval", [0.6, 0.2]),
+                                          ("default_guidance_rescale", 1.5)])
+def test_a_pipeline_json_schedule_that_the_flags_refuse_is_refused(tmp_path, field, value):
+    from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.errors import UserError
+
+    with pytest.raises(UserError, match=f"field '{field}'"):
+        MitosisPipeline.from_pretrained(tiny_pipeline(tmp_path, {field: value}))
+
+
+def test_a_pipeline_json_may_store_guidance_zero_and_the_full_interval(tmp_path):
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(tiny_pipeline(tmp_path, {"default_guidance": 0.0,
+                                                                    "default_guidance_interval": [0.0, 1.0],
+                                                                    "default_guidance_rescale": 1.0}))
+    assert pipe.schedule(None, 2)[0] == 0.0 and pipe.default_guidance_interval == (0.0, 1.0)
