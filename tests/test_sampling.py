@@ -112,3 +112,24 @@ def test_inverting_data_gives_the_forward_processs_noise_and_comes_back(pipeline
     assert abs(float(noise.mean()) - float(a.sqrt())) < 0.02  # 0.073 against 0.076; descending order: -0.34
     assert abs(float(noise.std()) - float((0.25 * a + 1 - a).sqrt())) < 0.1  # DDIM's own 7 % at 20 steps
     assert torch.allclose(pipe.from_inverted(noise, labels, 2.0, 20), z0, atol=0.02)
+
+
+def test_verify_hashes_every_file_before_rendering(tmp_path, capsys, monkeypatch):
+    """A weight edited in place keeps its size: loads (which check sizes) pass it, `--verify` refuses it."""
+    import tiny_artifacts
+    from diffusion.sample import main as sample_main
+    from mitosis_ldm import integrity
+
+    monkeypatch.setattr(integrity, "CHEAP_BYTES", 0)  # as if every file were too large to re-hash on each load
+    monkeypatch.setattr(integrity, "_full_by_default", False)  # --verify's setting is undone after the test
+    folder = tiny_artifacts.pipeline(tmp_path / "model")  # exported with its integrity record
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    assert integrity.findings(folder) == []
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--pipeline", str(folder), "--seeds", "0", "--verify", "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unet/diffusion_pytorch_model.safetensors" in err and "differs" in err
+    assert not (tmp_path / "t").exists()
