@@ -236,3 +236,22 @@ def test_exported_snapshot_keeps_the_configured_default_guide(tmp_path):
     export(run, model, None, DDPMScheduler(prediction_type="v_prediction"), make_vae(tmp_path / "vae"), info, cfg, 4)
     pipe = MitosisPipeline.from_pretrained(run.model_dir)
     assert pipe.guide is not None and pipe.default_guide == "null" and pipe.info["guide"]["snapshot_step"] == 2
+
+
+def test_a_guide_folder_of_another_latent_shape_is_refused_at_load(pair, tmp_path):
+    """A pipeline folder put together by hand (no integrity record) whose guide/unet denoises other latents."""
+    import shutil
+
+    from diffusion.guide import main as guide_main
+    from diffusion.model import ModelConfig, build_models
+    from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.errors import UserError
+
+    strong, weak, _ = pair
+    folder = tmp_path / "auto"
+    guide_main(["--pipeline", str(strong), "--weak", str(weak), "--out", str(folder)])
+    shutil.rmtree(folder / "guide" / "unet")
+    build_models(ModelConfig(preset="tiny"), 4, 8)[0].save_pretrained(folder / "guide" / "unet")
+    (folder / "integrity.json").unlink()
+    with pytest.raises(UserError, match=r"guide/unet: the guide denoises 4x8x8 latents but unet/ denoises 4x16x16"):
+        MitosisPipeline.from_pretrained(folder)
