@@ -143,6 +143,13 @@ def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
     page = (tmp_path / "results" / "results.html").read_text()
     assert "data:image/png;base64," in page and "Fleiss" in page and "sim-b" in page
     assert results["agreement"]["items_answered_by_every_reader"] == 20
+    assert results["bootstrap_resamples"] == 200  # --bootstrap reaches the analysis
+    # the rating against the experts' true degree pairs each real item's rating with that item's degree
+    key = json.loads((tmp_path / "study" / "key.json").read_text())["items"]
+    rows = [line.split(",") for line in files[0].read_text().splitlines()[1:]]
+    real = [(int(r[4]), key[r[2]]["true_degree"]) for r in rows if key[r[2]]["kind"] == "real"]
+    expected = stats.spearmanr(*zip(*real)).statistic
+    assert results["readers"]["sim-a"]["rating"]["real_vs_true_degree"]["value"] == pytest.approx(expected)
     curves = results["curves"]
     assert [p["x"] for p in curves["generated"]] == sorted({p["x"] for p in curves["generated"]})
     assert sum(p["n"] for p in curves["generated"]) == 20 and sum(p["n"] for p in curves["real"]) == 20
@@ -185,3 +192,59 @@ def test_report_section_reads_the_analysis(tmp_path, capsys):
 
         user_errors(extra)(tmp_path / "study")
     assert "results.json" in capsys.readouterr().err
+
+
+def test_summary_of_a_hand_made_reader_matches_counts_done_by_hand():
+    study = synthetic_study(n_real=4, n_generated=4)
+    items = study.study["items"]  # four real items, then generated ones at conditions 0.4, 0.5, 0.6, 0.7
+    calls = ["real", "real", "real", "generated", "generated", "generated", "real", "real"]
+    ratings = [0, 0, 1, 4, 1, 2, 3, 4]
+    confidences = [3, 3, 1, 2, 3, 1, 2, 1]
+    seconds = [1, 1, 1, 1, 1, 1, 1, 9]
+    answers = [Answer("r", item, c, r, k, s, "", "memory", 0)
+               for item, c, r, k, s in zip(items, calls, ratings, confidences, seconds)]
+    result = analyse(study, answers, n_resamples=200)
+    s = result["readers"]["r"]
+    d = s["detection"]
+    assert d["correct"] == 5 and d["accuracy"] == 5 / 8
+    assert d["generated_called_real"] == 0.5  # two of four generated called real (one of four real called generated)
+    # confidence-weighted scores: generated +3 +1 -2 -1, real -3 -3 -1 +2; P(generated > real) + ties / 2 = 11.5 / 16
+    # (the unweighted +-1 answer would give 10 / 16)
+    assert d["auc"] == pytest.approx(11.5 / 16)
+    assert d["p_value"] == pytest.approx(stats.binomtest(5, 8, 0.5).pvalue)
+    assert s["mean_rating"] == {"generated": 2.5, "real": 1.25}
+    assert s["seconds"] == {"median": 1.0, "mean": 2.0, "total": 16.0}
+    assert [p["x"] for p in result["curves"]["generated"]] == pytest.approx([0.4, 0.5, 0.6, 0.7])
+    assert [p["mean"] for p in result["curves"]["generated"]] == [1.0, 2.0, 3.0, 4.0]
+    per_item = result["items"]
+    assert [per_item[item]["called_generated"] for item in items] == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert [per_item[item]["mean_rating"] for item in items] == ratings
+
+
+def test_krippendorff_alpha_is_the_ordinal_one():
+    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", 4 observers x 12 units: nominal 0.743,
+    # ordinal 0.815, interval 0.849
+    n = np.nan
+    data = np.array([[1, 2, 3, 3, 2, 1, 4, 1, 2, n, n, n], [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, n, 3],
+                     [n, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, n], [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, n]])
+    assert krippendorff_ordinal(data) == pytest.approx(0.815, abs=5e-4)
+
+
+def test_results_page_states_the_verdict_and_each_interval_in_its_column():
+    from study.results import SUMMARY_HEADER, _p, section_html, summary_rows
+
+    study = synthetic_study()
+    chance = analyse(study, as_answers(simulate(study, "coin", "random", seed=11)), n_resamples=200)
+    assert chance["pooled"]["detection"]["ci"][1] > 0.5  # the upper bound is above chance, the lower one is not
+    assert "readers did not tell generated from real better than chance" in section_html(chance, "data:,")
+    oracle = analyse(study, readers(study, "oracle", 1), n_resamples=200)
+    assert "readers told generated from real better than chance" in section_html(oracle, "data:,")
+    noisy = analyse(study, readers(study, "noisy", 1, noise=1.5, accuracy=0.7), n_resamples=200)
+    row = dict(zip(SUMMARY_HEADER, summary_rows(noisy)[1]))
+    s = noisy["readers"]["noisy-0"]
+    d, gen, real = s["detection"], s["rating"]["generated_vs_condition"], s["rating"]["real_vs_soft_label"]
+    assert row["accuracy [95% CI]"] == f"{d['accuracy']:.2f} [{d['ci'][0]:.2f}, {d['ci'][1]:.2f}]"
+    for column, entry in (("Spearman rating~condition (generated)", gen), ("Spearman rating~soft label (real)", real)):
+        assert row[column] == f"{entry['value']:.2f} [{entry['ci'][0]:.2f}, {entry['ci'][1]:.2f}]"
+    assert gen["value"] != real["value"]
+    assert _p(0.0004) == "< 0.001" and _p(0.005) == "0.005" and _p(None) == "–"
