@@ -115,12 +115,17 @@ def test_make_refuses_what_it_cannot_draw(inputs, tmp_path, capsys):
     ("simulate", ["--reader", " "], "--reader: must not be empty"),
     ("simulate", ["--strategy", "noisy", "--noise", "-0.5"], "--noise: must be >= 0, got -0.5"),
     ("simulate", ["--strategy", "noisy", "--accuracy", "1.5"], "--accuracy: must be in [0, 1], got 1.5"),
+    ("simulate", ["--strategy", "noisy", "--noise", "nan"], "--noise: must be >= 0, got nan"),
+    ("make", ["--n-real", "-1"], "--n-real/--n-generated: need a positive total, got -1 + 40"),
+    ("analyse", ["--bootstrap", "50"], "--bootstrap: 50 resamples is too few"),
 ])
 def test_bad_seeds_readers_and_rates_are_one_line(inputs, study, tmp_path, capsys, action, flags, message):
     # a negative seed was a numpy traceback; an empty reader wrote answers that `analyse` then refused
-    out = tmp_path / ("s" if action == "make" else "answers.csv")
+    out = tmp_path / ("answers.csv" if action == "simulate" else "s")
     if action == "make":
         argv = ["make", "--transitions", str(inputs / "tr"), "--dataset", str(inputs / "ds"), "--out", str(out)]
+    elif action == "analyse":
+        argv = ["analyse", "--study", str(study[0]), "--answers", str(tmp_path / "a.csv"), "--out", str(out)]
     else:
         argv = ["simulate", "--study", str(study[0]), "--reader", "r1", "--out", str(out)]
     with pytest.raises(SystemExit) as err:
@@ -223,13 +228,15 @@ def test_duplicate_answer_by_one_reader(answers, tmp_path, capsys):
 
 @pytest.mark.parametrize("field, column, value", [("mitotic_rating", 4, "5"), ("mitotic_rating", 4, "-1"),
                                                   ("mitotic_rating", 4, "2.5"), ("confidence", 5, "0"),
-                                                  ("real_or_generated", 3, "synthetic")])
+                                                  ("real_or_generated", 3, "synthetic"), ("reader", 1, ""),
+                                                  ("seconds", 6, "-1"), ("seconds", 6, "nan"), ("seconds", 6, "inf")])
 def test_answer_out_of_range(answers, tmp_path, capsys, field, column, value):
     out, rows, path = answers
     rows[6][column] = value
     write_answers(path, rows)
     message = analyse_fails(out, [path], tmp_path, capsys)
-    assert str(path) in message and "row 8" in message and f"'{field}'" in message and repr(value) in message
+    assert str(path) in message and "row 8" in message and f"'{field}'" in message
+    assert (repr(value) if value else "is empty") in message
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -237,10 +244,12 @@ def test_answer_out_of_range(answers, tmp_path, capsys, field, column, value):
     ("study_id,reader,item\nx,y,z\n", "'real_or_generated'"),
     (",".join(ANSWER_COLUMNS) + "\na,b,c\n", "row 2 has 3 fields"),
     (",".join(ANSWER_COLUMNS) + '\n"unterminated,b,c,d,e,f,g,h\n', "malformed CSV"),
+    (",".join(ANSWER_COLUMNS) + "\na,b,c,d,e,f,g,h,i\n", "row 2 has 9 fields"),
+    ((",".join(ANSWER_COLUMNS) + "\n").encode("utf-16"), "'utf-8' codec"),  # saved as UTF-16 by a spreadsheet
 ])
 def test_malformed_csv(study, tmp_path, capsys, content, expected):
     path = tmp_path / "answers-bad.csv"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     message = analyse_fails(study[0], [path], tmp_path, capsys)
     assert str(path) in message and "malformed CSV" in message and expected in message
 
@@ -261,3 +270,60 @@ def test_label_bins_keep_up_to_eleven_distinct_values_apart():
     assert label_bins(eleven).tolist() == list(range(11))
     # twelve distinct values fall into 5 equal-width bins on [0, 1]
     assert label_bins(np.linspace(0, 1, 12)).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
+
+
+def test_missing_or_empty_answers_file(study, tmp_path, capsys):
+    missing = tmp_path / "answers-missing.csv"
+    message = analyse_fails(study[0], [missing], tmp_path, capsys)
+    assert str(missing) in message and "file not found" in message
+    header_only = tmp_path / "answers-none.csv"  # exported before answering anything
+    write_answers(header_only, [])
+    message = analyse_fails(study[0], [header_only], tmp_path, capsys)
+    assert str(header_only) in message and "holds no answers" in message
+
+
+def test_columns_in_another_order_and_blank_lines_read_the_same(answers, tmp_path):
+    out, rows, path = answers
+    write_answers(path, rows)
+    order = list(reversed(range(len(ANSWER_COLUMNS))))  # a spreadsheet may move the columns about
+    moved = tmp_path / "answers-moved.csv"
+    lines = [",".join(str(r[i]) for i in order) for r in [ANSWER_COLUMNS] + rows]
+    moved.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n\n")
+    results = []
+    for name, file in (("plain", path), ("moved", moved)):
+        main(["analyse", "--study", str(out), "--answers", str(file), "--bootstrap", "100", "--out",
+              str(tmp_path / name)])
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert results[0]["n_answers"] == len(rows) and results[0] == results[1]
+
+
+@pytest.mark.parametrize("file, field, value", [("key.json", "study_id", "0123456789ab"),
+                                                ("study.json", "format", "mitosis-ldm/transitions"),
+                                                ("key.json", "kind", "synthetic")])
+def test_study_folder_that_does_not_hold_together(answers, tmp_path, capsys, file, field, value):
+    import shutil
+
+    out, rows, path = answers
+    write_answers(path, rows)
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    data = json.loads((copy / file).read_text())
+    if field == "kind":
+        data["items"][sorted(data["items"])[0]]["kind"] = value
+    else:
+        data[field] = value
+    (copy / file).write_text(json.dumps(data))
+    message = analyse_fails(copy, [path], tmp_path, capsys)
+    assert str(copy / file) in message and f"'{field}'" in message
+
+
+def test_simulate_does_not_replace_an_answers_file_without_overwrite(study, tmp_path, capsys):
+    path = tmp_path / "answers-A.csv"
+    path.write_text("a reader's real answers\n")
+    argv = ["simulate", "--study", str(study[0]), "--reader", "sim", "--out", str(path)]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert path.read_text() == "a reader's real answers\n"
+    main([*argv, "--overwrite"])
+    assert path.read_text().startswith(",".join(ANSWER_COLUMNS))
