@@ -19,7 +19,7 @@ from study.cli import main
 from study.simulate import simulate, write_answers
 from study.answers import read_study
 
-from study_helpers import make_inputs
+from study_helpers import SIZE, make_inputs, write_nuclei
 
 DATA_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 
@@ -66,6 +66,7 @@ def test_draw_is_balanced_seeded_and_matches_the_sources(inputs, study, tmp_path
     assert kinds == {"real": 12, "generated": 12}
     soft = collections.Counter(round(e["soft_label"], 3) for e in key.values() if e["kind"] == "real")
     conditions = collections.Counter(e["condition"] for e in key.values() if e["kind"] == "generated")
+    assert all((e["condition"] is None) == (e["kind"] == "real") != (e["soft_label"] is None) for e in key.values())
     assert len(soft) == 4 and max(soft.values()) - min(soft.values()) <= 1        # 0, 1/3, 2/3, 1: 3 each
     assert len(conditions) == 5 and max(conditions.values()) - min(conditions.values()) <= 1
     nuclei = collections.Counter((e["folder"], e["seed"]) for e in key.values() if e["kind"] == "generated")
@@ -107,6 +108,52 @@ def test_make_refuses_what_it_cannot_draw(inputs, tmp_path, capsys):
         main(["make", "--transitions", str(inputs / "ds"), "--dataset", str(inputs / "ds"), "--out",
               str(tmp_path / "s")])
     assert "--transitions" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def make_from(inputs, out, transitions, real2gen=(), n_generated=12, n_real=4):
+    argv = ["make", "--dataset", str(inputs / "ds"), "--n-real", str(n_real), "--n-generated", str(n_generated),
+            "--out", str(out)]
+    for flag, folders in (("--transitions", transitions), ("--real2gen", real2gen)):
+        argv += [arg for folder in folders for arg in (flag, str(folder))]
+    main(argv)
+    return json.loads((out / "study.json").read_text()), json.loads((out / "key.json").read_text())["items"]
+
+
+def test_real2gen_input_column_stays_out_even_when_it_carries_a_label(inputs, tmp_path, capsys):
+    from mitosis_ldm.artifacts import write_transitions
+
+    r2g = read_transitions(inputs / "r2g")  # the format allows the input's own label in place of null
+    write_transitions(tmp_path / "r2g", r2g.frames, {**r2g.manifest, "conditions": [0.3, 0.0, 0.5, 1.0]})
+    _, key = make_from(inputs, tmp_path / "all", [inputs / "tr"], [tmp_path / "r2g"], n_generated=26)  # 20 + 6
+    assert {e["condition"] for e in key.values() if e.get("folder") == "r2g"} == {0.0, 0.5, 1.0}
+    with pytest.raises(SystemExit):
+        make_from(inputs, tmp_path / "more", [inputs / "tr"], [tmp_path / "r2g"], n_generated=27)
+    assert "only 26 are available" in capsys.readouterr().err
+
+
+def test_generated_frames_of_another_size_are_refused(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        make_from(inputs, tmp_path / "s", [write_nuclei(tmp_path / "tr24", 300, size=SIZE - 8)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--dataset" in lines[0] and "would unblind" in lines[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_study_id_changes_with_the_pixels(inputs, tmp_path):
+    # regenerated frames (same seeds and conditions, another model) make another study: the old answers and the
+    # readers' saved progress (kept under the study id) must not carry over
+    first, first_key = make_from(inputs, tmp_path / "a", [write_nuclei(tmp_path / "old" / "tr", 300)])
+    second, second_key = make_from(inputs, tmp_path / "b", [write_nuclei(tmp_path / "new" / "tr", 700)])
+    assert [first_key[i]["source"] for i in first["items"]] == [second_key[i]["source"] for i in second["items"]]
+    assert first["study_id"] != second["study_id"]
+
+
+def test_page_title_is_escaped():
+    from study.page import render
+
+    page = render(study_id="abc", title='Mitoses <2025> & "B"</title><script>alert(1)</script>', order_seed=0,
+                  items=[])
+    assert "<script>alert(1)" not in page and "&lt;2025&gt; &amp; &quot;B&quot;" in page
 
 
 @pytest.mark.parametrize("action, flags, message", [
