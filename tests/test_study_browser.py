@@ -139,12 +139,20 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     next_item = current_item(browser)
     browser.save_screenshot(str(tmp_path / "mid-study.png"))
 
-    # reload mid-way: the same reader id resumes at the same patch with the answers kept
+    # reload mid-way: the same reader id resumes at the same patch with the answers kept (the time stored for the
+    # re-saved patch is raised to 1000 s first, to see below that a revisit adds to it)
+    browser.execute_script("const k = Object.keys(localStorage).find(function(k){ return k.endsWith(':alice'); });"
+                           "const s = JSON.parse(localStorage.getItem(k)); s.answers[arguments[0]].seconds = 1000;"
+                           "localStorage.setItem(k, JSON.stringify(s));", seen[-1])
     browser.refresh()
     start(browser, "alice")
     assert current_item(browser) == next_item
     assert text(browser, "answered") == f"{n // 2} of {n} answered"
     assert text(browser, "position") == f"patch {n // 2 + 1} of {n}"
+    keys(browser, Keys.ARROW_LEFT)
+    assert current_item(browser) == seen[-1]
+    keys(browser, Keys.ENTER)
+    assert current_item(browser) == next_item
     for _ in range(n - n // 2):
         answer(browser, key, seen, markups)
     assert browser.find_element(By.ID, "done").is_displayed()
@@ -163,6 +171,7 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     assert list(rows[0]) == ["study_id", "reader", "item", "real_or_generated", "mitotic_rating", "confidence",
                              "seconds", "answered_at"]
     assert [r["item"] for r in rows] == seen and all(float(r["seconds"]) > 0 for r in rows)
+    assert float(rows[n // 2 - 1]["seconds"]) > 1000  # a revisit adds its time to the earlier visits'
 
     # the analysis gives back exactly what the strategy implies
     study_main(["analyse", "--study", str(tmp_path / "study"), "--answers", str(exported), "--bootstrap", "200",
