@@ -52,7 +52,9 @@ def expected_spearman(noise: float, draws: int = 200_000) -> float:
 
 def test_random_reader_is_at_chance_and_its_interval_covers_half():
     study = synthetic_study()
-    result = analyse(study, as_answers(simulate(study, "coin", "random", seed=11)), n_resamples=500)
+    rows = simulate(study, "coin", "random", seed=11)
+    assert {r[4] for r in rows} == {0, 1, 2, 3, 4} and {r[5] for r in rows} == {1, 2, 3}  # the whole scales
+    result = analyse(study, as_answers(rows), n_resamples=500)
     d = result["readers"]["coin"]["detection"]
     assert d["ci"][0] <= 0.5 <= d["ci"][1] and d["p_value"] > 0.05 and abs(d["auc"] - 0.5) < 0.15
     # the exact interval's coverage over many random readers is at least nominal
@@ -248,3 +250,15 @@ def test_results_page_states_the_verdict_and_each_interval_in_its_column():
         assert row[column] == f"{entry['value']:.2f} [{entry['ci'][0]:.2f}, {entry['ci'][1]:.2f}]"
     assert gen["value"] != real["value"]
     assert _p(0.0004) == "< 0.001" and _p(0.005) == "0.005" and _p(None) == "–"
+
+
+def test_rating_against_true_degree_only_when_every_real_item_has_one():
+    study = synthetic_study(n_real=5, n_generated=2)
+    answers = [Answer("r", item, "real", min(k, 4), 2, 1.0, "", "memory", 0)
+               for k, item in enumerate(study.study["items"])]
+    for k, item in enumerate(study.study["items"][:5]):
+        study.key[item]["true_degree"] = k / 4  # the rating follows it exactly
+    rating = analyse(study, answers, n_resamples=100)["pooled"]["rating"]
+    assert rating["real_vs_true_degree"]["value"] == pytest.approx(1.0)
+    del study.key[study.study["items"][0]]["true_degree"]  # a patch whose degree the dataset does not know
+    assert "real_vs_true_degree" not in analyse(study, answers, n_resamples=100)["pooled"]["rating"]
