@@ -76,7 +76,8 @@ def read_answers(path, study: Study) -> list[Answer]:
     """One answers CSV, every row checked against the study and its key."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts the file with a byte-order mark, which is not part of the header
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle, strict=True))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found (--answers)") from None

@@ -329,13 +329,14 @@ def test_missing_or_empty_answers_file(study, tmp_path, capsys):
     assert str(header_only) in message and "holds no answers" in message
 
 
-def test_columns_in_another_order_and_blank_lines_read_the_same(answers, tmp_path):
+def test_columns_in_another_order_blank_lines_and_a_byte_order_mark_read_the_same(answers, tmp_path):
     out, rows, path = answers
     write_answers(path, rows)
     order = list(reversed(range(len(ANSWER_COLUMNS))))  # a spreadsheet may move the columns about
     moved = tmp_path / "answers-moved.csv"
     lines = [",".join(str(r[i]) for i in order) for r in [ANSWER_COLUMNS] + rows]
-    moved.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n\n")
+    # and save it as "CSV UTF-8", which starts the file with a byte-order mark
+    moved.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n\n", encoding="utf-8-sig")
     results = []
     for name, file in (("plain", path), ("moved", moved)):
         main(["analyse", "--study", str(out), "--answers", str(file), "--bootstrap", "100", "--out",
