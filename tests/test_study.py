@@ -94,6 +94,9 @@ def test_draw_is_balanced_seeded_and_matches_the_sources(inputs, study, tmp_path
     assert again == key
     other, _ = make(inputs, tmp_path / "other", seed=1)
     assert other != key
+    for kind in ("real", "generated"):  # random within each bin: another seed shows other patches, not other ids only
+        assert {e["source"] for e in other.values() if e["kind"] == kind} != \
+            {e["source"] for e in key.values() if e["kind"] == kind}
     study_json = json.loads((out / "study.json").read_text())
     assert study_json["items"] == sorted(key) and study_json["n_items"] == 24
 
@@ -334,7 +337,7 @@ def test_columns_in_another_order_blank_lines_and_a_byte_order_mark_read_the_sam
     write_answers(path, rows)
     order = list(reversed(range(len(ANSWER_COLUMNS))))  # a spreadsheet may move the columns about
     moved = tmp_path / "answers-moved.csv"
-    lines = [",".join(str(r[i]) for i in order) for r in [ANSWER_COLUMNS] + rows]
+    lines = [", ".join(str(r[i]) for i in order) for r in [ANSWER_COLUMNS] + rows]  # spaces after the commas
     # and save it as "CSV UTF-8", which starts the file with a byte-order mark
     moved.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n\n", encoding="utf-8-sig")
     results = []
