@@ -123,6 +123,8 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
     browser.get(page)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] if hasattr(browser, "get_log") else []
     assert not errors, errors
+    start(browser, "smith, j")  # a comma would split the reader's column in the exported CSV
+    assert "reader id" in text(browser, "msg") and not browser.find_element(By.ID, "study").is_displayed()
     start(browser, "alice")
     seen, markups = [], set()
     for _ in range(n // 2):
@@ -207,4 +209,9 @@ def test_scripted_reader_resumes_exports_and_the_analysis_agrees(browser, tmp_pa
         answer(browser, key, bob, markups)
     assert bob != seen[:4] and bob == page_order(sorted(key), "bob", 3)[:4]
     print(f"alice's first items {seen[:4]} (again after clearing storage: {alice_again}); bob's {bob}")
+    # another study in the same browser starts afresh for the same reader id
+    make_study([root / "tr"], [root / "r2g"], root / "ds", N_REAL, N_GENERATED, seed=4, out=tmp_path / "study2")
+    browser.get((tmp_path / "study2" / "study.html").as_uri())
+    start(browser, "alice")
+    assert text(browser, "answered") == f"0 of {n} answered" and text(browser, "position") == f"patch 1 of {n}"
     assert np.isfinite([float(r["seconds"]) for r in rows]).all()
