@@ -145,6 +145,7 @@ def test_simulate_then_analyse_through_the_command(tmp_path, capsys):
     page = (tmp_path / "results" / "results.html").read_text()
     assert "data:image/png;base64," in page and "Fleiss" in page and "sim-b" in page
     assert results["agreement"]["items_answered_by_every_reader"] == 20
+    assert results["n_items"] == 20 and results["n_answers"] == 40 and "20 items, 2 reader(s), 40 answers" in page
     assert results["bootstrap_resamples"] == 200  # --bootstrap reaches the analysis
     # the rating against the experts' true degree pairs each real item's rating with that item's degree
     key = json.loads((tmp_path / "study" / "key.json").read_text())["items"]
