@@ -137,9 +137,12 @@ def make_study(transitions: list, real2gen: list, dataset, n_real: int, n_genera
     chosen = real + generated
     shapes = {c.image.shape for c in chosen}
     if len(shapes) > 1:
-        sizes = {c.kind: c.image.shape[:2] for c in chosen}
-        raise UserError(f"--dataset: patch size {sizes.get('real')} differs from the generated frames' "
-                        f"{sizes.get('generated')}; a size difference would unblind the study")
+        sizes: dict[str, set] = {}  # folder -> its images' sizes, so the message points at the odd folder
+        for c in chosen:
+            sizes.setdefault(c.source.split(":", 1)[0], set()).add(f"{c.image.shape[0]}x{c.image.shape[1]}")
+        listed = "; ".join(f"{folder}: {', '.join(sorted(s))}" for folder, s in sizes.items())
+        raise UserError(f"--dataset/--transitions/--real2gen: the drawn images differ in size ({listed}); "
+                        f"a size difference would unblind the study")
     ids = opaque_ids(len(chosen), rng)
     shuffle = rng.permutation(len(chosen))  # which candidate gets which id: nothing in the id order
     entries = {ids[k]: chosen[i] for k, i in enumerate(shuffle)}

@@ -135,10 +135,18 @@ def test_real2gen_input_column_stays_out_even_when_it_carries_a_label(inputs, tm
 
 
 def test_generated_frames_of_another_size_are_refused(inputs, tmp_path, capsys):
+    small = write_nuclei(tmp_path / "tr24", 300, size=SIZE - 8)
     with pytest.raises(SystemExit):
-        make_from(inputs, tmp_path / "s", [write_nuclei(tmp_path / "tr24", 300, size=SIZE - 8)])
+        make_from(inputs, tmp_path / "s", [small])
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--dataset" in lines[0] and "would unblind" in lines[0]
+    assert "ds: 32x32" in lines[0] and "tr24: 24x24" in lines[0]
+    # two generated folders of different sizes: the message names each folder's size (this draw of 12 said
+    # "patch size (32, 32) differs from the generated frames' (32, 32)": the last frame drawn was of the patches' size)
+    with pytest.raises(SystemExit):
+        make_from(inputs, tmp_path / "s", [inputs / "tr", small])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "tr24: 24x24" in lines[0] and "tr: 32x32" in lines[0] and "ds: 32x32" in lines[0]
     assert not (tmp_path / "s").exists()
 
 
