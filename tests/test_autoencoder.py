@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 
 from autoencoder.cli import encode as cli_encode
 from autoencoder.losses import (PatchDiscriminator, adaptive_gan_weight, build_lpips, discriminator_step,

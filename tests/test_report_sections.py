@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from report.build import ReportConfig
 from report.extras import HeldOut

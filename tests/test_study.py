@@ -203,7 +203,6 @@ def template(page: str) -> str:
 
 def test_page_holds_nothing_that_tells_real_from_generated(inputs, study, tmp_path):
     out, key, page = study
-    study_id = json.loads((out / "study.json").read_text())["study_id"]
     text = DATA_URI.sub("DATA", page)
     # no key value reaches the page: sources, folder names, field names of the key
     for entry in key.values():
