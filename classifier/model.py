@@ -210,7 +210,9 @@ class ClassifierEnsemble:
 
     def predict(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """P(mitotic) per member, (N, K) float32."""
-        return (1.0 / (1.0 + np.exp(-self.logits(images_uint8, batch_size)))).astype(np.float32)
+        from scipy.special import expit  # 1 / (1 + exp(-x)) overflows in float32 below about -88
+
+        return expit(self.logits(images_uint8, batch_size)).astype(np.float32)
 
     @torch.no_grad()
     def features(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -64,6 +64,19 @@ def test_each_member_gets_its_own_calibration_and_features_are_the_member_mean()
     np.testing.assert_allclose(ens.features(x), per_member.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_a_confident_calibrated_logit_scores_0_or_1_without_an_overflow_warning(monkeypatch):
+    import warnings
+
+    ens = tiny_ensemble(k=2)
+    logits = np.array([[-120.0, 120.0], [0.0, -3.0]], np.float32)  # a steep Platt scale gives such logits
+    monkeypatch.setattr(ens, "logits", lambda images, batch_size=256: logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning becomes a failure
+        probs = ens.predict(images(2))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, [[0.0, 1.0], [0.5, 1 / (1 + np.exp(3.0))]], atol=1e-7)
+
+
 def test_meanstd_folder_round_trip_keeps_its_mean_and_std(tmp_path):
     ens = tiny_ensemble(normalisation="meanstd", mean=[0.6, 0.5, 0.4], std=[0.2, 0.25, 0.3])
     x = images()
