@@ -153,3 +153,26 @@ def test_a_documented_recipe_override_names_a_key_the_recipe_has(where, line, to
         for part in key.split("."):
             assert hasattr(node, part), f"{where}:{line}: {module} has no recipe key '{key}'"
             node = getattr(node, part)
+
+
+LAUNCHES = [c for c in COMMANDS if c[2][:2] == ["accelerate", "launch"]]
+
+
+def processes(tokens: list[str]) -> int:
+    for i, t in enumerate(tokens[:-1]):
+        if t == "--num_processes":
+            return int(tokens[i + 1])
+        if t.startswith("--num_processes="):
+            return int(t.split("=", 1)[1])
+    return 1
+
+
+def test_a_documented_multi_process_launch_runs_several_processes_without_gpus():
+    """`accelerate launch --num_processes 2` alone runs one process on a machine without GPUs (and
+    `--cpu --num_processes 2` too); `--multi_gpu` runs two CPU processes over gloo there, and uses GPUs where
+    there are some."""
+    several = [(where, line, tokens) for where, line, tokens in LAUNCHES if processes(tokens) > 1]
+    assert len(several) >= 3  # the parser still finds them: training, scoring, sampling
+    for where, line, tokens in several:
+        launcher = tokens[:tokens.index("-m")] if "-m" in tokens else tokens
+        assert "--multi_gpu" in launcher and "--cpu" not in launcher, f"{where}:{line}: {' '.join(tokens)}"
