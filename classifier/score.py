@@ -1,7 +1,7 @@
 """Score images with the classifier ensemble: each member's P(mitotic), the mean and the std.
 
     mitosis-ldm score --classifier runs/demo/classifier INPUT... --out scores.csv [--overwrite]
-    accelerate launch --num_processes 2 -m classifier.score --classifier ... INPUT... --out scores.csv
+    accelerate launch --multi_gpu --num_processes 2 -m classifier.score --classifier ... INPUT... --out scores.csv
 
 INPUT is any mix of PNG/JPEG/TIFF files, folders of them, patch datasets
 (`DIR`, `DIR:ID`; `--split` picks one split) and transitions folders. The CSV
@@ -87,7 +87,7 @@ def score_images(ensemble: ClassifierEnsemble, images: np.ndarray, batch_size: i
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    # without cpu=True, `accelerate launch --num_processes 2` on a machine without GPUs gives each process a
+    # without cpu=True, `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs gives each process a
     # state of its own: both scored every image and both wrote --out
     state = PartialState(cpu=not torch.cuda.is_available())
     order = np.arange(len(images))

@@ -5,7 +5,7 @@
         [--null-guidance N] [--null-guidance-middle M] [--null-guidance-middle-below L] [--steps S] [--sampler dpm++]
         [--seed 0] --out runs/gen
         [--resume] [--overwrite]
-    accelerate launch --num_processes 2 -m diffusion.generate ...   (shards split across processes)
+    accelerate launch --multi_gpu --num_processes 2 -m diffusion.generate ...   (shards split across processes)
 
 Writes an ordinary patch dataset (patches.npy, labels.csv, dataset.json; see
 patches/dataset.py) with `source=generated`: `label` is the condition the

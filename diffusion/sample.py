@@ -4,7 +4,7 @@
         [--guidance 3] [--guidance-interval 0,1] [--guidance-rescale 0] [--guide null|weak] [--null-guidance 0] \
         [--null-guidance-middle 1] [--null-guidance-middle-below 1] [--steps 20] [--sampler dpm++] \
         --out runs/demo/transitions [--overwrite]
-    accelerate launch --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
+    accelerate launch --multi_gpu --num_processes 2 -m diffusion.sample ...   (seeds split across processes)
 
 Every condition of a seed starts from the same initial noise; the
 conditional and unconditional passes share one batched UNet call. Same seeds
