@@ -15,6 +15,11 @@ from mitosis_ldm.config import ConfigError, load_config, save_config
 
 
 @dataclass
+class Augment:
+    blur: float = 0.0
+
+
+@dataclass
 class Section:
     datasets: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -24,6 +29,7 @@ class Section:
     flip: bool = True
     kwargs: dict = field(default_factory=dict)
     label_map: dict[str, float] = field(default_factory=dict)
+    augment: Augment = field(default_factory=Augment)
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Recipe:
     ("data.lr=no", "key 'data.lr' must be a number, got False"),
     ("data.steps=yes", "key 'data.steps' must be an integer, got True"),
     ("data.steps=3.0", "key 'data.steps' must be an integer, got 3.0"),
+    ("data.steps='3'", "key 'data.steps' must be an integer, got '3'"),
     ("data.flip=1", "key 'data.flip' must be true or false, got 1"),
     ("data.flip=0", "key 'data.flip' must be true or false, got 0"),
     ("out=3", "key 'out' must be a string, got 3"),
@@ -48,6 +55,8 @@ class Recipe:
     ("data.label_map=[a, b]", "key 'data.label_map' must be a mapping, got ['a', 'b']"),
     ("data=5", "key 'data' must be a mapping"),
     ("data.steps.x=1", "key 'data.steps' must be an integer, got {'x': 1}"),
+    ("data.augment.blur=x", "key 'data.augment.blur' must be a number, got 'x'"),
+    ("data.augment.blurr=1", "unknown key 'data.augment.blurr' (known here: blur)"),
 ])
 def test_a_set_value_of_the_wrong_type_is_one_error_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
