@@ -151,3 +151,15 @@ def test_malformed_or_non_utf8_yaml_is_one_line_naming_the_file(tmp_path):
     path.write_bytes(b"out: caf\xe9\n")
     with pytest.raises(ConfigError, match=rf"^{path}: malformed YAML: not UTF-8 text \(byte 8\)$"):
         load_config(Recipe, path)
+
+
+def test_a_recipe_cannot_construct_python_objects(tmp_path):
+    # the recipe is read with yaml's safe loader: a python tag is malformed YAML, never a call
+    path = tmp_path / "r.yaml"
+    marker = tmp_path / "ran"
+    path.write_text(f"out: !!python/object/apply:os.mkdir ['{marker}']\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: malformed YAML: .*python/object/apply:os.mkdir"):
+        load_config(Recipe, path)
+    tagged = f"!!python/object/apply:os.mkdir ['{marker}']"
+    assert load_config(Recipe, None, [f"out={tagged}"]).out == tagged  # --set too: taken as text
+    assert not marker.exists()
