@@ -139,7 +139,7 @@ def _coerce(value, hint, dotted: str, source: str):
                 return _coerce(value, arg, dotted, source)
             except ConfigError as err:
                 errors.append(err)
-        raise bad(" or ".join(_type_name(a) for a in args))
+        raise bad(" or ".join(_expected(a) for a in args))
     if origin is Literal:
         if value not in args:
             raise bad("one of " + ", ".join(repr(a) for a in args))
@@ -182,3 +182,9 @@ def _coerce(value, hint, dotted: str, source: str):
 
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
+
+
+def _expected(hint) -> str:
+    """What a value of type `hint` is called in an error, in the recipe's words (null, not NoneType)."""
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return words.get(hint, _type_name(hint))

@@ -54,6 +54,8 @@ class Recipe:
     ("data.kwargs=[1, 2]", "key 'data.kwargs' must be dict, got [1, 2]"),
     ("data.label_map=[a, b]", "key 'data.label_map' must be a mapping, got ['a', 'b']"),
     ("data=5", "key 'data' must be a mapping"),
+    ("cache=3", "key 'cache' must be a string or null, got 3"),  # was "str or NoneType"
+    ("cache=[a]", "key 'cache' must be a string or null, got ['a']"),
     ("data.steps.x=1", "key 'data.steps' must be an integer, got {'x': 1}"),
     ("data.augment.blur=x", "key 'data.augment.blur' must be a number, got 'x'"),
     ("data.augment.blurr=1", "unknown key 'data.augment.blurr' (known here: blur)"),
