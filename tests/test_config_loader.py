@@ -8,6 +8,7 @@ instead of a line naming the key, or an override that lost part of its value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -36,6 +37,7 @@ class Section:
 class Recipe:
     out: str = "runs/x"
     cache: str | None = None
+    mode: Literal["mean", "sample"] = "mean"
     data: Section = field(default_factory=Section)
 
 
@@ -54,6 +56,7 @@ class Recipe:
     ("data.kwargs=[1, 2]", "key 'data.kwargs' must be dict, got [1, 2]"),
     ("data.label_map=[a, b]", "key 'data.label_map' must be a mapping, got ['a', 'b']"),
     ("data=5", "key 'data' must be a mapping"),
+    ("mode=median", "key 'mode' must be one of 'mean', 'sample', got 'median'"),
     ("cache=3", "key 'cache' must be a string or null, got 3"),  # was "str or NoneType"
     ("cache=[a]", "key 'cache' must be a string or null, got ['a']"),
     ("data.steps.x=1", "key 'data.steps' must be an integer, got {'x': 1}"),
@@ -150,6 +153,7 @@ def test_malformed_or_non_utf8_yaml_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(Recipe, path)
     assert str(err.value).startswith(f"{path}: malformed YAML: ") and "\n" not in str(err.value), str(err.value)
+    assert "line 4, column 4" in str(err.value), str(err.value)  # where the parser gave up
     path.write_bytes(b"out: caf\xe9\n")
     with pytest.raises(ConfigError, match=rf"^{path}: malformed YAML: not UTF-8 text \(byte 8\)$"):
         load_config(Recipe, path)
