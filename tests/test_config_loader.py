@@ -49,6 +49,7 @@ class Recipe:
     ("data.steps='3'", "key 'data.steps' must be an integer, got '3'"),
     ("data.flip=1", "key 'data.flip' must be true or false, got 1"),
     ("data.flip=0", "key 'data.flip' must be true or false, got 0"),
+    ("data.flip='false'", "key 'data.flip' must be true or false, got 'false'"),  # quoted: text, never True
     ("out=3", "key 'out' must be a string, got 3"),
     ("out=", "key 'out' must be a string, got None"),
     ("data.datasets=[a, 3]", "key 'data.datasets[1]' must be a string, got 3"),
