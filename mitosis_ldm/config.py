@@ -156,11 +156,11 @@ def _coerce(value, hint, dotted: str, source: str):
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise bad("true or false")
+            raise bad(_expected(hint))
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+            raise bad(_expected(hint))
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
@@ -169,22 +169,24 @@ def _coerce(value, hint, dotted: str, source: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
+            raise bad(_expected(hint))
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise bad("a string")
+            raise bad(_expected(hint))
         return value
     if isinstance(hint, type) and isinstance(value, hint):
         return value
-    raise bad(_type_name(hint))
+    raise bad(_expected(hint))
 
 
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
 def _expected(hint) -> str:
     """What a value of type `hint` is called in an error, in the recipe's words (null, not NoneType)."""
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return words.get(hint, _type_name(hint))
+    return _EXPECTED.get(hint, _type_name(hint))
