@@ -112,6 +112,8 @@ def _merge(instance, data: dict, prefix: str, source: str):
         hint = hints[key]
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
+            if value is None:  # `section:` with every key under it commented out: the section's defaults
+                continue
             changes[key] = _merge(current, value, f"{dotted}.", source)
         else:
             changes[key] = _coerce(value, hint, dotted, source)

@@ -108,6 +108,13 @@ def test_an_empty_recipe_gives_the_defaults(tmp_path, text):
     assert load_config(Recipe, path) == Recipe()
 
 
+def test_a_section_whose_keys_are_all_commented_out_keeps_its_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("out: kept\ndata:\n  # lr: 0.5\n  augment:\n    # blur: 1.0\n")
+    assert load_config(Recipe, path) == Recipe(out="kept")  # `data:` with nothing under it reads as null
+    assert load_config(Recipe, path, ["data.lr=0.5"]).data.lr == 0.5
+
+
 def test_null_clears_an_optional_key_and_the_saved_config_loads_back(tmp_path):
     cfg = load_config(Recipe, None, ["cache=runs/c", "cache=null", "data.datasets=[a]"])
     assert cfg.cache is None
