@@ -148,7 +148,7 @@ def _coerce(value, hint, dotted: str, source: str):
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise bad(f"a list of {_type_name(args[0]) if args else 'values'}")
+            raise bad(f"a list of {_PLURAL.get(args[0], _type_name(args[0])) if args else 'values'}")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
@@ -186,7 +186,9 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             dict: "a mapping", list: "a list"}
+_PLURAL = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
 
 
 def _expected(hint) -> str:

@@ -54,7 +54,10 @@ class Recipe:
     ("out=", "key 'out' must be a string, got None"),
     ("data.datasets=[a, 3]", "key 'data.datasets[1]' must be a string, got 3"),
     ("data.seeds=[0, x]", "key 'data.seeds[1]' must be an integer, got 'x'"),
-    ("data.kwargs=[1, 2]", "key 'data.kwargs' must be dict, got [1, 2]"),
+    ("data.kwargs=[1, 2]", "key 'data.kwargs' must be a mapping, got [1, 2]"),  # was "must be dict"
+    ("data.datasets=x", "key 'data.datasets' must be a list of strings, got 'x'"),  # was "a list of str"
+    ("data.seeds=3", "key 'data.seeds' must be a list of integers, got 3"),
+    ("data.betas=x", "key 'data.betas' must be a list of numbers, got 'x'"),
     ("data.label_map=[a, b]", "key 'data.label_map' must be a mapping, got ['a', 'b']"),
     ("data=5", "key 'data' must be a mapping"),
     ("mode=median", "key 'mode' must be one of 'mean', 'sample', got 'median'"),
