@@ -53,6 +53,20 @@ def test_each_frame_of_a_batch_of_seeds_is_its_seed_at_its_condition(pipeline):
     assert torch.allclose(batched, alone, atol=1e-4)
 
 
+def test_a_stochastic_sampler_draws_each_seeds_step_noise_from_that_seed_alone(pipeline):
+    from diffusion.pipeline import MitosisPipeline
+
+    pipe = MitosisPipeline.from_pretrained(pipeline)
+    torch.manual_seed(123)  # the global stream must not matter: DDPM's step noise comes from the seed's generator
+    batched = pipe.transitions([0, 1], [0.5, 0.5], steps=4, sampler="ddpm", seeds_per_batch=2, latents_only=True)
+    torch.manual_seed(456)
+    alone = torch.cat([pipe.transitions([s], [0.5], steps=4, sampler="ddpm", latents_only=True) for s in (0, 1)])
+    # rows: seed 0 twice, then seed 1 twice
+    assert torch.allclose(batched[0], batched[1], atol=1e-4)  # one seed's rows share their step noise
+    assert torch.allclose(batched[::2], alone, atol=1e-4)  # and get the same noise in any batch
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)
+
+
 def test_the_sampling_flags_override_the_pipelines_defaults(pipeline, tmp_path):
     from diffusion.pipeline import MitosisPipeline
     from diffusion.sample import main as sample_main
