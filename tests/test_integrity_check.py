@@ -11,6 +11,7 @@ import tiny_artifacts
 from mitosis_ldm import integrity
 from mitosis_ldm.check import main as check_main
 from mitosis_ldm.config import ConfigError, load_config
+from mitosis_ldm.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,9 @@ def test_autoencoder_encode_with_a_text_scaling_factor_leaves_nothing(world, tmp
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
-def posterior_folder(folder, extra_bytes: int = 0):
+def posterior_folder(folder, extra_bytes: int = 0, exist_ok: bool = False):
     """A recorded folder `check` recognises (posterior.csv + posterior.json), with a large file when asked."""
-    folder.mkdir()
+    folder.mkdir(exist_ok=exist_ok)
     (folder / "posterior.csv").write_text("id,posterior_mean\np0,0.25\n")
     (folder / "posterior.json").write_text("{}")
     if extra_bytes:
@@ -179,13 +180,68 @@ def test_check_hashes_files_too_large_to_hash_on_every_load(tmp_path, capsys):
                                    f"edited)"]
 
 
-def test_loading_names_a_large_recorded_file_whose_size_changed(tmp_path):
+@pytest.mark.parametrize("change", [-1, +1])  # truncated, or grown by an appended byte
+def test_loading_names_a_large_recorded_file_whose_size_changed(tmp_path, change):
     folder = posterior_folder(tmp_path / "post", extra_bytes=integrity.CHEAP_BYTES + 1000)
     weights = folder / "weights.bin"
-    weights.write_bytes(bytes(integrity.CHEAP_BYTES + 999))  # one byte short: too large to hash on load
+    weights.write_bytes(bytes(integrity.CHEAP_BYTES + 1000 + change))  # too large to hash on load
     assert integrity.findings(folder, full=False) == [
-        f"{weights}: {integrity.CHEAP_BYTES + 999} bytes, recorded {integrity.CHEAP_BYTES + 1000} at export "
-        f"(truncated or replaced)"]
+        f"{weights}: {integrity.CHEAP_BYTES + 1000 + change} bytes, recorded {integrity.CHEAP_BYTES + 1000} at "
+        f"export (truncated or replaced)"]
+
+
+def test_loading_hashes_every_file_up_to_the_cheap_size(tmp_path):
+    folder = posterior_folder(tmp_path / "post", extra_bytes=1 << 20)  # exactly the documented 1 MiB
+    weights = folder / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the hash can tell
+    weights.write_bytes(bytes(data))
+    assert integrity.findings(folder, full=False) == [
+        f"{weights}: content differs from the sha256 recorded at export (corrupted or edited)"]
+
+
+def flip_first_byte(path):
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_loader_names_the_first_damaged_file_and_counts_the_others(tmp_path):
+    folder = posterior_folder(tmp_path / "post")
+    flip_first_byte(folder / "posterior.json")
+    with pytest.raises(UserError) as one:
+        integrity.verify(folder)
+    assert str(one.value) == f"{folder / 'posterior.json'}: content differs from the sha256 recorded at export " \
+                             f"(corrupted or edited)"
+    flip_first_byte(folder / "posterior.csv")  # sorts before posterior.json
+    with pytest.raises(UserError) as two:
+        integrity.verify(folder)
+    assert str(two.value) == f"{folder / 'posterior.csv'}: content differs from the sha256 recorded at export " \
+                             f"(corrupted or edited) (+1 more; run `mitosis-ldm check {folder}`)"
+
+
+def test_hidden_temporaries_are_neither_recorded_nor_findings(tmp_path, capsys):
+    folder = tmp_path / "post"
+    folder.mkdir()
+    (folder / ".partial").write_text("resume state")
+    (folder / "sub").mkdir()
+    (folder / "sub" / ".posterior.csv.tmp-1").write_text("half written")
+    posterior_folder(folder, exist_ok=True)
+    assert sorted(integrity.read_manifest(folder)["files"]) == ["posterior.csv", "posterior.json"]
+    (folder / ".partial").unlink()  # resume state removed once the run is done: not a missing part
+    (folder / ".later.tmp-2").write_text("x")  # a write in progress: not an unrecorded part
+    code, lines, _ = check(capsys, folder)
+    assert code == 0 and lines == [f"{folder}: clean (posterior)"]
+
+
+def test_an_integrity_record_of_another_format_is_refused(tmp_path, capsys):
+    folder = posterior_folder(tmp_path / "post")
+    record = json.loads((folder / "integrity.json").read_text())
+    (folder / "integrity.json").write_text(json.dumps({**record, "format": "other-tool/hashes"}))
+    with pytest.raises(UserError, match="integrity.json: field 'files' is not a valid integrity record"):
+        integrity.verify(folder)
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and len(lines) == 1 and "not a valid integrity record (mitosis-ldm/integrity)" in lines[0]
 
 
 def test_a_file_the_project_writes_into_a_recorded_folder_updates_the_record(tmp_path, capsys):
