@@ -68,7 +68,7 @@ def _patches(folder: Path) -> None:
     labels = data.soft_labels
     bad = ~(np.isnan(labels) | ((labels >= 0) & (labels <= 1)))
     if bad.any():
-        first = data.ids[int(np.argmax(bad))]
+        first = data.ids()[int(np.argmax(bad))]
         raise UserError(f"{folder / 'labels.csv'}: field 'label' of id '{first}' is outside [0, 1]")
     if meta.get("content_hash") and meta["content_hash"] != _hash_dataset(folder):
         raise UserError(f"{folder / 'dataset.json'}: field 'content_hash' does not match patches.npy + labels.csv")

@@ -254,3 +254,25 @@ def test_a_file_the_project_writes_into_a_recorded_folder_updates_the_record(tmp
     assert files["posterior.csv"]["size"] == 26 and files["scores.csv"]["size"] == 17
     code, lines, _ = check(capsys, folder)
     assert code == 0 and lines == [f"{folder}: clean (posterior)"]
+
+
+def replace_text(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+CONTENT_CASES = {  # damage the hashes cannot see (the record is rewritten after it): check's own look inside
+    "label": ("dataset", lambda f: replace_text(f / "labels.csv", "p2,test,s0,2,2,1,", "p2,test,s0,2,2,1.5,"),
+              "labels.csv: field 'label' of id 'p2' is outside [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTENT_CASES))
+def test_check_looks_inside_a_folder_whose_hashes_hold(world, tmp_path, capsys, case):
+    kind, damage, needle = CONTENT_CASES[case]
+    folder = copy(world, tmp_path, kind)
+    damage(folder)
+    integrity.record(folder)  # as if exported so: only the contents can tell
+    code, lines, _ = check(capsys, folder)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(str(folder)) and needle in lines[0], lines
