@@ -265,13 +265,29 @@ def replace_text(path, old, new):
 CONTENT_CASES = {  # damage the hashes cannot see (the record is rewritten after it): check's own look inside
     "label": ("dataset", lambda f: replace_text(f / "labels.csv", "p2,test,s0,2,2,1,", "p2,test,s0,2,2,1.5,"),
               "labels.csv: field 'label' of id 'p2' is outside [0, 1]"),
+    "count": ("dataset", lambda f: set_field(f / "dataset.json", "count", 13),
+              "dataset.json: field 'count' is 13, patches.npy holds 12"),
+    "content hash": ("dataset", lambda f: flip_last_byte(f / "patches.npy"),
+                     "dataset.json: field 'content_hash' does not match patches.npy + labels.csv"),
+    "strip": ("transitions", lambda f: (f / "strip-1.png").unlink(), "strip-1.png: missing (one strip per seed)"),
+    "scores": ("transitions", lambda f: (f / "scores.csv").write_text("name,seed,frame,condition,mean,std\n"
+                                                                      "x,0,0,0,0.1,0\n"),
+               "scores.csv: has 1 score rows but the folder holds 6 frames"),
+    "posterior rows": ("posterior", lambda f: (f / "posterior.csv").write_text("id,expected_y\n"),
+                       "posterior.csv: no rows"),
 }
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("case", sorted(CONTENT_CASES))
 def test_check_looks_inside_a_folder_whose_hashes_hold(world, tmp_path, capsys, case):
     kind, damage, needle = CONTENT_CASES[case]
-    folder = copy(world, tmp_path, kind)
+    folder = posterior_folder(tmp_path / kind) if kind == "posterior" else copy(world, tmp_path, kind)
     damage(folder)
     integrity.record(folder)  # as if exported so: only the contents can tell
     code, lines, _ = check(capsys, folder)
