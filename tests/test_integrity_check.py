@@ -292,3 +292,18 @@ def test_check_looks_inside_a_folder_whose_hashes_hold(world, tmp_path, capsys, 
     integrity.record(folder)  # as if exported so: only the contents can tell
     code, lines, _ = check(capsys, folder)
     assert code == 2 and len(lines) == 1 and lines[0].startswith(str(folder)) and needle in lines[0], lines
+
+
+def test_record_reaches_a_run_folders_model_and_never_blesses_damage(world, tmp_path, capsys):
+    model = shutil.copytree(world / "classifier", tmp_path / "run" / "model")
+    (model / "integrity.json").unlink()
+    code, lines, _ = check(capsys, "--record", tmp_path / "run")
+    assert code == 0 and lines == [f"{model}: recorded sha256 of 3 files in integrity.json",
+                                   f"{tmp_path / 'run'}: clean (classifier)"]
+    assert (model / "integrity.json").exists()
+    damaged = copy(world, tmp_path, "classifier")
+    (damaged / "integrity.json").unlink()
+    set_field(damaged / "config.json", "upsample", "four")
+    code, lines, err = check(capsys, "--record", damaged, tmp_path / "missing")
+    assert code == 2 and not (damaged / "integrity.json").exists()
+    assert "field 'upsample'" in lines[0] and "2 of 2 folder(s) have findings" in err
