@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import tiny_artifacts
@@ -19,6 +20,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
         getattr(tiny_artifacts, kind)(root / kind)
+    from diffusion.cache import main as cache_main
+
+    cache_main(["--vae", str(root / "autoencoder"), "--dataset", str(root / "dataset"), "--out", str(root / "latents")])
     return root
 
 
@@ -275,7 +279,24 @@ CONTENT_CASES = {  # damage the hashes cannot see (the record is rewritten after
                "scores.csv: has 1 score rows but the folder holds 6 frames"),
     "posterior rows": ("posterior", lambda f: (f / "posterior.csv").write_text("id,expected_y\n"),
                        "posterior.csv: no rows"),
+    "posterior bytes": ("posterior", lambda f: (f / "posterior.csv").write_bytes(b"id\n\xff\xfe\n"),
+                        "posterior does not load (UnicodeDecodeError"),  # a finding, not a traceback
+    "nan weights": ("autoencoder", lambda f: nan_weights(f / "diffusion_pytorch_model.safetensors"),
+                    "the autoencoder maps a 32px patch to (1, 3, 32, 32) (or non-finite values)"),
+    "cache labels": ("latents", lambda f: np.save(f / "labels.npy", np.load(f / "labels.npy")[:-1]),
+                     "labels.npy: 11 entries, latents.npy has 12"),
+    "cache vae": ("latents", lambda f: set_field(f / "vae" / "config.json", "scaling_factor", float("nan")),
+                  "vae/config.json: field 'scaling_factor' must be a finite number > 0, got 'nan'"),
 }
+
+
+def nan_weights(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = sorted(k for k in tensors if k.startswith("decoder.conv_out.weight"))[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def flip_last_byte(path):
@@ -307,3 +328,13 @@ def test_record_reaches_a_run_folders_model_and_never_blesses_damage(world, tmp_
     code, lines, err = check(capsys, "--record", damaged, tmp_path / "missing")
     assert code == 2 and not (damaged / "integrity.json").exists()
     assert "field 'upsample'" in lines[0] and "2 of 2 folder(s) have findings" in err
+
+
+def test_a_folder_without_a_marker_or_a_file_is_one_line_each(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    (tmp_path / "file.json").write_text("{}")
+    code, lines, err = check(capsys, tmp_path / "notes", tmp_path / "file.json")
+    assert code == 2 and len(lines) == 2 and "2 of 2 folder(s)" in err
+    assert lines[0].startswith(f"{tmp_path / 'notes'}: not a mitosis-ldm artifact (no marker file")
+    assert lines[1] == f"{tmp_path / 'file.json'}: not found (or not a folder)"
