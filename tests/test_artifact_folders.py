@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import tiny_artifacts
-from mitosis_ldm import artifacts
+from mitosis_ldm import artifacts, integrity
 from mitosis_ldm.errors import UserError
 
 
@@ -107,3 +108,72 @@ def test_latent_scale_and_shift_must_be_finite_numbers(tmp_path, config, bad):
         artifacts.check_latent_scale(tmp_path, config)
     artifacts.check_latent_scale(tmp_path, {"scaling_factor": 0.18, "shift_factor": None})
     artifacts.check_latent_scale(tmp_path, {"scaling_factor": 2, "shift_factor": -0.5})
+
+
+# -- transitions -----------------------------------------------------------
+
+def frames(seeds: int = 2, columns: int = 3):
+    return np.random.default_rng(0).integers(0, 256, (seeds, columns, 8, 8, 3), dtype=np.uint8)
+
+
+def rewrite_manifest(folder, **fields):
+    """Edit manifest.json and record the folder again, as if it had been exported so."""
+    manifest = {**json.loads((folder / "manifest.json").read_text()), **fields}
+    for key in [k for k, v in fields.items() if v is None]:
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    integrity.record(folder)
+
+
+def test_transitions_keep_the_writers_kind_and_input_frame_and_caption_them(tmp_path, monkeypatch):
+    from mitosis_ldm import images
+
+    captions = []
+    real_strip = images.strip
+    monkeypatch.setattr(images, "strip", lambda f, c: captions.append(c) or real_strip(f, c))
+    plain = artifacts.write_transitions(tmp_path / "t", frames(), {"seeds": [4, 9], "conditions": [0.0, 0.5, 1.0]})
+    r2g = artifacts.write_transitions(tmp_path / "r", frames(1, 3), {"seeds": [3], "conditions": [0.3, 0.0, 1.0],
+                                                                     "kind": "real2gen", "has_input_frame": True})
+    assert captions == [["y=0.00", "y=0.50", "y=1.00"]] * 2 + [["input", "y=0.00", "y=1.00"]]
+    t, r = artifacts.read_transitions(plain), artifacts.read_transitions(r2g)
+    assert (t.manifest["kind"], t.has_input_frame) == ("transition", False)
+    assert (r.manifest["kind"], r.has_input_frame) == ("real2gen", True)
+    rewrite_manifest(plain, has_input_frame=None)  # a folder written before the field existed
+    assert artifacts.read_transitions(plain).has_input_frame is False
+
+
+def test_each_seed_gets_its_own_strip(tmp_path):
+    from PIL import Image
+
+    out = artifacts.write_transitions(tmp_path / "t", frames(), {"seeds": [4, 9], "conditions": [0.0, 0.5, 1.0]})
+    four, nine = (np.asarray(Image.open(out / f"strip-{s}.png")) for s in (4, 9))
+    assert four.shape == nine.shape and not np.array_equal(four, nine)
+
+
+def test_write_transitions_replaces_a_folder_only_with_overwrite(tmp_path):
+    manifest = {"seeds": [0, 1], "conditions": [0.0, 0.5, 1.0]}
+    artifacts.write_transitions(tmp_path / "t", frames(), manifest)
+    with pytest.raises(UserError, match="--overwrite"):
+        artifacts.write_transitions(tmp_path / "t", frames()[::-1], manifest)
+    artifacts.write_transitions(tmp_path / "t", frames()[::-1], manifest, overwrite=True)
+    assert np.array_equal(np.asarray(artifacts.read_transitions(tmp_path / "t").frames), frames()[::-1])
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"conditions": [0.0, 1.5, 1.0]}, "field 'conditions' must be a list of numbers in [0, 1] (or null)"),
+    ({"conditions": [0.0, 1.0]}, "field 'seeds'/'conditions' (2 x 2) does not match frames.npy (2, 3)"),
+    ({"seeds": [0, 1, 2]}, "field 'seeds'/'conditions' (3 x 3) does not match frames.npy (2, 3)"),
+])
+def test_a_manifest_that_contradicts_its_frames_is_refused(tmp_path, fields, words):
+    folder = artifacts.write_transitions(tmp_path / "t", frames(), {"seeds": [0, 1], "conditions": [0.0, 0.5, 1.0]})
+    rewrite_manifest(folder, **fields)
+    with pytest.raises(UserError) as err:
+        artifacts.read_transitions(folder)
+    assert str(err.value) == f"{folder / 'manifest.json'}: {words}"
+
+
+def test_reading_transitions_checks_the_recorded_hashes(tmp_path):
+    folder = artifacts.write_transitions(tmp_path / "t", frames(), {"seeds": [0, 1], "conditions": [0.0, 0.5, 1.0]})
+    flip_last_byte(folder / "frames.npy")  # still a valid array of the same shape
+    with pytest.raises(UserError, match="frames.npy: content differs from the sha256 recorded at export"):
+        artifacts.read_transitions(folder)
