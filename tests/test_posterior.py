@@ -88,6 +88,9 @@ def test_one_call_per_draw_with_the_same_noisy_latent_for_every_label(world):
         assert len(torch.unique(t)) == 1
         assert torch.equal(emb[:4], pipe.label_embedder(torch.tensor([0.0, 0.5, 1.0, float("nan")])))
     assert sorted(int(c[1][0]) for c in calls) == [12, 37, 62, 87]  # evenly spaced over 100 timesteps
+    alphas = pipe.scheduler.alphas_cumprod
+    eps = [(x[0] - alphas[t[0]].sqrt() * latents[0]) / (1 - alphas[t[0]]).sqrt() for x, t, _ in calls]
+    assert not torch.allclose(eps[0], eps[1], atol=1e-3)  # each draw (t_j, eps_j) its own noise
     # the naive variant draws fresh noise per label
     pipe.unet.calls.clear()
     denoising_errors(pipe, latents, ["a", "b", "c"], grid, draws=1, seed=0, space="v_prediction", shared_noise=False)
@@ -135,6 +138,39 @@ def test_a_model_with_a_known_best_label_is_recovered(space):
     summary = summaries(prob, grid)
     np.testing.assert_allclose(summary["map_y"], truth)
     np.testing.assert_allclose(prob.sum(1), 1.0)
+
+
+def test_in_space_converts_between_the_three_parametrisations():
+    from diffusion.posterior import in_space
+
+    gen = torch.Generator().manual_seed(0)
+    clean, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for alpha in (torch.tensor(0.9), torch.tensor(0.2)):
+        a, s = alpha.sqrt(), (1 - alpha).sqrt()
+        noisy = a * clean + s * eps  # what scheduler.add_noise computes
+        truth = {"epsilon": eps, "sample": clean, "v_prediction": a * eps - s * clean}
+        for kind, pred in truth.items():
+            for space, want in truth.items():
+                torch.testing.assert_close(in_space(pred, noisy, alpha, kind, space), want, atol=1e-5, rtol=1e-4)
+
+
+def test_guidance_scales_the_conditional_prediction_away_from_the_null_one():
+    from diffusers import DDPMScheduler
+
+    from diffusion.posterior import denoising_errors
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=False)
+    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler,
+                           label_embedder=lambda y: torch.nan_to_num(y, nan=0.5)[:, None].repeat(1, 4))
+    latents = torch.full((1, 4, 8, 8), 0.8)
+    grid = [0.0, 0.5, 1.0]
+
+    def errors(guidance):
+        return denoising_errors(pipe, latents, ["a"], grid, draws=2, seed=0, space="sample", guidance=guidance)
+
+    # guidance 0: every label predicts what the null label predicts (0.5); 2: 0.5 + 2 (y - 0.5) = 2y - 0.5
+    np.testing.assert_allclose(errors(0.0)[0], np.full((2, 4), 0.3 ** 2), rtol=1e-5)
+    np.testing.assert_allclose(errors(2.0)[0], np.tile([1.3 ** 2, 0.3 ** 2, 0.7 ** 2, 0.3 ** 2], (2, 1)), rtol=1e-5)
 
 
 # -- the command ------------------------------------------------------------------------------------------
