@@ -281,6 +281,85 @@ def test_images_of_the_wrong_size_for_the_vae(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def run_main(capsys, *args) -> str:
+    """`mitosis-ldm posterior args` in-process; the one error line it prints."""
+    from diffusion.posterior import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["x.png", "--temperature", "0"], "--temperature: must be > 0, got 0"),
+    (["x.png", "--guidance", "-1"], "--guidance: must be >= 0, got -1"),
+    (["x.png", "--calibrate", "ds", "--temperature", "0.1"],
+     "--temperature: give only one of --calibrate, --temperature-from and --temperature"),
+    (["x.png", "--temperature-from", "post", "--calibrate", "ds"],
+     "--temperature-from: give only one of --calibrate, --temperature-from and --temperature"),
+    ([], "INPUT: give patches to judge, or --calibrate DATASET"),
+])
+def test_contradicting_flags_are_one_line_before_any_work(tmp_path, capsys, extra, words):
+    line = run_main(capsys, "--pipeline", tmp_path / "no-pipeline", *extra, "--out", tmp_path / "o")
+    assert line == f"error: {words}"
+
+
+def test_an_existing_output_is_refused_before_the_pipeline_loads_and_threads_are_restored(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (tmp_path / "o").mkdir()
+        line = run_main(capsys, "--pipeline", tmp_path / "no-pipeline", "x.png", "--out", tmp_path / "o")
+        assert line == f"error: {tmp_path / 'o'}: already exists; pass --overwrite to replace it"
+        run_main(capsys, "--pipeline", tmp_path / "no-pipeline", "x.png", "--threads", "1", "--out", tmp_path / "o",
+                 "--overwrite")  # fails loading the pipeline, with one thread
+        assert torch.get_num_threads() == 2  # as it was: tests and notebooks call main() in-process
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("grid", [0, 1], "field 'settings.grid' is [0, 1] but this run uses [0, 0.5, 1]"),
+    ("error_space", "sample", "field 'settings.error_space' is 'sample' but this run uses 'epsilon'"),
+    ("guidance", 2.0, "field 'settings.guidance' is 2.0 but this run uses 1.0"),
+    ("pipeline_hash", "another", "field 'pipeline_hash' names another pipeline"),
+])
+def test_a_temperature_from_other_settings_or_another_pipeline_is_refused(tmp_path, field, value, words):
+    from diffusion.posterior import calibration_from
+    from mitosis_ldm.errors import UserError
+
+    settings = {"grid": [0, 0.5, 1], "error_space": "epsilon", "guidance": 1.0}
+    info = {"settings": dict(settings), "pipeline_hash": "this", "calibration": {"temperature": 0.02}}
+    assert calibration_from(write_info(tmp_path / "ok", info), settings, "this").temperature == 0.02
+    if field == "pipeline_hash":
+        info[field] = value
+    else:
+        info["settings"][field] = value
+    with pytest.raises(UserError) as err:
+        calibration_from(write_info(tmp_path / "bad", info), settings, "this")
+    assert str(err.value).startswith(f"{tmp_path / 'bad' / 'posterior.json'}: {words}")
+
+
+def write_info(folder: Path, info: dict) -> Path:
+    folder.mkdir()
+    (folder / "posterior.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_a_patch_id_given_twice_is_refused(world, tmp_path):
+    import shutil
+
+    from diffusion.posterior import gather_patches
+    from mitosis_ldm.errors import UserError
+
+    copy = shutil.copytree(world["data"], tmp_path / "copy")  # other names, the same ids: one noise, one CSV row id
+    for twice in ([world["data"], world["data"]], [world["data"], copy]):
+        with pytest.raises(UserError, match="INPUT: patch id 'p0-.*' appears twice; give each patch once"):
+            gather_patches([str(p) for p in twice], (64, 64, 3), "test", None)
+
+
 # -- the report section -----------------------------------------------------------------------------------
 
 def write_posterior_folder(out: Path, ids, names, expected, std) -> Path:
