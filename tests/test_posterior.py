@@ -190,7 +190,10 @@ def test_command_writes_csv_json_and_is_deterministic(world):
         p = np.array([float(row[f"p_y={g}"]) for g in ("0", "0.25", "0.5", "0.75", "1")])
         assert p.sum() == pytest.approx(1.0, abs=1e-4)
         assert float(row["expected_y"]) == pytest.approx(p @ np.linspace(0, 1, 5), abs=1e-4)
+        assert float(row["map_y"]) == [0, 0.25, 0.5, 0.75, 1][int(p.argmax())]
         assert float(row["uncond_error"]) > 0
+    uncond = np.load(root / "one" / "errors.npy")[:, :, -1].mean(1)  # the null label is the last column
+    np.testing.assert_allclose([float(row["uncond_error"]) for row in rows], uncond, rtol=1e-5)
     assert (root / "one" / "posterior.csv").read_bytes() == (root / "two" / "posterior.csv").read_bytes()
     info = json.loads((root / "one" / "posterior.json").read_text())
     assert info["grid"] == [0, 0.25, 0.5, 0.75, 1] and info["draws"] == 3 and info["seed"] == 0
@@ -198,6 +201,8 @@ def test_command_writes_csv_json_and_is_deterministic(world):
     assert info["settings"]["error_space"] == "epsilon"  # the default, whatever the model predicts
     assert info["calibration"]["t_bands"] == 3 and len(info["calibration"]["t_weights"]) == 3
     assert np.load(root / "one" / "errors.npy").shape == (8, 3, 6)
+    calibration_errors = np.load(root / "one" / "calibration_errors.npy")  # to refit without the UNet
+    assert calibration_errors.shape[1:] == (3, 6) and len(calibration_errors) == info["calibration"]["fit"]["patches"]
     # a later run reuses the fitted temperature
     main(posterior_args(world, root / "three", "--temperature-from", root / "one"))
     assert json.loads((root / "three" / "posterior.json").read_text())["temperature"] == info["temperature"]
@@ -346,6 +351,19 @@ def write_info(folder: Path, info: dict) -> Path:
     folder.mkdir()
     (folder / "posterior.json").write_text(json.dumps(info))
     return folder
+
+
+def test_the_calibration_set_gives_mitotic_votes_out_of_experts(world):
+    from diffusion.posterior import calibration_set
+    from patches.dataset import PatchDataset
+
+    ids, images, mitotic, experts = calibration_set(str(world["data"]), "train", 5, (64, 64, 3))
+    assert len(ids) == len(images) == len(mitotic) == len(experts) == 5 and (experts > 0).all()
+    assert (mitotic <= experts).all()
+    ds = PatchDataset(world["data"], split="train", labelled_only=True)
+    soft = dict(zip(ds.ids(), ds.soft_labels))
+    assert len(ds) > 5 and (ids[0], ids[-1]) == (ds.ids()[0], ds.ids()[-1])  # --calibrate-limit: spread evenly
+    np.testing.assert_allclose(mitotic / experts, [soft[i] for i in ids])
 
 
 def test_a_patch_id_given_twice_is_refused(world, tmp_path):
