@@ -234,6 +234,11 @@ def test_hidden_temporaries_are_neither_recorded_nor_findings(tmp_path, capsys):
     assert sorted(integrity.read_manifest(folder)["files"]) == ["posterior.csv", "posterior.json"]
     (folder / ".partial").unlink()  # resume state removed once the run is done: not a missing part
     (folder / ".later.tmp-2").write_text("x")  # a write in progress: not an unrecorded part
+    from mitosis_ldm.io import write_json
+
+    write_json(folder / ".resume.json", {"step": 3})  # hidden state a tool writes into a recorded folder
+    assert ".resume.json" not in integrity.read_manifest(folder)["files"]
+    (folder / ".resume.json").unlink()
     code, lines, _ = check(capsys, folder)
     assert code == 0 and lines == [f"{folder}: clean (posterior)"]
 

@@ -353,6 +353,13 @@ def write_info(folder: Path, info: dict) -> Path:
     return folder
 
 
+def test_csv_cells_are_six_significant_digits_and_empty_when_not_finite():
+    from diffusion.posterior import csv_text
+
+    assert csv_text(["id", "label", "p"], [["a", float("nan"), np.float32(1 / 3)], ["b", 0.5, float("inf")]]) == \
+        "id,label,p\na,,0.333333\nb,0.5,\n"
+
+
 def test_the_calibration_set_gives_mitotic_votes_out_of_experts(world):
     from diffusion.posterior import calibration_set
     from patches.dataset import PatchDataset
