@@ -73,10 +73,13 @@ def test_the_long_recipes_train_sections_pass_the_check():
 
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=0", "--set: key 'train.batch_size' must be an integer >= 1, got 0"),
+    ("train.max_steps=0", "--set: key 'train.max_steps' must be an integer >= 1, got 0"),  # trained nothing, exported
+    ("train.lr=0", "--set: key 'train.lr' must be a finite number > 0, got 0.0"),  # trained nothing, silently
     ("train.max_steps=2.5", None),  # the loader's own type check
     ("train.lr=-1", "--set: key 'train.lr' must be a finite number > 0, got -1.0"),
     ("train.lr=.nan", "--set: key 'train.lr' must be a finite number > 0, got nan"),
     ("train.ema_decay=1.5", "--set: key 'train.ema_decay' must be in [0, 1) (0: no EMA), got 1.5"),
+    ("train.ema_decay=1", "--set: key 'train.ema_decay' must be in [0, 1) (0: no EMA), got 1.0"),
     ("train.lr_warmup_steps=-5", "--set: key 'train.lr_warmup_steps' must be an integer >= 0, got -5"),
     ("train.lr_schedule=bogus", "--set: key 'train.lr_schedule' must be one of linear, cosine"),
     ("train.mixed_precision=fp8", "--set: key 'train.mixed_precision' must be one of no, fp16, bf16, got 'fp8'"),
@@ -110,6 +113,16 @@ def test_the_train_check_names_the_recipe_file_for_a_value_it_holds(tmp_path):
     args = train_arg_parser("x").parse_args(["--config", str(path)])
     with pytest.raises(UserError, match=rf"^{path}: key 'train.batch_size' must be an integer >= 1, got 0$"):
         load_stage_config(ClassifierConfig, args)
+
+
+def test_the_out_flag_beats_the_recipe_and_a_set_out(tmp_path):
+    from mitosis_ldm.training import load_stage_config, train_arg_parser
+
+    from classifier.train import ClassifierConfig
+
+    args = train_arg_parser("x").parse_args(["--config", str(REPO / "configs/demo/classifier.yaml"),
+                                             "--set", f"out={tmp_path / 'set'}", "--out", str(tmp_path / "flag")])
+    assert load_stage_config(ClassifierConfig, args).out == str(tmp_path / "flag")
 
 
 def stage_check(stage: str):
