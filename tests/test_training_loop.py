@@ -1,0 +1,152 @@
+"""The shared training loop (mitosis_ldm/training.py) beyond the spine's round trip: checkpoint rotation, resume at
+the edges (a finished run, a killed save, a missing folder, both flags), gradient accumulation, EMA state, logging
+cadence and the seed."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from mitosis_ldm.config import load_config
+from mitosis_ldm.errors import UserError
+from mitosis_ldm.training import TrainConfig, TrainingRun
+
+
+@dataclass
+class LoopConfig:
+    out: str = "runs/x"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    note: str | None = None
+
+
+def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, **train_keys):
+    """A linear model trained the way every stage's loop is written; (start step, end step, run, weights, batch sums
+    in the order seen, the EMA weights or None)."""
+    from diffusers.training_utils import EMAModel
+
+    keys = dict(batch_size=4, checkpoint_every=4, keep_checkpoints=2, log_every=1)
+    tcfg = TrainConfig(max_steps=max_steps, **{**keys, **train_keys})
+    run = TrainingRun(run_dir, tcfg, LoopConfig(train=tcfg), resume=resume, overwrite=overwrite)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    average = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=2 / 3) if ema else None
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(torch.arange(96.0).reshape(32, 3) / 96, batch_size=4, shuffle=True)
+    model, opt, loader = run.accelerator.prepare(model, opt, loader)
+    run.register(average)
+    step = start = run.resume()
+    batches = []
+    for x in run.batches(loader, step):
+        with run.accelerator.accumulate(model):
+            loss = (model(x) - 1).pow(2).mean()
+            run.accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+        batches.append(x.sum().item())
+        if run.accelerator.sync_gradients:
+            if average is not None:
+                average.step(model.parameters())
+            step += 1
+            run.step_done(step, {"loss": loss.item()})
+            if step >= max_steps:
+                break
+    run.finish()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ema_weights = torch.cat([p.flatten() for p in average.shadow_params]) if ema else None
+    return start, step, run, weights, batches, ema_weights
+
+
+def logged_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_only_the_last_keep_checkpoints_are_kept_and_0_keeps_the_latest(tmp_path):
+    _, _, run, *_ = train(tmp_path / "two", 10, checkpoint_every=2, keep_checkpoints=2)
+    assert [s for s, _ in run.checkpoints()] == [8, 10]
+    _, _, run, *_ = train(tmp_path / "zero", 10, checkpoint_every=2, keep_checkpoints=0)
+    assert [s for s, _ in run.checkpoints()] == [10]  # resume needs one
+    _, _, run, *_ = train(tmp_path / "none", 10, checkpoint_every=0)
+    assert run.checkpoints() == [] and list((tmp_path / "none" / "checkpoints").iterdir()) == []
+
+
+def test_resuming_a_finished_run_trains_no_further_step(tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, 8)
+    lines = logged_steps(run_dir)
+    start, end, *_ = train(run_dir, 8, resume="latest")
+    assert (start, end) == (8, 8) and logged_steps(run_dir) == lines
+
+
+def test_a_save_killed_half_way_does_not_stop_the_next_save_of_that_step(tmp_path):
+    # a kill during save_state leaves .checkpoint-N.tmp; the resumed run reaches step N again and must save it
+    run_dir = tmp_path / "run"
+    train(run_dir, 4)
+    stale = run_dir / "checkpoints" / ".checkpoint-8.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    start, end, run, *_ = train(run_dir, 8, resume="latest")
+    assert (start, end) == (4, 8) and [s for s, _ in run.checkpoints()] == [4, 8]
+    assert not stale.exists() and (run_dir / "checkpoints" / "checkpoint-8" / "model.safetensors").stat().st_size > 100
+
+
+def test_resume_of_a_run_folder_that_does_not_exist_is_refused(tmp_path):
+    # a mistyped --out with --resume latest would otherwise start a new run from step 0 without a word
+    with pytest.raises(UserError, match="typo: --resume latest given but the run folder does not exist"):
+        TrainingRun(tmp_path / "typo", TrainConfig(), resume="latest")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_resume_with_overwrite_keeps_the_checkpoints_and_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, 4)
+    start, end, run, *_ = train(run_dir, 8, resume="latest", overwrite=True)
+    assert (start, end) == (4, 8) and [s for s, _ in run.checkpoints()] == [4, 8]
+    assert logged_steps(run_dir) == list(range(1, 9))
+
+
+def test_an_optimizer_step_takes_grad_accum_batches_and_resume_keeps_the_shuffle(tmp_path):
+    # 8 batches an epoch, 2 a step: 4 steps an epoch; the resumed run starts the second epoch's shuffle
+    _, _, _, straight, straight_batches, _ = train(tmp_path / "straight", 8, grad_accum=2)
+    assert len(straight_batches) == 16
+    train(tmp_path / "stopped", 4, grad_accum=2)
+    start, _, _, resumed, resumed_batches, _ = train(tmp_path / "stopped", 8, resume="latest", grad_accum=2)
+    assert start == 4 and resumed_batches == straight_batches[8:]
+    assert torch.equal(resumed, straight)
+
+
+def test_resume_restores_the_ema_weights_not_a_fresh_average(tmp_path):
+    # stopped at an epoch's end (8 batches), so the resumed run sees the straight run's batches
+    *_, straight = train(tmp_path / "straight", 16, ema=True)
+    train(tmp_path / "stopped", 8, ema=True)
+    start, *_, resumed = train(tmp_path / "stopped", 16, resume="latest", ema=True)
+    assert start == 8 and torch.equal(resumed, straight)
+
+
+def test_the_last_step_is_logged_whatever_log_every_says(tmp_path):
+    train(tmp_path / "four", 10, log_every=4)
+    assert logged_steps(tmp_path / "four") == [4, 8, 10]
+    train(tmp_path / "zero", 3, log_every=0)  # accepted by the check; logs every step
+    assert logged_steps(tmp_path / "zero") == [1, 2, 3]
+
+
+def test_the_resolved_config_is_saved_in_the_run_folder(tmp_path):
+    cfg = LoopConfig(train=TrainConfig(max_steps=3, seed=7), note="hello")
+    TrainingRun(tmp_path / "run", cfg.train, cfg).finish()
+    assert load_config(LoopConfig, tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_the_train_seed_seeds_torch_numpy_and_python(tmp_path):
+    draws = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        torch.manual_seed(99)
+        np.random.seed(99)
+        random.seed(99)
+        TrainingRun(tmp_path / name, TrainConfig(seed=seed)).finish()
+        draws.append((torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()))
+    assert draws[0] == draws[1]
+    assert all(a != c for a, c in zip(draws[0], draws[2]))
