@@ -244,6 +244,12 @@ def train(cfg: DiffusionTrainConfig, resume: str | None = None, overwrite: bool 
     acc = run.accelerator
     cache_dir = resolve_cache(cfg, run)
     cache = LatentCache(cache_dir)
+    encoded = cache.info.get("splits")  # None: every split
+    missing = [s for s in cfg.data.splits if encoded is not None and s not in encoded]
+    if missing:  # otherwise the run trains on the rows it has, without a word
+        wanted = " ".join(f"--split {s}" for s in dict.fromkeys([*encoded, *cfg.data.splits]))
+        raise UserError(f"{cache_dir}: latent cache encodes split(s) {', '.join(encoded)}, not {', '.join(missing)} "
+                        f"(field 'data.splits'); rebuild it with mitosis-ldm cache --overwrite {wanted}")
     keep = np.isin(cache.splits, [SPLIT_CODES[s] for s in cfg.data.splits])
     if not keep.any():
         raise UserError(f"{cache_dir}: no rows in splits {cfg.data.splits} (field 'data.splits')")

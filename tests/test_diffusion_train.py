@@ -207,6 +207,23 @@ def test_training_on_a_split_without_rows_is_one_line(small, tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {cache}: no rows in splits ['val'] (field 'data.splits')"]
 
 
+def test_a_split_the_cache_did_not_encode_is_one_line(small, tmp_path):
+    # was: a cache of the train split alone (what a first run builds), reused with data.splits [train, val], trained
+    # on the train rows without a word
+    from conftest import run_module
+
+    from diffusion.cache import build_cache
+
+    cache = build_cache(small["vae"], [small["synth"]], tmp_path / "latents", splits=["train"], progress=False)
+    result = run_module("diffusion.train", *tiny_train_args(tmp_path / "run", cache),
+                        "--set", "data.splits=[train,val]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {cache}: latent cache encodes split(s) train, not val (field 'data.splits'); rebuild it with "
+        f"mitosis-ldm cache --overwrite --split train --split val"]
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_a_cache_smaller_than_one_batch_trains_on_short_batches(small, tmp_path):
     # with drop_last the loader would hold no batch and the loop would wait for one forever
     from conftest import run_module
