@@ -98,11 +98,46 @@ def test_atomic_dir_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["b.txt", "integrity.json"]
 
 
+def test_overwrite_removes_the_old_output_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
+    import shutil
+
+    from mitosis_ldm import io
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+    removed, rmtree = [], shutil.rmtree
+
+    def watched(path, *args, **kwargs):  # a crash here must leave an output at `out`, the new one
+        removed.append((os.path.basename(path), sorted(p.name for p in out.iterdir())))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.shutil, "rmtree", watched)
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [files for _, files in removed] == [["integrity.json", "new.txt"]], removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_read_json_reports_file_and_position(tmp_path):
     bad = tmp_path / "m.json"
     bad.write_text('{"a": 1,,}')
     with pytest.raises(UserError, match=r"m.json: malformed JSON at line 1"):
         read_json(bad)
+
+
+def test_read_json_names_a_missing_file_or_a_folder_in_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^.*/gone.json: file not found$"):
+        read_json(tmp_path / "gone.json")
+    with pytest.raises(UserError, match=r"^.*: is a folder, expected a manifest file$"):
+        read_json(tmp_path, what="manifest")
+
+
+def test_write_json_makes_its_folder_and_writes_numpy_values_and_paths_as_json(tmp_path):
+    out = tmp_path / "new" / "deeper" / "m.json"
+    write_json(out, {"n": np.int64(3), "x": np.float32(0.5), "a": np.arange(2), "p": tmp_path})
+    data = read_json(out)
+    assert data == {"n": 3, "x": 0.5, "a": [0, 1], "p": str(tmp_path)} and isinstance(data["n"], int)
 
 
 def test_an_output_under_a_file_or_in_an_unwritable_folder_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -307,6 +342,12 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in ("data", "vae", "score", "transitions", "real2gen", "report"):
         assert name in out
+
+
+def test_no_command_or_help_prints_the_usage(capsys):
+    for argv in ([], ["help"], ["-h"]):  # a bare `mitosis-ldm` was an IndexError traceback under one mutation
+        assert cli_main(argv) == 0
+        assert capsys.readouterr().out.startswith("usage: mitosis-ldm COMMAND [ARGS...]")
 
 
 def test_unknown_command_fails(capsys):
