@@ -147,7 +147,8 @@ def test_an_output_under_a_file_or_in_an_unwritable_folder_is_refused_before_any
     with pytest.raises(UserError, match=r"out/x.csv: cannot be created: .*slide.svs is a file, not a folder"):
         check_new_output(tmp_path / "slide.svs" / "out" / "x.csv", overwrite=False)
     check_new_output(tmp_path / "new" / "deeper" / "x.csv", overwrite=False)  # missing folders are made later
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root every folder is writable
+    # as root every folder is writable: this one is readable and searchable but not writable
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
     with pytest.raises(UserError, match=f"cannot be created: folder {tmp_path} is not writable"):
         check_new_output(tmp_path / "x.csv", overwrite=False)
 
