@@ -49,19 +49,25 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     try:
         yield tmp
         integrity.record(tmp)  # every exported folder carries its files' sha256 (integrity.json)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, swapping out an existing `dst` with two renames."""
+    """Move folder `src` to `dst`, swapping out an existing `dst` with two renames; if the second fails, the
+    old `dst` is put back."""
     trash = None
     if dst.exists():
         trash = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.replace(dst, trash)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if trash is not None:
+            os.replace(trash, dst)
+        raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,26 @@ def test_overwrite_removes_the_old_output_only_once_the_new_one_is_in_place(tmp_
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [files for _, files in removed] == [["integrity.json", "new.txt"]], removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    from mitosis_ldm import io
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+    replace = os.replace
+
+    def failing(src, dst):  # the new output's rename into place fails (a full disk's metadata, a stale handle)
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(OSError), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (out / "old.txt").read_text() == "old"  # not left at a hidden .out.old-PID
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
