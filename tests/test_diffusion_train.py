@@ -224,6 +224,36 @@ def test_a_split_the_cache_did_not_encode_is_one_line(small, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_the_learning_rate_warms_up_then_follows_its_cosine_schedule(small, tmp_path):
+    import json
+
+    from diffusion.cache import build_cache
+    from diffusion.train import main as train_main
+
+    cache = build_cache(small["vae"], [small["synth"]], tmp_path / "latents", progress=False)
+    train_main([*tiny_train_args(tmp_path / "run", cache, steps=4), "--set", "preview.every=0",
+                "--set", "train.lr=1e-3", "--set", "train.lr_schedule=cosine", "--set", "train.lr_warmup_steps=2",
+                "--set", "train.log_every=1"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # linear warm-up over 2 steps, then half a cosine from 1e-3 down to 0 over the other 2
+    assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-9)
+
+
+def test_a_folder_in_the_way_of_an_auto_built_cache_is_refused_and_kept(small, tmp_path):
+    from conftest import run_module
+
+    mine = tmp_path / "notes"  # data.cache misspelt as a folder of the user's, with data.vae + data.datasets set
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    result = run_module("diffusion.train", *tiny_train_args(tmp_path / "run", mine),
+                        "--set", f"data.vae={small['vae']}", "--set", f"data.datasets=[{small['synth']}]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--overwrite" in result.stderr and str(mine) in result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["todo.txt"] and (mine / "todo.txt").read_text() == "mine"
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_a_cache_smaller_than_one_batch_trains_on_short_batches(small, tmp_path):
     # with drop_last the loader would hold no batch and the loop would wait for one forever
     from conftest import run_module
