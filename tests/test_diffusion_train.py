@@ -326,6 +326,20 @@ def test_overwrite_starts_the_run_folder_again(recorded):
     assert not (recorded["run"] / "old.txt").exists() and (recorded["run"] / "model" / "pipeline.json").exists()
 
 
+def test_the_exported_weights_are_the_moving_average_that_the_checkpoint_keeps(recorded):
+    import torch
+    from safetensors.torch import load_file
+
+    [checkpoint] = sorted((recorded["run"] / "checkpoints").glob("checkpoint-*"))
+    # the EMA registered with the run: what --resume restores (accelerate's file of the first registered object)
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    assert ema["optimization_step"] == 2  # it followed both optimizer steps
+    model = recorded["run"] / "model"
+    exported = [load_file(model / part / "diffusion_pytorch_model.safetensors") for part in ("unet", "label_embedder")]
+    total = sum(float(t.double().sum()) for weights in exported for t in weights.values())
+    assert sum(float(t.double().sum()) for t in ema["shadow_params"]) == pytest.approx(total, rel=1e-6)
+
+
 def test_training_draws_train_split_rows_with_their_own_labels(recorded):
     from diffusion.cache import LatentCache
 
