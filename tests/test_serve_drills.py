@@ -85,3 +85,20 @@ def test_malformed_requests_cycle_through_every_kind():
     assert len(kinds) >= 20 and {method for method, *_ in kinds} >= {"GET", "POST", "DELETE"}
     n = len(kinds)
     assert len({(m, p, b) for m, p, b, _ in requests[:n]}) == n and requests[n] == requests[0]
+
+
+def test_mixed_load_reports_the_memory_peak_not_only_where_it_ended(stub, monkeypatch):
+    import serve.drills
+
+    app, url = stub
+    app.answer = (404, b'{"error": "no such tile"}')
+    readings = iter([100.0, 100.0, 150.0, 120.0])  # before the load, during it (a peak), then after it
+
+    def rss(pid):
+        return next(readings, 110.0)  # the last reading, after the load, once the samples run out
+
+    monkeypatch.setattr(serve.drills, "rss_mb", rss)
+    load = mixed_load(url, SLIDE, [(10, 10)], clients=1, seconds=1.2, pid=1, transition_share=0.0)
+    memory = load["rss_mb"]
+    assert memory["before"] == 100.0 and memory["max"] == 150.0, memory
+    assert memory["growth"] == 0.5  # the peak over the start, though the process gave memory back by the end
