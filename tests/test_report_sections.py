@@ -10,7 +10,7 @@ import numpy as np
 from report.build import ReportConfig
 from report.extras import HeldOut
 
-from test_posterior import write_posterior_folder
+from test_posterior_report import write_posterior_folder
 
 
 def test_datasets_without_a_content_hash_are_not_the_same_dataset(tmp_path):
