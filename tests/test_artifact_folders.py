@@ -29,17 +29,11 @@ def test_a_marker_file_of_another_format_is_not_that_artifact(tmp_path, kind):
         artifacts.expect_artifact(tmp_path, kind, "--in")
 
 
-def flip_last_byte(path):
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def test_a_run_folders_model_is_verified_like_the_model_folder(tmp_path):
     model = tiny_artifacts.classifier(tmp_path / "run" / "model")
     assert artifacts.expect_artifact(tmp_path / "run", artifacts.CLASSIFIER, "--classifier") == model
     weights = model / "member-0.safetensors"
-    flip_last_byte(weights)  # same size: the hash recorded at export tells
+    tiny_artifacts.flip_byte(weights)  # same size: the hash recorded at export tells
     for given in (model, tmp_path / "run"):
         with pytest.raises(UserError, match=f"{weights}: content differs from the sha256 recorded at export"):
             artifacts.expect_artifact(given, artifacts.CLASSIFIER, "--classifier")
@@ -174,6 +168,6 @@ def test_a_manifest_that_contradicts_its_frames_is_refused(tmp_path, fields, wor
 
 def test_reading_transitions_checks_the_recorded_hashes(tmp_path):
     folder = artifacts.write_transitions(tmp_path / "t", frames(), {"seeds": [0, 1], "conditions": [0.0, 0.5, 1.0]})
-    flip_last_byte(folder / "frames.npy")  # still a valid array of the same shape
+    tiny_artifacts.flip_byte(folder / "frames.npy")  # still a valid array of the same shape
     with pytest.raises(UserError, match="frames.npy: content differs from the sha256 recorded at export"):
         artifacts.read_transitions(folder)

@@ -204,20 +204,14 @@ def test_loading_hashes_every_file_up_to_the_cheap_size(tmp_path):
         f"{weights}: content differs from the sha256 recorded at export (corrupted or edited)"]
 
 
-def flip_first_byte(path):
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def test_a_loader_names_the_first_damaged_file_and_counts_the_others(tmp_path):
     folder = posterior_folder(tmp_path / "post")
-    flip_first_byte(folder / "posterior.json")
+    tiny_artifacts.flip_byte(folder / "posterior.json", 0)
     with pytest.raises(UserError) as one:
         integrity.verify(folder)
     assert str(one.value) == f"{folder / 'posterior.json'}: content differs from the sha256 recorded at export " \
                              f"(corrupted or edited)"
-    flip_first_byte(folder / "posterior.csv")  # sorts before posterior.json
+    tiny_artifacts.flip_byte(folder / "posterior.csv", 0)  # sorts before posterior.json
     with pytest.raises(UserError) as two:
         integrity.verify(folder)
     assert str(two.value) == f"{folder / 'posterior.csv'}: content differs from the sha256 recorded at export " \
@@ -276,7 +270,7 @@ CONTENT_CASES = {  # damage the hashes cannot see (the record is rewritten after
               "labels.csv: field 'label' of id 'p2' is outside [0, 1]"),
     "count": ("dataset", lambda f: set_field(f / "dataset.json", "count", 13),
               "dataset.json: field 'count' is 13, patches.npy holds 12"),
-    "content hash": ("dataset", lambda f: flip_last_byte(f / "patches.npy"),
+    "content hash": ("dataset", lambda f: tiny_artifacts.flip_byte(f / "patches.npy"),
                      "dataset.json: field 'content_hash' does not match patches.npy + labels.csv"),
     "strip": ("transitions", lambda f: (f / "strip-1.png").unlink(), "strip-1.png: missing (one strip per seed)"),
     "scores": ("transitions", lambda f: (f / "scores.csv").write_text("name,seed,frame,condition,mean,std\n"
@@ -302,12 +296,6 @@ def nan_weights(path):
     name = sorted(k for k in tensors if k.startswith("decoder.conv_out.weight"))[0]
     tensors[name][0] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
-
-
-def flip_last_byte(path):
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("case", sorted(CONTENT_CASES))

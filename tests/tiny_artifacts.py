@@ -83,3 +83,10 @@ def transitions(out: Path, seeds: int = 2, conditions: int = 3) -> Path:
     return write_transitions(out, frames, {"seeds": list(range(seeds)),
                                            "conditions": np.linspace(0, 1, conditions).tolist(),
                                            "guidance": 2.0, "sampler": "ddim", "steps": 2, "model_hash": "test"})
+
+
+def flip_byte(path: Path, index: int = -1) -> None:
+    """Flip the low bit of one byte of a file: the same size, other content (only a recorded hash can tell)."""
+    data = bytearray(path.read_bytes())
+    data[index] ^= 0x01
+    path.write_bytes(bytes(data))
