@@ -18,7 +18,8 @@ from mitosis_ldm.cli import main as cli_main
 from mitosis_ldm.config import ConfigError, load_config, save_config
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir, read_json, write_json
-from mitosis_ldm.training import TrainConfig, TrainingRun, adamw
+from mitosis_ldm.training import TrainConfig, adamw
+from test_training_loop import train  # the toy loop every stage's loop is written like
 
 from conftest import REPO
 
@@ -253,73 +254,26 @@ def test_transitions_round_trip_and_strips(tmp_path):
 
 # -- training plumbing -----------------------------------------------------------
 
-def _train(run_dir, max_steps, resume=None, overwrite=False):
-    cfg = TrainConfig(max_steps=max_steps, batch_size=4, checkpoint_every=5, keep_checkpoints=2, log_every=1)
-    run = TrainingRun(run_dir, cfg, StageConfig(train=cfg), resume=resume, overwrite=overwrite)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(torch.randn(32, 3), batch_size=4, shuffle=True)
-    model, opt, loader = run.accelerator.prepare(model, opt, loader)
-    step = start = run.resume()
-    for x in run.batches(loader, step):
-        with run.accelerator.accumulate(model):
-            loss = model(x).pow(2).mean()
-            run.accelerator.backward(loss)
-            opt.step()
-            opt.zero_grad()
-        step += 1
-        run.step_done(step, {"loss": loss.item()})
-        if step >= max_steps:
-            break
-    run.finish()
-    return start, step, run
-
-
 def test_checkpoints_rotate_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
-    start, end, run = _train(run_dir, 12)
+    start, end, run, *_ = train(run_dir, 12, checkpoint_every=5)
     assert (start, end) == (0, 12)
     assert [s for s, _ in run.checkpoints()] == [5, 10]          # keep the last 2
     assert read_json(run_dir / "run.json")["process_ranks"] == [0]
     with pytest.raises(UserError, match="--resume latest"):
-        _train(run_dir, 20)
-    start, end, _ = _train(run_dir, 20, resume="latest")
+        train(run_dir, 20, checkpoint_every=5)
+    start, end, *_ = train(run_dir, 20, resume="latest", checkpoint_every=5)
     assert (start, end) == (10, 20)
     steps = [json.loads(line)["step"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert steps[:12] == list(range(1, 13)) and steps[12:] == list(range(11, 21))
-    start, end, _ = _train(run_dir, 3, overwrite=True)
+    start, end, *_ = train(run_dir, 3, overwrite=True, checkpoint_every=5)
     assert (start, end) == (0, 3) and not (run_dir / "checkpoints" / "checkpoint-10").exists()
 
 
-def _train_adamw(run_dir, max_steps, resume=None):
-    """8 AdamW steps an epoch over shuffled data, a checkpoint at each epoch's end; (start step, weights, batches)."""
-    cfg = TrainConfig(max_steps=max_steps, batch_size=4, checkpoint_every=8, log_every=1)
-    run = TrainingRun(run_dir, cfg, StageConfig(train=cfg), resume=resume)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    loader = torch.utils.data.DataLoader(torch.arange(96.0).reshape(32, 3) / 96, batch_size=4, shuffle=True)
-    model, opt, loader = run.accelerator.prepare(model, opt, loader)
-    step = start = run.resume()
-    batches = []
-    for x in run.batches(loader, step):
-        run.accelerator.backward((model(x) - 1).pow(2).mean())
-        opt.step()
-        opt.zero_grad()
-        batches.append(x.sum().item())
-        step += 1
-        run.step_done(step)
-        if step >= max_steps:
-            break
-    run.finish()
-    return start, torch.cat([p.detach().flatten() for p in model.parameters()]), batches
-
-
 def test_resume_continues_with_the_saved_weights_optimizer_and_shuffle_state(tmp_path):
-    _, straight, straight_batches = _train_adamw(tmp_path / "straight", 16)
-    _train_adamw(tmp_path / "stopped", 8)
-    start, resumed, resumed_batches = _train_adamw(tmp_path / "stopped", 16, resume="latest")
+    *_, straight, straight_batches, _ = train(tmp_path / "straight", 16, checkpoint_every=8)
+    train(tmp_path / "stopped", 8, checkpoint_every=8)
+    start, _, _, resumed, resumed_batches, _ = train(tmp_path / "stopped", 16, resume="latest", checkpoint_every=8)
     assert start == 8 and resumed_batches == straight_batches[8:]  # the second epoch's batches, in the same order
     assert torch.equal(resumed, straight)  # bit for bit: weights, Adam moments and RNG all came back
 
@@ -327,9 +281,9 @@ def test_resume_continues_with_the_saved_weights_optimizer_and_shuffle_state(tmp
 def test_a_run_folder_that_is_a_file_or_lies_under_one_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="notes.txt: is a file; the run folder must be a folder"):
-        _train(tmp_path / "notes.txt", 1)
+        train(tmp_path / "notes.txt", 1)
     with pytest.raises(UserError, match="notes.txt/run: cannot be created: .*notes.txt is a file, not a folder"):
-        _train(tmp_path / "notes.txt" / "run", 1)
+        train(tmp_path / "notes.txt" / "run", 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
