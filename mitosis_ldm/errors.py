@@ -17,6 +17,7 @@ again by the others, so the user still reads it once.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -135,6 +136,15 @@ def stop_on_signals():
     return restore
 
 
+def _stopped():
+    """Print the stopping signal's one word and exit with its code."""
+    if _Stop.signum == signal.SIGTERM:
+        say("terminated")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    say("interrupted")
+    raise SystemExit(EXIT_INTERRUPTED) from None
+
+
 def user_errors(main_fn):
     """Turn UserError into one line on stderr and exit 2 (the documented contract)."""
 
@@ -150,11 +160,13 @@ def user_errors(main_fn):
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: output folders under way were already removed on the way out (resumable runs keep
             # theirs)
-            if _Stop.signum == signal.SIGTERM:
-                say("terminated")
-                raise SystemExit(128 + signal.SIGTERM) from None
-            say("interrupted")
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            _stopped()
+        except ctypes.ArgumentError as err:
+            # the stop landed while ctypes converted a C call's arguments in Python (OpenSlide does): ctypes
+            # rewraps the KeyboardInterrupt as "argument N: KeyboardInterrupt: " and drops the original
+            if _Stop.signum is None or "KeyboardInterrupt" not in str(err):
+                raise
+            _stopped()
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: a bug's traceback stays visible
                 raise

@@ -3,6 +3,7 @@ the demo, which lets its running stage stop and says how to go on."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -43,6 +44,33 @@ def test_ctrl_c_prints_one_word_and_exits_130(capsys):
         assert exit_info.code == 130 and capsys.readouterr().err == "interrupted\n"
     else:
         pytest.fail("no exit")
+
+
+def test_a_sigterm_inside_a_ctypes_call_stops_like_any_other(capsys):
+    # OpenSlide's Python side converts each argument of a C call in Python code: a signal that lands there reaches
+    # the command as ctypes.ArgumentError("argument 2: KeyboardInterrupt: "), which once printed a traceback
+    class Slow:
+        @classmethod
+        def from_param(cls, value):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, still inside the conversion
+            return value
+
+    @user_errors
+    def main():
+        libc_abs = ctypes.CDLL(None).abs
+        libc_abs.argtypes = [Slow]
+        libc_abs(3)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 143 and capsys.readouterr().err == "terminated\n"
+
+    @user_errors
+    def broken():  # the same error with no stop under way is a bug: its traceback stays
+        raise ctypes.ArgumentError("argument 1: TypeError: wrong type")
+
+    with pytest.raises(ctypes.ArgumentError):
+        broken()
 
 
 def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceback(tmp_path):
