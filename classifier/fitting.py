@@ -48,9 +48,12 @@ class EarlyStopping(nn.Module):
 
 @torch.no_grad()
 def val_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """The model's float32 logits for uint8 (N, H, W, 3) images, on the CPU; each batch goes to the model's device."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(to_network_input(images[i: i + batch_size])) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    out = torch.cat([model(to_network_input(images[i: i + batch_size]).to(device)).float().cpu()
+                     for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return out
 

@@ -198,7 +198,8 @@ def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: 
             judged = ema.module if ema is not None else plain
             logits_val = val_logits(judged, val_images)
             # every process judges the same weights; averaging makes their stop decisions identical
-            val_loss = acc.reduce(F.binary_cross_entropy_with_logits(logits_val, val_targets), "mean").item()
+            val_loss = F.binary_cross_entropy_with_logits(logits_val, val_targets)  # on the CPU, as val_logits gives
+            val_loss = acc.reduce(val_loss.to(acc.device), "mean").item()  # NCCL reduces only GPU tensors
             stopped_early = early.update(val_loss, judged, step)
             logs.update(val_loss=val_loss, best_val_loss=float(early.best_loss))
             if step % max(1, tcfg.log_every) and step != tcfg.max_steps:

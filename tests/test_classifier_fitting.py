@@ -46,6 +46,24 @@ def test_val_logits_judge_in_eval_mode_and_leave_the_model_as_it_was():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_val_logits_send_each_batch_to_the_models_device_and_give_float32_logits_on_the_cpu():
+    # a GPU run once failed here: the CPU images met CUDA weights. The meta device stands in for the GPU.
+    class OnAnotherDevice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.device.type)
+            return torch.full((len(x),), 0.5, dtype=torch.bfloat16)  # mixed precision leaves bf16 logits
+
+    model = OnAnotherDevice()
+    got = val_logits(model, images(5), batch_size=2)
+    assert model.seen == ["meta"] * 3
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and got.shape == (5,)
+
+
 def test_platt_scaling_recovers_a_known_scale_and_bias():
     logits = torch.linspace(-3, 3, 200)
     targets = torch.sigmoid(2.0 * logits - 1.0)  # soft targets: BCE is smallest exactly at scale 2, bias -1
