@@ -62,16 +62,18 @@ def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(vae, images_uint8: np.ndarray, mode: str = "mean", generator: torch.Generator | None = None,
                   batch_size: int = 128) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> scaled latents float32 (N, C, h, w)."""
+    """uint8 (N, H, W, 3) -> scaled latents float32 (N, C, h, w), on the VAE's device (`mode="sample"` draws its
+    noise from `generator`, a CPU one: the same draw on every device)."""
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    device = next(vae.parameters()).device
     out = []
     for start in range(0, len(images_uint8), batch_size):
-        block = torch.from_numpy(np.ascontiguousarray(images_uint8[start: start + batch_size]))
+        block = torch.from_numpy(np.ascontiguousarray(images_uint8[start: start + batch_size])).to(device)
         x = block.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         dist = vae.encode(x).latent_dist
         z = dist.mean if mode == "mean" else dist.sample(generator)
-        out.append((z - shift) * scale)
+        out.append((z.float() - shift) * scale)
     return torch.cat(out)
 
 
@@ -98,6 +100,7 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
     if not datasets:
         raise UserError("--dataset: give at least one patch dataset")
     vae_dir, vae = load_vae(vae_dir)
+    vae.to("cuda" if torch.cuda.is_available() else "cpu")  # the encoding is most of the work: a GPU when there is one
     generator = torch.Generator().manual_seed(seed)
     wanted = list(splits) if splits else None  # `splits` below collects each row's split code
     for name in wanted or []:
@@ -120,7 +123,7 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
             per_variant.append(encode_images(vae, x, mode, generator))
             if progress:
                 print(f"encoded {ds.root} variant {k + 1}/{len(variants)} ({len(x)} patches)", flush=True)
-        latents.append(torch.stack(per_variant, 1).half().numpy())  # (n, V, C, h, w)
+        latents.append(torch.stack(per_variant, 1).half().cpu().numpy())  # (n, V, C, h, w)
         labels.append(ds.soft_labels)
         hard.append(ds.hard_labels)
         ids.append(np.full(len(ds), d, np.int16))

@@ -53,6 +53,28 @@ def test_latents_are_the_shifted_scaled_posterior_means_and_decoding_undoes_it()
     assert np.abs(decode_latents(vae, latents).astype(int) - expected).max() <= 1
 
 
+def test_encoding_sends_the_images_to_the_vaes_device():
+    # on a GPU, the CPU images once met the VAE's CUDA weights (the cache, real2gen and the posterior all encode
+    # here). The meta device stands in for the GPU.
+    from types import SimpleNamespace
+
+    class OnAnotherDevice(torch.nn.Module):
+        config = SimpleNamespace(scaling_factor=2.0, shift_factor=None)
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = []
+
+        def encode(self, x):
+            self.seen.append(x.device.type)
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.ones(len(x), 4, 2, 2)))
+
+    vae = OnAnotherDevice()
+    got = encode_images(vae, np.zeros((5, 8, 8, 3), np.uint8), batch_size=2)
+    assert vae.seen == ["meta"] * 3 and got.shape == (5, 4, 2, 2) and float(got[0, 0, 0, 0]) == 2.0
+
+
 def test_mode_sample_draws_from_the_posterior_and_the_seed_picks_the_draw(parts):
     root = parts["root"]
 
