@@ -87,23 +87,24 @@ def denoising_errors(pipe: MitosisPipeline, latents: torch.Tensor, ids: list[str
     """
     scheduler = pipe.scheduler
     kind = scheduler.config.prediction_type
-    timesteps = torch.from_numpy(draw_timesteps(draws, scheduler.config.num_train_timesteps))
-    alphas = scheduler.alphas_cumprod.float()
-    labels = torch.tensor([*map(float, grid), float("nan")])  # (K+1,), NaN = null
+    device = pipe.device  # the noise is drawn on the CPU (the same on every device) and moved there
+    timesteps = draw_timesteps(draws, scheduler.config.num_train_timesteps).tolist()  # ints: index without a sync
+    alphas = scheduler.alphas_cumprod.float().to(device)
+    labels = torch.tensor([*map(float, grid), float("nan")], device=device)  # (K+1,), NaN = null
     k1 = len(labels)
     emb = pipe.label_embedder(labels)  # (K+1, D)
     shape = tuple(latents.shape[1:])
     out = np.zeros((len(latents), draws, k1), np.float32)
     for start in range(0, len(latents), patches_per_call):
-        x0 = latents[start: start + patches_per_call].float()  # (P, C, h, w)
+        x0 = latents[start: start + patches_per_call].float().to(device)  # (P, C, h, w)
         p = len(x0)
         names = ids[start: start + p]
         if shared_noise:
-            noise = torch.stack([patch_noise(n, seed, draws, shape) for n in names])  # (P, D, C, h, w)
+            noise = torch.stack([patch_noise(n, seed, draws, shape) for n in names]).to(device)  # (P, D, C, h, w)
         else:
-            noise = torch.stack([patch_noise(n, seed, draws, shape, k1) for n in names])  # (P, D, K+1, C, h, w)
-        for j, t in enumerate(timesteps):
-            alpha = alphas[t]
+            noise = torch.stack([patch_noise(n, seed, draws, shape, k1) for n in names]).to(device)  # (P, D, K+1, ...)
+        for j, step in enumerate(timesteps):
+            alpha = alphas[step]
             if shared_noise:
                 eps = noise[:, j, None].expand(p, k1, *shape)  # (P, K+1, C, h, w): one eps for every label
             else:
@@ -111,17 +112,19 @@ def denoising_errors(pipe: MitosisPipeline, latents: torch.Tensor, ids: list[str
             clean = x0[:, None].expand(p, k1, *shape)
             noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * eps  # what scheduler.add_noise computes
             if shared_noise:
-                pred = pipe.unet(noisy.reshape(p * k1, *shape), t.repeat(p * k1),
+                t = torch.full((p * k1,), step, dtype=torch.long, device=device)
+                pred = pipe.unet(noisy.reshape(p * k1, *shape), t,
                                  class_labels=emb.repeat(p, 1)).sample.reshape(p, k1, *shape)
             else:
-                pred = torch.stack([pipe.unet(noisy[:, g], t.repeat(p), class_labels=emb[g].expand(p, -1)).sample
+                t = torch.full((p,), step, dtype=torch.long, device=device)
+                pred = torch.stack([pipe.unet(noisy[:, g], t, class_labels=emb[g].expand(p, -1)).sample
                                     for g in range(k1)], dim=1)
             cond, uncond = pred[:, :-1], pred[:, -1:]
             pred = torch.cat([uncond + guidance * (cond - uncond), uncond], dim=1)  # (P, K+1, C, h, w)
             target = {"epsilon": eps, "sample": clean,
                       "v_prediction": alpha.sqrt() * eps - (1 - alpha).sqrt() * clean}[space]
             mine = in_space(pred, noisy, alpha, kind, space)
-            out[start: start + p, j] = ((mine - target) ** 2).mean(dim=(2, 3, 4)).numpy()
+            out[start: start + p, j] = ((mine - target) ** 2).mean(dim=(2, 3, 4)).float().cpu().numpy()
         if progress is not None:
             progress(p)
     return out

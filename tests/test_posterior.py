@@ -67,6 +67,32 @@ class Recorder(torch.nn.Module):
         return self.unet(x, t, class_labels=class_labels)
 
 
+def test_every_model_input_is_on_the_pipelines_device():
+    # on a GPU, the CPU noise, labels and timesteps once met the pipeline's CUDA weights. The meta device stands in
+    # for the GPU: every UNet and embedder input must be there, so the first thing to fail is copying the errors out.
+    from diffusers import DDPMScheduler
+
+    from diffusion.posterior import denoising_errors
+
+    seen = set()
+
+    def unet(x, t, class_labels):
+        seen.update((x.device.type, t.device.type, class_labels.device.type))
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    def label_embedder(labels):
+        seen.add(labels.device.type)
+        return torch.zeros(len(labels), 8, device=labels.device)
+
+    pipe = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction"),
+                           device=torch.device("meta"), unet=unet, label_embedder=label_embedder)
+    for shared in (True, False):
+        with pytest.raises(NotImplementedError, match="meta"):
+            denoising_errors(pipe, torch.zeros(2, 4, 8, 8), ["a", "b"], [0.0, 1.0], draws=2, seed=0,
+                             space="v_prediction", shared_noise=shared)
+        assert seen == {"meta"}
+
+
 def test_one_call_per_draw_with_the_same_noisy_latent_for_every_label(world):
     from diffusion.pipeline import MitosisPipeline
     from diffusion.posterior import denoising_errors
@@ -127,7 +153,7 @@ def test_a_model_with_a_known_best_label_is_recovered(space):
     from diffusion.posterior_fit import Calibration, log_posterior, summaries
 
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=False)
-    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler,
+    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler, device=torch.device("cpu"),
                            label_embedder=lambda y: torch.nan_to_num(y, nan=0.5)[:, None].repeat(1, 4))
     truth = [0.1, 0.7, 0.4]
     latents = torch.stack([torch.full((4, 8, 8), v) for v in truth])  # the clean latent IS the answer
@@ -160,7 +186,7 @@ def test_guidance_scales_the_conditional_prediction_away_from_the_null_one():
     from diffusion.posterior import denoising_errors
 
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=False)
-    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler,
+    pipe = SimpleNamespace(unet=KnownAnswer(), scheduler=scheduler, device=torch.device("cpu"),
                            label_embedder=lambda y: torch.nan_to_num(y, nan=0.5)[:, None].repeat(1, 4))
     latents = torch.full((1, 4, 8, 8), 0.8)
     grid = [0.0, 0.5, 1.0]
