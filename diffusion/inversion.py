@@ -79,6 +79,6 @@ class RealToGenerated:
             scheduler.set_begin_index(begin)
         timesteps = scheduler.timesteps[begin:]
         noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).expand_as(latents)
-        noisy = scheduler.add_noise(latents, noise.contiguous(), timesteps[:1].repeat(len(latents)))
+        noisy = scheduler.add_noise(latents, noise.contiguous().to(latents.device), timesteps[:1].repeat(len(latents)))
         generators = [torch.Generator().manual_seed(seed + 1_000_003) for _ in range(len(latents))]
         return self.denoise(noisy, labels, guidance, scheduler, timesteps, generators)

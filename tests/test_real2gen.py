@@ -72,6 +72,16 @@ def test_sdedit_at_strength_0_3_noises_to_the_level_of_its_first_step_of_the_las
     assert torch.allclose(noisy, (level * noise).expand(2, 4, 8, 8), atol=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "euler"])
+def test_sdedit_noises_latents_on_their_own_device(sampler):
+    # the noise is drawn on the CPU (the same on every device): on a GPU it once met the CUDA latents unmoved.
+    # The meta device stands in for the GPU.
+    pipe = DenoiseRecorder()
+    out = pipe.sdedit(torch.zeros(2, 4, 8, 8, device="meta"), torch.tensor([0.0, 1.0]), 2.0, steps=10, strength=0.3,
+                      sampler=sampler)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8, 8)
+
+
 class SdeditRecorder(DenoiseRecorder, ShiftPipeline):
     """ShiftPipeline's encode and decode around RealToGenerated's own SDEdit noising, recorded."""
 
