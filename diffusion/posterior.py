@@ -305,7 +305,10 @@ def main(argv=None):
 
 
 def run(args, grid) -> None:
-    pipe = MitosisPipeline.from_pretrained(args.pipeline)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pipe = MitosisPipeline.from_pretrained(args.pipeline).to(state.device)  # a GPU when there is one, one a process
     size = pipe.image_shape
     num_t = int(pipe.scheduler.config.num_train_timesteps)
     settings = {"grid": grid, "draws": args.draws, "seed": args.seed, "guidance": args.guidance,
@@ -319,9 +322,7 @@ def run(args, grid) -> None:
     cal_set = calibration_set(args.calibrate, args.calibrate_split, args.calibrate_limit, size) \
         if args.calibrate else None
     cal = calibration_from(args.temperature_from, settings, pipe.model_hash) if args.temperature_from else None
-    from accelerate import PartialState
-
-    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    is_main = state.is_main_process
     t0 = time.time()
     cal_errors = None
     if cal_set is not None:

@@ -114,6 +114,8 @@ def main(argv=None):
     check_at_least(args.limit, "--limit")
     check_new_output(args.out, args.overwrite)
     pipe = MitosisPipeline.from_pretrained(args.pipeline)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
     items = gather_images(args.input, split=args.split, limit=args.limit)
     size = pipe.image_shape
     for item in items:
