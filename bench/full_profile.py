@@ -7,7 +7,8 @@ process), on the embedded synthetic benchmark in place of MIDOG++ / CCMCT:
 the `base` autoencoder (configs/full/autoencoder.yaml, the patch-GAN switched on
 for the last third of the steps), the ResNet34 x4 ensemble (configs/full/classifier.yaml),
 the latent cache with dihedral copies, the `base` latent UNet
-(configs/full/diffusion.yaml), then `--seeds` transitions from it. Prints JSON:
+(configs/full/diffusion.yaml), then `--seeds` transitions from it, real2gen of 16
+test patches and the posterior of 64 (the paths that encode real patches). Prints JSON:
 for each training stage the seconds per optimizer step (the slope of
 logs/metrics.jsonl's wall clock, so start-up and export are left out; the
 autoencoder's before and after the GAN starts), the recipe's `max_steps` and
@@ -37,13 +38,15 @@ sys.path.insert(0, str(REPO))
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, str]:
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    log.write_text(result.stdout + result.stderr)
+    with open(log, "w") as stream:  # written as the stage runs: a run stopped by its time limit leaves how far it got
+        result = subprocess.run(cmd, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})})
+    text = log.read_text()
     if result.returncode != 0:
-        lines = (result.stdout + result.stderr).strip().splitlines()
+        lines = text.strip().splitlines()
         said = [line for line in lines if line.startswith("error:")] or lines[-15:]  # the one-line user error, if any
         raise RuntimeError(f"{log.stem} failed (exit {result.returncode}; {log}):\n" + "\n".join(said))
-    return time.time() - t0, result.stdout + result.stderr
+    return time.time() - t0, text
 
 
 def step_rate(run_dir: Path, first: int = 0, last: int | None = None) -> float | None:
@@ -127,6 +130,15 @@ def main(argv=None):
             ["--set", f"data.cache={root / 'latents'}"], root / "diffusion", logs, args.steps, args.smoke)),
         ("transitions", lambda: transitions(root / "diffusion" / "model", args.seeds, root / "transitions", logs,
                                             "transitions")),
+        # the GPU paths that sampling does not take: encoding real patches, inversion, the posterior's batches
+        ("real2gen", lambda: {"patches": 16, "wall_s": round(run(
+            [sys.executable, "-m", "mitosis_ldm", "real2gen", "--pipeline", str(root / "diffusion" / "model"),
+             "--input", str(args.dataset), "--split", "test", "--limit", "16", "--conditions", "0:1:5",
+             "--out", str(root / "real2gen"), "--overwrite"], logs / "real2gen.log")[0], 1)}),
+        ("posterior", lambda: {"patches": 64, "draws": 32, "wall_s": round(run(
+            [sys.executable, "-m", "mitosis_ldm", "posterior", "--pipeline", str(root / "diffusion" / "model"),
+             str(args.dataset), "--split", "test", "--limit", "64", "--draws", "32", "--quiet",
+             "--out", str(root / "posterior"), "--overwrite"], logs / "posterior.log")[0], 1)}),
         ("transitions_cpu_peer", lambda: transitions(root / "diffusion" / "model", args.cpu_seeds,
                                                      root / "transitions-cpu", logs, "transitions-cpu",
                                                      {"CUDA_VISIBLE_DEVICES": ""})),
@@ -139,6 +151,7 @@ def main(argv=None):
             print(json.dumps({name: out["stages"][name]}), flush=True)
             break
         print(json.dumps({name: out["stages"][name]}), flush=True)
+        (root / "full_profile.json").write_text(json.dumps(out, indent=2))  # so far: a time limit may end the run
     ae = out["stages"].get("autoencoder", {})
     if "s_per_step" in ae:
         ae["s_per_step_before_gan"] = step_rate(root / "autoencoder", 10, gan_start)
