@@ -297,9 +297,7 @@ def main(argv=None):
     if lpips is not None:
         lpips.to(run.device)
     ema = EMAModel(raw.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    if ema is not None:
-        ema.to(run.device)
-    run.register(sched, ema)
+    run.register(sched, ema)  # puts the average on the run's device
     step = run.resume()
     acc.print(f"start at step {step} of {cfg.train.max_steps}")
     held_out = held_out_images(cfg.data, cfg.data.eval_split, cfg.data.eval_limit) if run.is_main else {}

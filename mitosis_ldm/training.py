@@ -225,11 +225,18 @@ class TrainingRun:
             })
 
     def register(self, *objects):
-        """Track extra stateful objects (EMA, scalers) in checkpoints."""
+        """Track extra stateful objects (EMA, scalers) in checkpoints; a moving average goes to the run's device."""
         for obj in objects:
             if obj is not None:
                 self.accelerator.register_for_checkpointing(obj)
                 self._extra_state.append(obj)
+                self._to_device(obj)
+
+    def _to_device(self, obj) -> None:
+        # diffusers' EMAModel keeps its weights where they were made (often before `prepare` moved the model to a
+        # GPU), and a checkpoint loads them onto the CPU: `step` would then meet the model's weights on another device
+        if hasattr(obj, "shadow_params") and callable(getattr(obj, "to", None)):
+            obj.to(self.device)
 
     # -- checkpoints ------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -252,6 +259,8 @@ class TrainingRun:
             return 0
         step, path = found[-1]
         self.accelerator.load_state(str(path))
+        for obj in self._extra_state:
+            self._to_device(obj)
         self.accelerator.print(f"resumed from {path} (step {step})")
         return step
 

@@ -127,6 +127,23 @@ def test_resume_restores_the_ema_weights_not_a_fresh_average(tmp_path):
     assert start == 8 and torch.equal(resumed, straight)
 
 
+def test_a_moving_average_is_kept_on_the_runs_device_when_registered_and_after_a_resume(tmp_path, monkeypatch):
+    # made before `prepare` moved the model to a GPU, or loaded by a resume onto the CPU, the average's weights met
+    # the model's on another device at the first EMA step. A run computing on the meta device stands in for a GPU.
+    from diffusers.training_utils import EMAModel
+
+    train(tmp_path / "run", 4, ema=True)  # a checkpoint at step 4 with an EMA in it
+    tcfg = TrainConfig(max_steps=8, batch_size=4, checkpoint_every=4)
+    run = TrainingRun(tmp_path / "run", tcfg, LoopConfig(train=tcfg), resume="latest")
+    monkeypatch.setattr(TrainingRun, "device", property(lambda self: torch.device("meta")))
+    average = EMAModel(torch.nn.Linear(3, 1).parameters(), decay=0.9)  # made on the CPU
+    run.register(average)
+    assert [p.device.type for p in average.shadow_params] == ["meta"] * 2
+    assert run.resume() == 4  # the checkpoint's average is loaded onto the CPU, then moved
+    assert [p.device.type for p in average.shadow_params] == ["meta"] * 2
+    run.finish()
+
+
 def test_the_last_step_is_logged_whatever_log_every_says(tmp_path):
     train(tmp_path / "four", 10, log_every=4)
     assert logged_steps(tmp_path / "four") == [4, 8, 10]
