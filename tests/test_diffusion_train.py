@@ -163,6 +163,29 @@ def test_label_jitter_moves_training_labels_and_keeps_them_in_the_unit_interval(
     assert not set(np.round(labels, 5).tolist()) <= data_labels  # jittered off the dataset's labels
 
 
+def test_training_draws_every_timestep_from_the_first_to_the_last(small, monkeypatch):
+    # on a 4-step schedule, 48 draws: the clean end (t = 0) and the pure-noise end (t = T - 1) both come up, and
+    # nothing outside [0, T)
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffusion.cache import build_cache
+    from diffusion.train import main as train_main
+
+    drawn, add_noise = [], DDPMScheduler.add_noise
+
+    def noising(self, latents, noise, t):
+        drawn.append(t.clone())
+        return add_noise(self, latents, noise, t)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", noising)
+    root = small["root"]
+    cache = build_cache(small["vae"], [small["synth"]], root / "latents-timesteps", progress=False)
+    train_main([*tiny_train_args(root / "timesteps", cache, steps=6), "--set", "preview.every=0",
+                "--set", "diffusion.num_train_timesteps=4"])
+    assert sorted(set(torch.cat(drawn).tolist())) == [0, 1, 2, 3]
+
+
 def test_min_snr_weights_take_the_form_of_the_prediction_type():
     import torch
 
