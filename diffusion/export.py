@@ -52,6 +52,7 @@ def write_preview(run, model, ema, noise_scheduler, vae_dir, info, cfg, step) ->
     weak = cfg.sample.guide == "weak" and 0 < cfg.sample.guide_snapshot_step < step
     pipe = build_pipeline(net.unet, net.embedder, _cpu_scheduler(noise_scheduler), vae_dir, info,
                           guide=load_guide_snapshot(run, cfg) if weak else None)
+    pipe.to(run.device)  # sampled where the run trains: on a GPU, a CPU preview would leave it idle for minutes
     guide = "weak" if weak else "null"
     conditions = preview_conditions(cfg)
     frames = pipe.transitions(cfg.preview.seeds, conditions, cfg.sample.guidance, cfg.sample.steps, cfg.sample.sampler,

@@ -1,0 +1,32 @@
+"""Work that a training run does besides its steps runs on the run's device. Where no GPU is at hand, the meta
+device stands in for one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+def test_the_training_preview_is_sampled_on_the_runs_device(tmp_path, monkeypatch):
+    from diffusion.export import write_preview
+    from diffusion.model import Denoiser, ModelConfig, build_models
+    from diffusion.pipeline import MitosisPipeline
+    from diffusion.train import DiffusionTrainConfig, PreviewConfig, SampleConfig, make_noise_scheduler
+    from test_diffusion import make_vae
+
+    sampled_on = []
+
+    def transitions(self, seeds, conditions, *args, **kwargs):
+        sampled_on.append(self.device.type)
+        return np.zeros((len(seeds), len(conditions), 64, 64, 3), np.uint8)
+
+    monkeypatch.setattr(MitosisPipeline, "transitions", transitions)
+    cfg = DiffusionTrainConfig(preview=PreviewConfig(seeds=[0], conditions=3), sample=SampleConfig(steps=3))
+    torch.manual_seed(0)
+    model = Denoiser(*build_models(ModelConfig(preset="tiny"), 4, 16))
+    run = SimpleNamespace(run_dir=tmp_path / "run", device=torch.device("meta"))
+    write_preview(run, model, None, make_noise_scheduler(cfg.diffusion), make_vae(tmp_path / "vae"),
+                  {"image_size": 64, "latent_shape": [4, 16, 16], "prediction_type": "v_prediction"}, cfg, 2)
+    assert sampled_on == ["meta"] and (tmp_path / "run" / "previews" / "step-000002.png").exists()
