@@ -189,6 +189,16 @@ class ClassifierEnsemble:
     def feature_dim(self) -> int:
         return int(self.member_models[0].net.num_features)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.member_models[0].parameters()).device
+
+    def to(self, device) -> "ClassifierEnsemble":
+        """Move every member to `device`: scoring runs there, and its results still come back as NumPy arrays."""
+        for m in self.member_models:
+            m.to(device)
+        return self
+
     def _batches(self, images_uint8: np.ndarray, batch_size: int):
         images = np.asarray(images_uint8)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -196,7 +206,7 @@ class ClassifierEnsemble:
         if images.shape[1:3] != (self.patch_size, self.patch_size):
             images = np.stack([fit_size(im, self.patch_size) for im in images]) if len(images) else images
         for start in range(0, len(images), batch_size):
-            yield to_network_input(images[start: start + batch_size])
+            yield to_network_input(images[start: start + batch_size]).to(self.device)
 
     @torch.no_grad()
     def logits(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -206,7 +216,7 @@ class ClassifierEnsemble:
             x = self.member_models[0].preprocess(x)  # members share the recipe: normalise once
             cols = [a * m.net(x).squeeze(1) + b for m, (a, b) in zip(self.member_models, self.calibration)]  # K x (B,)
             out.append(torch.stack(cols, 1))
-        return torch.cat(out).numpy() if out else np.zeros((0, self.members), np.float32)
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, self.members), np.float32)
 
     def predict(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """P(mitotic) per member, (N, K) float32."""
@@ -222,7 +232,7 @@ class ClassifierEnsemble:
             x = self.member_models[0].preprocess(x)
             out.append(torch.stack([m.net.forward_head(m.net.forward_features(x), pre_logits=True)
                                     for m in self.member_models]).mean(0))  # (B, D)
-        return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, self.feature_dim), np.float32)
 
     # -- persistence --------------------------------------------------------
     def config_dict(self) -> dict:

@@ -136,16 +136,18 @@ def main(argv=None):
         integrity.verify_fully()
     check_at_least(args.batch_size, "--batch-size")
 
-    ensemble = ClassifierEnsemble.from_pretrained(args.classifier)
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    ensemble = ClassifierEnsemble.from_pretrained(args.classifier).to(state.device)  # a GPU where there is one
     out = check_new_output(args.out, args.overwrite)
     names, images, blocks, cropped = gather_inputs(args.inputs, ensemble.patch_size, args.overwrite,
                                                    args.split, args.limit)
     probs = score_images(ensemble, images, args.batch_size, progress=not args.quiet)  # (N, K)
     mean, std = probs.mean(1), probs.std(1)
 
-    from accelerate import PartialState
-
-    is_main = PartialState().is_main_process  # the state score_images set up
+    is_main = state.is_main_process
     release_processes()  # the scores are gathered: no more collectives
     if not is_main:
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -30,3 +31,20 @@ def test_the_training_preview_is_sampled_on_the_runs_device(tmp_path, monkeypatc
     write_preview(run, model, None, make_noise_scheduler(cfg.diffusion), make_vae(tmp_path / "vae"),
                   {"image_size": 64, "latent_shape": [4, 16, 16], "prediction_type": "v_prediction"}, cfg, 2)
     assert sampled_on == ["meta"] and (tmp_path / "run" / "previews" / "step-000002.png").exists()
+
+
+def test_scoring_sends_each_batch_to_the_ensembles_device():
+    from classifier.model import ClassifierEnsemble, MitosisClassifier, ModelConfig
+    from test_classifier_fitting import TINY
+
+    torch.manual_seed(0)
+    members = [MitosisClassifier(ModelConfig(**TINY)) for _ in range(2)]
+    ensemble = ClassifierEnsemble(ModelConfig(**TINY), members, [0, 1]).to("meta")
+    seen = []
+    for member in members:
+        member.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    size = ensemble.patch_size
+    # every member computes on the ensemble's device: the first thing to fail is copying the scores out
+    with pytest.raises(NotImplementedError, match="meta"):
+        ensemble.predict(np.zeros((3, size, size, 3), np.uint8))
+    assert seen == ["meta", "meta"]
