@@ -8,7 +8,8 @@ the `base` autoencoder (configs/full/autoencoder.yaml, the patch-GAN switched on
 for the last third of the steps), the ResNet34 x4 ensemble (configs/full/classifier.yaml),
 the latent cache with dihedral copies, the `base` latent UNet
 (configs/full/diffusion.yaml), then `--seeds` transitions from it, real2gen of 16
-test patches and the posterior of 64 (the paths that encode real patches). Prints JSON:
+test patches, the posterior of 64 (the paths that encode real patches) and the
+classifier's scores of every frame. Prints JSON:
 for each training stage the seconds per optimizer step (the slope of
 logs/metrics.jsonl's wall clock, so start-up and export are left out; the
 autoencoder's before and after the GAN starts), the recipe's `max_steps` and
@@ -139,6 +140,10 @@ def main(argv=None):
             [sys.executable, "-m", "mitosis_ldm", "posterior", "--pipeline", str(root / "diffusion" / "model"),
              str(args.dataset), "--split", "test", "--limit", "64", "--draws", "32", "--quiet",
              "--out", str(root / "posterior"), "--overwrite"], logs / "posterior.log")[0], 1)}),
+        ("score", lambda: {"wall_s": round(run(
+            [sys.executable, "-m", "mitosis_ldm", "score", "--classifier", str(root / "classifier" / "model"),
+             str(root / "transitions"), str(root / "real2gen"), "--quiet", "--out", str(root / "scores.csv"),
+             "--overwrite"], logs / "score.log")[0], 1)}),
         ("transitions_cpu_peer", lambda: transitions(root / "diffusion" / "model", args.cpu_seeds,
                                                      root / "transitions-cpu", logs, "transitions-cpu",
                                                      {"CUDA_VISIBLE_DEVICES": ""})),
