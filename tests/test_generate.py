@@ -227,6 +227,13 @@ def _one_line_error(capsys, call, *needles):
     (["--guidance-rescale", "2"], ["--guidance-rescale", "[0, 1]"]),
     (["--null-guidance-middle", "1.2"], ["--null-guidance-middle", "[0, 1]"]),
     (["--null-guidance-middle-below", "-0.5"], ["--null-guidance-middle-below", "[0, 1]"]),
+    (["--seed", "-1"], ["--seed", "must be >= 0, got -1"]),
+    (["--shard-size", "0"], ["--shard-size", "must be >= 1, got 0"]),
+    (["--batch-size", "0"], ["--batch-size", "must be >= 1, got 0"]),
+    (["--val", "0.5", "--test", "0.5"], ["--val/--test", "sum below 1", "0.5 + 0.5"]),
+    (["--val", "-0.1"], ["--val/--test", ">= 0"]),
+    (["--steps", "0"], ["--steps", "must be >= 1, got 0"]),
+    (["--guidance", "-1"], ["--guidance", ">= 0"]),
 ])
 def test_bad_flags(world, tmp_path, capsys, extra, needles):
     from diffusion.generate import main as gen_main
@@ -234,6 +241,15 @@ def test_bad_flags(world, tmp_path, capsys, extra, needles):
     out = tmp_path / "bad"
     _one_line_error(capsys, lambda: gen_main([*gen_args(world, out), *extra]), *needles)
     assert not out.exists() and not (tmp_path / ".bad.partial").exists()
+
+
+def test_an_existing_output_is_refused_before_anything_is_rendered(world, tmp_path, capsys):
+    from diffusion.generate import main as gen_main
+
+    out = tmp_path / "bad"
+    out.write_text("kept")
+    _one_line_error(capsys, lambda: gen_main(gen_args(world, out)), str(out), "--overwrite")
+    assert out.read_text() == "kept" and not (tmp_path / ".bad.partial").exists()
 
 
 def test_match_on_a_dataset_without_labels(world, tmp_path, capsys):
