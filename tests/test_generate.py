@@ -95,8 +95,10 @@ def test_labels_values_cycle_and_uniform_is_seeded(world, tmp_path):
     assert parse_labels("0,0,1") == ("values", [0.0, 0.0, 1.0])
     assert draw_conditions("values", [0.0, 0.0, 1.0], 0, 6) == [0, 0, 1, 0, 0, 1]
     a, b = draw_conditions("uniform", None, 1, 50), draw_conditions("uniform", None, 1, 80)
-    assert a == b[:50] and 0 <= min(b) and max(b) <= 1 and len(set(b)) > 40
+    assert a == b[:50] and 0 <= min(b) and max(b) <= 1 and len(set(b)) == 80  # not a coarse grid
     assert draw_conditions("uniform", None, 2, 50) != a
+    train = [float(r["label"]) for r in read_rows(world["labelled"]) if r["split"] == "train"]
+    assert parse_labels(f"match:{world['labelled']}") == ("match", sorted(round(v, 6) for v in train))  # train only
     assert [patch_seed(4, i) for i in range(3)] != [patch_seed(5, i) for i in range(3)]
 
 
