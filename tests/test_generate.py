@@ -55,7 +55,7 @@ def test_generated_dataset_passes_the_dataset_checks(world, tmp_path):
     assert meta["format"] == "mitosis-ldm/patches" and meta["source"] == "generated" and meta["generated"] is True
     assert meta["count"] == 12 and meta["patch_size"] == 64 and len(meta["pipeline_hash"]) == 64
     assert meta["generation"]["labels"] == f"match:{world['labelled']}" and meta["generation"]["steps"] == 2
-    assert len(meta["content_hash"]) == 64
+    assert len(meta["content_hash"]) == 64 and (meta["split"]["val"], meta["split"]["test"]) == (0.1, 0.1)  # defaults
     images = np.load(out / "patches.npy")
     assert images.shape == (12, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 0
     rows = read_rows(out)
@@ -157,6 +157,29 @@ def test_schedule_flags_are_used_and_recorded(world, tmp_path):
                              guidance_interval=(0.2, 1.0), guidance_rescale=0.5, null_guidance=1.5,
                              null_guidance_middle=0.3, null_guidance_middle_below=0.6)
     assert np.abs(frame[0, 0].astype(int) - null[1]).max() <= 2
+
+
+def test_rows_hold_the_conditions_guidance_and_settings_asked_for(world, tmp_path):
+    """Labels cycle across shards, 0.5 is a hard positive; patches, splits and dataset.json follow the flags."""
+    from diffusion.generate import main as gen_main, patch_seed
+    from diffusion.pipeline import MitosisPipeline
+
+    out = tmp_path / "gen"
+    gen_main(gen_args(world, out, "--labels", "0,0.5,1", "--guidance", "2", "--sampler", "ddim", "--val", "0",
+                      "--test", "0.5", n=8))
+    rows = read_rows(out)
+    assert [float(r["condition"]) for r in rows] == [[0, 0.5, 1][i % 3] for i in range(8)]  # shards of 4
+    assert [int(r["hard_label"]) for r in rows] == [[0, 1, 1][i % 3] for i in range(8)]  # condition >= 0.5
+    assert {float(r["guidance"]) for r in rows} == {2.0}
+    assert {r["split"] for r in rows} == {"train", "test"}  # --val 0: no val row
+    pipe = MitosisPipeline.from_pretrained(world["pipeline"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["pipeline_hash"] == pipe.model_hash
+    used = meta["generation"]
+    assert [used[k] for k in "n seed sampler guidance shard_size batch_size".split()] == [8, 3, "ddim", 2, 4, 4]
+    again = pipe.samples([patch_seed(3, i) for i in range(8)], [float(r["condition"]) for r in rows], guidance=2.0,
+                         steps=2, sampler="ddim", batch_size=4)
+    assert np.abs(again.astype(int) - np.load(out / "patches.npy")).max() <= 2
 
 
 @pytest.mark.slow
