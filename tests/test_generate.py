@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,28 @@ def test_rows_hold_the_conditions_guidance_and_settings_asked_for(world, tmp_pat
     again = pipe.samples([patch_seed(3, i) for i in range(8)], [float(r["condition"]) for r in rows], guidance=2.0,
                          steps=2, sampler="ddim", batch_size=4)
     assert np.abs(again.astype(int) - np.load(out / "patches.npy")).max() <= 2
+
+
+def test_resume_after_the_pipeline_changed_renders_every_shard_again(world, tmp_path, monkeypatch, capsys):
+    """Shards kept by a stopped run are reused by --resume only while the pipeline folder is unchanged."""
+    from diffusion import generate
+
+    pipeline = shutil.copytree(world["pipeline"], tmp_path / "pipe")
+    args = [*gen_args(world, tmp_path / "gen", "--labels", "0.2,0.8", n=4), "--pipeline", str(pipeline)]
+
+    def stopped(*_, **__):
+        raise RuntimeError("stopped before the dataset was written")
+
+    monkeypatch.setattr(generate, "build_dataset", stopped)
+    for extra in ([], ["--resume"]):
+        with pytest.raises(RuntimeError, match="stopped"):
+            generate.main(args + extra)
+    assert "resuming: 4 of 4 patches already rendered" in capsys.readouterr().out
+    monkeypatch.undo()
+    (pipeline / "notes.txt").write_text("retrained in place")  # another folder hash: another model
+    generate.main(args + ["--resume"])
+    assert "resuming: 0 of 4 patches already rendered" in capsys.readouterr().out
+    assert len(read_rows(tmp_path / "gen")) == 4
 
 
 @pytest.mark.slow
