@@ -100,7 +100,9 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
     if not datasets:
         raise UserError("--dataset: give at least one patch dataset")
     vae_dir, vae = load_vae(vae_dir)
-    vae.to("cuda" if torch.cuda.is_available() else "cpu")  # the encoding is most of the work: a GPU when there is one
+    from accelerate import PartialState
+
+    vae.to(PartialState(cpu=not torch.cuda.is_available()).device)  # most of the work: a GPU when there is one
     generator = torch.Generator().manual_seed(seed)
     wanted = list(splits) if splits else None  # `splits` below collects each row's split code
     for name in wanted or []:

@@ -113,9 +113,9 @@ def main(argv=None):
         raise UserError(f"--inversion-iters: must be in 0..{MAX_INVERSION_ITERS}, got {args.inversion_iters}")
     check_at_least(args.limit, "--limit")
     check_new_output(args.out, args.overwrite)
-    pipe = MitosisPipeline.from_pretrained(args.pipeline)
-    if torch.cuda.is_available():
-        pipe.to("cuda")
+    from accelerate import PartialState
+
+    pipe = MitosisPipeline.from_pretrained(args.pipeline).to(PartialState(cpu=not torch.cuda.is_available()).device)
     items = gather_images(args.input, split=args.split, limit=args.limit)
     size = pipe.image_shape
     for item in items:
