@@ -87,6 +87,12 @@ def training(name: str, module: str, config: str, sets: list[str], out: Path, lo
             "recipe_hours_at_this_rate": None if rate is None else round(rate * full / 3600, 2)}
 
 
+def command(name: str, args: list[str], logs: Path, **extra) -> dict:
+    """One `mitosis-ldm` command, timed; `extra` goes into its JSON as it is."""
+    seconds, _ = run([sys.executable, "-m", "mitosis_ldm", *args], logs / f"{name}.log")
+    return {**extra, "wall_s": round(seconds, 1)}
+
+
 def transitions(pipeline: Path, seeds: int, out: Path, logs: Path, name: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "mitosis_ldm", "transitions", "--pipeline", str(pipeline), "--seeds", f"0-{seeds - 1}",
            "--conditions", "0:1:11", "--seeds-per-batch", "16", "--out", str(out), "--overwrite"]
@@ -122,28 +128,26 @@ def main(argv=None):
             "classifier", "classifier.train", "configs/full/classifier.yaml",
             ["--set", f"data.dataset={args.dataset}", "--set", f"ensemble.eval_every={args.steps // 3}"],
             root / "classifier", logs, args.steps, args.smoke)),
-        ("cache", lambda: {"wall_s": round(run(
-            [sys.executable, "-m", "mitosis_ldm", "cache", "--vae", str(root / "autoencoder" / "model"), "--dataset",
-             str(args.dataset), "--split", "train", "--dihedral", "--out", str(root / "latents"), "--overwrite"],
-            logs / "cache.log")[0], 1)}),
+        ("cache", lambda: command("cache", [
+            "cache", "--vae", str(root / "autoencoder" / "model"), "--dataset", str(args.dataset), "--split", "train",
+            "--dihedral", "--out", str(root / "latents"), "--overwrite"], logs)),
         ("diffusion", lambda: training(
             "diffusion", "diffusion.train", "configs/full/diffusion.yaml",
             ["--set", f"data.cache={root / 'latents'}"], root / "diffusion", logs, args.steps, args.smoke)),
         ("transitions", lambda: transitions(root / "diffusion" / "model", args.seeds, root / "transitions", logs,
                                             "transitions")),
         # the GPU paths that sampling does not take: encoding real patches, inversion, the posterior's batches
-        ("real2gen", lambda: {"patches": 16, "wall_s": round(run(
-            [sys.executable, "-m", "mitosis_ldm", "real2gen", "--pipeline", str(root / "diffusion" / "model"),
-             "--input", str(args.dataset), "--split", "test", "--limit", "16", "--conditions", "0:1:5",
-             "--out", str(root / "real2gen"), "--overwrite"], logs / "real2gen.log")[0], 1)}),
-        ("posterior", lambda: {"patches": 64, "draws": 32, "wall_s": round(run(
-            [sys.executable, "-m", "mitosis_ldm", "posterior", "--pipeline", str(root / "diffusion" / "model"),
-             str(args.dataset), "--split", "test", "--limit", "64", "--draws", "32", "--quiet",
-             "--out", str(root / "posterior"), "--overwrite"], logs / "posterior.log")[0], 1)}),
-        ("score", lambda: {"wall_s": round(run(
-            [sys.executable, "-m", "mitosis_ldm", "score", "--classifier", str(root / "classifier" / "model"),
-             str(root / "transitions"), str(root / "real2gen"), "--quiet", "--out", str(root / "scores.csv"),
-             "--overwrite"], logs / "score.log")[0], 1)}),
+        ("real2gen", lambda: command("real2gen", [
+            "real2gen", "--pipeline", str(root / "diffusion" / "model"), "--input", str(args.dataset), "--split",
+            "test", "--limit", "16", "--conditions", "0:1:5", "--out", str(root / "real2gen"), "--overwrite"], logs,
+            patches=16)),
+        ("posterior", lambda: command("posterior", [
+            "posterior", "--pipeline", str(root / "diffusion" / "model"), str(args.dataset), "--split", "test",
+            "--limit", "64", "--draws", "32", "--quiet", "--out", str(root / "posterior"), "--overwrite"], logs,
+            patches=64, draws=32)),
+        ("score", lambda: command("score", [
+            "score", "--classifier", str(root / "classifier" / "model"), str(root / "transitions"),
+            str(root / "real2gen"), "--quiet", "--out", str(root / "scores.csv"), "--overwrite"], logs)),
         ("transitions_cpu_peer", lambda: transitions(root / "diffusion" / "model", args.cpu_seeds,
                                                      root / "transitions-cpu", logs, "transitions-cpu",
                                                      {"CUDA_VISIBLE_DEVICES": ""})),
