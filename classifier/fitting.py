@@ -59,7 +59,16 @@ def val_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> t
 
 
 def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Logit scale and bias minimising BCE on validation data (Platt scaling, two parameters)."""
+    """Logit scale and bias minimising BCE on validation data (Platt scaling, two parameters).
+
+    The targets take Platt's prior (Platt 1999): a mitotic target 1 becomes (N+ + 1) / (N+ + 2) and a
+    target 0 becomes 1 / (N- + 2), soft targets in proportion, where N+ and N- count the split's mitotic
+    and non-mitotic votes. Without it a split that the logits separate has no finite optimum, and the fit
+    returns scores of exactly 0 and 1.
+    """
+    targets = targets.float()
+    n_pos, n_neg = float(targets.sum()), float((1 - targets).sum())
+    targets = targets * (n_pos + 1) / (n_pos + 2) + (1 - targets) / (n_neg + 2)
     scale = torch.ones((), requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([scale, bias], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
