@@ -40,8 +40,10 @@ from tqdm.auto import tqdm
 from .config import load_config, save_config
 from .errors import UserError
 from .io import check_new_output, write_json
+from .loop_state import LoopState, loader_generators, restore, snapshot
 
 CHECKPOINT_PREFIX = "checkpoint-"
+LOOP_STATE = "loop-state-{rank}.safetensors"  # where each process's loop stood in its epoch (loop_state.py)
 
 
 @dataclass
@@ -168,6 +170,9 @@ class TrainingRun:
         self._extra_state = []
         self._resume_requested = resume
         self._bar = None
+        self._loop: LoopState | None = None          # where `batches` stands: epoch, batches taken, random states
+        self._loop_generators: list = []
+        self._loop_resume: tuple[int, LoopState] | None = None  # (step, state) read from the resumed checkpoint
         self._t0 = time.time()
         self._last_log: dict = {}
         if self.is_main:
@@ -261,6 +266,9 @@ class TrainingRun:
         self.accelerator.load_state(str(path))
         for obj in self._extra_state:
             self._to_device(obj)
+        loop_file = path / LOOP_STATE.format(rank=self.accelerator.process_index)
+        if loop_file.exists():  # checkpoints written before it was kept resume at the epoch's start
+            self._loop_resume = (step, LoopState.load(loop_file))
         self.accelerator.print(f"resumed from {path} (step {step})")
         return step
 
@@ -274,6 +282,9 @@ class TrainingRun:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self._loop is not None:
+            self._loop.current = snapshot(self._loop_generators)
+            self._loop.save(tmp / LOOP_STATE.format(rank=self.accelerator.process_index))
         self.accelerator.wait_for_everyone()
         if self.is_main:
             if final.exists():
@@ -286,11 +297,15 @@ class TrainingRun:
 
     # -- the loop ---------------------------------------------------------
     def batches(self, loader, start_step: int = 0):
-        """Yield batches forever, advancing the sampler's epoch each pass."""
+        """Yield batches forever, advancing the sampler's epoch each pass. Resumed from a checkpoint inside an
+        epoch, it goes on with that epoch's remaining batches and random draws (loop_state.py)."""
         if start_step >= self.train.max_steps:
             return
+        generators = self._loop_generators = loader_generators(loader)
+        resumed = self._loop_resume[1] if self._loop_resume and self._loop_resume[0] == start_step else None
+        self._loop_resume = None
         steps_per_epoch = max(1, len(loader) // max(1, self.train.grad_accum))
-        epoch = start_step // steps_per_epoch
+        epoch = resumed.epoch if resumed is not None else start_step // steps_per_epoch
         self._bar = tqdm(total=self.train.max_steps, initial=start_step, disable=not self.is_main,
                          desc=self.run_dir.name, dynamic_ncols=True)
         while True:
@@ -298,9 +313,38 @@ class TrainingRun:
                 loader.set_epoch(epoch)
             elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
                 loader.sampler.set_epoch(epoch)
-            for batch in loader:
+            if resumed is not None:
+                restore(resumed.epoch_start, generators)
+            epoch_start = snapshot(generators)
+            batches = iter(loader)
+            taken = 0
+            if resumed is not None:  # take the batches the stopped run used, then its state at the step
+                taken = self._replay(batches, resumed, generators)
+                restore(resumed.current, generators)
+                self._loop, resumed = LoopState(epoch, taken, epoch_start, resumed.before), None
+            while True:
+                before = snapshot(generators)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                taken += 1
+                self._loop = LoopState(epoch, taken, epoch_start, before)
                 yield batch
             epoch += 1
+
+    @staticmethod
+    def _replay(batches, resumed: LoopState, generators) -> int:
+        taken = 0
+        while taken < resumed.taken:
+            if taken == resumed.taken - 1:
+                restore(resumed.before, generators)  # the loader reads ahead: its next batch is read from here
+            try:
+                next(batches)
+            except StopIteration:
+                break
+            taken += 1
+        return taken
 
     def step_done(self, step: int, logs: dict | None = None) -> None:
         """Call once per optimizer step: progress, logging and periodic checkpoints."""

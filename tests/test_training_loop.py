@@ -24,9 +24,23 @@ class LoopConfig:
     note: str | None = None
 
 
-def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, **train_keys):
+class Jittered(torch.utils.data.Dataset):
+    """Rows with a random offset drawn as each is read, as an augmentation draws."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i] + 0.01 * torch.rand(3)
+
+
+def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, draws=False, **train_keys):
     """A linear model trained the way every stage's loop is written; (start step, end step, run, weights, batch sums
-    in the order seen, the EMA weights or None)."""
+    in the order seen, the EMA weights or None). `draws`: the data and each step draw random numbers too, as the
+    stages' augmentations and diffusion noise do."""
     from diffusers.training_utils import EMAModel
 
     keys = dict(batch_size=4, checkpoint_every=4, keep_checkpoints=2, log_every=1)
@@ -36,14 +50,15 @@ def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, **train_k
     model = torch.nn.Linear(3, 1)
     average = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=2 / 3) if ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    loader = torch.utils.data.DataLoader(torch.arange(96.0).reshape(32, 3) / 96, batch_size=4, shuffle=True)
+    rows = torch.arange(96.0).reshape(32, 3) / 96
+    loader = torch.utils.data.DataLoader(Jittered(rows) if draws else rows, batch_size=4, shuffle=True)
     model, opt, loader = run.accelerator.prepare(model, opt, loader)
     run.register(average)
     step = start = run.resume()
     batches = []
     for x in run.batches(loader, step):
         with run.accelerator.accumulate(model):
-            loss = (model(x) - 1).pow(2).mean()
+            loss = (model(x + torch.randn_like(x) if draws else x) - 1).pow(2).mean()
             run.accelerator.backward(loss)
             opt.step()
             opt.zero_grad()
@@ -116,6 +131,21 @@ def test_an_optimizer_step_takes_grad_accum_batches_and_resume_keeps_the_shuffle
     train(tmp_path / "stopped", 4, grad_accum=2)
     start, _, _, resumed, resumed_batches, _ = train(tmp_path / "stopped", 8, resume="latest", grad_accum=2)
     assert start == 4 and resumed_batches == straight_batches[8:]
+    assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("stop, grad_accum", [(3, 1), (5, 1), (2, 3)])
+def test_a_run_stopped_inside_an_epoch_resumes_where_it_stopped(tmp_path, stop, grad_accum):
+    # 8 batches an epoch; a checkpoint after `stop` steps lands inside the first or second epoch. The resumed run
+    # sees the rest of that epoch's batches, with the same random draws, and ends on the uninterrupted weights.
+    keys = dict(checkpoint_every=stop, grad_accum=grad_accum, draws=True)
+    total = 4 * stop
+    _, _, _, straight, straight_batches, _ = train(tmp_path / "straight", total, **keys)
+    train(tmp_path / "stopped", stop, **keys)
+    start, end, _, resumed, resumed_batches, _ = train(tmp_path / "stopped", total, resume="latest", **keys)
+    assert (start, end) == (stop, total)
+    assert resumed_batches == straight_batches[-len(resumed_batches):]
+    assert len(resumed_batches) == len(straight_batches) - stop * grad_accum
     assert torch.equal(resumed, straight)
 
 

@@ -1,0 +1,34 @@
+"""A training stage stopped inside an epoch and resumed ends on the weights of a run that was never stopped
+(mitosis_ldm/loop_state.py): the rest of the epoch's batches, the same augmentations and the same noise."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from mitosis_ldm.loop_state import LoopState
+from test_diffusion import make_dataset, make_vae, tiny_train_args
+
+
+def unet(run):
+    return load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_diffusion_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path):
+    from diffusion.cache import main as cache_main
+    from diffusion.train import main as train_main
+
+    synth = make_dataset(tmp_path / "synth", n=40, seed=0)
+    cache_main(["--vae", str(make_vae(tmp_path / "vae")), "--dataset", str(synth), "--out", str(tmp_path / "latents")])
+    # a constant rate, so that a run told to stop at step 2 trains its first 2 steps as the 9-step run does
+    keys = ["--set", "train.lr_schedule=constant", "--set", "train.checkpoint_every=2", "--set", "preview.every=0"]
+    train_main(tiny_train_args(tmp_path / "straight", tmp_path / "latents", steps=9, extra=keys))
+    train_main(tiny_train_args(tmp_path / "stopped", tmp_path / "latents", steps=2, extra=keys))
+    state = LoopState.load(tmp_path / "stopped" / "checkpoints" / "checkpoint-2" / "loop-state-0.safetensors")
+    assert (state.epoch, state.taken) == (0, 2)  # two of the first epoch's three batches
+    resume = ["--resume", "latest"]
+    train_main([*tiny_train_args(tmp_path / "stopped", tmp_path / "latents", steps=9, extra=keys), *resume])
+    straight, resumed = unet(tmp_path / "straight"), unet(tmp_path / "stopped")
+    assert straight.keys() == resumed.keys()
+    assert all((straight[k] == resumed[k]).all() for k in straight)
