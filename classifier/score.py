@@ -28,7 +28,7 @@ import numpy as np
 from mitosis_ldm.artifacts import TRANSITIONS, artifact_kind, read_transitions
 from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import check_new_output, write_text
-from mitosis_ldm.launch import release_processes
+from mitosis_ldm.launch import process_state, release_processes
 
 from .model import ClassifierEnsemble, fit_size
 
@@ -82,14 +82,12 @@ def gather_inputs(inputs: list[str], size: int, overwrite: bool, split: str | No
 def score_images(ensemble: ClassifierEnsemble, images: np.ndarray, batch_size: int = 256,
                  progress: bool = True) -> np.ndarray:
     """(N, K) probabilities; split across accelerate processes when launched with several."""
-    import torch
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    # without cpu=True, `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs gives each process a
-    # state of its own: both scored every image and both wrote --out
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # process_state() (cpu=True without a GPU): otherwise `accelerate launch --multi_gpu --num_processes 2` gives each
+    # process a state of its own on a machine without GPUs, and both scored every image and both wrote --out
+    state = process_state()
     order = np.arange(len(images))
     with state.split_between_processes(order.tolist()) as mine:
         mine = np.asarray(mine, dtype=int)
@@ -135,11 +133,7 @@ def main(argv=None):
 
         integrity.verify_fully()
     check_at_least(args.batch_size, "--batch-size")
-
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     ensemble = ClassifierEnsemble.from_pretrained(args.classifier).to(state.device)  # a GPU where there is one
     out = check_new_output(args.out, args.overwrite)
     names, images, blocks, cropped = gather_inputs(args.inputs, ensemble.patch_size, args.overwrite,

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from mitosis_ldm.config import save_config
 from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import write_json
-from mitosis_ldm.launch import release_processes
+from mitosis_ldm.launch import process_state, release_processes
 from mitosis_ldm.training import TrainConfig, TrainingRun, adamw, load_stage_config, train_arg_parser
 from patches.dataset import AugmentConfig, PatchDataset
 
@@ -319,9 +319,7 @@ def main(argv=None):
                         f"({len(train_ds)} patches)")
     balanced_sampler(train_ds, cfg.data.balance, cfg.train.seed)  # a one-class split fails before any output
 
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     prepare_run_root(cfg, args, state)
     root = Path(cfg.out)
     if state.is_main_process:

@@ -37,6 +37,7 @@ from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact,
 from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.hashing import hash_folder
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json
+from mitosis_ldm.launch import process_state
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -100,9 +101,7 @@ def build_cache(vae_dir, datasets: list, out, mode: str = "mean", use_dihedral: 
     if not datasets:
         raise UserError("--dataset: give at least one patch dataset")
     vae_dir, vae = load_vae(vae_dir)
-    from accelerate import PartialState
-
-    vae.to(PartialState(cpu=not torch.cuda.is_available()).device)  # most of the work: a GPU when there is one
+    vae.to(process_state().device)  # most of the work: a GPU when there is one
     generator = torch.Generator().manual_seed(seed)
     wanted = list(splits) if splits else None  # `splits` below collects each row's split code
     for name in wanted or []:

@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mitosis_ldm.errors import UserError, check_at_least, check_seed, user_errors
 from mitosis_ldm.io import check_new_output
-from mitosis_ldm.launch import release_processes
+from mitosis_ldm.launch import process_state, release_processes
 from patches.dataset import (PatchDataset, Shard, SplitConfig, build_dataset, partial_folder, pending_jobs,
                              prepare_partial, run_job)
 
@@ -93,10 +92,8 @@ def draw_conditions(kind: str, values: list[float] | None, seed: int, n: int) ->
 
 def load_pipeline(path: str) -> MitosisPipeline:
     if path not in _PIPELINES:
-        from accelerate import PartialState
-
         # a GPU when accelerate has one (each process its own), else the CPU
-        device = PartialState(cpu=not torch.cuda.is_available()).device
+        device = process_state().device
         _PIPELINES[path] = MitosisPipeline.from_pretrained(path).to(device)
     return _PIPELINES[path]
 
@@ -127,10 +124,9 @@ def shard_jobs(pipe: MitosisPipeline, seeds, conditions, guidance, steps, sample
 
 def render_jobs(jobs: list, out: Path, n: int, size: int, resume: bool) -> int:
     """Fill the partial folder with every shard, split across accelerate processes; returns patches rendered now."""
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     if state.is_main_process:
         if not resume and partial_folder(out).exists():
             shutil.rmtree(partial_folder(out))  # a fresh run; --resume keeps the finished shards

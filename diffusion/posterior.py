@@ -35,7 +35,7 @@ import torch
 from mitosis_ldm.artifacts import PATCHES, artifact_kind
 from mitosis_ldm.errors import UserError, check_at_least, check_seed, user_errors
 from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json, write_text
-from mitosis_ldm.launch import release_processes
+from mitosis_ldm.launch import process_state, release_processes
 
 from .pipeline import MitosisPipeline
 from .sampling_args import parse_conditions
@@ -132,11 +132,10 @@ def denoising_errors(pipe: MitosisPipeline, latents: torch.Tensor, ids: list[str
 
 def split_errors(pipe, images: np.ndarray, ids: list[str], settings: dict, quiet: bool = False) -> np.ndarray:
     """Errors for every input, the inputs split across accelerate processes, gathered in input order."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     with state.split_between_processes(list(range(len(images)))) as mine:
         bar = tqdm(total=len(mine), desc="posterior", unit="patch", disable=quiet or not state.is_main_process)
         local = np.zeros((0, settings["draws"], len(settings["grid"]) + 1), np.float32)
@@ -305,9 +304,7 @@ def main(argv=None):
 
 
 def run(args, grid) -> None:
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     pipe = MitosisPipeline.from_pretrained(args.pipeline).to(state.device)  # a GPU when there is one, one a process
     size = pipe.image_shape
     num_t = int(pipe.scheduler.config.num_train_timesteps)

@@ -36,6 +36,7 @@ import torch
 from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.io import check_new_output, save_npy
+from mitosis_ldm.launch import process_state
 
 from .pipeline import MitosisPipeline
 from .schedulers import SAMPLERS
@@ -113,9 +114,7 @@ def main(argv=None):
         raise UserError(f"--inversion-iters: must be in 0..{MAX_INVERSION_ITERS}, got {args.inversion_iters}")
     check_at_least(args.limit, "--limit")
     check_new_output(args.out, args.overwrite)
-    from accelerate import PartialState
-
-    pipe = MitosisPipeline.from_pretrained(args.pipeline).to(PartialState(cpu=not torch.cuda.is_available()).device)
+    pipe = MitosisPipeline.from_pretrained(args.pipeline).to(process_state().device)
     items = gather_images(args.input, split=args.split, limit=args.limit)
     size = pipe.image_shape
     for item in items:

@@ -22,12 +22,11 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from mitosis_ldm.artifacts import write_transitions
 from mitosis_ldm.errors import check_at_least, user_errors
 from mitosis_ldm.io import check_new_output
-from mitosis_ldm.launch import release_processes
+from mitosis_ldm.launch import process_state, release_processes
 
 from .pipeline import MitosisPipeline
 from .schedulers import SAMPLERS
@@ -42,9 +41,7 @@ def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, 
     `schedule`: the keyword overrides `MitosisPipeline.transitions` takes (as `MitosisPipeline.schedule` resolves
     them).
     """
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     pipe.to(state.device)  # a GPU when accelerate has one (each process its own), else the CPU
     if state.num_processes == 1:
         return pipe.transitions(seeds, conditions, guidance, steps, sampler, seeds_per_batch, **schedule)

@@ -28,6 +28,15 @@ def accelerate_launch(module: str, *args: str, threads: int | None = None) -> li
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
 
 
+def process_state():
+    """accelerate's PartialState of this process: its rank among the launched processes and its device, a GPU
+    when there is one (without one, `--multi_gpu` processes join over gloo on the CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def release_processes() -> None:
     """After a command's last collective: every process waits for the others, then all leave the process group.
 
