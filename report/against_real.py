@@ -100,7 +100,8 @@ def reconstruction_features(folders: list, images: np.ndarray, classifier, batch
     if not path or not (Path(path) / "pipeline.json").is_file():
         log(f"autoencoder floor: skipped (the transitions' pipeline {path!r} is not here)")
         return None, None
-    return reconstructed_features(MitosisPipeline.from_pretrained(path), images, classifier, batch), str(path)
+    pipe = MitosisPipeline.from_pretrained(path).to(classifier.device)  # beside the ensemble: a GPU where it is on one
+    return reconstructed_features(pipe, images, classifier, batch), str(path)
 
 
 def round_trip(vae, images: np.ndarray, batch: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from mitosis_ldm.artifacts import CLASSIFIER, PATCHES, expect_artifact
 from mitosis_ldm.config import load_config
 from mitosis_ldm.errors import UserError, user_errors
 from mitosis_ldm.io import check_new_output
+from mitosis_ldm.launch import process_state
 
 from .build import ReportConfig, build_report
 
@@ -38,7 +39,7 @@ def load_classifier(path):
         from classifier.model import ClassifierEnsemble
     except ImportError as err:
         raise UserError(f"{path}: cannot load the classifier: the classifier package is unavailable ({err})") from None
-    return path, ClassifierEnsemble.from_pretrained(path)
+    return path, ClassifierEnsemble.from_pretrained(path).to(process_state().device)  # a GPU where there is one
 
 
 def parser() -> argparse.ArgumentParser:

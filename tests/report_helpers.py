@@ -48,6 +48,8 @@ class FakeEnsemble:
     Three 'members' see the centre with different offsets, so the std over members is non-zero.
     """
 
+    device = "cpu"  # where the report puts a pipeline it runs beside the ensemble
+
     def __init__(self, patch_size: int = 32):
         self.patch_size = patch_size
 

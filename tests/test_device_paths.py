@@ -48,3 +48,29 @@ def test_scoring_sends_each_batch_to_the_ensembles_device():
     with pytest.raises(NotImplementedError, match="meta"):
         ensemble.predict(np.zeros((3, size, size, 3), np.uint8))
     assert seen == ["meta", "meta"]
+
+
+def test_the_report_puts_the_ensemble_and_the_floors_autoencoder_on_the_process_device(tmp_path, monkeypatch):
+    import report.cli
+    from classifier.model import ClassifierEnsemble, MitosisClassifier, ModelConfig
+    from diffusion.pipeline import MitosisPipeline
+    from report.against_real import reconstruction_features
+    from test_classifier_fitting import TINY
+
+    torch.manual_seed(0)
+    ClassifierEnsemble(ModelConfig(**TINY), [MitosisClassifier(ModelConfig(**TINY))], [0]).save_pretrained(
+        tmp_path / "classifier")
+    on_meta = SimpleNamespace(device=torch.device("meta"))
+    monkeypatch.setattr(report.cli, "process_state", lambda: on_meta, raising=False)
+    _, ensemble = report.cli.load_classifier(tmp_path / "classifier")
+    assert ensemble.device.type == "meta"
+
+    moved_to = []
+    pipe = SimpleNamespace(to=lambda device: moved_to.append(device) or pipe)
+    monkeypatch.setattr(MitosisPipeline, "from_pretrained", classmethod(lambda cls, path: pipe))
+    monkeypatch.setattr("report.against_real.reconstructed_features", lambda *args: np.zeros((1, 4)))
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "pipeline.json").write_text("{}")
+    folder = SimpleNamespace(role="transitions", manifest={"pipeline": str(tmp_path / "pipeline")})
+    reconstruction_features([folder], np.zeros((1, 8, 8, 3), np.uint8), ensemble, 4, print)
+    assert [d.type for d in moved_to] == ["meta"]
