@@ -304,6 +304,10 @@ class TrainingRun:
         generators = self._loop_generators = loader_generators(loader)
         resumed = self._loop_resume[1] if self._loop_resume and self._loop_resume[0] == start_step else None
         self._loop_resume = None
+        if resumed is not None and len(resumed.epoch_start["generators"]) != len(generators):
+            self.accelerator.print(f"{self.run_dir}: the data loader draws from other generators than the stopped "
+                                   f"run's; its epoch starts again from the first batch")
+            resumed = None
         steps_per_epoch = max(1, len(loader) // max(1, self.train.grad_accum))
         epoch = resumed.epoch if resumed is not None else start_step // steps_per_epoch
         self._bar = tqdm(total=self.train.max_steps, initial=start_step, disable=not self.is_main,

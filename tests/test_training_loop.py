@@ -37,7 +37,8 @@ class Jittered(torch.utils.data.Dataset):
         return self.rows[i] + 0.01 * torch.rand(3)
 
 
-def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, draws=False, **train_keys):
+def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, draws=False, own_generator=False,
+          **train_keys):
     """A linear model trained the way every stage's loop is written; (start step, end step, run, weights, batch sums
     in the order seen, the EMA weights or None). `draws`: the data and each step draw random numbers too, as the
     stages' augmentations and diffusion noise do."""
@@ -51,7 +52,8 @@ def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, draws=Fal
     average = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=2 / 3) if ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     rows = torch.arange(96.0).reshape(32, 3) / 96
-    loader = torch.utils.data.DataLoader(Jittered(rows) if draws else rows, batch_size=4, shuffle=True)
+    loader = torch.utils.data.DataLoader(Jittered(rows) if draws else rows, batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(1) if own_generator else None)
     model, opt, loader = run.accelerator.prepare(model, opt, loader)
     run.register(average)
     step = start = run.resume()
@@ -147,6 +149,13 @@ def test_a_run_stopped_inside_an_epoch_resumes_where_it_stopped(tmp_path, stop, 
     assert resumed_batches == straight_batches[-len(resumed_batches):]
     assert len(resumed_batches) == len(straight_batches) - stop * grad_accum
     assert torch.equal(resumed, straight)
+
+
+def test_a_loader_that_draws_from_other_generators_than_the_stopped_runs_starts_its_epoch_again(tmp_path, capsys):
+    train(tmp_path / "run", 3, checkpoint_every=3, draws=True)
+    start, end, *_ = train(tmp_path / "run", 6, resume="latest", checkpoint_every=3, draws=True, own_generator=True)
+    assert (start, end) == (3, 6)
+    assert "draws from other generators than the stopped run's; its epoch starts again" in capsys.readouterr().out
 
 
 def test_resume_restores_the_ema_weights_not_a_fresh_average(tmp_path):
