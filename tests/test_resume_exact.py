@@ -22,7 +22,7 @@ def test_diffusion_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(
     synth = make_dataset(tmp_path / "synth", n=40, seed=0)
     cache_main(["--vae", str(make_vae(tmp_path / "vae")), "--dataset", str(synth), "--out", str(tmp_path / "latents")])
     # a constant rate, so that a run told to stop at step 2 trains its first 2 steps as the 9-step run does
-    keys = ["--set", "train.lr_schedule=constant", "--set", "train.checkpoint_every=2", "--set", "preview.every=0"]
+    keys = ["--set", "train.lr_schedule=constant", "--set", "train.checkpoint_every=2"]  # previews every 2 steps too
     train_main(tiny_train_args(tmp_path / "straight", tmp_path / "latents", steps=9, extra=keys))
     train_main(tiny_train_args(tmp_path / "stopped", tmp_path / "latents", steps=2, extra=keys))
     state = LoopState.load(tmp_path / "stopped" / "checkpoints" / "checkpoint-2" / "loop-state-0.safetensors")
