@@ -20,12 +20,12 @@ from . import integrity
 from .errors import UserError
 
 
-def check_new_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:
+def check_new_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to touch an existing output unless the user asked for it, and one that cannot be created (a file
     where a folder on its path should be, or a folder that is not writable) before any work is done."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass {flag} to replace it")
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
