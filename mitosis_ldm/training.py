@@ -17,7 +17,9 @@ A stage's `train.py` builds its model and data, then:
 
 Run folder layout: `config.yaml` (resolved config), `run.json` (processes that
 took part), `logs/metrics.jsonl`, `checkpoints/checkpoint-{step}` (accelerate
-state, private to the run) and `model/` (the exported, shareable artifact).
+state, private to the run, with `loop-state-RANK.safetensors`: where each
+process stood in its epoch, so a resume goes on with the same batches) and
+`model/` (the exported, shareable artifact).
 """
 
 from __future__ import annotations
