@@ -25,7 +25,7 @@ class LoopConfig:
 
 
 class Jittered(torch.utils.data.Dataset):
-    """Rows with a random offset drawn as each is read, as an augmentation draws."""
+    """Rows with random offsets drawn as each is read, as an augmentation draws: from torch, NumPy and Python."""
 
     def __init__(self, rows):
         self.rows = rows
@@ -34,7 +34,7 @@ class Jittered(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.rows[i] + 0.01 * torch.rand(3)
+        return self.rows[i] + 0.01 * torch.rand(3) + 0.001 * np.random.rand() + 0.001 * random.random()
 
 
 def train(run_dir, max_steps, resume=None, overwrite=False, ema=False, draws=False, own_generator=False,
