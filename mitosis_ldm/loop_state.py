@@ -49,11 +49,11 @@ def snapshot(generators) -> dict:
 
 
 def restore(state: dict, generators) -> None:
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"the loader holds {len(generators)} generators, the saved state {len(state['generators'])}")
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if len(state["generators"]) != len(generators):
-        raise ValueError(f"the loader holds {len(generators)} generators, the saved state {len(state['generators'])}")
     for gen, saved in zip(generators, state["generators"]):
         gen.set_state(saved)
     if "cuda" in state:

@@ -270,7 +270,11 @@ class TrainingRun:
             self._to_device(obj)
         loop_file = path / LOOP_STATE.format(rank=self.accelerator.process_index)
         if loop_file.exists():  # checkpoints written before it was kept resume at the epoch's start
-            self._loop_resume = (step, LoopState.load(loop_file))
+            try:
+                self._loop_resume = (step, LoopState.load(loop_file))
+            except Exception as error:  # noqa: BLE001 - any unreadable file is the same answer to the user
+                raise UserError(f"{loop_file}: cannot be read ({type(error).__name__}); delete it to resume "
+                                f"from the start of the checkpoint's epoch") from None
         self.accelerator.print(f"resumed from {path} (step {step})")
         return step
 

@@ -158,6 +158,17 @@ def test_a_loader_that_draws_from_other_generators_than_the_stopped_runs_starts_
     assert "draws from other generators than the stopped run's; its epoch starts again" in capsys.readouterr().out
 
 
+def test_an_unreadable_loop_state_is_one_line_that_names_it_and_without_it_the_epoch_starts_again(tmp_path):
+    train(tmp_path / "run", 3, checkpoint_every=3)
+    loop_file = tmp_path / "run" / "checkpoints" / "checkpoint-3" / "loop-state-0.safetensors"
+    loop_file.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=r"loop-state-0.safetensors: cannot be read .*delete it to resume"):
+        train(tmp_path / "run", 6, resume="latest", checkpoint_every=3)
+    loop_file.unlink()  # as a checkpoint written before the file was kept
+    start, end, *_ = train(tmp_path / "run", 6, resume="latest", checkpoint_every=3)
+    assert (start, end) == (3, 6)
+
+
 def test_resume_restores_the_ema_weights_not_a_fresh_average(tmp_path):
     # stopped at an epoch's end (8 batches), so the resumed run sees the straight run's batches
     *_, straight = train(tmp_path / "straight", 16, ema=True)
