@@ -32,3 +32,35 @@ def test_diffusion_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(
     straight, resumed = unet(tmp_path / "straight"), unet(tmp_path / "stopped")
     assert straight.keys() == resumed.keys()
     assert all((straight[k] == resumed[k]).all() for k in straight)
+
+
+@pytest.mark.slow
+def test_two_process_diffusion_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path):
+    # each process keeps its own loop state (its shard of the batches, its own random streams)
+    import os
+    import subprocess
+
+    from conftest import REPO, accelerate_cmd
+    from diffusion.cache import main as cache_main
+
+    synth = make_dataset(tmp_path / "synth", n=64, seed=0)
+    cache_main(["--vae", str(make_vae(tmp_path / "vae")), "--dataset", str(synth), "--out", str(tmp_path / "latents")])
+    keys = ["--set", "train.lr_schedule=constant", "--set", "train.checkpoint_every=2", "--set", "preview.every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(run, steps, *extra):
+        args = [*tiny_train_args(run, tmp_path / "latents", steps=steps, extra=keys), *extra]
+        done = subprocess.run(accelerate_cmd("diffusion.train", *args, processes=2), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "straight", 6)
+    launch(tmp_path / "stopped", 2)
+    states = [LoopState.load(tmp_path / "stopped" / "checkpoints" / "checkpoint-2" / f"loop-state-{rank}.safetensors")
+              for rank in (0, 1)]
+    assert [(s.epoch, s.taken) for s in states] == [(0, 2), (0, 2)]
+    assert not all((a == b).all() for a, b in zip(states[0].before["generators"] + [states[0].before["torch"]],
+                                                    states[1].before["generators"] + [states[1].before["torch"]]))
+    launch(tmp_path / "stopped", 6, "--resume", "latest")
+    straight, resumed = unet(tmp_path / "straight"), unet(tmp_path / "stopped")
+    assert all((straight[k] == resumed[k]).all() for k in straight)
