@@ -59,8 +59,8 @@ def test_two_process_diffusion_training_resumed_inside_an_epoch_equals_an_uninte
     states = [LoopState.load(tmp_path / "stopped" / "checkpoints" / "checkpoint-2" / f"loop-state-{rank}.safetensors")
               for rank in (0, 1)]
     assert [(s.epoch, s.taken) for s in states] == [(0, 2), (0, 2)]
-    assert not all((a == b).all() for a, b in zip(states[0].before["generators"] + [states[0].before["torch"]],
-                                                    states[1].before["generators"] + [states[1].before["torch"]]))
+    # set_seed(device_specific=True): each process's own torch stream, so one file could not serve both
+    assert not (states[0].before["torch"] == states[1].before["torch"]).all()
     launch(tmp_path / "stopped", 6, "--resume", "latest")
     straight, resumed = unet(tmp_path / "straight"), unet(tmp_path / "stopped")
     assert all((straight[k] == resumed[k]).all() for k in straight)
