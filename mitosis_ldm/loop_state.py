@@ -60,6 +60,20 @@ def restore(state: dict, generators) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def replay(batches, resumed: "LoopState", generators) -> int:
+    """Take from the epoch's fresh iterator the batches the stopped run had taken; returns how many there were."""
+    taken = 0
+    while taken < resumed.taken:
+        if taken == resumed.taken - 1:
+            restore(resumed.before, generators)  # the loader reads ahead: its next batch is read from here
+        try:
+            next(batches)
+        except StopIteration:
+            break
+        taken += 1
+    return taken
+
+
 @dataclass
 class LoopState:
     """Epoch `epoch`, of which `taken` batches were asked for; the random state at the three moments above."""

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .config import load_config, save_config
 from .errors import UserError
 from .io import check_new_output, write_json
-from .loop_state import LoopState, loader_generators, restore, snapshot
+from .loop_state import LoopState, loader_generators, replay, restore, snapshot
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOOP_STATE = "loop-state-{rank}.safetensors"  # where each process's loop stood in its epoch (loop_state.py)
@@ -329,7 +329,7 @@ class TrainingRun:
             batches = iter(loader)
             taken = 0
             if resumed is not None:  # take the batches the stopped run used, then its state at the step
-                taken = self._replay(batches, resumed, generators)
+                taken = replay(batches, resumed, generators)
                 restore(resumed.current, generators)
                 self._loop, resumed = LoopState(epoch, taken, epoch_start, resumed.before), None
             while True:
@@ -342,19 +342,6 @@ class TrainingRun:
                 self._loop = LoopState(epoch, taken, epoch_start, before)
                 yield batch
             epoch += 1
-
-    @staticmethod
-    def _replay(batches, resumed: LoopState, generators) -> int:
-        taken = 0
-        while taken < resumed.taken:
-            if taken == resumed.taken - 1:
-                restore(resumed.before, generators)  # the loader reads ahead: its next batch is read from here
-            try:
-                next(batches)
-            except StopIteration:
-                break
-            taken += 1
-        return taken
 
     def step_done(self, step: int, logs: dict | None = None) -> None:
         """Call once per optimizer step: progress, logging and periodic checkpoints."""
