@@ -8,8 +8,10 @@ the `base` autoencoder (configs/full/autoencoder.yaml, the patch-GAN switched on
 for the last third of the steps), the ResNet34 x4 ensemble (configs/full/classifier.yaml),
 the latent cache with dihedral copies, the `base` latent UNet
 (configs/full/diffusion.yaml), then `--seeds` transitions from it, real2gen of 16
-test patches, the posterior of 64 (the paths that encode real patches) and the
-classifier's scores of every frame. Prints JSON:
+test patches, the posterior of 64 (the paths that encode real patches), the
+classifier's scores of every frame and the report over all of it (the demo's
+report settings). `--autoencoder-steps` and `--classifier-steps` shorten the
+first two stages where only the later ones are to be measured. Prints JSON:
 for each training stage the seconds per optimizer step (the slope of
 logs/metrics.jsonl's wall clock, so start-up and export are left out; the
 autoencoder's before and after the GAN starts), the recipe's `max_steps` and
@@ -108,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True, type=Path, help="a labelled patch dataset (the demo's synth)")
     parser.add_argument("--root", required=True, type=Path, help="where the short runs go")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training stage")
+    parser.add_argument("--autoencoder-steps", type=int, help="the autoencoder's steps, if not --steps")
+    parser.add_argument("--classifier-steps", type=int, help="each ensemble member's steps, if not --steps")
     parser.add_argument("--seeds", type=int, default=64, help="transitions rendered from the trained pipeline")
     parser.add_argument("--cpu-seeds", type=int, default=8, help="the same transitions on the CPU, as the peer")
     parser.add_argument("--smoke", action="store_true",
@@ -117,7 +121,9 @@ def main(argv=None):
     logs.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "dataset": str(args.dataset), "stages": {}}
-    gan_start = 2 * args.steps // 3
+    ae_steps = args.autoencoder_steps or args.steps
+    classifier_steps = args.classifier_steps or args.steps
+    gan_start = 2 * ae_steps // 3
     plan = [
         ("autoencoder", lambda: training(
             "autoencoder", "autoencoder.train", "configs/full/autoencoder.yaml",
@@ -126,8 +132,8 @@ def main(argv=None):
             root / "autoencoder", logs, args.steps, args.smoke)),
         ("classifier", lambda: training(
             "classifier", "classifier.train", "configs/full/classifier.yaml",
-            ["--set", f"data.dataset={args.dataset}", "--set", f"ensemble.eval_every={args.steps // 3}"],
-            root / "classifier", logs, args.steps, args.smoke)),
+            ["--set", f"data.dataset={args.dataset}", "--set", f"ensemble.eval_every={max(1, classifier_steps // 3)}"],
+            root / "classifier", logs, classifier_steps, args.smoke)),
         ("cache", lambda: command("cache", [
             "cache", "--vae", str(root / "autoencoder" / "model"), "--dataset", str(args.dataset), "--split", "train",
             "--dihedral", "--out", str(root / "latents"), "--overwrite"], logs)),
@@ -148,6 +154,11 @@ def main(argv=None):
         ("score", lambda: command("score", [
             "score", "--classifier", str(root / "classifier" / "model"), str(root / "transitions"),
             str(root / "real2gen"), "--quiet", "--out", str(root / "scores.csv"), "--overwrite"], logs)),
+        # the demo's report settings: the full ones (configs/full/report.yaml) bootstrap far longer on the CPU side
+        ("report", lambda: command("report", [
+            "report", "--transitions", str(root / "transitions"), "--real2gen", str(root / "real2gen"),
+            "--posterior", str(root / "posterior"), "--classifier", str(root / "classifier" / "model"),
+            "--dataset", str(args.dataset), "--quiet", "--out", str(root / "report"), "--overwrite"], logs)),
         ("transitions_cpu_peer", lambda: transitions(root / "diffusion" / "model", args.cpu_seeds,
                                                      root / "transitions-cpu", logs, "transitions-cpu",
                                                      {"CUDA_VISIBLE_DEVICES": ""})),
