@@ -129,7 +129,7 @@ def main(argv=None):
             "autoencoder", "autoencoder.train", "configs/full/autoencoder.yaml",
             ["--set", f"data.datasets=[{args.dataset}]", "--set", f"loss.gan_start={gan_start}",
              "--set", "data.eval_every=0", "--set", "data.scale_patches=2048"],
-            root / "autoencoder", logs, args.steps, args.smoke)),
+            root / "autoencoder", logs, ae_steps, args.smoke)),
         ("classifier", lambda: training(
             "classifier", "classifier.train", "configs/full/classifier.yaml",
             ["--set", f"data.dataset={args.dataset}", "--set", f"ensemble.eval_every={max(1, classifier_steps // 3)}"],
