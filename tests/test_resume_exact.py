@@ -64,3 +64,38 @@ def test_two_process_diffusion_training_resumed_inside_an_epoch_equals_an_uninte
     launch(tmp_path / "stopped", 6, "--resume", "latest")
     straight, resumed = unet(tmp_path / "straight"), unet(tmp_path / "stopped")
     assert all((straight[k] == resumed[k]).all() for k in straight)
+
+
+@pytest.mark.slow
+def test_autoencoder_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path):
+    # the autoencoder's own state besides its weights: the EMA it exports, the patch-GAN discriminator and its
+    # optimizer (on from step 1, so on both sides of the stop), and the crops, flips and stain jitter of each batch
+    from autoencoder.train import main as train_main
+    from conftest import run_module
+    from test_autoencoder import TINY_TRAIN
+
+    data = []
+    for seed in (0, 1):  # two sets, drawn balanced: accelerate's weighted sampler and its generator
+        data.append(tmp_path / f"synth{seed}")
+        done = run_module("mitosis_ldm", "data", "synth", "--out", data[-1], "--n", "24", "--size", "32",
+                          "--experts", "3", "--seed", str(seed))
+        assert done.returncode == 0, done.stderr
+    keys = [*TINY_TRAIN, "--set", f"data.datasets=[{data[0]},{data[1]}]", "--set", "data.stain_jitter=0.05",
+            "--set", "train.lr_schedule=constant", "--set", "train.checkpoint_every=2", "--set", "train.ema_decay=0.9",
+            "--set", "loss.gan=0.5", "--set", "loss.gan_start=1", "--set", "loss.disc_channels=8"]
+
+    def train(run, steps, *extra):
+        train_main(["--config", "configs/demo/autoencoder.yaml", "--out", str(run), *keys,
+                    "--set", f"train.max_steps={steps}", *extra])
+
+    train(tmp_path / "straight", 9)
+    train(tmp_path / "stopped", 2)
+    state = LoopState.load(tmp_path / "stopped" / "checkpoints" / "checkpoint-2" / "loop-state-0.safetensors")
+    assert (state.epoch, state.taken) == (0, 2)  # two of the first epoch's four batches
+    train(tmp_path / "stopped", 9, "--resume", "latest")
+    for part in ("model/diffusion_pytorch_model.safetensors",  # the exported EMA weights
+                 "checkpoints/checkpoint-8/model.safetensors",  # the trained weights at the last checkpoint
+                 "checkpoints/checkpoint-8/model_1.safetensors"):  # the discriminator's
+        straight, resumed = load_file(str(tmp_path / "straight" / part)), load_file(str(tmp_path / "stopped" / part))
+        assert straight.keys() == resumed.keys()
+        assert all((straight[k] == resumed[k]).all() for k in straight), part
