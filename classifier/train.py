@@ -137,9 +137,14 @@ def member_dir(run_root: Path, k: int) -> Path:
     return run_root / "members" / f"member-{k}"
 
 
-def member_done(run_root: Path, k: int) -> bool:
+def member_done(run_root: Path, k: int, max_steps: int) -> bool:
+    """Member k is written and has nothing left to train: it stopped early or ran `max_steps` steps. One that
+    reached a lower `train.max_steps` goes on from its last checkpoint, as the other stages' runs do."""
     folder = member_dir(run_root, k)
-    return (folder / "member.json").exists() and (folder / "member.safetensors").exists()
+    if not ((folder / "member.json").exists() and (folder / "member.safetensors").exists()):
+        return False
+    record = json.loads((folder / "member.json").read_text())
+    return bool(record["stopped_early"]) or int(record["steps"]) >= max_steps
 
 
 def train_member(cfg: ClassifierConfig, k: int, train_ds: PatchDataset, val_ds: PatchDataset,
@@ -328,12 +333,12 @@ def main(argv=None):
     todo = [args.member] if args.member is not None else list(range(cfg.ensemble.members))
     for k in todo:
         folder = member_dir(root, k)
-        if member_done(root, k) and (args.resume or args.member is None) and not args.overwrite:
+        if member_done(root, k, cfg.train.max_steps) and (args.resume or args.member is None) and not args.overwrite:
             state.print(f"member {k}: already finished ({folder / 'member.json'})")
             continue
         resume = args.resume if (args.resume and folder.exists()) else None
         train_member(cfg, k, train_ds, val_ds, resume=resume, overwrite=args.overwrite and args.member is not None)
-    done = [k for k in range(cfg.ensemble.members) if member_done(root, k)]
+    done = [k for k in range(cfg.ensemble.members) if member_done(root, k, cfg.train.max_steps)]
     if state.is_main_process:
         if len(done) == cfg.ensemble.members:
             path = assemble(cfg, train_ds)
