@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors.torch import load_file
 
@@ -99,3 +101,44 @@ def test_autoencoder_training_resumed_inside_an_epoch_equals_an_uninterrupted_ru
         straight, resumed = load_file(str(tmp_path / "straight" / part)), load_file(str(tmp_path / "stopped" / part))
         assert straight.keys() == resumed.keys()
         assert all((straight[k] == resumed[k]).all() for k in straight), part
+
+
+def classifier_export(run):
+    """The exported folder's members' weights and its config.json (with each member's Platt scale and bias)."""
+    meta = json.loads((run / "model" / "config.json").read_text())
+    return [load_file(str(run / "model" / f"member-{k}.safetensors")) for k in range(meta["members"])], meta
+
+
+@pytest.mark.slow
+def test_classifier_training_resumed_inside_an_epoch_equals_an_uninterrupted_run(tmp_path):
+    # the members train one after another, each in its own run folder (members/member-k/) with its own checkpoints
+    # and loop state: max_steps=2 stops every member inside its first epoch, and the resume continues each of them
+    from classifier_data import make_toy_dataset
+    from test_classifier_train import tiny_args
+
+    from classifier import train
+
+    toy = make_toy_dataset(tmp_path / "toy", n=120, size=32)  # 79 train patches: 4 whole batches of 16 an epoch
+    # a warm-up then a constant rate, neither depending on max_steps; judged every 2 steps by both runs, so the
+    # stopped run's forced judgement at its last step is one the 9-step run makes too. At this rate the members'
+    # best weights come after the stop (steps 8 and 9), so the export holds weights trained after the resume
+    keys = ["--set", "train.lr_schedule=constant_with_warmup", "--set", "train.lr=1e-2",
+            "--set", "ensemble.patience=1000"]
+    train.main(tiny_args(toy, tmp_path / "straight", 9, 2, 2, *keys))
+    train.main(tiny_args(toy, tmp_path / "stopped", 2, 2, 2, *keys))
+    for k in range(2):
+        ckpt = tmp_path / "stopped" / "members" / f"member-{k}" / "checkpoints" / "checkpoint-2"
+        state = LoopState.load(ckpt / "loop-state-0.safetensors")
+        assert (state.epoch, state.taken) == (0, 2)  # two of the first epoch's four batches
+    train.main(tiny_args(toy, tmp_path / "stopped", 9, 2, 2, *keys, "--resume", "latest"))
+    for k in range(2):  # a member written at max_steps=2 is not finished for max_steps=9: it went on
+        record = json.loads((tmp_path / "stopped" / "members" / f"member-{k}" / "member.json").read_text())
+        assert record["steps"] == 9
+    straight, straight_meta = classifier_export(tmp_path / "straight")
+    resumed, resumed_meta = classifier_export(tmp_path / "stopped")
+    assert len(straight) == len(resumed) == 2
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        assert all((a[name] == b[name]).all() for name in a)
+    assert straight_meta["calibration"] == resumed_meta["calibration"]  # Platt scale and bias, exactly
+    assert straight_meta["best_step"] == resumed_meta["best_step"] and min(resumed_meta["best_step"]) > 2
