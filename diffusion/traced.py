@@ -117,11 +117,12 @@ def trace_pipeline(pipe, batch: int = 22) -> str | None:
     if isinstance(pipe.unet, TracedUNet):
         return None
     c, h, w = pipe.latent_shape
+    device = pipe.device  # traced where the pipeline runs: its graphs hold that device's kernels
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn((batch, c, h, w), generator=gen)
-    emb = pipe.label_embedder(torch.rand(batch, generator=gen))
-    steps = torch.full((batch,), pipe.scheduler.config.num_train_timesteps // 2, dtype=torch.long)
-    check = torch.randn((3, c, h, w), generator=gen)
+    latents = torch.randn((batch, c, h, w), generator=gen).to(device)
+    emb = pipe.label_embedder(torch.rand(batch, generator=gen).to(device))
+    steps = torch.full((batch,), pipe.scheduler.config.num_train_timesteps // 2, dtype=torch.long, device=device)
+    check = torch.randn((3, c, h, w), generator=gen).to(device)
     check_last = check.contiguous(memory_format=torch.channels_last)
     try:
         unet = _frozen(_UNetGraph(pipe.unet), (latents, steps, emb))
@@ -129,13 +130,13 @@ def trace_pipeline(pipe, batch: int = 22) -> str | None:
         half = latents[: batch // 2].contiguous(memory_format=torch.channels_last)
         decoder = _frozen(_DecoderGraph(pipe.vae), (half,))
         size = pipe.image_shape[0]
-        images = torch.rand((2, 3, size, size), generator=gen) * 2 - 1
+        images = (torch.rand((2, 3, size, size), generator=gen) * 2 - 1).to(device)
         encoder = _frozen(_EncoderGraph(pipe.vae), (images,))
         # a shape and a timestep other than the traced ones must give the eager answer
-        t3 = torch.tensor([0, 7, pipe.scheduler.config.num_train_timesteps - 1])
+        t3 = torch.tensor([0, 7, pipe.scheduler.config.num_train_timesteps - 1], device=device)
         same_unet = torch.equal(unet(check, t3, emb[:3]), pipe.unet(check, t3, class_labels=emb[:3]).sample)
         same_decoder = torch.equal(decoder(check_last), pipe.vae.decode(check_last).sample)
-        check_images = torch.rand((1, 3, size, size), generator=gen) * 2 - 1
+        check_images = (torch.rand((1, 3, size, size), generator=gen) * 2 - 1).to(device)
         same_encoder = torch.equal(encoder(check_images), pipe.vae.encode(check_images).latent_dist.parameters)
     except Exception as error:  # noqa: BLE001 - any tracing failure leaves the eager pipeline, which is correct
         return f"tracing failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"

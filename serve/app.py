@@ -155,7 +155,8 @@ def create_app(explorer: Explorer, worker: ModelWorker | None = None, max_body: 
                 "pipeline": explorer.pipeline_path, "classifier": explorer.classifier_path,
                 "patch_size": explorer.patch_size, "defaults": explorer.defaults("invert"),
                 "sdedit_strength": explorer.defaults("sdedit")["strength"],
-                "traced": explorer.eager_reason is None, "eager_reason": explorer.eager_reason}
+                "traced": explorer.eager_reason is None, "eager_reason": explorer.eager_reason,
+                "device": str(explorer.pipeline.device)}
 
     # -- slides and tiles ------------------------------------------------------------------------------
     @app.get("/slides")

@@ -38,6 +38,7 @@ def build(args):
 
     from classifier.model import ClassifierEnsemble
     from diffusion.pipeline import MitosisPipeline
+    from mitosis_ldm.launch import process_state
 
     from .app import create_app
     from .explorer import Explorer
@@ -59,8 +60,9 @@ def build(args):
         raise UserError(f"--exports: {args.exports} exists and is not a folder")
     slides = SlideRegistry(args.slides or [])
     datasets = load_datasets(args.dataset or [])
-    pipeline = MitosisPipeline.from_pretrained(args.pipeline)
-    classifier = ClassifierEnsemble.from_pretrained(args.classifier)
+    device = process_state().device  # a GPU when there is one: renders and scores run there
+    pipeline = MitosisPipeline.from_pretrained(args.pipeline).to(device)
+    classifier = ClassifierEnsemble.from_pretrained(args.classifier).to(device)
     explorer = Explorer(slides, datasets, pipeline, classifier, args.exports, pipeline_path=args.pipeline,
                         classifier_path=args.classifier, trace=not args.eager)
     if explorer.eager_reason not in (None, "not asked"):

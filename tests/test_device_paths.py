@@ -74,3 +74,21 @@ def test_the_report_puts_the_ensemble_and_the_floors_autoencoder_on_the_process_
     folder = SimpleNamespace(role="transitions", manifest={"pipeline": str(tmp_path / "pipeline")})
     reconstruction_features([folder], np.zeros((1, 8, 8, 3), np.uint8), ensemble, 4, print)
     assert [d.type for d in moved_to] == ["meta"]
+
+
+def test_the_explorers_graphs_are_traced_on_the_pipelines_device(tmp_path, monkeypatch):
+    import diffusion.traced as traced
+    from diffusion.pipeline import MitosisPipeline
+    from tiny_artifacts import pipeline
+
+    pipe = MitosisPipeline.from_pretrained(pipeline(tmp_path / "pipeline")).to("meta")
+    seen = []
+
+    def frozen(module, example):  # the examples each graph is traced on; eager modules stand in for the graphs
+        seen.extend(t.device.type for t in example)
+        return module
+
+    monkeypatch.setattr(traced, "_frozen", frozen)
+    reason = traced.trace_pipeline(pipe)
+    assert len(seen) == 5 and set(seen) == {"meta"}  # the UNet's latents, timesteps, labels; decoder; encoder
+    assert reason is not None and "traced" not in type(pipe.unet).__name__.lower()  # meta values never compare equal

@@ -42,6 +42,25 @@ def test_queue_and_max_body_reach_the_worker_and_the_body_limit(world, tmp_path)
         assert res.status_code == 413 and res.json() == {"error": "request body larger than 2000 bytes"}
 
 
+def test_the_pipeline_and_the_ensemble_go_to_the_process_device(world, tmp_path, monkeypatch):
+    # a GPU when there is one; the meta device stands in for it here
+    from types import SimpleNamespace
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    import mitosis_ldm.launch
+
+    monkeypatch.setattr(mitosis_ldm.launch, "process_state", lambda: SimpleNamespace(device=torch.device("meta")))
+    app = build([*base_args(world, tmp_path), "--slides", str(world["slide"])])
+    explorer = app.state.explorer
+    assert explorer.pipeline.device.type == "meta" and explorer.classifier.device.type == "meta"
+    modules = (explorer.pipeline.vae, explorer.pipeline.label_embedder, *explorer.classifier.member_models)
+    assert {p.device.type for m in modules for p in m.parameters()} == {"meta"}
+    with TestClient(app) as client:
+        assert client.get("/api/info").json()["device"] == "meta"
+
+
 def test_threads_sets_torchs_thread_count(world, tmp_path):
     import torch
 
