@@ -1,7 +1,7 @@
 """Slide explorer latency over HTTP: first /transition, cached /transition (a slider move), tiles.
 
     python bench/serve_latency.py [--root runs/demo] [--slide data/cache/cmu_small_region.svs] [--threads 2]
-        [--nuclei 10] [--repeats 30] [--tiles 150] [--out runs/serve/latency.json]
+        [--nuclei 10] [--repeats 30] [--tiles 150] [--peer eager|cpu|none] [--out runs/serve/latency.json]
 
 Starts `mitosis-ldm serve` on 127.0.0.1 (a child process with the demo pipeline and classifier), then times,
 as a client would see them:
@@ -12,8 +12,9 @@ as a client would see them:
   holds all frames and needs no request);
 - tile: distinct Deep Zoom tiles of the three finest levels, first fetch (not in the server's tile cache).
 The peer, a second server started with `--eager` (the UNet and decoder as plain modules instead of frozen
-traced graphs), renders the same clicks interleaved with the first, so the speed-up holds even when the
-machine's speed drifts during the run (on the 2-core host it drifts by up to about 30 % within an hour).
+traced graphs), or with `--peer cpu` the same server kept off the GPU (`CUDA_VISIBLE_DEVICES=`), renders the
+same clicks interleaved with the first, so the speed-up holds even when the machine's speed drifts during the
+run (on the 2-core host it drifts by up to about 30 % within an hour).
 Prints JSON with p50/p95 in ms and the load average beside them (other jobs on the machine inflate times).
 """
 
@@ -56,6 +57,9 @@ def timed(fn) -> tuple[float, tuple]:
     return time.perf_counter() - t0, out
 
 
+PEERS = {"eager": "`serve --eager` (plain modules)", "cpu": "the same server on the CPU", "none": ""}
+
+
 def demo_models(root: Path, slide: Path):
     """(pipeline, classifier, cmu dataset) of a demo run, or None after printing a JSON 'skipped' line."""
     pipeline, classifier, cmu = root / "diffusion/model", root / "classifier/model", root / "data/cmu"
@@ -74,8 +78,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--tiles", type=int, default=150)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--no-peer", dest="peer", action="store_false",
-                        help="skip the side-by-side eager server (`serve --eager`)")
+    parser.add_argument("--peer", choices=sorted(PEERS), default="eager",
+                        help="the side-by-side server: eager (`serve --eager`, the default), cpu (on a GPU host: "
+                             "the same server on the CPU) or none")
     args = parser.parse_args(argv)
     found = demo_models(args.root, args.slide)
     if found is None:
@@ -86,7 +91,11 @@ def main(argv=None):
     serve_args = ["--pipeline", pipeline, "--classifier", classifier, "--slides", args.slide,
                   "--threads", str(args.threads), "--exports", "/tmp/serve-bench-exports"]
     proc, url = server_process(serve_args)
-    peer = server_process([*serve_args, "--eager"]) if args.peer else None
+    peer = None
+    if args.peer == "eager":
+        peer = server_process([*serve_args, "--eager"])
+    elif args.peer == "cpu":
+        peer = server_process(serve_args, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     slide = args.slide.name
     try:
         warm, _ = timed(lambda: post_json(url, "/transition", {"slide": slide, "x": nuclei[0][0], "y": nuclei[0][1]}))
@@ -123,6 +132,7 @@ def main(argv=None):
         for path in paths[: args.repeats]:
             refetch.append(timed(lambda: request(url, "GET", path))[0])
         _, health = request(url, "GET", "/healthz")
+        _, info = request(url, "GET", "/api/info")
     finally:
         for child in (proc, peer[0] if peer else None):
             if child is not None:
@@ -132,8 +142,8 @@ def main(argv=None):
         "server": {"pipeline": str(pipeline), "classifier": str(classifier), "slide": str(args.slide),
                    "threads": args.threads, "frames_per_transition": frames},
         "first_transition": {**percentiles(first), "target_ms": 1000, "warmup_first_call_ms": round(warm * 1000, 1)},
-        **({"first_transition_peer_eager": {
-            **percentiles(first_peer), "what": "the same clicks on `serve --eager` (plain modules), interleaved",
+        **({f"first_transition_peer_{args.peer}": {
+            **percentiles(first_peer), "what": f"the same clicks on {PEERS[args.peer]}, interleaved",
             "speedup_p50": round(float(np.percentile(first_peer, 50) / np.percentile(first, 50)), 3)}}
            if first_peer else {}),
         "cached_transition": {**percentiles(cached), "target_ms": 50},
@@ -141,6 +151,7 @@ def main(argv=None):
         "tile_cached": percentiles(refetch),
         "non_200": sum(1 for s in statuses if s != 200),
         "health": json.loads(health),
+        "device": json.loads(info)["device"], "traced": json.loads(info)["traced"],
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "cpu_count": os.cpu_count(),
     }
