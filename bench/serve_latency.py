@@ -151,7 +151,7 @@ def main(argv=None):
         "tile_cached": percentiles(refetch),
         "non_200": sum(1 for s in statuses if s != 200),
         "health": json.loads(health),
-        "device": json.loads(info)["device"], "traced": json.loads(info)["traced"],
+        **{key: json.loads(info)[key] for key in ("device", "traced", "eager_reason")},
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "cpu_count": os.cpu_count(),
     }
