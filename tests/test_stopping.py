@@ -182,6 +182,19 @@ def test_ctrl_c_under_accelerate_launch_ends_the_bar_and_prints_one_word(tmp_pat
     assert "Traceback" not in "\n".join(lines)
 
 
+def group_gone(pgid: int, within: float) -> bool:
+    """True once no process of the group is left, polled for `within` seconds."""
+    deadline = time.time() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("signame,to_group,stage,code,word", [
     ("SIGINT", True, "data", 130, "interrupted"),   # Ctrl-C at the terminal: the demo and its stage
     ("SIGTERM", False, "data", 143, "terminated"),  # `kill` of the demo alone: its stage must not run on as an orphan
@@ -215,9 +228,11 @@ def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame,
         assert lines[-2].endswith(word) or (stage == "autoencoder" and lines[-2].startswith("autoencoder:")), \
             lines[-3:]
         assert "Traceback" not in text
-        time.sleep(1)
-        with pytest.raises(ProcessLookupError):  # nothing of the demo runs on
-            os.killpg(proc.pid, 0)
+        # nothing of the demo runs on. A process of the stopped stage may still be on its way out: on a loaded host
+        # one was, 1 s after the demo's exit (1 run in 4 beside three busy loops); an orphaned stage would run on
+        # for many seconds more
+        assert group_gone(proc.pid, within=5.0), subprocess.run(
+            ["ps", "-o", "pid,ppid,stat,etime,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
