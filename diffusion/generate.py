@@ -192,9 +192,7 @@ def main(argv=None):
     t0 = time.time()
     rendered = render_jobs(jobs, args.out, args.n, size, args.resume)
     seconds = time.time() - t0
-    from accelerate import PartialState
-
-    is_main = PartialState().is_main_process
+    is_main = process_state().is_main_process
     release_processes()  # every shard is on disk: no more collectives
     if not is_main:
         return

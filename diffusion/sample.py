@@ -56,9 +56,7 @@ def render_split(pipe: MitosisPipeline, seeds: list[int], conditions, guidance, 
 
 
 def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 @user_errors
