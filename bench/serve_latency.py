@@ -132,7 +132,7 @@ def main(argv=None):
         for path in paths[: args.repeats]:
             refetch.append(timed(lambda: request(url, "GET", path))[0])
         _, health = request(url, "GET", "/healthz")
-        _, info = request(url, "GET", "/api/info")
+        info = json.loads(request(url, "GET", "/api/info")[1])
     finally:
         for child in (proc, peer[0] if peer else None):
             if child is not None:
@@ -151,7 +151,7 @@ def main(argv=None):
         "tile_cached": percentiles(refetch),
         "non_200": sum(1 for s in statuses if s != 200),
         "health": json.loads(health),
-        **{key: json.loads(info)[key] for key in ("device", "traced", "eager_reason")},
+        **{key: info[key] for key in ("device", "traced", "eager_reason")},
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "cpu_count": os.cpu_count(),
     }
