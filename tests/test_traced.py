@@ -62,6 +62,30 @@ def test_traced_render_gives_the_same_frames(folder):
     assert pipe.unet.traced_calls > 0 and pipe.vae.traced_calls > 0
 
 
+@torch.no_grad()
+def test_later_calls_run_the_checked_plan_even_where_the_fuser_is_on(folder):
+    """TorchScript's fuser (on for CUDA tensors by default; switched on here for CPU ones) rewrites a graph after
+    its first, profiled call. The graphs must keep running the plan the check compared with the eager module."""
+    from diffusion.traced import trace_pipeline
+
+    eager, pipe = load(folder), load(folder)
+    was = torch._C._jit_can_fuse_on_cpu()
+    torch._C._jit_override_can_fuse_on_cpu(True)
+    try:
+        assert trace_pipeline(pipe) is None
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn((3, 4, 16, 16), generator=gen)
+        emb = eager.label_embedder(torch.rand(3, generator=gen))
+        steps = torch.tensor([0, 7, 999])
+        want_unet, want_decoded = eager.unet(x, steps, class_labels=emb).sample, eager.vae.decode(x).sample
+        for call in range(4):  # the first call is profiled, the later ones would run the fused plan
+            assert torch.equal(pipe.unet(x, steps, class_labels=emb).sample, want_unet), call
+            assert torch.equal(pipe.vae.decode(x).sample, want_decoded), call
+        assert pipe.unet.traced_calls == 4 and pipe.vae.traced_calls == 4
+    finally:
+        torch._C._jit_override_can_fuse_on_cpu(was)
+
+
 def test_a_trace_that_differs_or_fails_is_not_used(folder, monkeypatch):
     import diffusion.traced as traced
 
