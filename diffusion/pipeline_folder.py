@@ -15,17 +15,23 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
-from mitosis_ldm.artifacts import load_part, strict_loader
+from mitosis_ldm.artifacts import config_object, load_part, strict_loader
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import read_json
 
 from .model import LabelEmbedder
 
+
+def load_scheduler(folder: Path) -> DDPMScheduler:
+    config_object(folder / "scheduler_config.json")  # settings, not a name diffusers would look up on the hub
+    return DDPMScheduler.from_pretrained(folder, local_files_only=True)
+
+
 PARTS = {  # part folder -> (file that must be there, loader)
     "vae": ("config.json", strict_loader(AutoencoderKL)),
     "unet": ("config.json", strict_loader(UNet2DModel)),
     "label_embedder": ("config.json", strict_loader(LabelEmbedder)),
-    "scheduler": ("scheduler_config.json", lambda folder: DDPMScheduler.from_pretrained(folder, local_files_only=True)),
+    "scheduler": ("scheduler_config.json", load_scheduler),
 }
 GUIDE_PARTS = ("unet", "label_embedder")  # under guide/
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -159,6 +159,22 @@ MAX_LAYERS = 64  # per block: `layers_per_block: 1e12` would build modules until
 MAX_LIST = 64
 
 
+def config_object(path) -> dict | None:
+    """The settings in a model's JSON config file; None when it is missing or not JSON (the loader names that).
+
+    Any other JSON is refused here: diffusers reads a config that holds a string (or a number) as the name of a
+    model on the Hugging Face hub and asks the network for it, retrying for about 20 s, before it fails.
+    """
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        kind = {str: "string", list: "array", bool: "boolean", type(None): "null"}.get(type(config), "number")
+        raise UserError(f"{path}: holds a JSON {kind}, not an object of settings")
+    return config
+
+
 def check_config_sizes(folder) -> None:
     """Refuse a model config.json whose sizes no real model has, before diffusers builds the modules.
 
@@ -166,12 +182,9 @@ def check_config_sizes(folder) -> None:
     10^12) hangs the loader while memory fills, instead of failing.
     """
     path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    config = config_object(path)
+    if config is None:
         return  # missing or unreadable: the loader names it
-    if not isinstance(config, dict):
-        return
     for key, value in config.items():
         values = value if isinstance(value, list) else [value]
         if isinstance(value, list) and len(value) > MAX_LIST:

@@ -93,6 +93,40 @@ def test_config_sizes_no_model_has_are_refused_before_building(tmp_path, field, 
     artifacts.check_config_sizes(tmp_path)  # the limits themselves are allowed
 
 
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return tiny_artifacts.pipeline(tmp_path_factory.mktemp("artifacts") / "pipeline")
+
+
+@pytest.mark.parametrize("part", ["vae/config.json", "unet/config.json", "label_embedder/config.json",
+                                  "scheduler/scheduler_config.json"])
+@pytest.mark.parametrize("content", ['"stabilityai/sd-vae-ft-mse"', "3", "[1, 2]"])
+def test_a_config_that_is_not_a_json_object_is_refused_without_asking_the_hub(
+        pipeline, tmp_path, monkeypatch, part, content):
+    """diffusers reads a config that is a JSON string (or number) as a model name, and goes to the Hugging Face
+    hub for it, retrying for about 20 s, before it fails."""
+    import socket
+
+    from diffusion.pipeline import MitosisPipeline
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline, folder)
+    (folder / integrity.MANIFEST).unlink()  # the damage must reach the parser, not the recorded hashes
+    (folder / part).write_text(content)
+    lookups = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[0])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(UserError) as caught:
+        MitosisPipeline.from_pretrained(folder)
+    kind = {'"': "string", "3": "number", "[": "array"}[content[0]]
+    assert str(caught.value) == f"{folder / part}: holds a JSON {kind}, not an object of settings"
+    assert lookups == []
+
+
 @pytest.mark.parametrize("config, bad", [({"scaling_factor": None}, "scaling_factor"),
                                          ({"scaling_factor": float("inf")}, "scaling_factor"),
                                          ({"scaling_factor": 1.0, "shift_factor": float("nan")}, "shift_factor"),
