@@ -6,6 +6,8 @@ and runs the real entry point on it. `run_case` classifies what happened:
 
 - accepted: the command finished;
 - clean: exit 2 with exactly one `error:` line and no traceback;
+- noisy: the same, but other lines came before it on stderr (a warning, a retry message);
+- network: a host name was looked up (every lookup fails here; the tool never needs the network);
 - traceback: anything else (another exception, another exit code);
 - leftover: the case's output exists after a failure, or a hidden temporary
   (`.NAME.tmp-*`, `.NAME.partial`, `.NAME.old-*`) is left anywhere.
@@ -219,6 +221,25 @@ def leftovers(root: Path) -> list[str]:
             if any(tag in p.name for tag in (".tmp-", ".partial", ".old-"))]
 
 
+@contextlib.contextmanager
+def no_network(lookups: list):
+    """Host name lookups fail and are recorded: a reader or loader must never go to the network (a config that
+    diffusers takes for a hub model name did)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def lookup(host, *args, **kwargs):
+        lookups.append(str(host))
+        raise OSError(f"no network while fuzzing ({host})")
+
+    socket.getaddrinfo = lookup
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+
+
 def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tuple[str, bool, str]:
     """(outcome, leftover, detail) of one mutated case; `scratch` is an empty folder for this case."""
     target = TARGETS[name]
@@ -233,16 +254,20 @@ def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tupl
                      "vae": "out.safetensors"}.get(name, "out")
     err = io.StringIO()
     outcome, detail = "accepted", ""
+    lookups: list[str] = []
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), no_network(lookups):
             target.run(subject, shared, out)
     except SystemExit as exc:
         text = err.getvalue()
         lines = [line for line in text.splitlines() if line.startswith("error:")]
+        others = [line for line in text.splitlines() if line.strip() and not line.startswith("error:")]
         if exc.code in (0, None):
             outcome = "accepted"
         elif exc.code == 2 and len(lines) == 1 and "Traceback" not in text:
             outcome, detail = "clean", lines[0]
+            if others:  # a warning or a retry message before the error: not one clear line
+                outcome, detail = "noisy", f"{lines[0]} after: {' | '.join(others)[:300]}"
         else:
             outcome, detail = "traceback", f"exit {exc.code}: {text[-300:]}"
     except Exception as exc:  # noqa: BLE001 - what the fuzzing counts
@@ -250,6 +275,8 @@ def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tupl
             or traceback.extract_tb(exc.__traceback__)
         where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
         outcome, detail = "traceback", f"{type(exc).__name__} at {where}: {' '.join(str(exc).split())[:160]}"
+    if lookups:
+        outcome, detail = "network", f"looked up {sorted(set(lookups))} ({outcome}: {detail[:200]})"
     left = leftovers(scratch) + leftovers(shared)
     if outcome != "accepted" and out.exists():
         left.append(str(out.relative_to(scratch)))
@@ -261,14 +288,15 @@ def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tupl
 
 def count(name: str, cases: int, seed: int, shared: Path, scratch_root: Path) -> dict:
     """Counts per outcome over `cases` seeded cases (the before/after table's row)."""
-    counts = {"cases": cases, "accepted": 0, "clean": 0, "traceback": 0, "leftover": 0, "examples": []}
+    counts = {"cases": cases, "accepted": 0, "clean": 0, "noisy": 0, "network": 0, "traceback": 0, "leftover": 0,
+              "examples": []}
     for i in range(cases):
         scratch = scratch_root / f"{name}-{i}"
         scratch.mkdir(parents=True)
         outcome, left, detail = run_case(name, random.Random(seed * 100003 + i), shared, scratch)
         counts[outcome] += 1
         counts["leftover"] += left
-        if (outcome == "traceback" or left) and len(counts["examples"]) < 3:
+        if (outcome not in ("accepted", "clean") or left) and len(counts["examples"]) < 3:
             counts["examples"].append(detail[:300])
         shutil.rmtree(scratch, ignore_errors=True)
     return counts
