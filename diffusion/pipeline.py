@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from mitosis_ldm.artifacts import FORMAT, PIPELINE, expect_artifact
+from mitosis_ldm.artifacts import FORMAT, PIPELINE, expect_artifact, held_library_logs
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.hashing import hash_folder
 from mitosis_ldm.io import write_json
@@ -93,8 +93,9 @@ class MitosisPipeline(RealToGenerated):
         from .pipeline_folder import load_parts  # imports this module
 
         path = expect_artifact(path, PIPELINE, flag)  # marker + recorded hashes
-        vae, unet, embedder, scheduler, info, guide = load_parts(path)  # each part loads, pipeline.json agrees
-        check_compatible(vae, unet, embedder, info, path)
+        with held_library_logs():  # what diffusers says of one part shows only if the whole folder loads
+            vae, unet, embedder, scheduler, info, guide = load_parts(path)  # each part loads, pipeline.json agrees
+            check_compatible(vae, unet, embedder, info, path)
         return cls(vae, unet, embedder, scheduler, info, path, guide)
 
     def save_pretrained(self, path) -> None:

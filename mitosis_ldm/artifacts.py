@@ -26,8 +26,10 @@ Transitions folder (written by `diffusion`, scored by `classifier`, read by `rep
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,12 +128,41 @@ def load_part(folder, what: str, load):
     contradict each other surface from diffusers/safetensors/torch as many exception types.
     """
     try:
-        return load(folder)
+        with held_library_logs():
+            return load(folder)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - see the docstring
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{folder}: {what} cannot be loaded ({type(err).__name__}: {reason})") from None
+
+
+@contextlib.contextmanager
+def held_library_logs(name: str = "diffusers"):
+    """Hold what the library logs while a part loads; show it only if the load succeeds.
+
+    diffusers logs a damage before it raises (a weights file not found) or before the strict loader refuses it
+    (weights the config does not name): on a failure, the one error line says it, and a second line from the
+    library would only repeat it. On success the held lines (a config field it ignores, ...) go out as they were.
+    """
+    logger = logging.getLogger(name)
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record):
+            held.append(record)
+
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [Hold()], False
+    try:
+        yield
+    except BaseException:
+        held.clear()
+        raise
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        for record in held:
+            logger.handle(record)
 
 
 def strict_loader(model_class):

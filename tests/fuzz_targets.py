@@ -222,6 +222,22 @@ def leftovers(root: Path) -> list[str]:
 
 
 @contextlib.contextmanager
+def logs_to(stream):
+    """The libraries' log handlers write to `stream` too: they hold the stderr of the time they were made, which
+    `redirect_stderr` does not reach, and a user sees their lines beside the error."""
+    import logging
+
+    handlers = [h for name in ("", "diffusers", "huggingface_hub", "timm", "accelerate")
+                for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)]
+    before = [h.setStream(stream) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, old in zip(handlers, before):
+            handler.setStream(old)
+
+
+@contextlib.contextmanager
 def no_network(lookups: list):
     """Host name lookups fail and are recorded: a reader or loader must never go to the network (a config that
     diffusers takes for a hub model name did)."""
@@ -256,7 +272,8 @@ def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tupl
     outcome, detail = "accepted", ""
     lookups: list[str] = []
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), no_network(lookups):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), no_network(lookups), \
+                logs_to(err):
             target.run(subject, shared, out)
     except SystemExit as exc:
         text = err.getvalue()

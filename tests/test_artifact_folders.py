@@ -127,6 +127,62 @@ def test_a_config_that_is_not_a_json_object_is_refused_without_asking_the_hub(
     assert lookups == []
 
 
+@pytest.fixture
+def library_log():
+    """What reaches the diffusers logger's own handlers (a user's terminal)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, handler = logging.getLogger("diffusers"), Record()
+    logger.addHandler(handler)
+    yield seen
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("damage", ["weights file deleted", "weight renamed", "a later part fails"])
+def test_a_part_that_fails_to_load_is_the_one_error_line_and_nothing_from_the_library(
+        pipeline, tmp_path, library_log, damage):
+    from safetensors.torch import load_file, save_file
+
+    from diffusion.pipeline import MitosisPipeline
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline, folder)
+    (folder / integrity.MANIFEST).unlink()
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    if damage == "weights file deleted":
+        weights.unlink()
+    elif damage == "a later part fails":  # the VAE loads, with a warning of a field it ignores; the UNet fails
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        (folder / "vae" / "config.json").write_text(json.dumps({**config, "unknown": 1}))
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    else:
+        tensors = load_file(weights)
+        name = sorted(tensors)[0]
+        tensors["x" + name] = tensors.pop(name)
+        save_file(tensors, weights)
+    with pytest.raises(UserError, match=f"{folder / ('unet' if damage == 'a later part fails' else 'vae')}"):
+        MitosisPipeline.from_pretrained(folder)
+    assert library_log == []  # diffusers logged the same damage before it raised, a second line for the user
+
+
+def test_what_the_library_logs_while_a_part_loads_still_shows_when_it_loads(pipeline, tmp_path, library_log):
+    from diffusion.pipeline import MitosisPipeline
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline, folder)
+    (folder / integrity.MANIFEST).unlink()
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "stepr_offset": 0}))
+    MitosisPipeline.from_pretrained(folder)
+    assert any("stepr_offset" in line and "will be ignored" in line for line in library_log), library_log
+
+
 @pytest.mark.parametrize("config, bad", [({"scaling_factor": None}, "scaling_factor"),
                                          ({"scaling_factor": float("inf")}, "scaling_factor"),
                                          ({"scaling_factor": 1.0, "shift_factor": float("nan")}, "shift_factor"),
