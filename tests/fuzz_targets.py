@@ -223,17 +223,19 @@ def leftovers(root: Path) -> list[str]:
 
 @contextlib.contextmanager
 def logs_to(stream):
-    """The libraries' log handlers write to `stream` too: they hold the stderr of the time they were made, which
-    `redirect_stderr` does not reach, and a user sees their lines beside the error."""
+    """The libraries' own log handlers write to `stream`: they hold the stderr of the time they were made, which
+    `redirect_stderr` does not reach, and a user sees their lines beside the error. (Records that reach the root
+    logger go to `logging.lastResort`, which writes to the redirected stderr, or, under pytest, to its capture.)"""
     import logging
 
-    handlers = [h for name in ("", "diffusers", "huggingface_hub", "timm", "accelerate")
-                for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)]
-    before = [h.setStream(stream) for h in handlers]
+    handlers = {h: h.stream for name in ("diffusers", "huggingface_hub", "timm", "accelerate")
+                for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler}
+    for handler in handlers:
+        handler.setStream(stream)
     try:
         yield
     finally:
-        for handler, old in zip(handlers, before):
+        for handler, old in handlers.items():
             handler.setStream(old)
 
 
