@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from mitosis_ldm.artifacts import config_object, load_part, strict_loader
@@ -23,8 +24,17 @@ from .model import LabelEmbedder
 
 
 def load_scheduler(folder: Path) -> DDPMScheduler:
+    """The noise schedule; its levels must be `num_train_timesteps` cumulative alphas in (0, 1] (diffusers builds
+    whatever `trained_betas` or the `beta_*` fields say, and a scalar there failed mid-sampling as an IndexError)."""
     config_object(folder / "scheduler_config.json")  # settings, not a name diffusers would look up on the hub
-    return DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    alphas, n = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
+    if alphas.ndim != 1 or len(alphas) != n or not bool(torch.isfinite(alphas).all()) \
+            or bool((alphas <= 0).any() or (alphas > 1).any()):
+        raise UserError(f"{folder / 'scheduler_config.json'}: its noise schedule is not {n} levels in (0, 1] "
+                        f"(fields 'trained_betas', 'beta_start', 'beta_end', 'beta_schedule', "
+                        f"'num_train_timesteps')")
+    return scheduler
 
 
 PARTS = {  # part folder -> (file that must be there, loader)

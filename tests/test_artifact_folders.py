@@ -127,6 +127,21 @@ def test_a_config_that_is_not_a_json_object_is_refused_without_asking_the_hub(
     assert lookups == []
 
 
+@pytest.mark.parametrize("fields", [{"trained_betas": 1e308}, {"trained_betas": [0.01, 0.02, 0.03]},
+                                    {"beta_schedule": "linear", "beta_end": 5.0}, {"beta_start": float("nan")}])
+def test_a_noise_schedule_that_is_not_one_is_refused_before_sampling(pipeline, tmp_path, fields):
+    from diffusion.pipeline import MitosisPipeline
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline, folder)
+    (folder / integrity.MANIFEST).unlink()
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    n = json.loads(path.read_text())["num_train_timesteps"]
+    with pytest.raises(UserError, match=f"^{path}: its noise schedule is not {n} levels in \\(0, 1\\]"):
+        MitosisPipeline.from_pretrained(folder)
+
+
 @pytest.fixture
 def library_log():
     """What reaches the diffusers logger's own handlers (a user's terminal)."""
