@@ -208,6 +208,17 @@ def _float_or_nan(text: str) -> float:
     return float(text) if text not in ("", None) else math.nan
 
 
+def _whole_field(meta: dict, key: str, root: Path, low: int, default: int | None = None) -> int:
+    """A whole number >= low from dataset.json (a float with a fraction, a bool, infinity or a string is refused)."""
+    value = meta.get(key, default)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        shown = "missing" if value is None else f"{str(value)[:40]!r}"
+        raise UserError(f"{root / 'dataset.json'}: field '{key}' must be a whole number >= {low}, got {shown}")
+    return value
+
+
 class PatchDataset(Dataset):
     """A patch dataset folder as a torch Dataset (uint8 memory-map underneath)."""
 
@@ -230,12 +241,13 @@ class PatchDataset(Dataset):
         missing_id = next((i for i, r in enumerate(self.rows) if not r.get("id")), None)
         if missing_id is not None:
             raise UserError(f"{self.root / 'labels.csv'}: field 'id' is missing or empty (data row {missing_id + 1})")
-        try:
-            self.patch_size = int(self.meta["patch_size"])
-            self.margin = int(self.meta.get("margin", 0))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{self.root / 'dataset.json'}: field 'patch_size'/'margin' is missing or not an "
-                            f"integer") from None
+        self.patch_size = _whole_field(self.meta, "patch_size", self.root, low=1)
+        self.margin = _whole_field(self.meta, "margin", self.root, low=0, default=0)
+        stored = self.patch_size + 2 * self.margin
+        if self.images.shape[1:3] != (stored, stored):
+            raise UserError(f"{self.root / 'dataset.json'}: fields 'patch_size' {self.patch_size} + 2 x 'margin' "
+                            f"{self.margin} give {stored}px, but patches.npy holds "
+                            f"{self.images.shape[1]}x{self.images.shape[2]} patches")
         self.augment = augment
         if label_mode not in ("soft", "hard", "binned"):
             raise UserError(f"label_mode: must be soft, hard or binned, got '{label_mode}'")

@@ -110,3 +110,23 @@ def test_contact_sheet_rows_hold_every_label_once_with_1_in_the_last_tenth():
     assert len(rows) == 10 and sum(len(r) for r in rows) == 12  # every labelled patch in exactly one row
     assert rows[3] == [0.3, 0.35] and rows[6] == [0.6] and rows[7] == [0.7, 0.72]  # 0.3, 0.6, 0.7 open theirs
     assert rows[9] == [0.9, 0.95, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"patch_size": float("inf")}, "field 'patch_size' must be a whole number >= 1, got 'inf'"),  # was OverflowError
+    ({"patch_size": 6.5}, "field 'patch_size' must be a whole number >= 1, got '6.5'"),
+    ({"patch_size": True}, "field 'patch_size' must be a whole number >= 1, got 'True'"),
+    ({"patch_size": 0}, "field 'patch_size' must be a whole number >= 1, got '0'"),
+    ({"patch_size": None}, "field 'patch_size' must be a whole number >= 1, got missing"),
+    ({"margin": -1}, "field 'margin' must be a whole number >= 0, got '-1'"),
+    ({"margin": "2"}, "field 'margin' must be a whole number >= 0, got '2'"),
+    ({"patch_size": 8}, "fields 'patch_size' 8 \\+ 2 x 'margin' 2 give 12px, but patches.npy holds 10x10 patches"),
+])
+def test_patch_size_and_margin_must_be_whole_and_match_the_stored_patches(tmp_path, fields, words):
+    root = dataset(tmp_path / "ds")
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, **fields}))
+    with pytest.raises(UserError, match=f"^{root / 'dataset.json'}: {words}$"):
+        PatchDataset(root)
+    (root / "dataset.json").write_text(json.dumps({**meta, "patch_size": 6.0}))  # a whole float reads as the int
+    assert PatchDataset(root).patch_size == 6
