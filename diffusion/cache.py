@@ -36,7 +36,7 @@ import torch
 from mitosis_ldm.artifacts import AUTOENCODER, FORMAT, LATENTS, expect_artifact, load_part, strict_loader
 from mitosis_ldm.errors import UserError, check_seed, user_errors
 from mitosis_ldm.hashing import hash_folder
-from mitosis_ldm.io import atomic_dir, check_new_output, read_json, save_npy, write_json
+from mitosis_ldm.io import atomic_dir, check_new_output, read_json, read_npy, save_npy, write_json
 from mitosis_ldm.launch import process_state
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -168,11 +168,11 @@ class LatentCache:
             if not (self.root / name).exists():
                 raise UserError(f"{self.root / name}: missing from the latent cache; rebuild it with "
                                 f"mitosis-ldm cache --overwrite")
-        self.latents = np.load(self.root / "latents.npy", allow_pickle=False)  # (N, V, C, h, w) float16
-        self.labels = np.load(self.root / "labels.npy", allow_pickle=False)
-        self.hard_labels = np.load(self.root / "hard_labels.npy", allow_pickle=False)
-        self.dataset_ids = np.load(self.root / "dataset_ids.npy", allow_pickle=False)
-        self.splits = np.load(self.root / "splits.npy", allow_pickle=False)
+        self.latents = read_npy(self.root / "latents.npy")  # (N, V, C, h, w) float16
+        self.labels = read_npy(self.root / "labels.npy")
+        self.hard_labels = read_npy(self.root / "hard_labels.npy")
+        self.dataset_ids = read_npy(self.root / "dataset_ids.npy")
+        self.splits = read_npy(self.root / "splits.npy")
 
     @property
     def vae_dir(self) -> Path:

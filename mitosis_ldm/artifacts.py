@@ -38,7 +38,7 @@ import numpy as np
 
 from . import integrity
 from .errors import UserError
-from .io import atomic_dir, save_npy, write_json
+from .io import atomic_dir, read_npy, save_npy, write_json
 
 PATCHES = "patches"
 AUTOENCODER = "autoencoder"
@@ -302,10 +302,7 @@ def read_transitions(path) -> Transitions:
     frames_path = path / "frames.npy"
     if not frames_path.exists():
         raise UserError(f"{frames_path}: missing")
-    try:
-        frames = np.load(frames_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:  # truncated file, bad header
-        raise UserError(f"{frames_path}: not a readable .npy array ({' '.join(str(err).split())[:120]})") from None
+    frames = read_npy(frames_path, mmap=True)
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise UserError(f"{frames_path}: expected uint8 (seeds, conditions, H, W, 3), "
                         f"got {frames.dtype} {frames.shape}")

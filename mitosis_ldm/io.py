@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,21 @@ def read_json(path, what: str = "JSON"):
         raise UserError(f"{path}: malformed {what}: not UTF-8 text (byte {err.start})") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, expected a {what} file") from None
+
+
+def read_npy(path, mmap: bool = False) -> np.ndarray:
+    """A .npy array (pickled objects never load); a missing, truncated or damaged file is one UserError line.
+
+    numpy parses the header as a Python literal: a damaged one fails as ValueError, SyntaxError or (an unclosed
+    bracket) tokenize.TokenError, none of which the others derive from.
+    """
+    path = Path(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as err:
+        raise UserError(f"{path}: not a readable .npy array ({' '.join(str(err).split())[:120]})") from None
 
 
 def save_npy(path, array: np.ndarray) -> None:

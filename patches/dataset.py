@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from mitosis_ldm.artifacts import FORMAT, PATCHES
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, save_npy, write_json
+from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_npy, save_npy, write_json
 
 from .augment import AugmentConfig, augment_patch
 from .splits import SplitConfig, assign_splits, validate_rows
@@ -226,11 +226,7 @@ class PatchDataset(Dataset):
                  label_mode: str = "soft", labelled_only: bool = False):
         self.root = Path(root)
         self.meta = read_meta(self.root)
-        try:
-            self.images = np.load(self.root / "patches.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:  # truncated file, damaged header
-            raise UserError(f"{self.root / 'patches.npy'}: not a readable .npy array "
-                            f"({' '.join(str(err).split())[:120]})") from None
+        self.images = read_npy(self.root / "patches.npy", mmap=True)
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise UserError(f"{self.root / 'patches.npy'}: expected uint8 (N, S, S, 3), got "
                             f"{self.images.dtype} {self.images.shape}")

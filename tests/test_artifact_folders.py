@@ -276,3 +276,41 @@ def test_reading_transitions_checks_the_recorded_hashes(tmp_path):
     tiny_artifacts.flip_byte(folder / "frames.npy")  # still a valid array of the same shape
     with pytest.raises(UserError, match="frames.npy: content differs from the sha256 recorded at export"):
         artifacts.read_transitions(folder)
+
+
+@pytest.mark.parametrize("kind", ["transitions", "dataset"])
+@pytest.mark.parametrize("damage", ["an unclosed bracket", "a header that is not a literal", "truncated"])
+def test_a_damaged_npy_header_is_one_line_naming_the_file(tmp_path, kind, damage):
+    """numpy parses the header as a Python literal; an unclosed bracket there raised tokenize.TokenError, which
+    no reader caught."""
+    folder = getattr(tiny_artifacts, kind)(tmp_path / kind)
+    (folder / integrity.MANIFEST).unlink(missing_ok=True)
+    path = folder / ("frames.npy" if kind == "transitions" else "patches.npy")
+    data = bytearray(path.read_bytes())
+    end = data.index(b"}")
+    if damage == "an unclosed bracket":
+        data[end:end + 1] = b"("
+    elif damage == "a header that is not a literal":
+        data[end:end + 1] = b"]"
+    else:
+        data = data[:end]
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"^{path}: not a readable .npy array"):
+        if kind == "transitions":
+            artifacts.read_transitions(folder)
+        else:
+            from patches.dataset import PatchDataset
+
+            PatchDataset(folder)
+
+
+def test_read_npy_refuses_pickled_objects_and_names_a_missing_file(tmp_path):
+    from mitosis_ldm.io import read_npy
+
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="objects.npy: not a readable .npy array .*allow_pickle"):
+        read_npy(tmp_path / "objects.npy")
+    with pytest.raises(UserError, match="absent.npy: file not found"):
+        read_npy(tmp_path / "absent.npy")
+    np.save(tmp_path / "ok.npy", np.arange(3))
+    assert read_npy(tmp_path / "ok.npy", mmap=True).tolist() == [0, 1, 2]
