@@ -63,6 +63,10 @@ def check_schema(db: sqlite3.Connection, path: Path) -> None:
                 raise UserError(f"{path}: field '{table}.{column}' is missing (column not in table '{table}')")
 
 
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
 def _int(value) -> int | None:
     """An integer id, or None for NULL, text, blobs and fractional numbers (SQLite stores anything anywhere)."""
     if isinstance(value, bool):
@@ -121,9 +125,15 @@ def read_sliderunner(db_path, slides_dir, mitotic_class: int = 2, lookalike_clas
         raise UserError(f"{db_path}: database file not found")
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        # text that is not UTF-8 (a damaged name, an old database's Latin-1 file name) is read with U+FFFD for
+        # the bytes it cannot decode, instead of failing as a UnicodeDecodeError; such a slide name is then not
+        # found, and said so
+        db.text_factory = _text
         db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as err:
         raise UserError(f"{db_path}: not a readable SQLite database ({err})") from None
+    except UnicodeDecodeError:  # SQLite's own message about a damaged schema quotes bytes that are not UTF-8
+        raise UserError(f"{db_path}: not a readable SQLite database (a damaged schema)") from None
     try:
         classes, slides, annotations, points, votes_rows, left_out = _read_tables(db, db_path)
     except sqlite3.DatabaseError as err:

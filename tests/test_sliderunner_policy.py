@@ -123,3 +123,43 @@ def test_an_annotation_without_usable_votes_takes_its_agreed_class_as_the_one_vo
     rows = rows_of(tmp_path / "ds")
     assert {uid: (r["label"], r["votes"], r["hard_label"]) for uid, r in rows.items()} == {
         "sliderunner-1": ("1", "", "1"), "sliderunner-2": ("0", "", "0"), "sliderunner-3": ("0.5", "1;0", "1")}
+
+
+def test_text_that_is_not_utf8_is_read_with_a_replacement_character(tmp_path, capsys):
+    """A class name with a damaged byte is read with U+FFFD in its place; a slide file name in Latin-1 (as an older
+    database may hold) the same way, and so it is a slide not found. Before, sqlite3 refused the whole database
+    over the one display name ("Could not decode to UTF-8 column 'name'")."""
+    db = real_world_db(tmp_path)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE Classes SET name = CAST(? AS TEXT) WHERE uid = 1", (b"Granulo\xc2cyte",))
+    con.commit()
+    con.close()
+    out = tmp_path / "ds"
+    main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(out)])
+    assert set(rows_of(out)) == {"sliderunner-1", "sliderunner-2", "sliderunner-7"}  # as from the undamaged one
+    assert "class 1 'Granulo\ufffdcyte' 1" in capsys.readouterr().err.strip().splitlines()[-1]
+    con = sqlite3.connect(db)
+    con.execute("UPDATE Slides SET filename = CAST(? AS TEXT) WHERE uid = 1", (b"caf\xe9.png",))
+    con.commit()
+    con.close()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(tmp_path / "ds2")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "caf\ufffd.png" in err[0], err
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_a_schema_damaged_into_bytes_that_are_not_utf8_is_one_line(tmp_path, capsys):
+    """SQLite's message about a malformed schema quotes the damaged SQL; Python failed to decode it, a traceback."""
+    db = real_world_db(tmp_path)
+    data = bytearray(db.read_bytes())
+    at = data.index(b"CREATE TABLE Annotations_label (") + 31
+    data[at:at + 2] = b"\xc2("
+    db.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sliderunner", "--db", str(db), "--slides", str(tmp_path), "--out", str(tmp_path / "ds")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == \
+        [f"error: {db}: not a readable SQLite database (a damaged schema)"]
+    assert not (tmp_path / "ds").exists()
