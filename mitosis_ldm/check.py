@@ -65,11 +65,6 @@ def _patches(folder: Path) -> None:
         raise UserError(f"{folder / 'patches.npy'}: patches are {images.shape[1]}px, dataset.json says {stored}")
     if "count" in meta and meta["count"] != len(images):
         raise UserError(f"{folder / 'dataset.json'}: field 'count' is {meta['count']}, patches.npy holds {len(images)}")
-    labels = data.soft_labels
-    bad = ~(np.isnan(labels) | ((labels >= 0) & (labels <= 1)))
-    if bad.any():
-        first = data.ids()[int(np.argmax(bad))]
-        raise UserError(f"{folder / 'labels.csv'}: field 'label' of id '{first}' is outside [0, 1]")
     if meta.get("content_hash") and meta["content_hash"] != _hash_dataset(folder):
         raise UserError(f"{folder / 'dataset.json'}: field 'content_hash' does not match patches.npy + labels.csv")
     np.asarray(images[-1:]).sum()  # the last patch is readable (a truncated file fails here)

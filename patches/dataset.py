@@ -254,12 +254,22 @@ class PatchDataset(Dataset):
                 if name not in SPLITS:
                     raise UserError(f"split: must be one of {', '.join(SPLITS)}, got '{name}'")
         try:
-            self.all_soft = np.array([_float_or_nan(r.get("label", "")) for r in self.rows], np.float32)
-            self.all_hard = np.array([_float_or_nan(r.get("hard_label", "")) for r in self.rows], np.float32)
-            self.all_degree = np.array([_float_or_nan(r.get("true_degree", "")) for r in self.rows], np.float32)
+            soft, hard, degree = (np.array([_float_or_nan(r.get(key, "")) for r in self.rows], np.float64)
+                                  for key in ("label", "hard_label", "true_degree"))
         except (TypeError, ValueError) as err:
             raise UserError(f"{self.root / 'labels.csv'}: field 'label'/'hard_label'/'true_degree' holds a value "
                             f"that is not a number ({err})") from None
+        for key, values, bad in (("label", soft, ~((soft >= 0) & (soft <= 1))),
+                                 ("hard_label", hard, ~((hard == 0) | (hard == 1))),
+                                 ("true_degree", degree, np.abs(degree) > np.finfo(np.float32).max)):
+            bad &= ~np.isnan(values)
+            if bad.any():
+                at = int(np.argmax(bad))
+                want = {"label": "is outside [0, 1]", "hard_label": "is neither 0 nor 1",
+                        "true_degree": "is not a finite number"}[key]
+                raise UserError(f"{self.root / 'labels.csv'}: field '{key}' of id '{self.rows[at]['id']}' {want} "
+                                f"(got {self.rows[at][key]!r})")
+        self.all_soft, self.all_hard, self.all_degree = (a.astype(np.float32) for a in (soft, hard, degree))
         keep = np.ones(len(self.rows), bool)
         if splits is not None:
             keep &= np.array([r.get("split") in splits for r in self.rows])

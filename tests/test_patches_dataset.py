@@ -130,3 +130,38 @@ def test_patch_size_and_margin_must_be_whole_and_match_the_stored_patches(tmp_pa
         PatchDataset(root)
     (root / "dataset.json").write_text(json.dumps({**meta, "patch_size": 6.0}))  # a whole float reads as the int
     assert PatchDataset(root).patch_size == 6
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("label", "1.5", "field 'label' of id 'p1' is outside \\[0, 1\\] \\(got '1.5'\\)"),
+    ("label", "-0.1", "field 'label' of id 'p1' is outside \\[0, 1\\] \\(got '-0.1'\\)"),
+    ("label", "inf", "field 'label' of id 'p1' is outside \\[0, 1\\] \\(got 'inf'\\)"),
+    ("hard_label", "0.5", "field 'hard_label' of id 'p1' is neither 0 nor 1 \\(got '0.5'\\)"),
+    ("hard_label", "2", "field 'hard_label' of id 'p1' is neither 0 nor 1 \\(got '2'\\)"),
+    ("true_degree", "1e39", "field 'true_degree' of id 'p1' is not a finite number \\(got '1e39'\\)"),
+])
+def test_labels_outside_their_range_are_refused_when_the_dataset_is_read(tmp_path, field, value, words):
+    """Every stage reads a dataset through PatchDataset: a label of 1.5 trained the generator on it, and 1e39 became
+    infinity with a numpy warning."""
+    import csv
+    import warnings
+
+    root = dataset(tmp_path / "ds")
+    with open(root / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[1][field] = value
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning before the error line
+        with pytest.raises(UserError, match=f"^{root / 'labels.csv'}: {words}$"):
+            PatchDataset(root)
+    rows[1][field] = ""  # an empty field is no label, as before
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    attribute = {"label": "all_soft", "hard_label": "all_hard", "true_degree": "all_degree"}[field]
+    assert np.isnan(getattr(PatchDataset(root), attribute)[1])
