@@ -111,13 +111,29 @@ def _centres(path: Path, field: str, geometry: dict):
                         f"MultiPolygon")
 
 
+def _numbers(value):
+    """Every number in nested coordinate lists (anything else is left to shapely to refuse)."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, float):
+        yield value
+
+
 def _centroid(path: Path, field: str, geometry: dict) -> tuple[float, float]:
     """An outline's area centroid (shapely), so a nucleus drawn as a polygon becomes its centre."""
+    import warnings
+
     import shapely.geometry
 
+    if not all(math.isfinite(v) for v in _numbers(geometry.get("coordinates"))):
+        raise UserError(f"{path}: field '{field}.coordinates' must hold finite numbers (a {geometry.get('type')} "
+                        f"with NaN or infinity)")
     try:
-        shape = shapely.geometry.shape(geometry)
-        centre = shape.centroid
+        with warnings.catch_warnings():  # numpy's warnings inside shapely: the error below says it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            shape = shapely.geometry.shape(geometry)
+            centre = shape.centroid
     except Exception as err:  # shapely raises several types for malformed rings
         raise UserError(f"{path}: field '{field}.coordinates' is not a valid {geometry.get('type')} "
                         f"({type(err).__name__}: {' '.join(str(err).split())[:100]})") from None

@@ -252,3 +252,20 @@ def test_an_even_split_of_votes_is_a_hard_label_of_1(tmp_path):
     got = {(r["x"], r["y"]): (r["votes"], r["label"], r["hard_label"]) for r in rows_of(tmp_path / "ds")}
     assert got == {("51", "50"): ("1;0", "0.5", "1"), ("151", "100"): ("1;1", "1", "1"),
                    ("251", "200"): ("0;0", "0", "0")}  # ties count as mitotic
+
+
+@pytest.mark.parametrize("corner", [float("nan"), float("inf")])
+def test_bad_outline_with_a_coordinate_that_is_not_finite(setup, capsys, corner):
+    """shapely built the ring and numpy warned on stderr before the error line."""
+    import warnings
+
+    tmp_path, slides, good = setup
+    bad = tmp_path / "bad.geojson"
+    ring = [[10, 10], [20, 10], [20, corner], [10, 20], [10, 10]]
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_bad(tmp_path, capsys, ["--slides", slides, "--annotator", f"a={good}", "--annotator", f"b={bad}",
+                                   "--radius-px", "8"], "bad.geojson", "field 'features[0].geometry.coordinates'",
+                "must hold finite numbers")
