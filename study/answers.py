@@ -57,9 +57,24 @@ def read_study(path) -> Study:
         raise UserError(f"{path / 'key.json'}: field 'study_id' is {key.get('study_id')!r} but study.json says "
                         f"{study.get('study_id')!r}")
     for item, entry in key["items"].items():
-        if entry.get("kind") not in KINDS:
-            raise UserError(f"{path / 'key.json'}: field 'kind' of item '{item}' is {entry.get('kind')!r}")
+        check_key_entry(path / "key.json", item, entry)
     return Study(path=path, study=study, key=key["items"])
+
+
+def check_key_entry(path: Path, item: str, entry) -> None:
+    """An item of key.json: its kind, its label (a generated frame's condition, a real patch's soft label) in
+    [0, 1], and its source, each of which the analysis reads."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: item '{item}' must be an object with kind, label and source, got {entry!r:.40}")
+    if entry.get("kind") not in KINDS:
+        raise UserError(f"{path}: field 'kind' of item '{item}' is {entry.get('kind')!r}")
+    field = "condition" if entry["kind"] == "generated" else "soft_label"
+    value = entry.get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{path}: field '{field}' of {entry['kind']} item '{item}' must be a number in [0, 1], "
+                        f"got {value!r:.40}")
+    if not isinstance(entry.get("source"), str):
+        raise UserError(f"{path}: field 'source' of item '{item}' is missing")
 
 
 def _integer(text: str, lo: int, hi: int, where: str, field: str) -> int:

@@ -375,6 +375,34 @@ def test_study_folder_that_does_not_hold_together(answers, tmp_path, capsys, fil
     assert str(copy / file) in message and f"'{field}'" in message
 
 
+@pytest.mark.parametrize("damage, field", [("not an object", "item"), ("condition 1.5", "condition"),
+                                           ("soft label as text", "soft_label"), ("no source", "source")])
+def test_a_key_entry_the_analysis_cannot_read_is_one_line(answers, tmp_path, capsys, damage, field):
+    """The analysis reads every item's kind, label and source: an entry that was not an object, or a label that
+    was not a number, failed as an AttributeError or a numpy ValueError traceback."""
+    import shutil
+
+    out, rows, path = answers
+    write_answers(path, rows)
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    data = json.loads((copy / "key.json").read_text())
+    items = data["items"]
+    generated = next(i for i in sorted(items) if items[i]["kind"] == "generated")
+    real = next(i for i in sorted(items) if items[i]["kind"] == "real")
+    if damage == "not an object":
+        items[real] = 0.5
+    elif damage == "condition 1.5":
+        items[generated]["condition"] = 1.5
+    elif damage == "soft label as text":
+        items[real]["soft_label"] = "high"
+    else:
+        del items[generated]["source"]
+    (copy / "key.json").write_text(json.dumps(data))
+    message = analyse_fails(copy, [path], tmp_path, capsys)
+    assert str(copy / "key.json") in message and (f"'{field}'" in message or f"item '{real}'" in message), message
+
+
 def test_simulate_does_not_replace_an_answers_file_without_overwrite(study, tmp_path, capsys):
     path = tmp_path / "answers-A.csv"
     path.write_text("a reader's real answers\n")
