@@ -109,6 +109,71 @@ def _build_points(root: Path) -> Path:
     return root / "cells.csv"
 
 
+def _geojson(marks: list[tuple]) -> dict:
+    """A QuPath export: a Point, a MultiPoint (the points tool) and a Polygon outline, with and without a class."""
+    features = []
+    for kind, coordinates, name in marks:
+        properties = {"objectType": "annotation"}
+        if name:
+            properties["classification"] = {"name": name, "color": [255, 0, 0]}
+        features.append({"type": "Feature", "geometry": {"type": kind, "coordinates": coordinates},
+                         "properties": properties})
+    return {"type": "FeatureCollection", "features": features}
+
+
+GEOJSON_MARKS = [("Point", [20, 20], "Mitosis"), ("MultiPoint", [[60, 50], [90, 70]], "Imposter"),
+                 ("Polygon", [[[30, 60], [40, 60], [40, 70], [30, 70], [30, 60]]], None)]
+
+
+def _build_geojson(root: Path) -> Path:
+    _image(root / "ok.png")
+    (root / "ok.geojson").write_text(json.dumps(_geojson(GEOJSON_MARKS)))
+    return root / "ok.geojson"
+
+
+def _build_annotators(root: Path) -> Path:
+    (root / "slides").mkdir()
+    _image(root / "slides" / "ok.png")
+    (root / "alice.geojson").write_text(json.dumps(_geojson(GEOJSON_MARKS)))
+    (root / "bob.csv").write_text("x,y,class\n21,19,Mitosis\n61,52,Mitosis\n50,30,Imposter\n")
+    return root
+
+
+def _mutate_annotators(root: Path, rng: random.Random) -> None:
+    if rng.random() < 0.5:
+        mutate_json_file(root / "alice.geojson", rng)
+    else:
+        mutate_csv(root / "bob.csv", rng)
+
+
+def _study_main(*argv):
+    from study.cli import main
+
+    main([str(a) for a in argv])
+
+
+def _build_study(root: Path) -> Path:
+    """A blinded study of the tiny transitions and held-out patches, answered by two simulated readers."""
+    data = tiny_artifacts.dataset(root / "dataset", n=24)
+    frames = tiny_artifacts.transitions(root / "transitions", seeds=4)
+    with contextlib.redirect_stdout(io.StringIO()):
+        _study_main("make", "--transitions", frames, "--dataset", data, "--n-real", 4, "--n-generated", 4,
+                    "--out", root / "study")
+        for reader, strategy in (("ann", "noisy"), ("bo", "random")):
+            _study_main("simulate", "--study", root / "study", "--reader", reader, "--strategy", strategy,
+                        "--out", root / f"answers-{reader}.csv")
+    shutil.rmtree(root / "dataset")
+    shutil.rmtree(root / "transitions")
+    return root
+
+
+def _mutate_study(root: Path, rng: random.Random) -> None:
+    if rng.random() < 0.8:
+        mutate_csv(root / f"answers-{rng.choice(['ann', 'bo'])}.csv", rng)
+    else:
+        mutate_json_file(root / "study" / rng.choice(["study.json", "key.json"]), rng)
+
+
 def _build_folder(root: Path) -> Path:
     (root / "images").mkdir()
     for i in range(4):
@@ -182,6 +247,18 @@ TARGETS = {
     "folder": Target("folder", _build_folder, _mutate_folder_source,
                      lambda p, s, out: _data_main("folder", "--images", p / "images", "--labels", p / "labels.csv",
                                                   "--out", out)),
+    "geojson": Target("geojson", _build_geojson, mutate_json_file,
+                      lambda p, s, out: _data_main("points", "--geojson", p, "--slide", "ok.png", "--slides",
+                                                   p.parent, "--out", out, "--label-map", "Mitosis=1,Imposter=0",
+                                                   *DATA_FLAGS)),
+    "annotators": Target("annotators", _build_annotators, _mutate_annotators,
+                         lambda p, s, out: _data_main("annotators", "--slides", p / "slides", "--annotator",
+                                                      f"alice={p / 'alice.geojson'}", "--annotator",
+                                                      f"bob={p / 'bob.csv'}", "--radius-px", "8", "--label-map",
+                                                      "Mitosis=1,Imposter=0", "--out", out, *DATA_FLAGS)),
+    "study": Target("study", _build_study, _mutate_study,
+                    lambda p, s, out: _study_main("analyse", "--study", p / "study", "--answers", p / "answers-ann.csv",
+                                                  p / "answers-bo.csv", "--bootstrap", 100, "--out", out)),
     "configs": Target("configs", _build_configs, _mutate_config, _run_config),
     "vae": Target("vae", None, mutate_folder,
                   lambda p, s, out: _vae_encode(p, s / "dataset", out)),

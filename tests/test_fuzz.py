@@ -1,7 +1,9 @@
 """Property-based fuzzing of every reader and folder loader: mutated valid inputs are accepted or give one clean
 `error:` line (exit 2), never a traceback, never leftover output.
 
-Readers: MIDOG JSON, SlideRunner SQLite, points CSV, folder labels + images, the stage configs.
+Readers: MIDOG JSON, SlideRunner SQLite, points CSV, QuPath GeoJSON (`data points`), two annotators' files (`data
+annotators`: GeoJSON and CSV), folder labels + images, the stage configs, a reader study's answers and key
+(`study analyse`).
 Folder loaders: VAE (`vae encode`), classifier and patch dataset and transitions (`score`), pipeline
 (`transitions`). The targets live in tests/fuzz_targets.py, the mutations in tests/fuzz_mutations.py;
 bench/fuzz_outcomes.py counts the same cases without hypothesis. CI: derandomised, fixed budgets below;
@@ -22,8 +24,8 @@ import fuzz_targets
 
 pytestmark = pytest.mark.slow  # about 2 minutes for the whole module on 2 busy cores; still in `make test`
 
-CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "folder": 30, "configs": 30,
-             "vae": 12, "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
+CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "geojson": 30, "annotators": 30, "folder": 30,
+             "configs": 30, "study": 12, "vae": 12, "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
 
 
 def budget(name: str) -> int:
@@ -52,8 +54,11 @@ def fuzz(name: str):
 test_fuzz_midog_json = fuzz("midog")
 test_fuzz_sliderunner_sqlite = fuzz("sliderunner")
 test_fuzz_points_csv = fuzz("points")
+test_fuzz_qupath_geojson = fuzz("geojson")
+test_fuzz_annotator_files = fuzz("annotators")
 test_fuzz_folder_labels_and_images = fuzz("folder")
 test_fuzz_stage_configs = fuzz("configs")
+test_fuzz_study_answers = fuzz("study")
 test_fuzz_vae_folder = fuzz("vae")
 test_fuzz_classifier_folder = fuzz("classifier")
 test_fuzz_pipeline_folder = fuzz("pipeline")
