@@ -11,6 +11,7 @@ is checked the same way, and must denoise the same latents as `unet/`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,10 +24,38 @@ from mitosis_ldm.io import read_json
 from .model import LabelEmbedder
 
 
+SCHEDULER_NUMBER_LIMIT = 1e6  # beyond any beta, range, ratio or count a noise schedule holds
+
+
+def check_scheduler_fields(path: Path, config: dict) -> None:
+    """Each field DDPMScheduler takes must have its default's type (a bool, a whole number, a finite number no
+    larger than SCHEDULER_NUMBER_LIMIT, a string): diffusers stores what it is given, and a `clip_sample_range` of
+    "nan" or 1e308 failed at the first sampling step as a TypeError or RuntimeError."""
+    import inspect
+
+    for key, param in inspect.signature(DDPMScheduler.__init__).parameters.items():
+        if key not in config or param.default is None or param.default is inspect.Parameter.empty:
+            continue
+        value, default = config[key], param.default
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            whole = isinstance(default, int)
+            ok = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and abs(value) <= SCHEDULER_NUMBER_LIMIT
+            want = f"a {'whole' if whole else 'finite'} number of at most {SCHEDULER_NUMBER_LIMIT:g}"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            raise UserError(f"{path}: field '{key}' must be {want}, got {str(value)[:40]!r}")
+
+
 def load_scheduler(folder: Path) -> DDPMScheduler:
     """The noise schedule; its levels must be `num_train_timesteps` cumulative alphas in (0, 1] (diffusers builds
     whatever `trained_betas` or the `beta_*` fields say, and a scalar there failed mid-sampling as an IndexError)."""
-    config_object(folder / "scheduler_config.json")  # settings, not a name diffusers would look up on the hub
+    config = config_object(folder / "scheduler_config.json")  # settings, not a name diffusers would look up
+    if config is not None:
+        check_scheduler_fields(folder / "scheduler_config.json", config)
     scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
     alphas, n = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
     if alphas.ndim != 1 or len(alphas) != n or not bool(torch.isfinite(alphas).all()) \

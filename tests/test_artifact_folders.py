@@ -4,6 +4,7 @@ format, run folders, weights that do not match their config, pickled weights, an
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_a_config_that_is_not_a_json_object_is_refused_without_asking_the_hub(
 
 
 @pytest.mark.parametrize("fields", [{"trained_betas": 1e308}, {"trained_betas": [0.01, 0.02, 0.03]},
-                                    {"beta_schedule": "linear", "beta_end": 5.0}, {"beta_start": float("nan")}])
+                                    {"beta_schedule": "linear", "beta_end": 5.0}, {"beta_start": -0.5}])
 def test_a_noise_schedule_that_is_not_one_is_refused_before_sampling(pipeline, tmp_path, fields):
     from diffusion.pipeline import MitosisPipeline
 
@@ -139,6 +140,26 @@ def test_a_noise_schedule_that_is_not_one_is_refused_before_sampling(pipeline, t
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
     n = json.loads(path.read_text())["num_train_timesteps"]
     with pytest.raises(UserError, match=f"^{path}: its noise schedule is not {n} levels in \\(0, 1\\]"):
+        MitosisPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field, value, want", [
+    ("clip_sample_range", "nan", "a finite number of at most 1e+06"),  # was a TypeError at the first step
+    ("clip_sample_range", 1e308, "a finite number of at most 1e+06"),  # was a RuntimeError (float overflow)
+    ("clip_sample", "yes", "true or false"),
+    ("steps_offset", 1.5, "a whole number of at most 1e+06"),
+    ("num_train_timesteps", 10 ** 9, "a whole number of at most 1e+06"),
+    ("timestep_spacing", 3, "a string"),
+])
+def test_a_scheduler_field_of_the_wrong_type_is_refused_at_load(pipeline, tmp_path, field, value, want):
+    from diffusion.pipeline import MitosisPipeline
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline, folder)
+    (folder / integrity.MANIFEST).unlink()
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(UserError, match=f"^{path}: field '{field}' must be {re.escape(want)}, got "):
         MitosisPipeline.from_pretrained(folder)
 
 
