@@ -27,6 +27,7 @@ line naming both hashes (`check_cache`).
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -173,6 +174,42 @@ class LatentCache:
         self.hard_labels = read_npy(self.root / "hard_labels.npy")
         self.dataset_ids = read_npy(self.root / "dataset_ids.npy")
         self.splits = read_npy(self.root / "splits.npy")
+        self._check()
+
+    def _check(self) -> None:
+        """What training reads must hold together: one row per latent, labels in [0, 1] (or NaN), known split
+        codes, and cache.json's latent scale and source datasets (a damaged one failed mid-start as an IndexError
+        or KeyError)."""
+        where = self.root / "latents.npy"
+        if self.latents.ndim != 5 or not np.issubdtype(self.latents.dtype, np.floating):
+            raise UserError(f"{where}: expected floats (N, V, C, h, w), got {self.latents.dtype} {self.latents.shape}")
+        n = len(self.latents)
+        for name in ("labels", "hard_labels", "dataset_ids", "splits"):
+            array = getattr(self, name)
+            if array.ndim != 1 or len(array) != n:
+                count = len(array) if array.ndim == 1 else array.shape
+                raise UserError(f"{self.root / (name + '.npy')}: {count} entries, latents.npy has {n}")
+        for name in ("labels", "hard_labels"):
+            values = getattr(self, name).astype(np.float64)
+            if ((values < 0) | (values > 1)).any():
+                raise UserError(f"{self.root / (name + '.npy')}: labels outside [0, 1]")
+        if not np.isin(self.splits, list(SPLIT_CODES.values())).all():
+            raise UserError(f"{self.root / 'splits.npy'}: split codes other than {sorted(SPLIT_CODES.values())}")
+        info, path = self.info, self.root / "cache.json"
+        if not isinstance(info, dict):
+            raise UserError(f"{path}: top level must be a JSON object")
+        scale = info.get("latent_scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise UserError(f"{path}: field 'latent_scale' must be a finite number > 0, got {str(scale)[:40]!r}")
+        datasets = info.get("datasets")
+        if not isinstance(datasets, list) or not datasets or not all(
+                isinstance(d, dict) and isinstance(d.get("patch_size"), int) and not isinstance(d["patch_size"], bool)
+                and d["patch_size"] > 0 and isinstance(d.get("path"), str) for d in datasets):
+            raise UserError(f"{path}: field 'datasets' must list the source datasets, each with its path and "
+                            f"patch_size")
+        if not np.isin(self.dataset_ids, np.arange(len(datasets))).all():
+            raise UserError(f"{self.root / 'dataset_ids.npy'}: ids beyond the {len(datasets)} dataset(s) of "
+                            f"cache.json")
 
     @property
     def vae_dir(self) -> Path:

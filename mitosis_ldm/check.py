@@ -104,11 +104,7 @@ def _pipeline(folder: Path) -> None:
 def _latents(folder: Path) -> None:
     from diffusion.cache import LatentCache
 
-    cache = LatentCache(folder)
-    n = len(cache.latents)
-    for name in ("labels", "hard_labels", "dataset_ids", "splits"):
-        if len(getattr(cache, name)) != n:
-            raise UserError(f"{folder / (name + '.npy')}: {len(getattr(cache, name))} entries, latents.npy has {n}")
+    LatentCache(folder)  # which checks that its arrays and cache.json hold together
     _autoencoder(folder / "vae")
 
 

@@ -148,3 +148,48 @@ def test_a_cache_made_from_relative_paths_is_accepted_for_them_and_for_absolute_
     cache = build_cache(Path("vae"), [Path("data")], Path("relative"), progress=False)
     check_cache(cache, "vae", ["data"])
     check_cache(parts["root"] / "relative", parts["vae"], [parts["data"]])
+
+
+def _damage_cache(folder: Path, damage: str) -> str:
+    """Apply one damage to a cache folder; returns the file the error line must name."""
+    def npy(name, change):
+        np.save(folder / f"{name}.npy", change(np.load(folder / f"{name}.npy")))
+        return f"{name}.npy"
+
+    def info(change):
+        data = json.loads((folder / "cache.json").read_text())
+        change(data)
+        (folder / "cache.json").write_text(json.dumps(data))
+        return "cache.json"
+
+    return {
+        "a label short": lambda: npy("labels", lambda a: a[:-1]),
+        "latents of 4 axes": lambda: npy("latents", lambda a: a[:, 0]),
+        "a label of 1.5": lambda: npy("labels", lambda a: np.where(np.arange(len(a)) == 0, 1.5, a).astype(a.dtype)),
+        "split code 7": lambda: npy("splits", lambda a: np.full_like(a, 7)),
+        "a dataset id beyond the list": lambda: npy("dataset_ids", lambda a: a + 5),
+        "latent_scale as text": lambda: info(lambda d: d.update(latent_scale="x")),
+        "no datasets": lambda: info(lambda d: d.update(datasets=[])),
+        "a dataset without patch_size": lambda: info(lambda d: d["datasets"][0].pop("patch_size")),
+    }[damage]()
+
+
+@pytest.mark.parametrize("damage", ["a label short", "latents of 4 axes", "a label of 1.5", "split code 7",
+                                    "a dataset id beyond the list", "latent_scale as text", "no datasets",
+                                    "a dataset without patch_size"])
+def test_a_cache_whose_parts_do_not_hold_together_is_refused_when_read(parts, tmp_path, damage):
+    """Diffusion training reads the cache: a short labels.npy was an IndexError and a cache.json without its
+    datasets a KeyError, after the run folder was made. Only `mitosis-ldm check` looked at the lengths."""
+    import shutil
+
+    from diffusion.cache import LatentCache
+    from mitosis_ldm import integrity
+
+    folder = tmp_path / "latents"
+    build_cache(parts["vae"], [parts["data"]], folder, progress=False)
+    LatentCache(folder)
+    (folder / integrity.MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(folder / "vae" / integrity.MANIFEST, ignore_errors=True)
+    name = _damage_cache(folder, damage)
+    with pytest.raises(UserError, match=f"^{folder / name}: "):
+        LatentCache(folder)
