@@ -224,6 +224,8 @@ def check_config_sizes(folder) -> None:
         for v in values:
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > limit:
                 raise UserError(f"{path}: field '{key}' is {v}, beyond any model this tool builds (at most {limit})")
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:  # a count, size or id: built, then failed
+                raise UserError(f"{path}: field '{key}' is {v}; no model this tool builds has a negative {key}")
 
 
 def check_latent_scale(folder, config) -> None:

@@ -84,6 +84,9 @@ def test_pickled_weights_are_never_loaded(tmp_path):
     ("transformer_layers_per_block", 1000, f"at most {artifacts.MAX_LAYERS}"),
     ("block_out_channels", [8, -(10 ** 12)], f"at most {artifacts.MAX_CONFIG_INT}"),
     ("block_out_channels", [8] * (artifacts.MAX_LIST + 1), f"lists {artifacts.MAX_LIST + 1} entries"),
+    # built, then failed at the first forward pass as a RuntimeError ("Expected num groups to be greater than 0")
+    ("norm_num_groups", -1, "no model this tool builds has a negative norm_num_groups"),
+    ("block_out_channels", [8, -8], "no model this tool builds has a negative block_out_channels"),
 ])
 def test_config_sizes_no_model_has_are_refused_before_building(tmp_path, field, value, words):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", field: value}))
