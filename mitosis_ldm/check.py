@@ -56,11 +56,9 @@ def kind_of(folder: Path) -> str | None:
 def _patches(folder: Path) -> None:
     from patches.dataset import PatchDataset, _hash_dataset
 
-    data = PatchDataset(folder, split=None)
+    data = PatchDataset(folder, split=None)  # which checks the array's type and shape, patch size, margin and labels
     images, meta = data.images, data.meta
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise UserError(f"{folder / 'patches.npy'}: expected uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
-    stored = meta.get("stored_size", int(meta["patch_size"]) + 2 * int(meta.get("margin", 0)))
+    stored = meta.get("stored_size", data.patch_size + 2 * data.margin)
     if images.shape[1] != stored:
         raise UserError(f"{folder / 'patches.npy'}: patches are {images.shape[1]}px, dataset.json says {stored}")
     if "count" in meta and meta["count"] != len(images):
