@@ -149,19 +149,19 @@ def test_labels_outside_their_range_are_refused_when_the_dataset_is_read(tmp_pat
     root = dataset(tmp_path / "ds")
     with open(root / "labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    rows[1][field] = value
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_labels_with(text):
+        rows[1][field] = text
+        with open(root / "labels.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_labels_with(value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning before the error line
         with pytest.raises(UserError, match=f"^{root / 'labels.csv'}: {words}$"):
             PatchDataset(root)
-    rows[1][field] = ""  # an empty field is no label, as before
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_labels_with("")  # an empty field is no label, as before
     attribute = {"label": "all_soft", "hard_label": "all_hard", "true_degree": "all_degree"}[field]
     assert np.isnan(getattr(PatchDataset(root), attribute)[1])
