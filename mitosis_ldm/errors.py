@@ -136,6 +136,60 @@ def stop_on_signals():
     return restore
 
 
+class _Job:
+    """Whether this worker process is running a job (True) or waiting for one."""
+
+    busy = False
+
+
+class _InJob:
+    """`fn`, marked as the job under way while it runs (picklable where `fn` is)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        _Job.busy = True
+        try:
+            return self.fn(item)
+        finally:
+            _Job.busy = False
+
+
+def _worker_on_sigint(signum, frame):
+    if _Job.busy:
+        raise KeyboardInterrupt  # the job stops; the pool hands the parent its exception, which nobody reads
+    # waiting for work: the parent got the same Ctrl-C from the terminal and stops the pool
+
+
+def _start_worker():
+    signal.signal(signal.SIGINT, _worker_on_sigint)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def map_in_workers(fn, items, workers: int):
+    """Yield `fn(item)` for each item, in order, computed by `workers` forked processes.
+
+    The terminal's Ctrl-C reaches the whole process group: a worker stops the job under way, and one waiting for
+    work (outside any job, where the pool would print its KeyboardInterrupt's traceback) lets the parent stop it.
+    The workers are forked with SIGINT blocked until their own handler is set, so none dies in between.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:  # with fork, the pool starts every worker at the first submit
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker)
+        try:
+            results = pool.map(_InJob(fn), items)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with pool:
+        yield from results
+
+
 def _stopped():
     """Print the stopping signal's one word and exit with its code."""
     if _Stop.signum == signal.SIGTERM:

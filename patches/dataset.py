@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mitosis_ldm.artifacts import FORMAT, PATCHES
-from mitosis_ldm.errors import UserError
+from mitosis_ldm.errors import UserError, map_in_workers
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_npy, save_npy, write_json
 
 from .augment import AugmentConfig, augment_patch
@@ -129,9 +128,8 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
             with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"slides -> {out.name}",
                       disable=not progress or len(jobs) < 2) as bar:
                 if workers > 1 and len(todo) > 1:
-                    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-                        for _ in pool.map(run_job, todo):
-                            bar.update(1)
+                    for _ in map_in_workers(run_job, todo, min(workers, len(todo))):
+                        bar.update(1)
                 else:
                     for job in todo:
                         run_job(job)

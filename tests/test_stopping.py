@@ -91,6 +91,45 @@ def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceb
     assert not (tmp_path / "synth").exists()  # only the resumable .synth.partial stays
 
 
+IDLE_WORKER = """
+import sys, time
+import numpy as np
+from mitosis_ldm.errors import user_errors
+from patches.dataset import Shard, build_dataset
+
+def quick():
+    time.sleep(1)  # past the bar's refresh interval, so that the bar shows it done
+    return Shard(np.zeros((0, 8, 8, 3), np.uint8))
+
+def slow():
+    time.sleep(60)
+    return Shard(np.zeros((0, 8, 8, 3), np.uint8))
+
+@user_errors
+def main(out):
+    build_dataset(out, [("a", quick, {}), ("b", slow, {})], patch_size=8, margin=0, meta={}, workers=2)
+
+main(sys.argv[1])
+"""
+
+
+def test_ctrl_c_while_a_slide_worker_waits_for_work_prints_no_worker_traceback(tmp_path):
+    # two slides, one quick: once it is done its worker waits for a job that will never come, and the terminal's
+    # SIGINT reaches it there, outside any job (CI once printed that worker's KeyboardInterrupt traceback)
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_WORKER, str(tmp_path / "out")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen = read_until(proc.stderr, BAR_STEP.search, timeout=60)
+    time.sleep(0.5)  # the quick slide's worker is back waiting on the job queue
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+             if line.strip() and "slides ->" not in line]
+    assert proc.returncode == 130 and lines == ["interrupted"], lines
+    assert not (tmp_path / "out").exists()
+
+
 SIGNALS = """
 import multiprocessing, os, signal, sys, time
 from mitosis_ldm.errors import user_errors
