@@ -137,9 +137,10 @@ def stop_on_signals():
 
 
 class _Job:
-    """Whether this worker process is running a job (True) or waiting for one."""
+    """Whether this worker process is running a job, and whether a Ctrl-C has reached it."""
 
     busy = False
+    stopped = False
 
 
 class _InJob:
@@ -151,12 +152,15 @@ class _InJob:
     def __call__(self, item):
         _Job.busy = True
         try:
+            if _Job.stopped:  # a job queued before the Ctrl-C: it would run to its end, unasked
+                raise KeyboardInterrupt
             return self.fn(item)
         finally:
             _Job.busy = False
 
 
 def _worker_on_sigint(signum, frame):
+    _Job.stopped = True
     if _Job.busy:
         raise KeyboardInterrupt  # the job stops; the pool hands the parent its exception, which nobody reads
     # waiting for work: the parent got the same Ctrl-C from the terminal and stops the pool
@@ -171,7 +175,8 @@ def map_in_workers(fn, items, workers: int):
     """Yield `fn(item)` for each item, in order, computed by `workers` forked processes.
 
     The terminal's Ctrl-C reaches the whole process group: a worker stops the job under way, and one waiting for
-    work (outside any job, where the pool would print its KeyboardInterrupt's traceback) lets the parent stop it.
+    work (outside any job, where the pool would print its KeyboardInterrupt's traceback) lets the parent stop it,
+    and starts none of the jobs still queued for it.
     The workers are forked with SIGINT blocked until their own handler is set, so none dies in between.
     """
     from concurrent.futures import ProcessPoolExecutor

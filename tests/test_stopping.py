@@ -91,8 +91,9 @@ def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceb
     assert not (tmp_path / "synth").exists()  # only the resumable .synth.partial stays
 
 
-IDLE_WORKER = """
+WORKERS = """
 import sys, time
+from pathlib import Path
 import numpy as np
 from mitosis_ldm.errors import user_errors
 from patches.dataset import Shard, build_dataset
@@ -101,33 +102,54 @@ def quick():
     time.sleep(1)  # past the bar's refresh interval, so that the bar shows it done
     return Shard(np.zeros((0, 8, 8, 3), np.uint8))
 
-def slow():
+def slow(name):
+    (Path(sys.argv[1]).parent / f"started-{name}").touch()
     time.sleep(60)
     return Shard(np.zeros((0, 8, 8, 3), np.uint8))
 
 @user_errors
-def main(out):
-    build_dataset(out, [("a", quick, {}), ("b", slow, {})], patch_size=8, margin=0, meta={}, workers=2)
+def main(out, jobs):
+    jobs = [("a", quick, {})] if jobs == "quick,slow" else []
+    jobs += [(name, slow, {"name": name}) for name in "bcd"[:2 if jobs else 3]]
+    build_dataset(out, jobs, patch_size=8, margin=0, meta={}, workers=2)
 
-main(sys.argv[1])
+main(*sys.argv[1:])
 """
+
+
+def stop_workers(tmp_path, jobs: str, started: str | None = None) -> list[str]:
+    """Run a dataset of `jobs` on two workers and send the terminal's SIGINT once a slide is done (or the slide
+    `started` has begun); the lines it printed."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS, str(tmp_path / "out"), jobs], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    if started:
+        seen, deadline = b"", time.time() + 60
+        while not (tmp_path / f"started-{started}").exists() and time.time() < deadline:
+            time.sleep(0.1)
+    else:
+        seen = read_until(proc.stderr, BAR_STEP.search, timeout=60)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    assert proc.returncode == 130 and not (tmp_path / "out").exists()
+    return [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+            if line.strip() and "slides ->" not in line]
 
 
 def test_ctrl_c_while_a_slide_worker_waits_for_work_prints_no_worker_traceback(tmp_path):
     # two slides, one quick: once it is done its worker waits for a job that will never come, and the terminal's
     # SIGINT reaches it there, outside any job (CI once printed that worker's KeyboardInterrupt traceback)
-    proc = subprocess.Popen([sys.executable, "-c", IDLE_WORKER, str(tmp_path / "out")], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    seen = read_until(proc.stderr, BAR_STEP.search, timeout=60)
-    time.sleep(0.5)  # the quick slide's worker is back waiting on the job queue
-    os.killpg(proc.pid, signal.SIGINT)
-    rest = proc.stderr.read()
-    proc.wait(timeout=60)
-    proc.stderr.close()
-    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
-             if line.strip() and "slides ->" not in line]
-    assert proc.returncode == 130 and lines == ["interrupted"], lines
-    assert not (tmp_path / "out").exists()
+    assert stop_workers(tmp_path, "quick,slow") == ["interrupted"]
+
+
+def test_ctrl_c_starts_none_of_the_slides_still_queued_for_the_workers(tmp_path):
+    # three slow slides on two workers: the third waits in the pool's queue, and would run its whole minute after
+    # the Ctrl-C had stopped the other two
+    lines = stop_workers(tmp_path, "slow", started="c")
+    assert lines == ["interrupted"]
+    assert {p.name for p in tmp_path.glob("started-*")} == {"started-b", "started-c"}
 
 
 SIGNALS = """
