@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import shutil
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -88,10 +89,20 @@ def prepare_partial(out, jobs, patch_size: int, margin: int) -> Path:
     return partial
 
 
+def _shard_done(partial: Path, key: str) -> bool:
+    """Whether `partial` holds both files of the slide `key`, readable and of one length. A damaged one (a disk
+    error, a hand edit) is redone rather than refused: the folder is a cache this module alone writes."""
+    try:
+        images = np.load(partial / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+        rows = json.loads((partial / f"{key}.json").read_text())
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError):
+        return False
+    return images.ndim == 4 and isinstance(rows, list) and len(rows) == len(images)
+
+
 def pending_jobs(partial: Path, jobs) -> list[tuple]:
     """The jobs whose shard is not in `partial` yet, as `run_job` arguments."""
-    return [(k, fn, kw, partial) for k, fn, kw in jobs
-            if not ((partial / f"{k}.npy").exists() and (partial / f"{k}.json").exists())]
+    return [(k, fn, kw, partial) for k, fn, kw in jobs if not _shard_done(partial, k)]
 
 
 def run_job(job):
@@ -136,7 +147,7 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
                         bar.update(1)
         images, rows = [], []
         for key, _, _ in jobs:
-            images.append(np.load(partial / f"{key}.npy", mmap_mode="r"))
+            images.append(read_npy(partial / f"{key}.npy", mmap=True))
             rows.extend(json.loads((partial / f"{key}.json").read_text()))
         total = sum(len(a) for a in images)
         if total == 0:

@@ -137,10 +137,34 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
 
 
 def test_a_slide_whose_npy_was_written_but_not_its_json_is_redone(tmp_path):
-    for name in ("a.npy", "a.json", "b.npy", "c.json"):  # a finished, b killed between its two writes, c half gone
-        (tmp_path / name).write_text("")
+    for key in "abc":
+        np.save(tmp_path / f"{key}.npy", np.zeros((1, 8, 8, 3), np.uint8))
+        (tmp_path / f"{key}.json").write_text('[{"id": "x"}]')
+    (tmp_path / "b.json").unlink()  # b killed between its two writes
+    (tmp_path / "c.npy").unlink()  # c half gone
     jobs = [(key, cut_points, {}) for key in "abcd"]
     assert [job[0] for job in pending_jobs(tmp_path, jobs)] == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("damage", ["truncated npy", "empty json", "rows of another length", "pickled npy"])
+def test_a_damaged_finished_slide_is_redone_on_the_rerun(tmp_path, damage):
+    build, out, log, flag = crash_after_two_slides(tmp_path)
+    flag.unlink()
+    log.write_text("")
+    partial = tmp_path / ".ds.partial"
+    if damage == "truncated npy":
+        (partial / "a.npy").write_bytes((partial / "a.npy").read_bytes()[:100])
+    elif damage == "empty json":
+        (partial / "a.json").write_text("")
+    elif damage == "rows of another length":
+        (partial / "a.json").write_text(json.dumps(json.loads((partial / "a.json").read_text())[:-1]))
+    else:
+        np.save(partial / "a.npy", np.array([{"not": "pixels"}], dtype=object), allow_pickle=True)
+    build(out, jobs_for(tmp_path, log, flag))
+    assert log.read_text().split() == ["a", "c", "d"]
+    clean = tmp_path / "clean"
+    build(clean, jobs_for(tmp_path, tmp_path / "clean.log", flag))
+    assert content_hash(out) == content_hash(clean)
 
 
 def test_a_rerun_with_changed_annotations_redoes_the_finished_slides(tmp_path):
