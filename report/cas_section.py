@@ -11,6 +11,7 @@ report does not retrain anything.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mitosis_ldm.errors import UserError
@@ -28,6 +29,7 @@ EXPLAIN = {
 
 
 def read_cas(path) -> dict:
+    """A bench/cas.py result, every field the section uses checked now (before the report's own work)."""
     path = Path(path)
     if path.is_dir():
         path = path / "cas.json"
@@ -35,12 +37,69 @@ def read_cas(path) -> dict:
     if not isinstance(data, dict) or data.get("bench") != "cas":
         raise UserError(f"{path}: field 'bench' is {data.get('bench') if isinstance(data, dict) else None!r}, "
                         f"expected 'cas' (a bench/cas.py result)")
-    for key in ("table", "targets", "fractions"):
+    for key in ("table", "targets", "fractions", "seeds"):
         if key not in data:
             raise UserError(f"{path}: field '{key}' is missing (a bench/cas.py result)")
     if not isinstance(data["table"], dict) or not data["table"]:
         raise UserError(f"{path}: field 'table' is empty (no classifier finished)")
+    if not isinstance(data["seeds"], list) or not data["seeds"]:
+        raise UserError(f"{path}: field 'seeds' is {data['seeds']!r}, expected a list of seeds")
+    fractions = data["fractions"]
+    if not isinstance(fractions, list) or not all(_number(f) and 0 < f < 1 for f in fractions):
+        raise UserError(f"{path}: field 'fractions' is {fractions!r}, expected a list of fractions in (0, 1)")
+    for name, entry in data["table"].items():
+        _check_setting(path, name, entry)
+    if not isinstance(data["targets"], dict):
+        raise UserError(f"{path}: field 'targets' is {data['targets']!r}, expected an object")
+    for name, target in data["targets"].items():
+        where = f"targets.{name}"
+        if not isinstance(target, dict) or not isinstance(target.get("target"), str) \
+                or not isinstance(target.get("met"), bool) or not _number(target.get("value")):
+            raise UserError(f"{path}: field '{where}' is {target!r}, expected 'value' (a number), 'target' (text) "
+                            f"and 'met' (true or false)")
+        for key, allow_null in (("seed_spread", False), ("needed_mean", True)):
+            if key in target and not (_number(target[key]) or (allow_null and target[key] is None)):
+                raise UserError(f"{path}: field '{where}.{key}' is {target[key]!r}, expected a number")
+    for key in ("generation_patches_per_s", "transition_frames_per_s"):
+        if key in data and not _number(data[key]):
+            raise UserError(f"{path}: field '{key}' is {data[key]!r}, expected a number")
+    ceiling = data.get("label_noise_ceiling")
+    if ceiling and not (isinstance(ceiling, dict)
+                        and all(_number(ceiling.get(k)) for k in ("bayes_auroc", "true_degree_auroc"))):
+        raise UserError(f"{path}: field 'label_noise_ceiling' is {ceiling!r}, expected 'bayes_auroc' and "
+                        f"'true_degree_auroc' (numbers)")
     return data
+
+
+def _number(value) -> bool:
+    """A finite JSON number (not true or false)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_setting(path: Path, name: str, entry) -> None:
+    """One row of the CAS table: a known setting's name, and each metric's mean, spread and per-seed values."""
+    base, at, fraction = name.partition("@")
+    try:
+        known = name in EXPLAIN if not at else base in ("real", "real+generated") and 0 < float(fraction) < 1
+    except ValueError:
+        known = False
+    if not known:
+        raise UserError(f"{path}: field 'table' has the setting {name!r}; expected one of {sorted(EXPLAIN)} or "
+                        f"real@F / real+generated@F with F a fraction")
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: field 'table.{name}' is {entry!r}, expected an object")
+    for metric in ("auroc", "spearman_true_degree", "balanced_accuracy"):
+        stats = entry.get(metric)
+        if stats is None and metric == "balanced_accuracy":  # results from before it was measured
+            continue
+        if not (isinstance(stats, dict) and _number(stats.get("mean")) and _number(stats.get("spread"))
+                and stats["spread"] >= 0 and isinstance(stats.get("values"), list) and stats["values"]
+                and all(_number(v) for v in stats["values"])):
+            raise UserError(f"{path}: field 'table.{name}.{metric}' is {stats!r}, expected 'mean', 'spread' "
+                            f"(numbers) and 'values' (one number per seed)")
+    patches = entry.get("train_patches")
+    if patches is not None and not (isinstance(patches, int) and not isinstance(patches, bool) and patches >= 0):
+        raise UserError(f"{path}: field 'table.{name}.train_patches' is {patches!r}, expected a count")
 
 
 def describe(name: str) -> str:
@@ -62,8 +121,10 @@ def auroc_vs_fraction(path: Path, data: dict) -> None:
         rows = [table[n]["auroc"] for n in names if n in table]
         fx = [x for x, n in zip(xs, names) if n in table]
         means = [r["mean"] for r in rows]
-        lows = [r["mean"] - min(r["values"]) for r in rows]
-        highs = [max(r["values"]) - r["mean"] for r in rows]
+        # seeds that agree: their mean, as np.mean rounds it, can lie an ulp outside them (matplotlib refuses a
+        # negative bar)
+        lows = [max(r["mean"] - min(r["values"]), 0.0) for r in rows]
+        highs = [max(max(r["values"]) - r["mean"], 0.0) for r in rows]
         ax.errorbar(fx, means, yerr=[lows, highs], color=colour, marker="o", capsize=3, lw=1.5, label=label)
     if "generated" in table:
         ax.axhline(table["generated"]["auroc"]["mean"], color=GENERATED[1], ls="--", lw=1,
