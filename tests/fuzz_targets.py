@@ -189,6 +189,42 @@ def _mutate_folder_source(root: Path, rng: random.Random) -> None:
         mutate_bytes(root / "images" / f"p{rng.randrange(4)}.png", rng)
 
 
+def _build_cas(root: Path) -> Path:
+    """A `bench/cas.py` result as its own writer makes it: the CAS pair and one few-label pair over two seeds."""
+    import importlib.util
+
+    import patches
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cas", Path(patches.__file__).resolve().parents[1] / "bench" / "cas.py")
+    cas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cas)
+    runs = {name: [{"auroc": 0.8 + 0.01 * k + 0.002 * seed, "spearman_true_degree": 0.6 + 0.01 * k,
+                    "balanced_accuracy": 0.7 + 0.01 * seed, "train_patches": 200} for seed in (0, 1)]
+            for k, name in enumerate(["real", "generated", "real@0.05", "real+generated@0.05", "real+generated"])}
+    result = {"bench": "cas", "quick": True, "complete": True, "labels": "match", "guidance": None, "seeds": [0, 1],
+              "fractions": [0.05], "real_train": 200, "members": 1, "test_patches": 60,
+              "generation_patches_per_s": 30.5, "transition_frames_per_s": 16.2,
+              "label_noise_ceiling": {"bayes_auroc": 0.93, "true_degree_auroc": 0.91, "draws": 2000}}
+    cas.write_result(root / "cas.json", result, runs, [0.05])
+    return root / "cas.json"
+
+
+def _report_cas(path: Path, out: Path) -> None:
+    """`report --cas`: the file is read and checked with the arguments, its section written into the report."""
+    from mitosis_ldm.errors import user_errors
+    from mitosis_ldm.io import atomic_dir
+    from report.cas_section import extra
+
+    @user_errors
+    def main():
+        make = extra(path)
+        with atomic_dir(out) as tmp:
+            (tmp / "section.html").write_text(make(None).write(tmp))
+
+    main()
+
+
 CONFIGS = {"data": ("patches.extract", "ExtractConfig"), "autoencoder": ("autoencoder.train", "AutoencoderConfig"),
            "classifier": ("classifier.train", "ClassifierConfig"),
            "diffusion": ("diffusion.train", "DiffusionTrainConfig"), "report": ("report.build", "ReportConfig")}
@@ -260,6 +296,7 @@ TARGETS = {
                     lambda p, s, out: _study_main("analyse", "--study", p / "study", "--answers", p / "answers-ann.csv",
                                                   p / "answers-bo.csv", "--bootstrap", 100, "--out", out)),
     "configs": Target("configs", _build_configs, _mutate_config, _run_config),
+    "cas": Target("cas", _build_cas, mutate_json_file, lambda p, s, out: _report_cas(p, out)),
     "vae": Target("vae", None, mutate_folder,
                   lambda p, s, out: _vae_encode(p, s / "dataset", out)),
     "classifier": Target("classifier", None, mutate_folder, lambda p, s, out: _score(p, s / "dataset", out)),
