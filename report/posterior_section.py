@@ -36,25 +36,56 @@ MIN_MATCHED = 10
 
 
 def read_posterior(path) -> dict:
+    """A `mitosis-ldm posterior` folder, every field the section uses checked now (before the report's work)."""
     path = Path(path)
     info = read_json(path / "posterior.json", "posterior.json")
     if not isinstance(info, dict) or info.get("format") != "mitosis-ldm/posterior":
         raise UserError(f"{path / 'posterior.json'}: field 'format' is not 'mitosis-ldm/posterior' "
                         f"(--posterior expects a `mitosis-ldm posterior` folder)")
+    check_info(path / "posterior.json", info)
     csv_path = path / "posterior.csv"
     if not csv_path.exists():
         raise UserError(f"{csv_path}: missing (--posterior expects a `mitosis-ldm posterior` folder)")
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{csv_path}: not UTF-8 text (byte {err.start})") from None
+    except csv.Error as err:
+        raise UserError(f"{csv_path}: not a readable CSV table ({err})") from None
     missing = [c for c in REQUIRED if rows and c not in rows[0]]
     if not rows or missing:
         raise UserError(f"{csv_path}: " + (f"field '{missing[0]}' is missing" if missing else "has no rows"))
-    try:
-        numbers = {c: np.array([float(r[c]) for r in rows]) for c in ("expected_y", "map_y", "posterior_std")}
-    except ValueError as err:
-        raise UserError(f"{csv_path}: a posterior column holds a non-number ({err})") from None
+    numbers = {c: np.empty(len(rows)) for c in ("expected_y", "map_y", "posterior_std")}
+    for line, row in enumerate(rows, start=2):
+        if None in row.values() or None in row:
+            raise UserError(f"{csv_path}: line {line} has {'fewer' if None in row.values() else 'more'} cells than "
+                            f"the header")
+        for column, values in numbers.items():
+            try:
+                values[line - 2] = float(row[column])
+            except ValueError:
+                values[line - 2] = np.nan
+            if not np.isfinite(values[line - 2]) or (column == "posterior_std" and values[line - 2] < 0):
+                raise UserError(f"{csv_path}: line {line}: field '{column}' is {row[column]!r}, expected a "
+                                f"{'non-negative ' if column == 'posterior_std' else ''}number")
     return {"path": path, "info": info, "ids": [r["id"] for r in rows], "names": [r["name"] for r in rows],
             **numbers}
+
+
+def check_info(where: Path, info: dict) -> None:
+    """The fields of posterior.json the section reads: objects where it looks inside, a number where it formats one."""
+    for key in ("settings", "calibration"):
+        if not isinstance(info.get(key, {}), dict):
+            raise UserError(f"{where}: field '{key}' is {info[key]!r}, expected an object")
+    calibration = info.get("calibration", {})
+    if not isinstance(calibration.get("fit", {}), dict):
+        raise UserError(f"{where}: field 'calibration.fit' is {calibration['fit']!r}, expected an object")
+    temperature = calibration.get("temperature", float("nan"))
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise UserError(f"{where}: field 'calibration.temperature' is {temperature!r}, expected a number")
+    if not isinstance(info.get("grid", []), list):
+        raise UserError(f"{where}: field 'grid' is {info['grid']!r}, expected the list of labels")
 
 
 def extra(path):

@@ -102,3 +102,45 @@ def test_report_refuses_a_folder_that_is_not_a_posterior(tmp_path):
     (tmp_path / "posterior.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(UserError, match="posterior.json: field 'format'"):
         extra(tmp_path)
+
+
+def _damage_csv(folder: Path, old: str, new: str) -> None:
+    path = folder / "posterior.csv"
+    path.write_bytes(path.read_bytes().replace(old.encode("latin-1"), new.encode("latin-1"), 1))
+
+
+def _damage_info(folder: Path, **fields) -> None:
+    path = folder / "posterior.json"
+    info = json.loads(path.read_text())
+    for key, value in fields.items():
+        target = info
+        *parents, last = key.split("__")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    path.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: _damage_csv(f, "p1", "p\xff1"), r"posterior.csv: not UTF-8 text"),
+    (lambda f: _damage_csv(f, ",0.125,", ","), r"posterior.csv: line 3 has fewer cells than the header"),
+    (lambda f: _damage_csv(f, ",0.125,", ",nan,"), r"posterior.csv: line 3: field 'posterior_std' is 'nan'"),
+    (lambda f: _damage_csv(f, ",0.125,", ",-0.125,"), r"posterior.csv: line 3: field 'posterior_std' is '-0.125', "
+                                                      r"expected a non-negative number"),
+    (lambda f: _damage_csv(f, "p2", "p" + "2" * 200_000), r"posterior.csv: not a readable CSV table"),
+    (lambda f: _damage_info(f, settings="v"), r"posterior.json: field 'settings' is 'v', expected an object"),
+    (lambda f: _damage_info(f, calibration__fit=3), r"posterior.json: field 'calibration.fit' is 3"),
+    (lambda f: _damage_info(f, calibration__temperature="0.1"), r"posterior.json: field 'calibration.temperature'"),
+    (lambda f: _damage_info(f, grid=11), r"posterior.json: field 'grid' is 11, expected the list of labels"),
+])
+def test_a_damaged_posterior_folder_is_one_line_naming_the_file_and_field(tmp_path, damage, message):
+    from mitosis_ldm.errors import UserError
+    from report.posterior_section import extra
+
+    ids = [f"p{i}" for i in range(4)]
+    folder = write_posterior_folder(tmp_path / "post", ids, [f"x:{i}" for i in ids], [0.0, 0.25, 0.5, 1.0],
+                                    [0.1, 0.125, 0.3, 0.1])  # p1's posterior std: the only ',0.125,'
+    extra(folder)  # whole, it reads
+    damage(folder)
+    with pytest.raises(UserError, match=message):
+        extra(folder)
