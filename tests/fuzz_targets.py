@@ -225,6 +225,46 @@ def _report_cas(path: Path, out: Path) -> None:
     main()
 
 
+def _held_out(shared: Path):
+    """The report's held-out patches: the shared dataset, scored by the shared classifier ensemble."""
+    from classifier.model import ClassifierEnsemble
+    from patches.dataset import PatchDataset
+    from report.build import ReportConfig, ensemble_scores
+    from report.extras import HeldOut
+
+    ds, ensemble = PatchDataset(shared / "dataset"), ClassifierEnsemble.from_pretrained(shared / "classifier")
+    images = ds.uint8()
+    scores, stds = ensemble_scores(ensemble, images, 16)
+    return HeldOut(ensemble, shared / "dataset", "all", ds.ids(), images, ds.soft_labels, ds.hard_labels,
+                   ds.true_degree, scores, stds, ReportConfig(noise_top=4), lambda *_: None)
+
+
+def _report_extra(module: str, path: Path, shared: Path, out: Path) -> None:
+    """`report --posterior/--study`: the folder is read and checked with the arguments, then its section is made
+    on the report's held-out patches and written into the report."""
+    import importlib
+
+    from mitosis_ldm.errors import user_errors
+    from mitosis_ldm.io import atomic_dir
+
+    @user_errors
+    def main():
+        make = importlib.import_module(module).extra(path)
+        section = make(_held_out(shared))
+        with atomic_dir(out) as tmp:
+            (tmp / "section.html").write_text(section.write(tmp))
+            (tmp / "metrics.json").write_text(json.dumps(section.metrics, default=float))
+
+    main()
+
+
+def _mutate_posterior(root: Path, rng: random.Random) -> None:
+    if rng.random() < 0.7:
+        mutate_csv(root / "posterior.csv", rng)
+    else:
+        mutate_json_file(root / "posterior.json", rng)
+
+
 CONFIGS = {"data": ("patches.extract", "ExtractConfig"), "autoencoder": ("autoencoder.train", "AutoencoderConfig"),
            "classifier": ("classifier.train", "ClassifierConfig"),
            "diffusion": ("diffusion.train", "DiffusionTrainConfig"), "report": ("report.build", "ReportConfig")}
@@ -297,6 +337,8 @@ TARGETS = {
                                                   p / "answers-bo.csv", "--bootstrap", 100, "--out", out)),
     "configs": Target("configs", _build_configs, _mutate_config, _run_config),
     "cas": Target("cas", _build_cas, mutate_json_file, lambda p, s, out: _report_cas(p, out)),
+    "posterior": Target("posterior", None, _mutate_posterior,
+                        lambda p, s, out: _report_extra("report.posterior_section", p, s, out)),
     "vae": Target("vae", None, mutate_folder,
                   lambda p, s, out: _vae_encode(p, s / "dataset", out)),
     "classifier": Target("classifier", None, mutate_folder, lambda p, s, out: _score(p, s / "dataset", out)),
@@ -306,7 +348,7 @@ TARGETS = {
     "dataset": Target("dataset", None, mutate_folder, lambda p, s, out: _score(s / "classifier", p, out)),
 }
 SHARED = {"vae": "autoencoder", "classifier": "classifier", "pipeline": "pipeline", "transitions": "transitions",
-          "dataset": "dataset"}
+          "dataset": "dataset", "posterior": "posterior"}
 
 
 def _vae_encode(model: Path, dataset: Path, out: Path) -> None:
@@ -327,6 +369,12 @@ def build_shared(root: Path) -> Path:
     for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
         if not (root / kind).exists():
             getattr(tiny_artifacts, kind)(root / kind)
+    if not (root / "posterior").exists():  # the generative posterior of every shared patch, as the command writes it
+        from diffusion.posterior import main as posterior
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            posterior(["--pipeline", str(root / "pipeline"), str(root / "dataset"), "--grid", "0:1:3", "--draws", "2",
+                       "--temperature", "0.05", "--out", str(root / "posterior"), "--quiet"])
     return root
 
 
