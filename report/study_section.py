@@ -17,6 +17,7 @@ import numpy as np
 
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import read_json
+from mitosis_ldm.shapes import check_shape
 
 from .extras import Extra, HeldOut
 from .html import esc, file_data_uri
@@ -33,6 +34,9 @@ def read_results(path) -> tuple[Path, dict]:
         if not isinstance(data, dict) or field not in data:
             raise UserError(f"{folder / 'results.json'}: field '{field}' is missing "
                             f"(--study expects the folder `mitosis-ldm study analyse` wrote)")
+    from study.results import RESULTS_SHAPE
+
+    check_shape(data, RESULTS_SHAPE, folder / "results.json")
     if not (folder / PLOT).exists():
         raise UserError(f"{folder / PLOT}: missing (--study expects the folder `mitosis-ldm study analyse` wrote)")
     return folder, data

@@ -5,9 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from mitosis_ldm.io import atomic_file, write_json, write_text
+from mitosis_ldm.shapes import List, Map
 from report.html import STYLE, esc, file_data_uri, fmt, img, table
 
 PLOT = "rating_vs_label.png"
+
+# what the results page and the report's --study section read of results.json (analyse.py writes it)
+CI = List((float, None), length=2)
+CORRELATION = {"value": (float, None), "ci": CI}
+SUMMARY = {"n_answers": int,
+           "detection": {"accuracy": (float, None), "ci": CI, "p_value": (float, None),
+                         "generated_called_real": (float, None), "auc": (float, None)},
+           "rating": {"generated_vs_condition": CORRELATION, "real_vs_soft_label": CORRELATION},
+           "seconds": {"median": float}}
+RESULTS_SHAPE = {"study_id": str, "n_items": int, "n_answers": int, "readers": Map(SUMMARY), "pooled": SUMMARY,
+                 "agreement": {"n_readers": int, "krippendorff_alpha_ordinal_rating": (float, None),
+                               "fleiss_kappa_real_vs_generated": (float, None),
+                               "items_answered_by_every_reader": int},
+                 "items": Map({"kind": str, "source": str, "mean_rating": float})}
 
 
 def plot_curves(path: Path, curves: dict) -> None:

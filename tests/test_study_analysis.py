@@ -195,6 +195,14 @@ def test_report_section_reads_the_analysis(tmp_path, capsys):
 
         user_errors(extra)(tmp_path / "study")
     assert "results.json" in capsys.readouterr().err
+    # a damaged analysis is refused when read, naming the field, before the report's own work
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    results["readers"]["sim"]["detection"]["ci"] = [0.5]
+    (tmp_path / "results" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit):
+        user_errors(extra)(tmp_path / "results")
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'results' / 'results.json'}: field "
+                                       f"'readers.sim.detection.ci' is [0.5], expected a list of 2\n")
 
 
 def test_summary_of_a_hand_made_reader_matches_counts_done_by_hand():
