@@ -258,6 +258,13 @@ def _report_extra(module: str, path: Path, shared: Path, out: Path) -> None:
     main()
 
 
+def _mutate_study_results(root: Path, rng: random.Random) -> None:
+    if rng.random() < 0.9:
+        mutate_json_file(root / "results.json", rng)
+    else:
+        (root / "rating_vs_label.png").unlink()
+
+
 def _mutate_posterior(root: Path, rng: random.Random) -> None:
     if rng.random() < 0.7:
         mutate_csv(root / "posterior.csv", rng)
@@ -337,6 +344,8 @@ TARGETS = {
                                                   p / "answers-bo.csv", "--bootstrap", 100, "--out", out)),
     "configs": Target("configs", _build_configs, _mutate_config, _run_config),
     "cas": Target("cas", _build_cas, mutate_json_file, lambda p, s, out: _report_cas(p, out)),
+    "study-results": Target("study-results", None, _mutate_study_results,
+                            lambda p, s, out: _report_extra("report.study_section", p, s, out)),
     "posterior": Target("posterior", None, _mutate_posterior,
                         lambda p, s, out: _report_extra("report.posterior_section", p, s, out)),
     "vae": Target("vae", None, mutate_folder,
@@ -348,7 +357,7 @@ TARGETS = {
     "dataset": Target("dataset", None, mutate_folder, lambda p, s, out: _score(s / "classifier", p, out)),
 }
 SHARED = {"vae": "autoencoder", "classifier": "classifier", "pipeline": "pipeline", "transitions": "transitions",
-          "dataset": "dataset", "posterior": "posterior"}
+          "dataset": "dataset", "posterior": "posterior", "study-results": "study-results"}
 
 
 def _vae_encode(model: Path, dataset: Path, out: Path) -> None:
@@ -369,6 +378,13 @@ def build_shared(root: Path) -> Path:
     for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
         if not (root / kind).exists():
             getattr(tiny_artifacts, kind)(root / kind)
+    if not (root / "study-results").exists():  # a study of two simulated readers, as `study analyse` writes it
+        (root / "study-work").mkdir()
+        study = _build_study(root / "study-work")
+        with contextlib.redirect_stdout(io.StringIO()):
+            _study_main("analyse", "--study", study / "study", "--answers", study / "answers-ann.csv",
+                        study / "answers-bo.csv", "--out", root / "study-results")
+        shutil.rmtree(root / "study-work")
     if not (root / "posterior").exists():  # the generative posterior of every shared patch, as the command writes it
         from diffusion.posterior import main as posterior
 
