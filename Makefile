@@ -36,7 +36,7 @@ test: setup browser-deps
 # The fuzz tests with a large budget and a fresh random seed (CI runs them derandomised with small budgets).
 FUZZ_CASES ?= 500
 fuzz: setup
-	MITOSIS_LDM_FUZZ=$(FUZZ_CASES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	MITOSIS_LDM_FUZZ=$(FUZZ_CASES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_serve_fuzz.py
 
 # The speed and cost benches, on the demo's trained models (run `make demo` first); each prints JSON, kept in
 # runs/bench/NAME.json. The quality studies take arguments and tens of minutes each: see their docstrings and docs/.
