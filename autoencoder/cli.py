@@ -28,6 +28,7 @@ from mitosis_ldm.artifacts import AUTOENCODER, expect_artifact, load_part, stric
 from mitosis_ldm.errors import UserError, check_at_least, user_errors
 from mitosis_ldm.images import contact_sheet, save_png
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_json, write_json
+from mitosis_ldm.shapes import List, check_shape
 
 from .model import DOWNSAMPLE, set_tiling
 
@@ -175,23 +176,32 @@ def load_latents(path: Path, latent_channels: int) -> tuple[list[torch.Tensor], 
         stacked = tensors["latents"]
         if stacked.ndim != 4:
             raise UserError(f"{path}: tensor 'latents' must be (N, C, h, w), got shape {tuple(stacked.shape)}")
-        latents = list(stacked.split(1))
+        latents = list(stacked.split(1)) if len(stacked) else []  # split(1) keeps an empty batch as one tensor
     else:
-        keys = sorted((k for k in tensors if k.startswith("latents.")), key=lambda k: int(k.split(".")[1]))
+        keys = [k for k in tensors if k.startswith("latents.")]
         if not keys:
             raise UserError(f"{path}: field 'latents' is missing (keys: {', '.join(sorted(tensors)) or 'none'})")
-        latents = [tensors[k] for k in keys]
+        expected = [f"latents.{i}" for i in range(len(keys))]  # as save_latents numbers them
+        if sorted(keys) != sorted(expected):
+            raise UserError(f"{path}: the keys of latents of several shapes must be latents.0 ... "
+                            f"latents.{len(keys) - 1}, got {', '.join(sorted(keys))[:120]}")
+        latents = [tensors[k] for k in expected]
+    if not latents:
+        raise UserError(f"{path}: holds no latents")
     for i, z in enumerate(latents):
         if z.ndim != 4 or z.shape[1] != latent_channels:
             raise UserError(f"{path}: latents have {z.shape[1] if z.ndim == 4 else '?'} channels (shape "
                             f"{tuple(z.shape)}), but the autoencoder expects {latent_channels}")
+        if min(z.shape[2:]) < 1:
+            raise UserError(f"{path}: latent {i} has no pixels (shape {tuple(z.shape)})")
         if not torch.isfinite(z).all():
             raise UserError(f"{path}: latent {i} holds NaN or inf values; it would decode to a blank image")
     names = [str(i) for i in range(len(latents))]
     meta_path = sidecar(path)
     if meta_path.exists():
         meta = read_json(meta_path, "latents sidecar")
-        if len(meta.get("names", [])) != len(latents):
+        check_shape(meta, {"names": List(object)}, meta_path)
+        if len(meta["names"]) != len(latents):
             raise UserError(f"{meta_path}: field 'names' lists {len(meta.get('names', []))} names for "
                             f"{len(latents)} latents")
         names = [str(n) for n in meta["names"]]

@@ -243,3 +243,24 @@ def test_bad_sidecar_naming_more_latents_than_the_file_holds(tmp_path, model_dir
 
 def test_bad_tile_not_divisible_by_four(tmp_path, model_dir, images):
     assert _bad(tmp_path, model_dir, images, "--tile", "130").endswith("--tile: must be divisible by 4, got 130")
+
+
+@pytest.mark.parametrize("tensors, sidecar, message", [
+    ({"latents.0": torch.zeros(1, 4, 8, 8), "latents.x": torch.zeros(1, 4, 4, 4)}, None,
+     "z.safetensors: the keys of latents of several shapes must be latents.0 ... latents.1, got latents.0, latents.x"),
+    ({"latents.0": torch.zeros(1, 4, 8, 8), "latents.2": torch.zeros(1, 4, 4, 4)}, None,
+     "must be latents.0 ... latents.1, got latents.0, latents.2"),
+    ({"latents": torch.zeros(0, 4, 8, 8)}, None, "z.safetensors: holds no latents"),
+    ({"latents": torch.zeros(2, 4, 0, 5)}, None, "z.safetensors: latent 0 has no pixels (shape (1, 4, 0, 5))"),
+    ({"latents": torch.zeros(2, 4, 8, 8)}, ["a", "b"], "z.json: field '(top)' is ['a', 'b'], expected an object"),
+    ({"latents": torch.zeros(2, 4, 8, 8)}, {"names": "ab"}, "z.json: field 'names' is 'ab', expected a list"),
+])
+def test_bad_latents_file_or_sidecar_the_decoder_cannot_use(tmp_path, model_dir, tensors, sidecar, message):
+    # each was a traceback: a key that is no number, an empty latent in a convolution, a sidecar that is no object
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "z.safetensors")
+    if sidecar is not None:
+        (tmp_path / "z.json").write_text(json.dumps(sidecar))
+    line = _bad(tmp_path, model_dir, tmp_path / "z.safetensors", command="decode")
+    assert line.endswith(message), line
