@@ -317,6 +317,47 @@ def _score(classifier: Path, inputs: Path, out: Path) -> None:
     main(["--classifier", str(classifier), str(inputs), "--out", str(out), "--quiet"])
 
 
+def _mutate_latents(folder: Path, rng: random.Random) -> None:
+    """The sidecar's JSON, the file's bytes, or its tensors: another dtype, shape, key or value."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "latents.safetensors"
+    op = rng.random()
+    if op < 0.35:
+        return mutate_json_file(folder / "latents.json", rng)
+    if op < 0.5:
+        return mutate_bytes(path, rng)
+    tensors = load_file(str(path))
+    z = tensors.pop("latents")
+    kind = rng.randrange(6)
+    if kind == 0:
+        z = z.to(rng.choice([torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]))
+    elif kind == 1:
+        z = z.reshape(rng.choice([(-1,), (1, -1), (z.shape[0], z.shape[1], -1), (*z.shape, 1)]))
+    elif kind == 2:
+        z = z[:, :, : rng.choice([0, 1, 3]), : rng.choice([0, 1, 5])].contiguous()
+    elif kind == 3:
+        z = z.clone()
+        z.view(-1)[rng.randrange(z.numel())] = rng.choice([float("nan"), float("inf"), 1e30, -1e30])
+    elif kind == 4:
+        tensors.update({f"latents.{k}": z[i: i + 1].contiguous() for i, k in enumerate(
+            rng.choice([["0", "1", "x"], ["0", "-1"], ["1", "2"], ["00", "0"]])[: len(z)])})
+        z = None
+    else:
+        tensors[rng.choice(["latent", "latents.0", "other"])] = z
+        z = None
+    if z is not None:
+        tensors["latents"] = z
+    save_file(tensors, str(path))
+
+
+def _vae_decode(folder: Path, shared: Path, out: Path) -> None:
+    from autoencoder.cli import main
+
+    main(["decode", str(folder / "latents.safetensors"), "--model", str(shared / "autoencoder"), "--out", str(out)])
+
+
 TARGETS = {
     "midog": Target("midog", _build_midog, mutate_json_file,
                     lambda p, s, out: _data_main("midog", "--json", p, "--images", p.parent, "--out", out,
@@ -350,6 +391,7 @@ TARGETS = {
                         lambda p, s, out: _report_extra("report.posterior_section", p, s, out)),
     "vae": Target("vae", None, mutate_folder,
                   lambda p, s, out: _vae_encode(p, s / "dataset", out)),
+    "latents": Target("latents", None, _mutate_latents, _vae_decode),
     "classifier": Target("classifier", None, mutate_folder, lambda p, s, out: _score(p, s / "dataset", out)),
     "pipeline": Target("pipeline", None, mutate_folder,
                        lambda p, s, out: _transitions(p, out)),
@@ -357,13 +399,14 @@ TARGETS = {
     "dataset": Target("dataset", None, mutate_folder, lambda p, s, out: _score(s / "classifier", p, out)),
 }
 SHARED = {"vae": "autoencoder", "classifier": "classifier", "pipeline": "pipeline", "transitions": "transitions",
-          "dataset": "dataset", "posterior": "posterior", "study-results": "study-results"}
+          "dataset": "dataset", "posterior": "posterior", "study-results": "study-results",
+          "latents": "latents"}
 
 
-def _vae_encode(model: Path, dataset: Path, out: Path) -> None:
+def _vae_encode(model: Path, dataset: Path, out: Path, limit: int = 2) -> None:
     from autoencoder.cli import main
 
-    main(["encode", str(dataset), "--model", str(model), "--out", str(out), "--limit", "2"])
+    main(["encode", str(dataset), "--model", str(model), "--out", str(out), "--limit", str(limit)])
 
 
 def _transitions(pipeline: Path, out: Path) -> None:
@@ -378,6 +421,10 @@ def build_shared(root: Path) -> Path:
     for kind in ("dataset", "autoencoder", "classifier", "pipeline", "transitions"):
         if not (root / kind).exists():
             getattr(tiny_artifacts, kind)(root / kind)
+    if not (root / "latents").exists():  # four patches of the dataset, as `vae encode` writes them
+        (root / "latents").mkdir()
+        with contextlib.redirect_stdout(io.StringIO()):
+            _vae_encode(root / "autoencoder", root / "dataset", root / "latents" / "latents.safetensors", limit=4)
     if not (root / "study-results").exists():  # a study of two simulated readers, as `study analyse` writes it
         (root / "study-work").mkdir()
         study = _build_study(root / "study-work")

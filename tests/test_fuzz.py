@@ -5,8 +5,9 @@ Readers: MIDOG JSON, SlideRunner SQLite, points CSV, QuPath GeoJSON (`data point
 annotators`: GeoJSON and CSV), folder labels + images, the stage configs, a reader study's answers and key
 (`study analyse`), a CAS result, a posterior folder and a study's analysis (`report --cas`, `--posterior`,
 `--study`).
-Folder loaders: VAE (`vae encode`), classifier and patch dataset and transitions (`score`), pipeline
-(`transitions`). The targets live in tests/fuzz_targets.py, the mutations in tests/fuzz_mutations.py;
+Folder loaders: VAE (`vae encode`), a latents file and its sidecar (`vae decode`), classifier and patch dataset and
+transitions (`score`), pipeline (`transitions`). The targets live in tests/fuzz_targets.py, the mutations in
+tests/fuzz_mutations.py;
 bench/fuzz_outcomes.py counts the same cases without hypothesis. CI: derandomised, fixed budgets below;
 `make fuzz`: >= 500 random cases each.
 """
@@ -26,8 +27,8 @@ import fuzz_targets
 pytestmark = pytest.mark.slow  # about 2 minutes for the whole module on 2 busy cores; still in `make test`
 
 CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "geojson": 30, "annotators": 30, "folder": 30,
-             "configs": 30, "cas": 30, "posterior": 30, "study-results": 30, "study": 12, "vae": 12, "classifier": 12,
-             "pipeline": 10, "transitions": 12, "dataset": 12}
+             "configs": 30, "cas": 30, "posterior": 30, "study-results": 30, "study": 12, "vae": 12, "latents": 20,
+             "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
 
 
 def budget(name: str) -> int:
@@ -65,6 +66,7 @@ test_fuzz_cas_result = fuzz("cas")
 test_fuzz_posterior_folder = fuzz("posterior")
 test_fuzz_study_results_folder = fuzz("study-results")
 test_fuzz_vae_folder = fuzz("vae")
+test_fuzz_latents_file = fuzz("latents")
 test_fuzz_classifier_folder = fuzz("classifier")
 test_fuzz_pipeline_folder = fuzz("pipeline")
 test_fuzz_transitions_folder = fuzz("transitions")
