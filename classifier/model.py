@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mitosis_ldm.artifacts import CLASSIFIER, FORMAT, expect_artifact
+from mitosis_ldm.artifacts import CLASSIFIER, FORMAT, expect_artifact, held_warnings
 from mitosis_ldm.errors import UserError
 from mitosis_ldm.io import atomic_dir, read_json, write_json
 
@@ -262,6 +262,11 @@ class ClassifierEnsemble:
 
     @classmethod
     def from_pretrained(cls, path, flag: str = "--classifier") -> "ClassifierEnsemble":
+        with held_warnings():  # torch's warnings about a config's odd layers, shown only if the load succeeds
+            return cls._from_pretrained(path, flag)
+
+    @classmethod
+    def _from_pretrained(cls, path, flag: str) -> "ClassifierEnsemble":
         folder = expect_artifact(path, CLASSIFIER, flag)
         meta = read_json(folder / "config.json", "classifier config")
         cfg, seeds, calibration = _parse_config(meta, folder / "config.json")

@@ -31,6 +31,7 @@ import csv
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,20 @@ def held_library_logs(name: str = "diffusers"):
         logger.handlers, logger.propagate = handlers, propagate
         for record in held:
             logger.handle(record)
+
+
+@contextlib.contextmanager
+def held_warnings():
+    """Hold the Python warnings raised while a part loads; show them only if the load succeeds.
+
+    A config that builds layers of zero width makes torch warn ("Initializing zero-element tensors is a no-op")
+    before the weights are refused: the one error line says what is wrong, and the warnings would only come before
+    it. On success they go out as they were recorded.
+    """
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force still choose what is recorded
+        yield
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def strict_loader(model_class):

@@ -110,6 +110,28 @@ def test_folder_contradicting_itself_is_one_line_naming_the_field(tmp_path, edit
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_config_of_zero_width_layers_is_the_one_error_line_without_torchs_warnings(tmp_path):
+    # torch warned "Initializing zero-element tensors is a no-op" twice before the weights were refused
+    import warnings
+
+    folder = tiny_ensemble().save_pretrained(tmp_path / "model")
+    (folder / "integrity.json").unlink()
+    meta = json.loads((folder / "config.json").read_text())
+    edit_config(folder, model_kwargs={**meta["model_kwargs"], "channels": [8, 0, 8, 8]})
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(UserError, match="does not fit 'resnet10t'"):
+        warnings.simplefilter("always")
+        ClassifierEnsemble.from_pretrained(folder)
+    assert [str(w.message) for w in shown] == []
+    from mitosis_ldm.artifacts import held_warnings
+
+    with warnings.catch_warnings(record=True) as shown:  # a load that succeeds shows what it held
+        warnings.simplefilter("always")
+        with held_warnings():
+            warnings.warn("held until the end")
+            assert shown == []
+    assert [str(w.message) for w in shown] == ["held until the end"]
+
+
 def edit_config(folder, **fields):
     meta = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**meta, **fields}))
