@@ -306,9 +306,10 @@ def _run_config(root: Path, shared: Path, out: Path) -> None:
     from mitosis_ldm.config import load_config
     from mitosis_ldm.errors import user_errors
 
-    which = (root / "which").read_text()
-    module, cls = CONFIGS[which]
-    user_errors(load_config)(getattr(importlib.import_module(module), cls), root / f"{which}.yaml")
+    chosen = [(root / "which").read_text()] if (root / "which").exists() else sorted(CONFIGS)  # unmutated: all
+    for which in chosen:
+        module, cls = CONFIGS[which]
+        user_errors(load_config)(getattr(importlib.import_module(module), cls), root / f"{which}.yaml")
 
 
 def _score(classifier: Path, inputs: Path, out: Path) -> None:
@@ -483,8 +484,9 @@ def no_network(lookups: list):
         socket.getaddrinfo = real
 
 
-def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tuple[str, bool, str]:
-    """(outcome, leftover, detail) of one mutated case; `scratch` is an empty folder for this case."""
+def run_case(name: str, rng: random.Random | None, shared: Path, scratch: Path) -> tuple[str, bool, str]:
+    """(outcome, leftover, detail) of one mutated case (`rng` None: the valid input as built); `scratch` is an
+    empty folder for this case."""
     target = TARGETS[name]
     if name in SHARED:
         subject = scratch / "input"
@@ -492,7 +494,8 @@ def run_case(name: str, rng: random.Random, shared: Path, scratch: Path) -> tupl
     else:
         (scratch / "input").mkdir()
         subject = target.build(scratch / "input")
-    target.mutate(subject, rng)
+    if rng is not None:
+        target.mutate(subject, rng)
     out = scratch / {"classifier": "out.csv", "transitions": "out.csv", "dataset": "out.csv",
                      "vae": "out.safetensors"}.get(name, "out")
     err = io.StringIO()

@@ -40,6 +40,13 @@ def shared(tmp_path_factory) -> Path:
     return fuzz_targets.build_shared(tmp_path_factory.mktemp("fuzz-shared"))
 
 
+@pytest.mark.parametrize("name", sorted(fuzz_targets.TARGETS))
+def test_every_target_accepts_its_valid_input(shared, tmp_path, name):
+    # a target whose unmutated input already fails would count every case as a clean error, and test nothing
+    outcome, leftover, detail = fuzz_targets.run_case(name, None, shared, tmp_path)
+    assert outcome == "accepted" and not leftover, detail
+
+
 def fuzz(name: str):
     @settings(max_examples=budget(name))
     @given(rng=st.randoms(use_true_random=False))
