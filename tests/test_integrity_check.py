@@ -162,11 +162,14 @@ def test_autoencoder_encode_with_a_text_scaling_factor_leaves_nothing(world, tmp
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+POSTERIOR_CSV = "id,expected_y,map_y,posterior_std,name\np0,{},0,0.1,ds:p0\n"  # the columns the report reads
+
+
 def posterior_folder(folder, extra_bytes: int = 0, exist_ok: bool = False):
     """A recorded folder `check` recognises (posterior.csv + posterior.json), with a large file when asked."""
     folder.mkdir(exist_ok=exist_ok)
-    (folder / "posterior.csv").write_text("id,posterior_mean\np0,0.25\n")
-    (folder / "posterior.json").write_text("{}")
+    (folder / "posterior.csv").write_text(POSTERIOR_CSV.format(0.25))
+    (folder / "posterior.json").write_text('{"format": "mitosis-ldm/posterior"}')
     if extra_bytes:
         (folder / "weights.bin").write_bytes(bytes(extra_bytes))
     integrity.record(folder)
@@ -251,10 +254,10 @@ def test_a_file_the_project_writes_into_a_recorded_folder_updates_the_record(tmp
     from mitosis_ldm.io import write_text
 
     folder = posterior_folder(tmp_path / "post")
-    write_text(folder / "posterior.csv", "id,posterior_mean\np0,0.75\n")  # replaced (e.g. --overwrite)
+    write_text(folder / "posterior.csv", POSTERIOR_CSV.format(0.75))  # replaced (e.g. --overwrite)
     write_text(folder / "scores.csv", "name,mean\np0,0.5\n")  # added, as `score` adds scores.csv
     files = integrity.read_manifest(folder)["files"]
-    assert files["posterior.csv"]["size"] == 26 and files["scores.csv"]["size"] == 17
+    assert files["posterior.csv"]["size"] == len(POSTERIOR_CSV.format(0.75)) and files["scores.csv"]["size"] == 17
     code, lines, _ = check(capsys, folder)
     assert code == 0 and lines == [f"{folder}: clean (posterior)"]
 
@@ -277,9 +280,11 @@ CONTENT_CASES = {  # damage the hashes cannot see (the record is rewritten after
                                                                       "x,0,0,0,0.1,0\n"),
                "scores.csv: has 1 score rows but the folder holds 6 frames"),
     "posterior rows": ("posterior", lambda f: (f / "posterior.csv").write_text("id,expected_y\n"),
-                       "posterior.csv: no rows"),
+                       "posterior.csv: has no rows"),
     "posterior bytes": ("posterior", lambda f: (f / "posterior.csv").write_bytes(b"id\n\xff\xfe\n"),
-                        "posterior does not load (UnicodeDecodeError"),  # a finding, not a traceback
+                        "posterior.csv: not UTF-8 text (byte 3)"),  # once check's catch-all's UnicodeDecodeError
+    "posterior values": ("posterior", lambda f: replace_text(f / "posterior.csv", ",0.25,", ",-,"),
+                         "posterior.csv: line 2: field 'expected_y' is '-', expected a number"),
     "nan weights": ("autoencoder", lambda f: nan_weights(f / "diffusion_pytorch_model.safetensors"),
                     "the autoencoder maps a 32px patch to (1, 3, 32, 32) (or non-finite values)"),
     "cache labels": ("latents", lambda f: np.save(f / "labels.npy", np.load(f / "labels.npy")[:-1]),
@@ -306,6 +311,21 @@ def test_check_looks_inside_a_folder_whose_hashes_hold(world, tmp_path, capsys, 
     integrity.record(folder)  # as if exported so: only the contents can tell
     code, lines, _ = check(capsys, folder)
     assert code == 2 and len(lines) == 1 and lines[0].startswith(str(folder)) and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("kind, part, field", [
+    ("autoencoder", "", "scaling_factr"),
+    ("pipeline", "unet/", "atention_head_dim"),
+])
+def test_a_config_field_the_model_does_not_have_is_a_finding_not_a_stray_log_line(
+        world, tmp_path, capsys, kind, part, field):
+    # diffusers ignores it (a misspelt name: the default is used instead) and logs so before check's error line
+    folder = copy(world, tmp_path, kind)
+    set_field(folder / part / "config.json", field, 8)
+    integrity.record(folder)
+    code, lines, err = check(capsys, folder)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{folder}: The config attributes {{'{field}': 8}}")
+    assert err == "error: 1 of 1 folder(s) have findings\n"
 
 
 def test_record_reaches_a_run_folders_model_and_never_blesses_damage(world, tmp_path, capsys):
