@@ -6,8 +6,8 @@ annotators`: GeoJSON and CSV), folder labels + images, the stage configs, a read
 (`study analyse`), a CAS result, a posterior folder and a study's analysis (`report --cas`, `--posterior`,
 `--study`).
 Folder loaders: VAE (`vae encode`), a latents file and its sidecar (`vae decode`), classifier and patch dataset and
-transitions (`score`), pipeline (`transitions`). The targets live in tests/fuzz_targets.py, the mutations in
-tests/fuzz_mutations.py;
+transitions (`score`), pipeline (`transitions`), and `mitosis-ldm check` on any of them. The targets live in
+tests/fuzz_targets.py, the mutations in tests/fuzz_mutations.py;
 bench/fuzz_outcomes.py counts the same cases without hypothesis. CI: derandomised, fixed budgets below;
 `make fuzz`: >= 500 random cases each.
 """
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # about 2 minutes for the whole module on 2 busy 
 
 CI_BUDGET = {"midog": 30, "sliderunner": 30, "points": 30, "geojson": 30, "annotators": 30, "folder": 30,
              "configs": 30, "cas": 30, "posterior": 30, "study-results": 30, "study": 12, "vae": 12, "latents": 20,
-             "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
+             "check": 30, "classifier": 12, "pipeline": 10, "transitions": 12, "dataset": 12}
 
 
 def budget(name: str) -> int:
@@ -74,6 +74,7 @@ test_fuzz_posterior_folder = fuzz("posterior")
 test_fuzz_study_results_folder = fuzz("study-results")
 test_fuzz_vae_folder = fuzz("vae")
 test_fuzz_latents_file = fuzz("latents")
+test_fuzz_check_on_any_folder = fuzz("check")
 test_fuzz_classifier_folder = fuzz("classifier")
 test_fuzz_pipeline_folder = fuzz("pipeline")
 test_fuzz_transitions_folder = fuzz("transitions")
