@@ -17,6 +17,7 @@ again by the others, so the user still reads it once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -179,9 +180,11 @@ def map_in_workers(fn, items, workers: int):
     and starts none of the jobs still queued for it.
     The workers are forked with SIGINT blocked until their own handler is set, so none dies in between.
     """
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = set(multiprocessing.active_children())
     try:  # with fork, the pool starts every worker at the first submit
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker)
         try:
@@ -191,8 +194,17 @@ def map_in_workers(fn, items, workers: int):
             raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    mine = set(multiprocessing.active_children()) - before
     with pool:
-        yield from results
+        try:
+            yield from results
+        except BaseException:
+            # stopped alone (a `kill` of this process, not of its group) or by a failed job: the workers would
+            # finish the slides under way before the pool lets go; they get the Ctrl-C the terminal would send
+            for worker in mine:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)
+            raise
 
 
 def _stopped():

@@ -105,6 +105,7 @@ def quick():
 def slow(name):
     (Path(sys.argv[1]).parent / f"started-{name}").touch()
     time.sleep(60)
+    (Path(sys.argv[1]).parent / f"finished-{name}").touch()
     return Shard(np.zeros((0, 8, 8, 3), np.uint8))
 
 @user_errors
@@ -117,9 +118,10 @@ main(*sys.argv[1:])
 """
 
 
-def stop_workers(tmp_path, jobs: str, started: str | None = None) -> list[str]:
-    """Run a dataset of `jobs` on two workers and send the terminal's SIGINT once a slide is done (or the slide
-    `started` has begun); the lines it printed."""
+def stop_workers(tmp_path, jobs: str, started: str | None = None, sig=signal.SIGINT, group: bool = True,
+                 code: int = 130) -> list[str]:
+    """Run a dataset of `jobs` on two workers and send the terminal's SIGINT (or `sig`, to the command alone when
+    not `group`) once a slide is done (or the slide `started` has begun); the lines it printed."""
     proc = subprocess.Popen([sys.executable, "-c", WORKERS, str(tmp_path / "out"), jobs], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     if started:
@@ -129,11 +131,11 @@ def stop_workers(tmp_path, jobs: str, started: str | None = None) -> list[str]:
     else:
         seen = read_until(proc.stderr, BAR_STEP.search, timeout=60)
     time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
     rest = proc.stderr.read()
-    proc.wait(timeout=120)
+    proc.wait(timeout=180)
     proc.stderr.close()
-    assert proc.returncode == 130 and not (tmp_path / "out").exists()
+    assert proc.returncode == code and not (tmp_path / "out").exists()
     return [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
             if line.strip() and "slides ->" not in line]
 
@@ -150,6 +152,12 @@ def test_ctrl_c_starts_none_of_the_slides_still_queued_for_the_workers(tmp_path)
     lines = stop_workers(tmp_path, "slow", started="c")
     assert lines == ["interrupted"]
     assert {p.name for p in tmp_path.glob("started-*")} == {"started-b", "started-c"}
+
+
+def test_a_command_stopped_alone_stops_the_slides_its_workers_have_under_way(tmp_path):
+    # `kill PID` reaches the command, not its workers: it waited for both minute-long slides, then ran the third
+    assert stop_workers(tmp_path, "slow", started="c", sig=signal.SIGTERM, group=False, code=143) == ["terminated"]
+    assert {p.name for p in tmp_path.glob("*ed-*")} == {"started-b", "started-c"}
 
 
 SIGNALS = """
