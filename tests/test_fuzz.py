@@ -7,7 +7,7 @@ annotators`: GeoJSON and CSV), folder labels + images, the stage configs, a read
 `--study`).
 Folder loaders: VAE (`vae encode`), a latents file and its sidecar (`vae decode`), classifier and patch dataset and
 transitions (`score`), pipeline (`transitions`), and `mitosis-ldm check` on any of them. The targets live in
-tests/fuzz_targets.py, the mutations in tests/fuzz_mutations.py;
+tests/fuzz_targets.py and tests/fuzz_outputs.py, the mutations in tests/fuzz_mutations.py;
 bench/fuzz_outcomes.py counts the same cases without hypothesis. CI: derandomised, fixed budgets below;
 `make fuzz`: >= 500 random cases each.
 """
