@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import UserError
-from .io import write_text
+from .io import read_text, write_text
 
 
 class ConfigError(UserError):
@@ -33,8 +33,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     if path is not None:
         source = str(path)
         try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle)
+            loaded = yaml.safe_load(read_text(path))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as err:

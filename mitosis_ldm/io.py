@@ -99,12 +99,19 @@ def write_json(path, obj, indent: int = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
+def read_text(path, encoding: str = "utf-8") -> str:
+    """A whole text file, decoded at once: a UnicodeDecodeError's `start` is then the bad byte's offset in the file.
+
+    A text stream decodes chunk by chunk, and its error counts from the start of the chunk.
+    """
+    return Path(path).read_bytes().decode(encoding)
+
+
 def read_json(path, what: str = "JSON"):
     """Read a JSON file; malformed or missing files become one-line UserErrors."""
     path = Path(path)
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:

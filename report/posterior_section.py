@@ -16,13 +16,14 @@ call most mitotic. The posterior itself is never recomputed here.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
 
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import read_json
+from mitosis_ldm.io import read_json, read_text
 
 from . import benchmark
 from .extras import Extra, HeldOut
@@ -47,8 +48,7 @@ def read_posterior(path) -> dict:
     if not csv_path.exists():
         raise UserError(f"{csv_path}: missing (--posterior expects a `mitosis-ldm posterior` folder)")
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = list(csv.DictReader(io.StringIO(read_text(csv_path), newline="")))
     except UnicodeDecodeError as err:
         raise UserError(f"{csv_path}: not UTF-8 text (byte {err.start})") from None
     except csv.Error as err:

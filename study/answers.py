@@ -8,12 +8,13 @@ seconds, answered_at; one row per answered item.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import read_json
+from mitosis_ldm.io import read_json, read_text
 
 from . import ANSWER_COLUMNS, CONFIDENCES, KINDS, RATINGS, STUDY_FORMAT
 
@@ -91,12 +92,17 @@ def read_answers(path, study: Study) -> list[Answer]:
     """One answers CSV, every row checked against the study and its key."""
     path = Path(path)
     try:
-        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts the file with a byte-order mark, which is not part of the header
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle, strict=True))
+        # a spreadsheet's "CSV UTF-8" starts the file with a byte-order mark, which is not part of the header (not
+        # decoded as utf-8-sig, whose error offsets skip the mark)
+        text = read_text(path).removeprefix("\ufeff")
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found (--answers)") from None
-    except (csv.Error, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected an answers CSV file (--answers)") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: malformed CSV: not UTF-8 text (byte {err.start})") from None
+    except csv.Error as err:
         raise UserError(f"{path}: malformed CSV ({' '.join(str(err).split())})") from None
     rows = [r for r in rows if r]  # blank lines carry nothing
     if not rows:

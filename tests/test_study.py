@@ -302,7 +302,7 @@ def test_answer_out_of_range(answers, tmp_path, capsys, field, column, value):
     (",".join(ANSWER_COLUMNS) + "\na,b,c\n", "row 2 has 3 fields"),
     (",".join(ANSWER_COLUMNS) + '\n"unterminated,b,c,d,e,f,g,h\n', "malformed CSV"),
     (",".join(ANSWER_COLUMNS) + "\na,b,c,d,e,f,g,h,i\n", "row 2 has 9 fields"),
-    ((",".join(ANSWER_COLUMNS) + "\n").encode("utf-16"), "'utf-8' codec"),  # saved as UTF-16 by a spreadsheet
+    ((",".join(ANSWER_COLUMNS) + "\n").encode("utf-16"), "not UTF-8 text (byte 0)"),  # saved as UTF-16 by a spreadsheet
 ])
 def test_malformed_csv(study, tmp_path, capsys, content, expected):
     path = tmp_path / "answers-bad.csv"
