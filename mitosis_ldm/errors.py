@@ -35,6 +35,11 @@ class UserError(Exception):
     """A problem with the user's input; the message names the file and the field."""
 
 
+class WorkerDied(UserError):
+    """A worker process of `map_in_workers` died outside Python (the system's out-of-memory killer, a signal sent to
+    it alone, a crash in a C library): one line instead of the pool's traceback. What the workers finished stays."""
+
+
 def fail(where, message: str) -> "UserError":
     """Build a UserError that names a file (or flag) first: `fail(path, "field 'x' ...")`."""
     return UserError(f"{where}: {message}")
@@ -172,6 +177,24 @@ def _start_worker():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def _how_a_worker_died(workers) -> str:
+    """"worker PID died of SIGNAME" for the worker that ended first, as far as the exit codes tell it.
+
+    Once one is lost the pool sends SIGTERM to the others, so a worker that died of something else is the one; among
+    several alike no pid is named.
+    """
+    ended = [(w.pid, w.exitcode) for w in workers if w.exitcode is not None]
+    codes = {code for _, code in ended}
+    if len(codes) > 1:
+        ended = [(pid, code) for pid, code in ended if code != -signal.SIGTERM]
+        codes = {code for _, code in ended}
+    if not ended:
+        return "a worker died"
+    code = ended[0][1]
+    how = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return f"worker {ended[0][0]} {how}" if len(ended) == 1 else f"a worker {how}"
+
+
 def map_in_workers(fn, items, workers: int):
     """Yield `fn(item)` for each item, in order, computed by `workers` forked processes.
 
@@ -182,6 +205,7 @@ def map_in_workers(fn, items, workers: int):
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     before = set(multiprocessing.active_children())
@@ -198,12 +222,17 @@ def map_in_workers(fn, items, workers: int):
     with pool:
         try:
             yield from results
-        except BaseException:
+        except BaseException as err:
             # stopped alone (a `kill` of this process, not of its group) or by a failed job: the workers would
             # finish the slides under way before the pool lets go; they get the Ctrl-C the terminal would send
             for worker in mine:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGINT)
+            if isinstance(err, BrokenProcessPool):
+                # the pool's own thread reaps the workers; once it has, every exit code is known (read while it
+                # reaps, the lost worker's could still read None)
+                pool.shutdown(wait=True)
+                raise WorkerDied(_how_a_worker_died(mine)) from None
             raise
 
 

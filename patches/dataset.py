@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mitosis_ldm.artifacts import FORMAT, PATCHES
-from mitosis_ldm.errors import UserError, map_in_workers
+from mitosis_ldm.errors import UserError, WorkerDied, map_in_workers
 from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_npy, save_npy, write_json
 
 from .augment import AugmentConfig, augment_patch
@@ -181,6 +181,9 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
                 **meta,
             }
             write_json(tmp / "dataset.json", info)
+    except WorkerDied as err:  # not the input's fault: the finished slides stay for the rerun
+        raise WorkerDied(f"slide {err} (when the system runs out of memory, fewer --workers use less); the "
+                         f"finished slides are kept, and the same command goes on from them") from None
     except UserError:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -92,7 +92,7 @@ def test_ctrl_c_at_the_terminal_stops_a_command_and_its_workers_without_a_traceb
 
 
 WORKERS = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import numpy as np
 from mitosis_ldm.errors import user_errors
@@ -103,7 +103,7 @@ def quick():
     return Shard(np.zeros((0, 8, 8, 3), np.uint8))
 
 def slow(name):
-    (Path(sys.argv[1]).parent / f"started-{name}").touch()
+    (Path(sys.argv[1]).parent / f"started-{name}").write_text(str(os.getpid()))
     time.sleep(60)
     (Path(sys.argv[1]).parent / f"finished-{name}").touch()
     return Shard(np.zeros((0, 8, 8, 3), np.uint8))
@@ -158,6 +158,29 @@ def test_a_command_stopped_alone_stops_the_slides_its_workers_have_under_way(tmp
     # `kill PID` reaches the command, not its workers: it waited for both minute-long slides, then ran the third
     assert stop_workers(tmp_path, "slow", started="c", sig=signal.SIGTERM, group=False, code=143) == ["terminated"]
     assert {p.name for p in tmp_path.glob("*ed-*")} == {"started-b", "started-c"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["out-of-memory kill", "kill of a worker"])
+def test_a_slide_worker_killed_alone_is_one_line_and_the_finished_slides_are_kept(tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS, str(tmp_path / "out"), "quick,slow"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen, started, deadline = read_until(proc.stderr, BAR_STEP.search, timeout=60), tmp_path / "started-c", 60
+    while not (started.exists() and started.read_text()) and deadline > 0:  # slide a is done, and c has begun
+        time.sleep(0.1)
+        deadline -= 0.1
+    worker = int(started.read_text())
+    os.kill(worker, sig)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines()
+             if line.strip() and "slides ->" not in line]
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    # the pool sends SIGTERM to the other worker once one is lost: after a SIGTERM, which one died first is not known
+    named = f"slide worker {worker}" if sig == signal.SIGKILL else "slide (a )?worker( [0-9]+)?"
+    assert re.match(f"^error: {named} died of {sig.name} .*memory", lines[0]), lines
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("finished-*"))
+    assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["a.json", "a.npy", "jobs.sha256"]
 
 
 SIGNALS = """
