@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import EXIT_INTERRUPTED
+from .errors import EXIT_INTERRUPTED, forget_handled_interrupt
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int | None:
     try:
         module = importlib.import_module(COMMANDS[name][0])  # torch and friends: seconds, before any work
     except KeyboardInterrupt:
+        forget_handled_interrupt()  # the import's dataclasses run exec(): see there
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return module.main(rest)

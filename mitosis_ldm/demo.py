@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, UserError, stopping_signal, user_errors
+from .errors import EXIT_INTERRUPTED, UserError, forget_handled_interrupt, stopping_signal, user_errors
 from .io import write_json
 from .launch import accelerate_launch
 
@@ -110,6 +110,7 @@ def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
         except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a stage that hangs
             proc.kill()
             proc.wait()
+        forget_handled_interrupt()  # the demo exits with its own code
         # after a blank line: a stage killed mid-bar leaves no line end of its own
         print(f"\ndemo: stopped in stage '{name}'; to go on from it: {again}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum) from None

@@ -236,8 +236,21 @@ def map_in_workers(fn, items, workers: int):
             raise
 
 
+def forget_handled_interrupt() -> None:
+    """Clear CPython 3.11's mark of an unhandled Ctrl-C, once the stop is handled and the command exits its own way.
+
+    A KeyboardInterrupt that passes out of a string of code run by exec() (dataclasses build their methods so while
+    a module imports) sets `_Py_UnhandledKeyboardInterrupt` even when a caller catches it, and `python -m` then ends
+    the process by SIGINT instead of the exit code it was given. Later versions keep the mark elsewhere, and on a
+    Python without the symbol this does nothing.
+    """
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+
+
 def _stopped():
     """Print the stopping signal's one word and exit with its code."""
+    forget_handled_interrupt()
     if _Stop.signum == signal.SIGTERM:
         say("terminated")
         raise SystemExit(128 + signal.SIGTERM) from None
