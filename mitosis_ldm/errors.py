@@ -120,6 +120,17 @@ def _stop_handler(owner: int):
     return on_signal
 
 
+def raise_if_stopped() -> None:
+    """Stop now if a stop came and Python swallowed it on the way.
+
+    A stop that lands while a `__del__`, a weakref callback or a C library's callback runs cannot propagate out of
+    it; the command would run on to its end. Checked before an output is put in place, at each training step and
+    when a command returns.
+    """
+    if _Stop.signum is not None:
+        raise KeyboardInterrupt
+
+
 def stop_on_signals():
     """Make SIGTERM stop like Ctrl-C (KeyboardInterrupt, so clean-up runs); returns a function restoring the old.
 
@@ -133,11 +144,22 @@ def stop_on_signals():
         if signal.getsignal(signum) is default:
             previous[signum] = signal.signal(signum, handler)
 
+    if previous:
+        unraisable = sys.unraisablehook
+
+        def quiet_swallowed_stop(info):
+            if _Stop.signum is None or not isinstance(info.exc_value, KeyboardInterrupt):
+                unraisable(info)
+            # else: the stop is taken up again at the next raise_if_stopped(), without Python's "Exception ignored"
+
+        sys.unraisablehook = quiet_swallowed_stop
+
     def restore():
         for signum, old in previous.items():
             signal.signal(signum, old)
         if previous:  # the outermost command is done: a later one in this process starts unstopped
             _Stop.signum = None
+            sys.unraisablehook = unraisable
 
     return restore
 
@@ -265,7 +287,9 @@ def user_errors(main_fn):
     def wrapper(*args, **kwargs):
         restore = stop_on_signals()
         try:
-            return main_fn(*args, **kwargs)
+            result = main_fn(*args, **kwargs)
+            raise_if_stopped()
+            return result
         except UserError as err:
             text = " ".join(str(err).split())  # always exactly one line
             say(f"error: {text}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import integrity
-from .errors import UserError
+from .errors import UserError, raise_if_stopped
 
 
 def check_new_output(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -49,6 +49,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        raise_if_stopped()  # a stop swallowed on the way: the output is not put in place
         integrity.record(tmp)  # every exported folder carries its files' sha256 (integrity.json)
         replace_dir(tmp, path)
     except BaseException:
@@ -82,6 +83,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
+        raise_if_stopped()
         os.replace(tmp, path)
         integrity.note_write(path)  # a recorded folder keeps its record current
     except BaseException:

@@ -40,7 +40,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from .config import load_config, save_config
-from .errors import UserError
+from .errors import UserError, raise_if_stopped
 from .io import check_new_output, write_json
 from .loop_state import LoopState, loader_generators, replay, restore, snapshot
 
@@ -345,6 +345,7 @@ class TrainingRun:
 
     def step_done(self, step: int, logs: dict | None = None) -> None:
         """Call once per optimizer step: progress, logging and periodic checkpoints."""
+        raise_if_stopped()  # a stop swallowed in a finalizer would leave the run training to its last step
         logs = {k: float(v) for k, v in (logs or {}).items()}
         if self._bar is not None:
             self._bar.update(1)

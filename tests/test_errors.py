@@ -105,3 +105,41 @@ def test_a_stop_inside_exec_under_python_m_exits_with_the_commands_code(tmp_path
     result = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert (result.returncode, result.stderr) == (code, word + "\n")
+
+
+# a stop that lands while Python runs a __del__ (or a weakref or C library callback) cannot propagate there: Python
+# printed it as "Exception ignored ... KeyboardInterrupt: " and the command ran on and wrote its output (the demo's
+# data stage once did, stopped during `data detect`)
+SWALLOWED = """
+import os, signal, sys, time
+from mitosis_ldm.errors import user_errors
+from mitosis_ldm.io import atomic_dir
+
+class Closes:
+    def __del__(self):
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.2)
+
+@user_errors
+def main(out, when):
+    if when == "after":
+        with atomic_dir(out) as tmp:
+            (tmp / "done").write_text("yes")
+    with atomic_dir(out + "-second") if when == "before" else open(os.devnull) as tmp:
+        Closes()
+    print("ran on", flush=True)
+
+main(*sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("when", ["before", "after"])  # the output folder written
+def test_a_stop_python_swallows_in_a_finalizer_still_stops_the_command(tmp_path, sig, code, word, when):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", SWALLOWED.format(sig=sig), str(out), when], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    # not put in place when the stop came before; after the last output, the command ends as stopped
+    ran_on = "ran on\n" if when == "after" else ""
+    assert (result.returncode, result.stdout, result.stderr) == (code, ran_on, word + "\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if when == "after" else [])

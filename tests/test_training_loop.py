@@ -217,3 +217,22 @@ def test_the_train_seed_seeds_torch_numpy_and_python(tmp_path):
         draws.append((torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()))
     assert draws[0] == draws[1]
     assert all(a != c for a, c in zip(draws[0], draws[2]))
+
+
+def test_a_stop_python_swallowed_in_a_finalizer_ends_training_at_the_next_step(tmp_path, monkeypatch):
+    import signal
+
+    from mitosis_ldm import errors
+
+    steps, step_done = [], TrainingRun.step_done
+
+    def stopped_after_two(run, step, logs=None):
+        steps.append(step)
+        if step == 3:  # the handler recorded a stop that a __del__ running at that moment swallowed
+            monkeypatch.setattr(errors._Stop, "signum", signal.SIGTERM)
+        step_done(run, step, logs)
+
+    monkeypatch.setattr(TrainingRun, "step_done", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", 10)
+    assert steps == [1, 2, 3]
