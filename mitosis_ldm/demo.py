@@ -116,6 +116,19 @@ def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
         raise SystemExit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum) from None
 
 
+def stage_failure(returncode: int) -> str:
+    """How a stage command ended: its exit code, or the signal that killed it (the stage's own error line, if any,
+    is already above)."""
+    if returncode > 0:
+        return f"failed (exit {returncode})"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    oom = " (the system's out-of-memory killer sends it)" if -returncode == signal.SIGKILL else ""
+    return f"was killed by {name}{oom}"
+
+
 def again_from(name: str, wanted: list[str], names: list[str], args) -> str:
     """The command that runs this stage and the wanted ones after it, with the demo's other options."""
     rest = [n for n in wanted if names.index(n) >= names.index(name)]
@@ -172,10 +185,11 @@ def main(argv=None):
         t0 = time.time()
         for cmd in commands:
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            returncode = run_stage(name, cmd, env, again_from(name, wanted, names, args))
+            again = again_from(name, wanted, names, args)
+            returncode = run_stage(name, cmd, env, again)
             if returncode != 0:
-                print(f"demo: stage '{name}' failed (exit {returncode})", file=sys.stderr)
-                raise SystemExit(returncode)
+                print(f"demo: stage '{name}' {stage_failure(returncode)}; to go on from it: {again}", file=sys.stderr)
+                raise SystemExit(returncode if returncode > 0 else 128 - returncode)  # a shell's code for a signal
         timings[name] = round(time.time() - t0, 1)
         print(f"=== stage {name}: {timings[name]:.1f} s, peak child memory so far {peak_child_rss_mb():.0f} MB ===",
               flush=True)

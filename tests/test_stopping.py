@@ -3,6 +3,7 @@ the demo, which lets its running stage stop and says how to go on."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -330,3 +331,27 @@ def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame,
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_stage_killed_under_the_demo_is_named_with_its_signal_and_how_to_go_on(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "mitosis_ldm.demo", "--root", str(tmp_path / "demo"), "--only",
+                             "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        seen = read_until(proc.stdout, lambda out: BAR_STEP.search(out.partition(b"=== stage data ===")[2]))
+        stage = psutil.Process(proc.pid).children()[0]  # `data synth`, as the system's out-of-memory killer would
+        stage.kill()
+        rest = proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines() if line.strip()]
+    python = os.path.relpath(sys.executable, REPO)
+    assert lines[-1] == (f"demo: stage 'data' was killed by SIGKILL (the system's out-of-memory killer sends it); to "
+                         f"go on from it: {python} -m mitosis_ldm.demo --only data,autoencoder "
+                         f"--root {tmp_path / 'demo'}")
+    assert proc.returncode == 128 + signal.SIGKILL  # as a shell reports a command killed by a signal
