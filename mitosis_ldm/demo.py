@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, UserError, forget_handled_interrupt, stopping_signal, user_errors
+from .errors import EXIT_INTERRUPTED, UserError, forget_handled_interrupt, signal_name, stopping_signal, user_errors
 from .io import write_json
 from .launch import accelerate_launch
 
@@ -121,12 +121,8 @@ def stage_failure(returncode: int) -> str:
     is already above)."""
     if returncode > 0:
         return f"failed (exit {returncode})"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
     oom = " (the system's out-of-memory killer sends it)" if -returncode == signal.SIGKILL else ""
-    return f"was killed by {name}{oom}"
+    return f"was killed by {signal_name(-returncode)}{oom}"
 
 
 def again_from(name: str, wanted: list[str], names: list[str], args) -> str:

@@ -199,6 +199,14 @@ def _start_worker():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def signal_name(signum: int) -> str:
+    """SIGKILL, SIGTERM, ...; "signal N" for a number without a name (a real-time signal)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _how_a_worker_died(workers) -> str:
     """"worker PID died of SIGNAME" for the worker that ended first, as far as the exit codes tell it.
 
@@ -213,7 +221,7 @@ def _how_a_worker_died(workers) -> str:
     if not ended:
         return "a worker died"
     code = ended[0][1]
-    how = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    how = f"died of {signal_name(-code)}" if code < 0 else f"exited with code {code}"
     return f"worker {ended[0][0]} {how}" if len(ended) == 1 else f"a worker {how}"
 
 
@@ -263,8 +271,8 @@ def forget_handled_interrupt() -> None:
 
     A KeyboardInterrupt that passes out of a string of code run by exec() (dataclasses build their methods so while
     a module imports) sets `_Py_UnhandledKeyboardInterrupt` even when a caller catches it, and `python -m` then ends
-    the process by SIGINT instead of the exit code it was given. Later versions keep the mark elsewhere, and on a
-    Python without the symbol this does nothing.
+    the process by SIGINT instead of the exit code it was given. On a Python that does not export the symbol this
+    does nothing.
     """
     with contextlib.suppress(AttributeError, ValueError, OSError):
         ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0

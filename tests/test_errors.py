@@ -143,3 +143,9 @@ def test_a_stop_python_swallows_in_a_finalizer_still_stops_the_command(tmp_path,
     ran_on = "ran on\n" if when == "after" else ""
     assert (result.returncode, result.stdout, result.stderr) == (code, ran_on, word + "\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if when == "after" else [])
+
+
+def test_a_signal_is_named_and_one_without_a_name_is_numbered():
+    from mitosis_ldm.errors import signal_name
+
+    assert (signal_name(9), signal_name(15), signal_name(40)) == ("SIGKILL", "SIGTERM", "signal 40")
