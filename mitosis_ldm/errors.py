@@ -210,10 +210,10 @@ def signal_name(signum: int) -> str:
 def _how_a_worker_died(workers) -> str:
     """"worker PID died of SIGNAME" for the worker that ended first, as far as the exit codes tell it.
 
-    Once one is lost the pool sends SIGTERM to the others, so a worker that died of something else is the one; among
-    several alike no pid is named.
+    Once one is lost the pool sends SIGTERM to the others, so a worker that died of something else is the one; one
+    that exited cleanly (stopped with the pool after its job) is not; among several alike no pid is named.
     """
-    ended = [(w.pid, w.exitcode) for w in workers if w.exitcode is not None]
+    ended = [(w.pid, w.exitcode) for w in workers if w.exitcode]
     codes = {code for _, code in ended}
     if len(codes) > 1:
         ended = [(pid, code) for pid, code in ended if code != -signal.SIGTERM]

@@ -149,3 +149,17 @@ def test_a_signal_is_named_and_one_without_a_name_is_numbered():
     from mitosis_ldm.errors import signal_name
 
     assert (signal_name(9), signal_name(15), signal_name(40)) == ("SIGKILL", "SIGTERM", "signal 40")
+
+
+def test_the_worker_named_as_lost_is_the_one_that_died_not_one_the_pool_stopped():
+    from types import SimpleNamespace as Worker
+
+    from mitosis_ldm.errors import _how_a_worker_died
+
+    # the pool's SIGTERM to the others; another worker that finished its job and left with the pool (exit 0)
+    assert _how_a_worker_died([Worker(pid=1, exitcode=-15), Worker(pid=2, exitcode=-9)]) == "worker 2 died of SIGKILL"
+    assert _how_a_worker_died([Worker(pid=1, exitcode=0), Worker(pid=2, exitcode=-15)]) == "worker 2 died of SIGTERM"
+    assert _how_a_worker_died([Worker(pid=1, exitcode=-15), Worker(pid=2, exitcode=-15)]) == "a worker died of SIGTERM"
+    assert _how_a_worker_died([Worker(pid=1, exitcode=None), Worker(pid=2, exitcode=3)]) == \
+        "worker 2 exited with code 3"
+    assert _how_a_worker_died([Worker(pid=1, exitcode=0)]) == "a worker died"
