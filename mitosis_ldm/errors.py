@@ -194,7 +194,23 @@ def _worker_on_sigint(signum, frame):
     # waiting for work: the parent got the same Ctrl-C from the terminal and stops the pool
 
 
-def _start_worker():
+PR_SET_PDEATHSIG = 1  # Linux prctl(2)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies, even by SIGKILL (the out-of-memory killer's), which
+    leaves the parent no time to stop it: an orphaned worker finished its slide, then waited for work forever."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own stop still reaches the workers
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _start_worker(parent: int):
+    _die_with(parent)
     signal.signal(signal.SIGINT, _worker_on_sigint)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
@@ -240,7 +256,7 @@ def map_in_workers(fn, items, workers: int):
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     before = set(multiprocessing.active_children())
     try:  # with fork, the pool starts every worker at the first submit
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(os.getpid(),))
         try:
             results = pool.map(_InJob(fn), items)
         except BaseException:
