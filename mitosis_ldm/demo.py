@@ -184,7 +184,9 @@ def main(argv=None):
             again = again_from(name, wanted, names, args)
             returncode = run_stage(name, cmd, env, again)
             if returncode != 0:
-                print(f"demo: stage '{name}' {stage_failure(returncode)}; to go on from it: {again}", file=sys.stderr)
+                # after a blank line, as when stopped: a stage killed mid-bar leaves no line end of its own
+                print(f"\ndemo: stage '{name}' {stage_failure(returncode)}; to go on from it: {again}",
+                      file=sys.stderr)
                 raise SystemExit(returncode if returncode > 0 else 128 - returncode)  # a shell's code for a signal
         timings[name] = round(time.time() - t0, 1)
         print(f"=== stage {name}: {timings[name]:.1f} s, peak child memory so far {peak_child_rss_mb():.0f} MB ===",

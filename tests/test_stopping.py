@@ -161,6 +161,35 @@ def test_a_command_stopped_alone_stops_the_slides_its_workers_have_under_way(tmp
     assert {p.name for p in tmp_path.glob("*ed-*")} == {"started-b", "started-c"}
 
 
+def test_the_slide_workers_of_a_command_killed_alone_do_not_outlive_it(tmp_path):
+    # SIGKILL (the out-of-memory killer's) leaves the command no time to stop its workers: they ran their slides
+    # to the end, then waited for work forever, holding their memory and the command's output pipe
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS, str(tmp_path / "out"), "slow"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        started, deadline = [tmp_path / "started-b", tmp_path / "started-c"], time.time() + 60
+        while not all(p.exists() and p.read_text() for p in started) and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [int(p.read_text()) for p in started]
+        proc.kill()
+        proc.wait(timeout=60)
+        assert group_gone(proc.pid, within=5.0), subprocess.run(
+            ["ps", "-o", "pid,ppid,stat,etime,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        assert all(not psutil_alive(pid) for pid in workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["out-of-memory kill", "kill of a worker"])
 def test_a_slide_worker_killed_alone_is_one_line_and_the_finished_slides_are_kept(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-c", WORKERS, str(tmp_path / "out"), "quick,slow"], cwd=REPO,
@@ -343,12 +372,12 @@ def test_a_stage_killed_under_the_demo_is_named_with_its_signal_and_how_to_go_on
         seen = read_until(proc.stdout, lambda out: BAR_STEP.search(out.partition(b"=== stage data ===")[2]))
         stage = psutil.Process(proc.pid).children()[0]  # `data synth`, as the system's out-of-memory killer would
         stage.kill()
-        rest = proc.stdout.read()
         proc.wait(timeout=120)
-    finally:
+    finally:  # before reading to the end: a process left of the stage would hold the pipe open
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.stdout.close()
+    rest = proc.stdout.read()
+    proc.stdout.close()
     lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines() if line.strip()]
     python = os.path.relpath(sys.executable, REPO)
     assert lines[-1] == (f"demo: stage 'data' was killed by SIGKILL (the system's out-of-memory killer sends it); to "
