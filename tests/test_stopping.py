@@ -328,8 +328,11 @@ def test_a_stopped_demo_stops_its_stage_and_says_how_to_go_on(tmp_path, signame,
                              "data,autoencoder"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     header = f"=== stage {stage} ===".encode()
-    # a slide of the data stage done, or the first steps of the autoencoder
-    seen = read_until(proc.stdout, lambda out: BAR_STEP.search(out.partition(header)[2]))
+    # the data stage's slides begun (its bar drawn, its workers forked), or the first steps of the autoencoder. Not
+    # the data stage's first bar step: drawn 5 s apart, it shows 5 of the 6 slides done, and 1.5 s later the stop
+    # could land after the stage's first command had ended, with no word of its own (2 runs in 12 under load)
+    started = re.compile(rb"slides -> synth:") if stage == "data" else BAR_STEP
+    seen = read_until(proc.stdout, lambda out: started.search(out.partition(header)[2]))
     time.sleep(1.5)  # between two bar updates (5 s apart in the demo): see the launcher test above
     sig = getattr(signal, signame)
     os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)
