@@ -201,7 +201,7 @@ def _die_with(parent: int) -> None:
     """Have the kernel kill this worker when its parent dies, even by SIGKILL (the out-of-memory killer's), which
     leaves the parent no time to stop it: an orphaned worker finished its slide, then waited for work forever."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the parent's own stop still reaches the workers
         return
@@ -230,10 +230,8 @@ def _how_a_worker_died(workers) -> str:
     that exited cleanly (stopped with the pool after its job) is not; among several alike no pid is named.
     """
     ended = [(w.pid, w.exitcode) for w in workers if w.exitcode]
-    codes = {code for _, code in ended}
-    if len(codes) > 1:
+    if len({code for _, code in ended}) > 1:
         ended = [(pid, code) for pid, code in ended if code != -signal.SIGTERM]
-        codes = {code for _, code in ended}
     if not ended:
         return "a worker died"
     code = ended[0][1]
