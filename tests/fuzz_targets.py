@@ -321,18 +321,22 @@ def no_network(lookups: list):
         socket.getaddrinfo = real
 
 
+def build_subject(name: str, shared: Path, scratch: Path) -> Path:
+    """The target's valid input, made in `scratch/input`."""
+    if name == "check":
+        return build_check(scratch / "input", shared)
+    if name in SHARED:
+        shutil.copytree(shared / SHARED[name], scratch / "input")
+        return scratch / "input"
+    (scratch / "input").mkdir()
+    return TARGETS[name].build(scratch / "input")
+
+
 def run_case(name: str, rng: random.Random | None, shared: Path, scratch: Path) -> tuple[str, bool, str]:
     """(outcome, leftover, detail) of one mutated case (`rng` None: the valid input as built); `scratch` is an
     empty folder for this case."""
     target = TARGETS[name]
-    if name == "check":
-        subject = build_check(scratch / "input", shared)
-    elif name in SHARED:
-        subject = scratch / "input"
-        shutil.copytree(shared / SHARED[name], subject)
-    else:
-        (scratch / "input").mkdir()
-        subject = target.build(scratch / "input")
+    subject = build_subject(name, shared, scratch)
     if rng is not None:
         target.mutate(subject, rng)
     out = scratch / {"classifier": "out.csv", "transitions": "out.csv", "dataset": "out.csv",
