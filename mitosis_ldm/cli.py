@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import EXIT_INTERRUPTED, forget_handled_interrupt
+from .errors import exit_stopped, raise_if_stopped, stop_on_signals
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,13 +62,16 @@ def main(argv: list[str] | None = None) -> int | None:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
+    restore = stop_on_signals()  # a stop while torch is imported waits for the import to end: see there
     try:
-        module = importlib.import_module(COMMANDS[name][0])  # torch and friends: seconds, before any work
-    except KeyboardInterrupt:
-        forget_handled_interrupt()  # the import's dataclasses run exec(): see there
-        print("interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    return module.main(rest)
+        try:
+            module = importlib.import_module(COMMANDS[name][0])  # torch and friends: seconds, before any work
+            raise_if_stopped()
+        except KeyboardInterrupt:
+            exit_stopped()
+        return module.main(rest)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

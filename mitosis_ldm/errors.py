@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -94,9 +95,13 @@ def say(line: str) -> None:
 
 
 class _Stop:
-    """The signal that began stopping this process (None: none yet)."""
+    """The signal that began stopping this process (None: none yet); whether it waits for an import to end."""
 
     signum: int | None = None
+    after_import = False
+    deferrals = 0  # how many times the stop was put off
+    resent = False  # the signal was sent again after the import
+    watcher: threading.Thread | None = None
 
 
 def stopping_signal() -> int | None:
@@ -112,12 +117,66 @@ def _stop_handler(owner: int):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if _Stop.signum is not None and signum == signal.SIGTERM:
+        if _Stop.resent:  # sent again after an import
+            _Stop.resent = False
+            if not _Stop.after_import:
+                return  # the command took up the stop on its own meanwhile (raise_if_stopped)
+        elif _Stop.signum is not None and signum == signal.SIGTERM and not _Stop.after_import:
             return  # already stopping (the launcher's SIGTERM after the terminal's Ctrl-C): let the clean-up finish
         _Stop.signum = _Stop.signum or signum
+        if _importing(frame):
+            _stop_after_import(signum)
+            return
+        _Stop.after_import = False
         raise KeyboardInterrupt
 
     return on_signal
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (a module's top level, or the import machinery itself)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop_after_import(signum: int) -> None:
+    """Put the stop off until the main thread's import is done, then send `signum` to it again.
+
+    torch runs Python from C++ while it is imported; a KeyboardInterrupt raised there cannot unwind the C++ and
+    kills the process with SIGABRT ("terminate called after throwing an instance of 'pybind11::error_already_set'").
+    A stop that lands in an import therefore waits for the import (seconds at most); a thread watches the main
+    thread's stack and signals it again once no import is under way.
+    """
+    _Stop.deferrals += 1
+    if _Stop.after_import:  # a watcher is already running: it sees the new deferral
+        return
+    _Stop.after_import = True
+    main = threading.main_thread().ident
+
+    def watch():
+        sent = None  # the deferral count when the signal was last sent
+        while _Stop.after_import:
+            frame = sys._current_frames().get(main)
+            if frame is None:
+                return
+            if sent != _Stop.deferrals and not _importing(frame):
+                sent = _Stop.deferrals  # the handler either stops the command or puts the stop off once more
+                _Stop.resent = True
+                signal.pthread_kill(main, signum)
+            time.sleep(0.02)
+
+    _Stop.watcher = threading.Thread(target=watch, name="stop-after-import", daemon=True)
+    _Stop.watcher.start()
+
+
+def _end_watching() -> None:
+    _Stop.after_import = False
+    if _Stop.watcher is not None and _Stop.watcher is not threading.current_thread():
+        _Stop.watcher.join(timeout=1)
+    _Stop.watcher = None
 
 
 def raise_if_stopped() -> None:
@@ -128,6 +187,7 @@ def raise_if_stopped() -> None:
     when a command returns.
     """
     if _Stop.signum is not None:
+        _Stop.after_import = False  # taken up here: a watcher's signal still to come is ignored
         raise KeyboardInterrupt
 
 
@@ -155,6 +215,8 @@ def stop_on_signals():
         sys.unraisablehook = quiet_swallowed_stop
 
     def restore():
+        if previous:
+            _end_watching()  # before the old handlers are back: no signal sent after an import reaches those
         for signum, old in previous.items():
             signal.signal(signum, old)
         if previous:  # the outermost command is done: a later one in this process starts unstopped
@@ -292,7 +354,7 @@ def forget_handled_interrupt() -> None:
         ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
 
 
-def _stopped():
+def exit_stopped():
     """Print the stopping signal's one word and exit with its code."""
     forget_handled_interrupt()
     if _Stop.signum == signal.SIGTERM:
@@ -319,13 +381,13 @@ def user_errors(main_fn):
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: output folders under way were already removed on the way out (resumable runs keep
             # theirs)
-            _stopped()
+            exit_stopped()
         except ctypes.ArgumentError as err:
             # the stop landed while ctypes converted a C call's arguments in Python (OpenSlide does): ctypes
             # rewraps the KeyboardInterrupt as "argument N: KeyboardInterrupt: " and drops the original
             if _Stop.signum is None or "KeyboardInterrupt" not in str(err):
                 raise
-            _stopped()
+            exit_stopped()
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: a bug's traceback stays visible
                 raise

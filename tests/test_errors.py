@@ -145,6 +145,83 @@ def test_a_stop_python_swallows_in_a_finalizer_still_stops_the_command(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if when == "after" else [])
 
 
+# a stop that lands while a module is imported: torch runs Python from C++ while it is imported, and a
+# KeyboardInterrupt raised there aborted the command ("terminate called after throwing an instance of
+# 'pybind11::error_already_set'", SIGABRT; seen in `data detect` stopped during its lazy import of torch). The
+# stop waits for the import to end, then stops the command, wherever it then is (here: a long sleep).
+IMPORTED_WHILE_STOPPED = """
+import os, signal, sys
+from pathlib import Path
+os.kill(os.getpid(), signal.{sig})
+for _ in range(100000):
+    pass
+Path(sys.argv[1]).write_text("imported to its end")
+"""
+STOPPED_IN_IMPORT = """
+import sys, time
+from mitosis_ldm.errors import user_errors
+
+@user_errors
+def main():
+    import stopped_module
+    print("after the import", flush=True)
+    for _ in range({sleeps}):
+        time.sleep(1)
+    print("ran on", flush=True)
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("nested", [False, True])  # the module imported from another module's import
+def test_a_stop_during_an_import_waits_for_the_import_then_stops_the_command(tmp_path, sig, code, word, nested):
+    (tmp_path / "stopped_module.py").write_text(
+        "import inner_module\n" if nested else IMPORTED_WHILE_STOPPED.format(sig=sig))
+    if nested:
+        (tmp_path / "inner_module.py").write_text(IMPORTED_WHILE_STOPPED.format(sig=sig))
+    (tmp_path / "command.py").write_text(STOPPED_IN_IMPORT.format(sleeps=60))
+    mark = tmp_path / "mark"
+    result = subprocess.run([sys.executable, "command.py", str(mark)], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    assert mark.read_text() == "imported to its end"  # the import was not broken off
+    assert (result.returncode, result.stdout, result.stderr) == (code, "after the import\n", word + "\n")
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_stop_that_waited_for_an_import_stops_a_command_ending_right_after_it_once(tmp_path, sig, code, word):
+    # the command's own check of the stop ends it; the signal sent again after the import must not stop its
+    # clean-up a second time, nor kill the process once the old handlers are back
+    (tmp_path / "stopped_module.py").write_text(IMPORTED_WHILE_STOPPED.format(sig=sig))
+    (tmp_path / "command.py").write_text(STOPPED_IN_IMPORT.format(sleeps=0))
+    result = subprocess.run([sys.executable, "command.py", str(tmp_path / "mark")], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    assert (result.returncode, result.stdout, result.stderr) == (code, "after the import\nran on\n", word + "\n")
+
+
+COMMAND_STOPPED_IN_IMPORT = """
+import sys
+from mitosis_ldm import cli
+
+cli.COMMANDS["stopped"] = ("stopped_module", "a command whose module is stopped while it is imported")
+sys.exit(cli.main(["stopped"]))
+"""
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_stop_while_mitosis_ldm_imports_a_commands_module_waits_for_the_import(tmp_path, sig, code, word):
+    # `mitosis-ldm COMMAND` imports the command's module (torch with it) before the command's own main runs: a
+    # SIGTERM there killed the process outright, a Ctrl-C broke the import off
+    (tmp_path / "stopped_module.py").write_text(IMPORTED_WHILE_STOPPED.format(sig=sig) + "\ndef main(argv):\n"
+                                                "    raise SystemExit('the command ran')\n")
+    (tmp_path / "command.py").write_text(COMMAND_STOPPED_IN_IMPORT)
+    mark = tmp_path / "mark"
+    result = subprocess.run([sys.executable, "command.py", str(mark)], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    assert mark.read_text() == "imported to its end"
+    assert (result.returncode, result.stdout, result.stderr) == (code, "", word + "\n")
+
+
 def test_a_signal_is_named_and_one_without_a_name_is_numbered():
     from mitosis_ldm.errors import signal_name
 
