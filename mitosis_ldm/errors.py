@@ -375,6 +375,10 @@ def user_errors(main_fn):
             raise_if_stopped()
             return result
         except UserError as err:
+            if _Stop.signum is not None:
+                # the stop broke a call off and the command reported the break as a bad input (OpenSlide's
+                # "cannot read region ... (ArgumentError: argument 1: KeyboardInterrupt)"): it was the stop
+                exit_stopped()
             text = " ".join(str(err).split())  # always exactly one line
             say(f"error: {text}")
             raise SystemExit(EXIT_USER_ERROR) from None

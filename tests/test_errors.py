@@ -222,6 +222,41 @@ def test_a_stop_while_mitosis_ldm_imports_a_commands_module_waits_for_the_import
     assert (result.returncode, result.stdout, result.stderr) == (code, "", word + "\n")
 
 
+# a stop that lands while ctypes converts a C call's arguments in Python (OpenSlide's handle does) comes back as
+# ctypes.ArgumentError; the slide reader reported it as "error: SLIDE: cannot read region at (0, 0) (ArgumentError:
+# argument 1: KeyboardInterrupt:)", exit 2 (seen in `data detect` stopped right after its import of torch)
+STOPPED_IN_CTYPES = """
+import ctypes, os, signal
+from mitosis_ldm.errors import UserError, user_errors
+
+class Handle:
+    @classmethod
+    def from_param(cls, obj):
+        os.kill(os.getpid(), signal.{sig})
+        for _ in range(100000):
+            pass
+        return ctypes.c_int(obj)
+
+@user_errors
+def main():
+    absolute = ctypes.CDLL(None).abs
+    absolute.argtypes = [Handle]
+    try:
+        absolute(-3)
+    except Exception as err:
+        raise UserError(f"slide.svs: cannot read region at (0, 0) ({{err}})") from None
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_stop_that_a_command_reports_as_a_bad_input_is_still_a_stop(tmp_path, sig, code, word):
+    result = subprocess.run([sys.executable, "-c", STOPPED_IN_CTYPES.format(sig=sig)], cwd=REPO, capture_output=True,
+                            text=True, timeout=50)
+    assert (result.returncode, result.stderr) == (code, word + "\n")
+
+
 def test_a_signal_is_named_and_one_without_a_name_is_numbered():
     from mitosis_ldm.errors import signal_name
 
