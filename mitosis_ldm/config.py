@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import UserError
-from .io import read_text, write_text
+from .io import not_utf8, read_text, write_text
 
 
 class ConfigError(UserError):
@@ -39,7 +39,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML: {' '.join(str(err).split())}") from None
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: malformed YAML: not UTF-8 text (byte {err.start})") from None
+            raise ConfigError(not_utf8(path, err, "YAML")) from None
         except IsADirectoryError:
             raise ConfigError(f"{path}: is a folder, expected a YAML file") from None
         if loaded is None:

@@ -109,6 +109,11 @@ def read_text(path, encoding: str = "utf-8") -> str:
     return Path(path).read_bytes().decode(encoding)
 
 
+def not_utf8(path, err: UnicodeDecodeError, what: str | None = None) -> str:
+    """The one line for a text file that is not UTF-8: its first bad byte's offset (decoded by `read_text`)."""
+    return f"{path}: {f'malformed {what}: ' if what else ''}not UTF-8 text (byte {err.start})"
+
+
 def read_json(path, what: str = "JSON"):
     """Read a JSON file; malformed or missing files become one-line UserErrors."""
     path = Path(path)
@@ -119,7 +124,7 @@ def read_json(path, what: str = "JSON"):
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: malformed {what} at line {err.lineno} column {err.colno}: {err.msg}") from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: malformed {what}: not UTF-8 text (byte {err.start})") from None
+        raise UserError(not_utf8(path, err, what)) from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, expected a {what} file") from None
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import read_json, read_text
+from mitosis_ldm.io import not_utf8, read_json, read_text
 
 from . import benchmark
 from .extras import Extra, HeldOut
@@ -50,7 +50,7 @@ def read_posterior(path) -> dict:
     try:
         rows = list(csv.DictReader(io.StringIO(read_text(csv_path), newline="")))
     except UnicodeDecodeError as err:
-        raise UserError(f"{csv_path}: not UTF-8 text (byte {err.start})") from None
+        raise UserError(not_utf8(csv_path, err)) from None
     except csv.Error as err:
         raise UserError(f"{csv_path}: not a readable CSV table ({err})") from None
     missing = [c for c in REQUIRED if rows and c not in rows[0]]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mitosis_ldm.errors import UserError
-from mitosis_ldm.io import read_json, read_text
+from mitosis_ldm.io import not_utf8, read_json, read_text
 
 from . import ANSWER_COLUMNS, CONFIDENCES, KINDS, RATINGS, STUDY_FORMAT
 
@@ -101,7 +101,7 @@ def read_answers(path, study: Study) -> list[Answer]:
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, expected an answers CSV file (--answers)") from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: malformed CSV: not UTF-8 text (byte {err.start})") from None
+        raise UserError(not_utf8(path, err, "CSV")) from None
     except csv.Error as err:
         raise UserError(f"{path}: malformed CSV ({' '.join(str(err).split())})") from None
     rows = [r for r in rows if r]  # blank lines carry nothing

@@ -57,3 +57,14 @@ def test_a_readers_answers_file_names_the_bad_byte_by_its_offset_in_the_file(tmp
         at = _spoil(path)
         with pytest.raises(UserError, match=rf"^{path}: malformed CSV: not UTF-8 text \(byte {at}\)$"):
             read_answers(path, study=None)
+
+
+def test_a_patch_datasets_record_names_the_bad_byte_by_its_offset_in_the_file(tmp_path):
+    from patches.dataset import read_meta
+    from tests.tiny_artifacts import dataset
+
+    root = dataset(tmp_path / "data")
+    meta = root / "dataset.json"
+    at = _spoil(meta, far=len(meta.read_bytes()) // 2)
+    with pytest.raises(UserError, match=rf"^{meta}: malformed JSON: not UTF-8 text \(byte {at}\)$"):
+        read_meta(root)
