@@ -183,8 +183,8 @@ def build_dataset(out, jobs: list[tuple[str, Callable[..., Shard], dict]], *, pa
             }
             write_json(tmp / "dataset.json", info)
     except WorkerDied as err:  # not the input's fault: the finished slides stay for the rerun
-        raise WorkerDied(f"slide {err} (when the system runs out of memory, fewer --workers use less); the "
-                         f"finished slides are kept, and the same command goes on from them") from None
+        raise WorkerDied(f"{err} while reading slides (when the system runs out of memory, fewer --workers use "
+                         f"less); the finished slides are kept, and the same command goes on from them") from None
     except UserError:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -207,8 +207,8 @@ def test_a_slide_worker_killed_alone_is_one_line_and_the_finished_slides_are_kep
              if line.strip() and "slides ->" not in line]
     assert proc.returncode == 2 and len(lines) == 1, lines
     # the pool sends SIGTERM to the other worker once one is lost: after a SIGTERM, which one died first is not known
-    named = f"slide worker {worker}" if sig == signal.SIGKILL else "slide (a )?worker( [0-9]+)?"
-    assert re.match(f"^error: {named} died of {sig.name} .*memory", lines[0]), lines
+    named = f"worker {worker}" if sig == signal.SIGKILL else "(a )?worker( [0-9]+)?"
+    assert re.match(f"^error: {named} died of {sig.name} while reading slides .*memory", lines[0]), lines
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("finished-*"))
     assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["a.json", "a.npy", "jobs.sha256"]
 
