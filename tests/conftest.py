@@ -44,6 +44,16 @@ def accelerate_cmd(module: str, *args: str, processes: int = 1) -> list[str]:
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args)]
 
 
+WHY_A_RANK_ENDED = ("terminate called", "what():", "Error", "error:", "Traceback", "Signal ", "exitcode")
+
+
+def launch_output(stderr: str, tail: int = 1500) -> str:
+    """A failed launch's stderr as a test's failure message: every line that says why a rank ended (an abort's
+    "terminate called ... what(): ..." is printed far above the launcher's summary), then the last `tail` chars."""
+    said = [line for line in stderr.splitlines() if any(word in line for word in WHY_A_RANK_ENDED)]
+    return "\n".join(said[:40]) + "\n...\n" + stderr[-tail:]
+
+
 def read_csv(path) -> list[dict]:
     """The rows of a CSV the project wrote, as dicts by header."""
     with open(path, newline="") as handle:

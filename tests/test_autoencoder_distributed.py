@@ -11,7 +11,7 @@ import time
 import pytest
 from diffusers import AutoencoderKL
 
-from conftest import REPO, accelerate_cmd, run_module
+from conftest import REPO, accelerate_cmd, launch_output, run_module
 
 TINY = ["--set", "train.batch_size=8", "--set", "data.crop=16", "--set", "train.log_every=1",
         "--set", "data.scale_patches=16", "--set", "data.eval_limit=8", "--set", "train.lr_warmup_steps=2"]
@@ -67,7 +67,7 @@ def test_two_processes_train_and_export_the_same_layout(tmp_path, synth):
                          "--set", "train.checkpoint_every=4", "--set", "loss.gan=0.5", "--set", "loss.gan_start=2",
                          *TINY, processes=2)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_output(result.stderr)
     logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("d_loss" in r for r in logged) and not any("d_loss" in r for r in logged if r["step"] < 2)
     run = json.loads((out / "run.json").read_text())

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 from classifier_data import make_toy_dataset
-from conftest import REPO, accelerate_cmd, read_csv
+from conftest import REPO, accelerate_cmd, launch_output, read_csv
 from test_classifier import tiny_ensemble
 
 from classifier import evaluate, score
@@ -199,7 +199,7 @@ def test_two_processes_score_exactly_like_one(world, tmp_path):
                          capture_output=True, text=True, timeout=600)
     two = subprocess.run(accelerate_cmd("classifier.score", *args, "--out", tmp_path / "two.csv", processes=2),
                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0 and two.returncode == 0, launch_output(two.stderr)
     # the two processes split the images and one writes: without GPUs they once each scored all and both wrote
     assert two.stderr.count("scored 64 images") == 1, two.stderr[-2000:]
     assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()

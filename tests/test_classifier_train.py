@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from classifier_data import make_toy_dataset
-from conftest import REPO, accelerate_cmd
+from conftest import REPO, accelerate_cmd, launch_output
 
 from classifier import train
 from classifier.model import ClassifierEnsemble, MitosisClassifier
@@ -231,7 +231,7 @@ def test_two_processes_train_over_gloo(toy, tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run(accelerate_cmd("classifier.train", *tiny_args(toy, out, 10, 1, 5), processes=2),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, launch_output(done.stderr)
     run = json.loads((out / "members" / "member-0" / "run.json").read_text())
     assert run["num_processes"] == 2 and run["process_ranks"] == [0, 1]
     assert ClassifierEnsemble.from_pretrained(out).members == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import launch_output, run_module
 
 # -- tiny fixtures (shared with test_diffusion_train.py) ----------------------------------------------------
 
@@ -365,7 +365,7 @@ def test_seeds_split_across_two_processes(world, tmp_path):
             "--seeds-per-batch", "1"]
     cmd = accelerate_cmd("diffusion.sample", *args, "--out", tmp_path / "two", processes=2)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launch_output(result.stderr)
     from diffusion.sample import main as sample_main
 
     sample_main([*map(str, args), "--out", str(tmp_path / "one")])

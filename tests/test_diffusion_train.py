@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, accelerate_cmd
+from conftest import REPO, accelerate_cmd, launch_output
 from test_diffusion import make_dataset, make_vae, tiny_train_args
 
 
@@ -76,7 +76,7 @@ def test_two_process_training(small):
     result = subprocess.run(accelerate_cmd("diffusion.train", *tiny_train_args(run, cache, steps=3),
                                            "--set", "preview.every=0", "--set", "train.log_every=1", processes=2),
                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_output(result.stderr)
     info = json.loads((run / "run.json").read_text())
     assert info["num_processes"] == 2 and info["process_ranks"] == [0, 1]
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, accelerate_cmd, load_bench
+from conftest import REPO, accelerate_cmd, launch_output, load_bench
 from test_diffusion import make_dataset, make_vae, tiny_train_args
 
 
@@ -244,7 +244,7 @@ def test_two_processes_equal_one_process(world, tmp_path):
     args = gen_args(world, tmp_path / "two", "--labels", "uniform", n=10)
     result = subprocess.run(accelerate_cmd("diffusion.generate", *args, processes=2), cwd=REPO, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launch_output(result.stderr)
     assert "patches/s" in result.stdout
     from diffusion.generate import main as gen_main
 

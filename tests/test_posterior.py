@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cmd, read_csv, run_module
+from conftest import REPO, accelerate_cmd, launch_output, read_csv, run_module
 
 GRID = "0:1:5"
 
@@ -244,7 +244,7 @@ def test_two_processes_give_the_one_process_output(world, tmp_path):
             "--grid", GRID, "--draws", "2", "--temperature", "0.01", "--patches-per-call", "2", "--quiet"]
     result = subprocess.run(accelerate_cmd("diffusion.posterior", *args, "--out", tmp_path / "two", processes=2),
                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launch_output(result.stderr)
     from diffusion.posterior import main
 
     main([*args, "--threads", "1", "--out", str(tmp_path / "one")])

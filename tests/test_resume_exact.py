@@ -42,7 +42,7 @@ def test_two_process_diffusion_training_resumed_inside_an_epoch_equals_an_uninte
     import os
     import subprocess
 
-    from conftest import REPO, accelerate_cmd
+    from conftest import REPO, accelerate_cmd, launch_output
     from diffusion.cache import main as cache_main
 
     synth = make_dataset(tmp_path / "synth", n=64, seed=0)
@@ -54,7 +54,7 @@ def test_two_process_diffusion_training_resumed_inside_an_epoch_equals_an_uninte
         args = [*tiny_train_args(run, tmp_path / "latents", steps=steps, extra=keys), *extra]
         done = subprocess.run(accelerate_cmd("diffusion.train", *args, processes=2), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, launch_output(done.stderr)
 
     launch(tmp_path / "straight", 6)
     launch(tmp_path / "stopped", 2)
