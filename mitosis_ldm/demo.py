@@ -116,9 +116,13 @@ def run_stage(name: str, cmd: list[str], env: dict, again: str) -> int:
         raise SystemExit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum) from None
 
 
-def stage_failure(returncode: int) -> str:
+def stage_failure(returncode: int, cmd: list[str] = ()) -> str:
     """How a stage command ended: its exit code, or the signal that killed it (the stage's own error line, if any,
     is already above)."""
+    if returncode == 1 and "accelerate.commands.launch" in cmd:
+        # the launcher (with --quiet) exits 1 whatever ended its child, a bad recipe's exit 2 and a kill alike
+        return ("failed (exit 1 from `accelerate launch`, whatever ended its training process; with no error line "
+                "above, the process was killed, as the system's out-of-memory killer does)")
     if returncode > 0:
         return f"failed (exit {returncode})"
     oom = " (the system's out-of-memory killer sends it)" if -returncode == signal.SIGKILL else ""
@@ -185,7 +189,7 @@ def main(argv=None):
             returncode = run_stage(name, cmd, env, again)
             if returncode != 0:
                 # after a blank line, as when stopped: a stage killed mid-bar leaves no line end of its own
-                print(f"\ndemo: stage '{name}' {stage_failure(returncode)}; to go on from it: {again}",
+                print(f"\ndemo: stage '{name}' {stage_failure(returncode, cmd)}; to go on from it: {again}",
                       file=sys.stderr)
                 raise SystemExit(returncode if returncode > 0 else 128 - returncode)  # a shell's code for a signal
         timings[name] = round(time.time() - t0, 1)

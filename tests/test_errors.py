@@ -263,6 +263,17 @@ def test_a_signal_is_named_and_one_without_a_name_is_numbered():
     assert (signal_name(9), signal_name(15), signal_name(40)) == ("SIGKILL", "SIGTERM", "signal 40")
 
 
+def test_a_failed_stage_of_the_demo_says_what_its_exit_code_can_tell():
+    from mitosis_ldm.demo import accelerate, cli, stage_failure
+
+    assert stage_failure(2, cli("data", "synth")) == "failed (exit 2)"
+    assert stage_failure(-9, cli("data", "synth")).startswith("was killed by SIGKILL (the system's out-of-memory")
+    # a training stage's launcher exits 1 whatever ended its process, an out-of-memory kill included
+    said = stage_failure(1, accelerate("autoencoder.train", "configs/demo/autoencoder.yaml"))
+    assert said.startswith("failed (exit 1 from `accelerate launch`") and "out-of-memory killer" in said
+    assert stage_failure(1, cli("report")) == "failed (exit 1)"
+
+
 def test_the_worker_named_as_lost_is_the_one_that_died_not_one_the_pool_stopped():
     from types import SimpleNamespace as Worker
 
