@@ -40,8 +40,7 @@ from torch.utils.data import Dataset
 
 from mitosis_ldm.artifacts import FORMAT, PATCHES
 from mitosis_ldm.errors import UserError, WorkerDied, map_in_workers
-from mitosis_ldm.io import (atomic_dir, atomic_file, check_new_output, not_utf8, read_npy, read_text, save_npy,
-                            write_json)
+from mitosis_ldm.io import atomic_dir, atomic_file, check_new_output, read_json, read_npy, save_npy, write_json
 
 from .augment import AugmentConfig, augment_patch
 from .splits import SplitConfig, assign_splits, validate_rows
@@ -353,12 +352,7 @@ def read_meta(root) -> dict:
         raise UserError(f"{root}: patch dataset folder not found")
     if not meta_path.exists():
         raise UserError(f"{meta_path}: missing; {root} is not a patch dataset")
-    try:
-        meta = json.loads(read_text(meta_path))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{meta_path}: malformed JSON ({err.msg})") from None
-    except UnicodeDecodeError as err:
-        raise UserError(not_utf8(meta_path, err, "JSON")) from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: top level must be a JSON object")
     if meta.get("format") != FORMAT[PATCHES]:
