@@ -85,6 +85,12 @@ def test_check_at_least_names_the_flag_its_floor_and_the_value_and_lets_an_absen
         check_at_least(7, "--size", 8)
 
 
+def run_beside(folder, *args) -> subprocess.CompletedProcess:
+    """`python ARGS` run in `folder` (the scripts a test wrote there), with the project importable."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+
+
 # a stop that lands while a string of code runs under exec() (dataclasses build their methods so, at import):
 # CPython 3.11 then remembers an unhandled KeyboardInterrupt, and `python -m` ended by SIGINT whatever code the
 # command exited with (a `kill` of a command read as a Ctrl-C, 1 run in 10 that landed at a dataclass)
@@ -102,8 +108,7 @@ main()
 @pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
 def test_a_stop_inside_exec_under_python_m_exits_with_the_commands_code(tmp_path, sig, code, word):
     (tmp_path / "stopped_in_exec.py").write_text(STOPPED_IN_EXEC.format(sig=sig))
-    result = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    result = run_beside(tmp_path, "-m", "stopped_in_exec")
     assert (result.returncode, result.stderr) == (code, word + "\n")
 
 
@@ -182,8 +187,7 @@ def test_a_stop_during_an_import_waits_for_the_import_then_stops_the_command(tmp
         (tmp_path / "inner_module.py").write_text(IMPORTED_WHILE_STOPPED.format(sig=sig))
     (tmp_path / "command.py").write_text(STOPPED_IN_IMPORT.format(sleeps=60))
     mark = tmp_path / "mark"
-    result = subprocess.run([sys.executable, "command.py", str(mark)], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    result = run_beside(tmp_path, "command.py", mark)
     assert mark.read_text() == "imported to its end"  # the import was not broken off
     assert (result.returncode, result.stdout, result.stderr) == (code, "after the import\n", word + "\n")
 
@@ -194,8 +198,7 @@ def test_a_stop_that_waited_for_an_import_stops_a_command_ending_right_after_it_
     # clean-up a second time, nor kill the process once the old handlers are back
     (tmp_path / "stopped_module.py").write_text(IMPORTED_WHILE_STOPPED.format(sig=sig))
     (tmp_path / "command.py").write_text(STOPPED_IN_IMPORT.format(sleeps=0))
-    result = subprocess.run([sys.executable, "command.py", str(tmp_path / "mark")], cwd=tmp_path,
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    result = run_beside(tmp_path, "command.py", tmp_path / "mark")
     assert (result.returncode, result.stdout, result.stderr) == (code, "after the import\nran on\n", word + "\n")
 
 
@@ -216,8 +219,7 @@ def test_a_stop_while_mitosis_ldm_imports_a_commands_module_waits_for_the_import
                                                 "    raise SystemExit('the command ran')\n")
     (tmp_path / "command.py").write_text(COMMAND_STOPPED_IN_IMPORT)
     mark = tmp_path / "mark"
-    result = subprocess.run([sys.executable, "command.py", str(mark)], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    result = run_beside(tmp_path, "command.py", mark)
     assert mark.read_text() == "imported to its end"
     assert (result.returncode, result.stdout, result.stderr) == (code, "", word + "\n")
 
